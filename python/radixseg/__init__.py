@@ -1,0 +1,33 @@
+"""radixseg: a KV-cache memory manager that grows by segments.
+
+KV memory is a list of fixed-size segments added as demand grows and released
+when empty; pages are named by stable page ids that never move while
+referenced. The Rust core (``radixseg._core``) decides which pages exist and
+who references them; Python owns the bytes.
+"""
+
+from radixseg._core import (
+    BudgetExhausted,
+    DoubleFree,
+    InvalidArgument,
+    InvalidHandle,
+    InvariantViolation,
+    OutOfPages,
+    RadixsegError,
+    SegmentBusy,
+    __version__,
+)
+from radixseg.allocator import SegmentAllocator
+
+__all__ = [
+    "BudgetExhausted",
+    "DoubleFree",
+    "InvalidArgument",
+    "InvalidHandle",
+    "InvariantViolation",
+    "OutOfPages",
+    "RadixsegError",
+    "SegmentAllocator",
+    "SegmentBusy",
+    "__version__",
+]

@@ -1,0 +1,80 @@
+"""Argument conversion shared by every public class.
+
+Page ids and token ids arrive as anything array-like (a torch tensor, a numpy
+array, a list, a single int) and leave as torch ``int32`` CPU tensors. This
+module turns inputs into 1-D numpy integer arrays the Rust core accepts, and
+raises a typed error naming the offending value for anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from radixseg._core import InvalidArgument
+
+__all__ = ["as_count", "as_id_array", "to_tensor"]
+
+_INT_KINDS = ("i", "u")
+
+
+def as_count(n: Any, what: str = "n") -> int:
+    """A non-negative Python int from an int-like, else ``TypeError``/``InvalidArgument``."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_floating_point():
+            n = int(n.item())
+        else:
+            raise TypeError(f"{what} must be an int, got {type(n).__name__}: {n!r}")
+    n = int(n)
+    if n < 0:
+        raise InvalidArgument(f"{what} must be non-negative, got {n}")
+    return n
+
+
+def as_id_array(ids: Any, what: str = "page ids") -> np.ndarray:
+    """A contiguous 1-D ``int32``/``int64`` numpy array from an array-like of ints.
+
+    Accepts torch tensors (CPU only, integer dtype), numpy arrays, sequences of
+    ints and a single int. Range checks happen in the Rust core, which reports
+    the first bad value.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.device.type != "cpu":
+            raise InvalidArgument(
+                f"{what} must be a CPU tensor, got one on device {ids.device}; "
+                "call .cpu() first (page tables are built on the host)"
+            )
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{what} must have an integer dtype, got {ids.dtype}")
+        t = ids.detach().reshape(-1)
+        if t.dtype not in (torch.int32, torch.int64):
+            t = t.to(torch.int64)
+        return np.ascontiguousarray(t.numpy())
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        return np.array([int(ids)], dtype=np.int64)
+    try:
+        arr = np.asarray(ids)
+    except (OverflowError, ValueError) as e:
+        raise InvalidArgument(f"{what} must be integers below 2^63: {e}") from None
+    if arr.dtype == object:
+        try:
+            arr = np.asarray(ids, dtype=np.int64)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise TypeError(f"{what} must be integers: {e}") from None
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in _INT_KINDS:
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.max() > np.iinfo(np.int64).max:
+        raise InvalidArgument(f"{what}: value {int(arr.max())} is past int64")
+    arr = arr.reshape(-1)
+    if arr.dtype not in (np.int32, np.int64):
+        arr = arr.astype(np.int64)
+    return np.ascontiguousarray(arr)
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Wrap a numpy array from the core as a torch tensor without copying."""
+    return torch.from_numpy(arr)

@@ -1,0 +1,87 @@
+"""The segment allocator with torch tensors at its edges.
+
+:class:`SegmentAllocator` is the Rust core's allocator; this subclass only
+converts page ids: any array-like goes in, ``torch.int32`` CPU tensors come out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from radixseg import _core
+from radixseg._convert import as_count, as_id_array, to_tensor
+
+__all__ = ["SegmentAllocator"]
+
+
+class SegmentAllocator(_core.SegmentAllocator):
+    """Refcounted KV pages grouped in segments; page ids never move.
+
+    Parameters
+    ----------
+    page_size : int
+        Tokens per page, a power of two in ``1..=1024``.
+    pages_per_segment : int
+        Pages per segment (the unit of growth and release), ``1..=2**20``.
+    max_segments : int, optional
+        A hard cap on live segments; at most ``2**31 // pages_per_segment``
+        (page ids are int32).
+
+    Starts with no segments: call :meth:`add_segment` before allocating.
+    ``alloc``, ``retain`` and ``release`` are thread-safe and release the GIL
+    for batches of 32 or more.
+
+    Examples
+    --------
+    >>> a = SegmentAllocator(page_size=16, pages_per_segment=1024)
+    >>> a.add_segment()
+    0
+    >>> ids = a.alloc(3)
+    >>> ids
+    tensor([0, 1, 2], dtype=torch.int32)
+    >>> a.retain(ids[:1]); a.refcount(ids)
+    tensor([2, 1, 1], dtype=torch.int32)
+    >>> a.release(ids); a.free_pages()
+    1022
+    """
+
+    def alloc(self, n: Any) -> torch.Tensor:  # type: ignore[override]
+        """Allocate ``n`` pages, all or none.
+
+        Returns an ``int32`` tensor ``[n]`` of page ids, each with refcount 1.
+        Raises :class:`radixseg.OutOfPages` (with ``requested`` and
+        ``available``) when fewer than ``n`` pages are free; nothing changes then.
+        """
+        return to_tensor(super().alloc(as_count(n)))
+
+    def retain(self, ids: Any) -> None:  # type: ignore[override]
+        """Add one reference to each page in ``ids`` (shape ``[k]``); all or none."""
+        super().retain(as_id_array(ids))
+
+    def release(self, ids: Any) -> None:  # type: ignore[override]
+        """Drop one reference from each page in ``ids``; all or none.
+
+        A page whose refcount reaches 0 is free. Releasing a free page raises
+        :class:`radixseg.DoubleFree` and changes nothing.
+        """
+        super().release(as_id_array(ids))
+
+    def refcount(self, ids: Any) -> torch.Tensor:  # type: ignore[override]
+        """Refcounts ``int32 [k]`` of ``ids`` (0 for a free page of a live segment)."""
+        return to_tensor(super().refcount(as_id_array(ids)))
+
+    def stats(self) -> dict[str, Any]:
+        """A dict of counters: segments, total/free/used pages, metadata bytes."""
+        total = self.total_pages()
+        free = self.free_pages()
+        return {
+            "page_size": self.page_size,
+            "pages_per_segment": self.pages_per_segment,
+            "segments": len(self.segments()),
+            "total_pages": total,
+            "free_pages": free,
+            "used_pages": total - free,
+            "metadata_bytes": self.metadata_bytes(),
+        }

@@ -1,0 +1,936 @@
+//! The segment allocator: which KV pages exist and who references them.
+//!
+//! Pages are grouped in segments of `pages_per_segment`; a page is named by
+//! its page id `segment * pages_per_segment + page_in_segment`, which never
+//! changes while the page is referenced. `alloc`, `retain` and `release` are
+//! lock-free; `add_segment` and `retire_segment` serialise on one mutex. See
+//! `IMPLEMENTATION.md` beside this crate for why the lock-free paths are
+//! correct.
+
+use crate::error::{CoreError, HandleProblem, Result};
+use crate::sync::{self, AtomicU32, AtomicU64, CachePadded, Mutex, OnceBox, Ordering};
+use std::collections::BTreeSet;
+
+/// Largest `page_size` accepted.
+pub const MAX_PAGE_SIZE: u32 = 1024;
+/// Largest `pages_per_segment` accepted.
+pub const MAX_PAGES_PER_SEGMENT: u32 = 1 << 20;
+/// Page ids are non-negative `int32`s: every id is below this.
+pub const PAGE_ID_LIMIT: u64 = 1 << 31;
+
+/// `Segment::free` holds this instead of a count while the segment is retired.
+const CLOSED: u32 = u32::MAX;
+/// Segments per chunk: one `u64` summary word covers a chunk.
+const CHUNK: u32 = 64;
+/// Shelf `k` holds `2^k` chunks; 26 shelves cover `2^26 - 1` chunks, more than
+/// the `2^31 / 64` that a one-page segment size could need.
+const SHELVES: usize = 26;
+/// Rounds of an `alloc` that failed only because of concurrent reservations.
+const ALLOC_RETRIES: u32 = 4;
+
+/// One segment's bookkeeping; its bytes live in Python.
+struct Segment {
+    /// Free pages not reserved by an allocating thread, or `CLOSED`.
+    /// Invariant: `free <= popcount(bits)` at all times.
+    free: CachePadded<AtomicU32>,
+    /// Bit `i % 64` of word `i / 64` is 1 iff page `i` is free and unclaimed.
+    bits: Box<[AtomicU64]>,
+    /// Per-page refcount; 0 = free.
+    refcounts: Box<[AtomicU32]>,
+}
+
+/// 64 segment slots and the summary word saying which may have free pages.
+struct Chunk {
+    /// Bit `b` is set if segment `64 * chunk + b` may have free pages. May be
+    /// set spuriously (a scan clears it); never clear while the segment has
+    /// unreserved free pages at a quiescent point.
+    summary: CachePadded<AtomicU64>,
+    slots: [OnceBox<Segment>; CHUNK as usize],
+}
+
+/// Slots under the structural lock.
+struct Structural {
+    /// Retired slot ids, reused lowest first.
+    retired: BTreeSet<u32>,
+}
+
+/// A lock-free allocator of refcounted KV pages grouped in segments.
+pub struct SegmentAllocator {
+    page_size: u32,
+    pages_per_segment: u32,
+    /// `log2(pages_per_segment)` when it is a power of two.
+    pps_shift: Option<u32>,
+    words_per_segment: usize,
+    /// Valid bits of a segment's last bitmap word.
+    last_word_mask: u64,
+    max_segments: u32,
+    shelves: [OnceBox<Box<[Chunk]>>; SHELVES],
+    /// Slots ever created; every slot below it exists. Release-stored after
+    /// the slot is published, Acquire-loaded by scans.
+    high_water: AtomicU32,
+    /// Live segments (written under the lock).
+    live: AtomicU32,
+    structural: Mutex<Structural>,
+}
+
+impl std::fmt::Debug for SegmentAllocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentAllocator")
+            .field("page_size", &self.page_size)
+            .field("pages_per_segment", &self.pages_per_segment)
+            .field("segments", &self.live.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where chunk `c` lives: (shelf, index in shelf).
+#[inline]
+fn chunk_position(c: u32) -> (usize, usize) {
+    let n = c as u64 + 1;
+    let shelf = 63 - n.leading_zeros();
+    (shelf as usize, (n - (1u64 << shelf)) as usize)
+}
+
+impl Segment {
+    fn new(pages: u32, words: usize, last_mask: u64) -> Self {
+        let bits = (0..words)
+            .map(|w| AtomicU64::new(if w + 1 == words { last_mask } else { u64::MAX }))
+            .collect();
+        let refcounts = (0..pages).map(|_| AtomicU32::new(0)).collect();
+        Self {
+            // Closed until `add_segment` opens it.
+            free: CachePadded(AtomicU32::new(CLOSED)),
+            bits,
+            refcounts,
+        }
+    }
+}
+
+impl SegmentAllocator {
+    /// An allocator with no segments.
+    ///
+    /// `page_size` is a power of two in `1..=1024` (tokens per page; kept for
+    /// slot arithmetic by callers); `pages_per_segment` is in `1..=2^20`.
+    pub fn new(page_size: u32, pages_per_segment: u32) -> Result<Self> {
+        if !(1..=MAX_PAGE_SIZE).contains(&page_size) || !page_size.is_power_of_two() {
+            return Err(CoreError::InvalidConfig {
+                what: "page_size",
+                value: page_size.into(),
+                rule: "must be a power of two in 1..=1024",
+            });
+        }
+        if !(1..=MAX_PAGES_PER_SEGMENT).contains(&pages_per_segment) {
+            return Err(CoreError::InvalidConfig {
+                what: "pages_per_segment",
+                value: pages_per_segment.into(),
+                rule: "must be in 1..=1048576",
+            });
+        }
+        let words = pages_per_segment.div_ceil(64) as usize;
+        let rem = pages_per_segment % 64;
+        Ok(Self {
+            page_size,
+            pages_per_segment,
+            pps_shift: pages_per_segment
+                .is_power_of_two()
+                .then(|| pages_per_segment.trailing_zeros()),
+            words_per_segment: words,
+            last_word_mask: if rem == 0 { u64::MAX } else { (1u64 << rem) - 1 },
+            max_segments: (PAGE_ID_LIMIT / u64::from(pages_per_segment)) as u32,
+            shelves: std::array::from_fn(|_| OnceBox::new()),
+            high_water: AtomicU32::new(0),
+            live: AtomicU32::new(0),
+            structural: Mutex::new(Structural {
+                retired: BTreeSet::new(),
+            }),
+        })
+    }
+
+    /// Lower the most segments that may be live at once (a hard cap on the
+    /// allocator's size; it can never exceed what keeps page ids below 2^31).
+    pub fn with_max_segments(mut self, max_segments: u32) -> Result<Self> {
+        if max_segments == 0 || max_segments > self.max_segments {
+            return Err(CoreError::InvalidConfig {
+                what: "max_segments",
+                value: max_segments.into(),
+                rule: "must be at least 1 and at most 2^31 / pages_per_segment",
+            });
+        }
+        self.max_segments = max_segments;
+        Ok(self)
+    }
+
+    /// Tokens per page.
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    /// Pages per segment.
+    pub fn pages_per_segment(&self) -> u32 {
+        self.pages_per_segment
+    }
+
+    /// The most segments that can be live at once (page ids stay below 2^31).
+    pub fn max_segments(&self) -> u32 {
+        self.max_segments
+    }
+
+    // ----- addressing --------------------------------------------------------
+
+    #[inline]
+    fn split(&self, page_id: u32) -> (u32, u32) {
+        match self.pps_shift {
+            Some(s) => (page_id >> s, page_id & (self.pages_per_segment - 1)),
+            None => (
+                page_id / self.pages_per_segment,
+                page_id % self.pages_per_segment,
+            ),
+        }
+    }
+
+    #[inline]
+    fn chunk(&self, c: u32) -> Option<&Chunk> {
+        let (shelf, idx) = chunk_position(c);
+        self.shelves.get(shelf)?.get()?.get(idx)
+    }
+
+    #[inline]
+    fn segment(&self, seg: u32) -> Option<&Segment> {
+        self.chunk(seg / CHUNK)?.slots[(seg % CHUNK) as usize].get()
+    }
+
+    /// The segment of a page id, if live, with the page's index in it.
+    #[inline]
+    fn resolve(&self, page_id: i64) -> Result<(u32, &Segment, usize)> {
+        let limit = u64::from(self.high_water.load(Ordering::Acquire))
+            * u64::from(self.pages_per_segment);
+        if page_id < 0 || page_id as u64 >= limit {
+            return Err(CoreError::InvalidHandle {
+                page_id,
+                problem: HandleProblem::OutOfRange { limit },
+            });
+        }
+        let (seg, page) = self.split(page_id as u32);
+        match self.segment(seg) {
+            Some(s) if s.free.load(Ordering::Acquire) != CLOSED => Ok((seg, s, page as usize)),
+            _ => Err(CoreError::InvalidHandle {
+                page_id,
+                problem: HandleProblem::SegmentNotLive { segment: seg },
+            }),
+        }
+    }
+
+    // ----- summary words -----------------------------------------------------
+
+    fn mark_nonfull(&self, seg: u32) {
+        if let Some(chunk) = self.chunk(seg / CHUNK) {
+            // Release: pairs with the AcqRel clear in `mark_full`, which then
+            // sees the page bits and `free` count written before this.
+            chunk.summary.fetch_or(1 << (seg % CHUNK), Ordering::Release);
+        }
+    }
+
+    /// Clear a segment's summary bit after seeing it full or closed, then
+    /// re-check: a release that made it non-full meanwhile either set the bit
+    /// after our clear (mod order of the summary word) or is visible to our
+    /// re-check through the Acquire half of the clear.
+    fn mark_full(&self, chunk: &Chunk, bit: u32, segment: &Segment) {
+        chunk.summary.fetch_and(!(1 << bit), Ordering::AcqRel);
+        let f = segment.free.load(Ordering::Acquire);
+        if f != 0 && f != CLOSED {
+            chunk.summary.fetch_or(1 << bit, Ordering::Release);
+        }
+    }
+
+    // ----- alloc -------------------------------------------------------------
+
+    /// Allocate `n` pages, all or none. Each gets refcount 1.
+    pub fn alloc(&self, n: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(n);
+        self.alloc_into(n, &mut out)?;
+        Ok(out)
+    }
+
+    /// Allocate `n` pages, all or none, appending their ids to `out` (lets a
+    /// caller reuse one buffer). On error `out` is as it was.
+    pub fn alloc_into(&self, n: usize, out: &mut Vec<u32>) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let start = out.len();
+        let mut attempt = 0;
+        loop {
+            let got = self.claim(n, out);
+            if got == n {
+                for &id in &out[start..] {
+                    let (seg, page) = self.split(id);
+                    if let Some(s) = self.segment(seg) {
+                        // Relaxed: the ids reach other threads only through
+                        // the caller's own synchronisation.
+                        s.refcounts[page as usize].store(1, Ordering::Relaxed);
+                    }
+                }
+                return Ok(());
+            }
+            // Give back what was claimed; nobody has seen these ids yet.
+            let claimed: Vec<u32> = out.drain(start..).collect();
+            self.unclaim(&claimed);
+            let available = self.free_pages();
+            attempt += 1;
+            // A shortfall with enough free pages means other threads held
+            // reservations while we scanned; try again a bounded number of times.
+            if (available as usize) < n || attempt >= ALLOC_RETRIES {
+                return Err(CoreError::OutOfPages {
+                    requested: n as u64,
+                    available,
+                    total: self.total_pages(),
+                    segments: self.live.load(Ordering::Relaxed),
+                });
+            }
+            sync::spin_wait();
+        }
+    }
+
+    /// Reserve and claim up to `n` pages, lowest segment first; returns how
+    /// many were claimed (their ids appended to `out`, refcounts still 0).
+    fn claim(&self, n: usize, out: &mut Vec<u32>) -> usize {
+        let mut remaining = n;
+        let hw = self.high_water.load(Ordering::Acquire);
+        for c in 0..hw.div_ceil(CHUNK) {
+            let Some(chunk) = self.chunk(c) else { break };
+            let mut summary = chunk.summary.load(Ordering::Acquire);
+            while summary != 0 {
+                let bit = summary.trailing_zeros();
+                summary &= summary - 1;
+                let seg = c * CHUNK + bit;
+                let Some(segment) = self.segment(seg) else {
+                    continue;
+                };
+                let took = Self::reserve(segment, remaining);
+                if took > 0 {
+                    self.claim_bits(seg, segment, took, out);
+                    remaining -= took;
+                }
+                let left = segment.free.load(Ordering::Relaxed);
+                if left == 0 || left == CLOSED {
+                    self.mark_full(chunk, bit, segment);
+                }
+                if remaining == 0 {
+                    return n;
+                }
+            }
+        }
+        n - remaining
+    }
+
+    /// Take up to `want` from a segment's free count; returns how many.
+    #[inline]
+    fn reserve(segment: &Segment, want: usize) -> usize {
+        let mut cur = segment.free.load(Ordering::Relaxed);
+        loop {
+            if cur == 0 || cur == CLOSED {
+                return 0;
+            }
+            let take = (cur as usize).min(want) as u32;
+            // Acquire: pairs with the Release increment in `free_pages_of`,
+            // so the page bits set before it are visible to `claim_bits`.
+            match segment.free.compare_exchange_weak(
+                cur,
+                cur - take,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return take as usize,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Clear `k` set bits of a segment, which our reservation guarantees exist
+    /// (every reservation is backed by a set bit no other reservation claims).
+    fn claim_bits(&self, seg: u32, segment: &Segment, k: usize, out: &mut Vec<u32>) {
+        let base = seg * self.pages_per_segment;
+        let mut need = k;
+        loop {
+            for (wi, word) in segment.bits.iter().enumerate() {
+                let mut cur = word.load(Ordering::Relaxed);
+                while cur != 0 && need > 0 {
+                    let mask = lowest_bits(cur, need);
+                    // Acquire: pairs with the Release `fetch_or` in `free_pages_of`.
+                    let prev = word.fetch_and(!mask, Ordering::Acquire);
+                    let mut got = prev & mask;
+                    need -= got.count_ones() as usize;
+                    while got != 0 {
+                        out.push(base + (wi as u32) * 64 + got.trailing_zeros());
+                        got &= got - 1;
+                    }
+                    cur = prev & !mask;
+                }
+                if need == 0 {
+                    return;
+                }
+            }
+            // Bits we are owed were set behind our scan position; go again.
+            sync::spin_wait();
+        }
+    }
+
+    /// Undo `claim` for ids nobody else has seen (refcount 0, bit clear).
+    fn unclaim(&self, ids: &[u32]) {
+        self.free_pages_of(ids);
+    }
+
+    /// Set the bits of `ids` (all refcount 0, bits clear) and return them to
+    /// their segments' free counts. Consecutive ids of one segment are
+    /// counted together.
+    fn free_pages_of(&self, ids: &[u32]) {
+        let mut i = 0;
+        while i < ids.len() {
+            let (seg, _) = self.split(ids[i]);
+            let Some(segment) = self.segment(seg) else {
+                i += 1;
+                continue;
+            };
+            let mut count = 0u32;
+            while i < ids.len() && self.split(ids[i]).0 == seg {
+                let (_, page) = self.split(ids[i]);
+                // Release: the page's last use happens-before a later claim.
+                segment.bits[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+                count += 1;
+                i += 1;
+            }
+            // Release: pairs with the Acquire CAS in `reserve`.
+            let prev = segment.free.fetch_add(count, Ordering::Release);
+            if prev == 0 {
+                self.mark_nonfull(seg);
+            }
+        }
+    }
+
+    // ----- refcounts -----------------------------------------------------------
+
+    /// Check that every id names a referenced page of a live segment; a free
+    /// page is reported by `on_free`.
+    fn validate_referenced(&self, ids: &[i64], on_free: fn(i64) -> CoreError) -> Result<()> {
+        for &id in ids {
+            let (_, segment, page) = self.resolve(id)?;
+            if segment.refcounts[page].load(Ordering::Relaxed) == 0 {
+                return Err(on_free(id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Add one reference to each page (duplicates add one each). All or none.
+    pub fn retain(&self, ids: &[i64]) -> Result<()> {
+        self.validate_referenced(ids, |page_id| CoreError::InvalidHandle {
+            page_id,
+            problem: HandleProblem::Free,
+        })?;
+        for (i, &id) in ids.iter().enumerate() {
+            let (_, segment, page) = self.resolve(id)?;
+            let rc = &segment.refcounts[page];
+            let mut cur = rc.load(Ordering::Relaxed);
+            let failure = loop {
+                if cur == 0 {
+                    break Some(CoreError::InvalidHandle {
+                        page_id: id,
+                        problem: HandleProblem::Free,
+                    });
+                }
+                if cur == u32::MAX {
+                    break Some(CoreError::RefcountOverflow {
+                        page_id: id as u32,
+                    });
+                }
+                // Relaxed: taking a reference needs no ordering (as Arc::clone).
+                match rc.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => break None,
+                    Err(actual) => cur = actual,
+                }
+            };
+            if let Some(e) = failure {
+                // Only reachable when another thread races us on these ids.
+                self.drop_refs(&ids[..i]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop one reference from each page (duplicates drop one each); a page
+    /// whose refcount reaches 0 becomes free. All or none: if any id is
+    /// invalid or would go below 0, nothing changes.
+    pub fn release(&self, ids: &[i64]) -> Result<()> {
+        self.validate_referenced(ids, |page_id| CoreError::DoubleFree {
+            page_id: page_id as u32,
+        })?;
+        // Phase A: decrement. A page that reaches 0 keeps its bit clear, so no
+        // allocator can take it before phase B; that makes undo safe.
+        let mut zeroed: Vec<u32> = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let (_, segment, page) = self.resolve(id)?;
+            let rc = &segment.refcounts[page];
+            let mut cur = rc.load(Ordering::Relaxed);
+            let ok = loop {
+                if cur == 0 {
+                    break false;
+                }
+                // AcqRel: the thread that takes a page to 0 sees every other
+                // holder's uses (their decrements are Release), and passes
+                // them on through the Release bit set in `free_pages_of`.
+                match rc.compare_exchange_weak(cur, cur - 1, Ordering::AcqRel, Ordering::Relaxed) {
+                    Ok(_) => break true,
+                    Err(actual) => cur = actual,
+                }
+            };
+            if !ok {
+                // A page repeated in `ids` more often than it is referenced
+                // (or a concurrent release): restore what we decremented.
+                for &done in &ids[..i] {
+                    if let Ok((_, s, p)) = self.resolve(done) {
+                        s.refcounts[p].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return Err(CoreError::DoubleFree { page_id: id as u32 });
+            }
+            if cur == 1 {
+                zeroed.push(id as u32);
+            }
+        }
+        // Phase B: publish the freed pages.
+        self.free_pages_of(&zeroed);
+        Ok(())
+    }
+
+    /// Drop references taken by a `retain` that failed part-way.
+    fn drop_refs(&self, ids: &[i64]) {
+        let mut zeroed = Vec::new();
+        for &id in ids {
+            if let Ok((_, s, p)) = self.resolve(id) {
+                if s.refcounts[p].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    zeroed.push(id as u32);
+                }
+            }
+        }
+        self.free_pages_of(&zeroed);
+    }
+
+    /// Refcount of each page (0 for a free page of a live segment).
+    pub fn refcount(&self, ids: &[i64]) -> Result<Vec<u32>> {
+        ids.iter()
+            .map(|&id| {
+                let (_, s, p) = self.resolve(id)?;
+                Ok(s.refcounts[p].load(Ordering::Acquire))
+            })
+            .collect()
+    }
+
+    // ----- segments ------------------------------------------------------------
+
+    /// Add a segment of free pages; returns its id (the lowest retired id if
+    /// any, else the next new one).
+    pub fn add_segment(&self) -> Result<u32> {
+        let mut st = sync::lock(&self.structural);
+        let id = match st.retired.first().copied() {
+            Some(id) => id,
+            None => {
+                let id = self.high_water.load(Ordering::Relaxed);
+                if id >= self.max_segments {
+                    return Err(CoreError::IdSpaceExhausted {
+                        segments: self.live.load(Ordering::Relaxed),
+                        limit: self.max_segments,
+                    });
+                }
+                self.create_slot(id);
+                id
+            }
+        };
+        let Some(segment) = self.segment(id) else {
+            return Err(CoreError::Malformed(format!("segment slot {id} missing")));
+        };
+        st.retired.remove(&id);
+        // Release: pairs with the Acquire loads in `resolve` and `reserve`;
+        // the slot's all-set bits and zero refcounts are visible to them.
+        segment.free.store(self.pages_per_segment, Ordering::Release);
+        self.mark_nonfull(id);
+        if id >= self.high_water.load(Ordering::Relaxed) {
+            // Release: pairs with the Acquire in `claim` / `resolve`; the slot
+            // is published before scans may reach it.
+            self.high_water.store(id + 1, Ordering::Release);
+        }
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// Build slot `id` (and its shelf) under the structural lock.
+    fn create_slot(&self, id: u32) {
+        let c = id / CHUNK;
+        let (shelf, idx) = chunk_position(c);
+        let chunks = match self.shelves[shelf].get() {
+            Some(chunks) => chunks,
+            None => {
+                let fresh: Box<[Chunk]> = (0..1usize << shelf)
+                    .map(|_| Chunk {
+                        summary: CachePadded(AtomicU64::new(0)),
+                        slots: std::array::from_fn(|_| OnceBox::new()),
+                    })
+                    .collect();
+                match self.shelves[shelf].set(Box::new(fresh)) {
+                    Ok(chunks) => chunks,
+                    Err(_) => unreachable_shelf(),
+                }
+            }
+        };
+        let seg = Segment::new(
+            self.pages_per_segment,
+            self.words_per_segment,
+            self.last_word_mask,
+        );
+        // A slot below high_water is never created twice (the lock
+        // serialises us and `id == high_water`), so `set` cannot fail.
+        let _ = chunks[idx].slots[(id % CHUNK) as usize].set(Box::new(seg));
+    }
+
+    /// Retire a segment whose pages are all free. Its id may be reused by a
+    /// later `add_segment`; its page ids become invalid until then.
+    pub fn retire_segment(&self, segment_id: i64) -> Result<()> {
+        let mut st = sync::lock(&self.structural);
+        let live = self.live.load(Ordering::Relaxed);
+        let invalid = CoreError::InvalidSegment {
+            segment: segment_id,
+            live,
+        };
+        let Ok(id) = u32::try_from(segment_id) else {
+            return Err(invalid);
+        };
+        if id >= self.high_water.load(Ordering::Relaxed) || st.retired.contains(&id) {
+            return Err(invalid);
+        }
+        let Some(segment) = self.segment(id) else {
+            return Err(invalid);
+        };
+        // AcqRel: only a segment with every page free and unreserved closes;
+        // Acquire pairs with the releases' Release increments.
+        if let Err(cur) = segment.free.compare_exchange(
+            self.pages_per_segment,
+            CLOSED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            return Err(CoreError::SegmentBusy {
+                segment: id,
+                used_pages: self.pages_per_segment - cur.min(self.pages_per_segment),
+            });
+        }
+        if let Some(chunk) = self.chunk(id / CHUNK) {
+            self.mark_full(chunk, id % CHUNK, segment);
+        }
+        st.retired.insert(id);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Live segment ids, ascending.
+    pub fn segments(&self) -> Vec<u32> {
+        let hw = self.high_water.load(Ordering::Acquire);
+        (0..hw)
+            .filter(|&s| {
+                self.segment(s)
+                    .is_some_and(|seg| seg.free.load(Ordering::Acquire) != CLOSED)
+            })
+            .collect()
+    }
+
+    /// Whether `segment_id` is live.
+    pub fn is_live(&self, segment_id: u32) -> bool {
+        self.segment(segment_id)
+            .is_some_and(|s| s.free.load(Ordering::Acquire) != CLOSED)
+    }
+
+    /// `(segment id, referenced pages)` for each live segment, ascending. A
+    /// page reserved by an allocation in flight counts as referenced.
+    pub fn segment_usage(&self) -> Vec<(u32, u32)> {
+        let hw = self.high_water.load(Ordering::Acquire);
+        (0..hw)
+            .filter_map(|s| {
+                let f = self.segment(s)?.free.load(Ordering::Acquire);
+                (f != CLOSED).then(|| (s, self.pages_per_segment - f))
+            })
+            .collect()
+    }
+
+    /// Free pages in live segments (exact at a quiescent point).
+    pub fn free_pages(&self) -> u64 {
+        self.segment_usage()
+            .iter()
+            .map(|&(_, used)| u64::from(self.pages_per_segment - used))
+            .sum()
+    }
+
+    /// Pages in live segments.
+    pub fn total_pages(&self) -> u64 {
+        u64::from(self.live.load(Ordering::Relaxed)) * u64::from(self.pages_per_segment)
+    }
+
+    /// Live segments.
+    pub fn segment_count(&self) -> u32 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Heap bytes of allocator metadata (bitmaps, refcounts, directory).
+    pub fn metadata_bytes(&self) -> usize {
+        let hw = self.high_water.load(Ordering::Acquire) as usize;
+        let per_segment = std::mem::size_of::<Segment>()
+            + self.words_per_segment * 8
+            + self.pages_per_segment as usize * 4;
+        let chunks: usize = (0..SHELVES)
+            .filter(|&k| self.shelves[k].get().is_some())
+            .map(|k| (1usize << k) * std::mem::size_of::<Chunk>())
+            .sum();
+        hw * per_segment + chunks
+    }
+
+    // ----- invariants ------------------------------------------------------------
+
+    /// Check every invariant that holds at a quiescent point (no call in
+    /// flight). Returns the first breach found.
+    pub fn check_invariants(&self) -> Result<()> {
+        let st = sync::lock(&self.structural);
+        let bad = |m: String| Err(CoreError::Malformed(m));
+        let hw = self.high_water.load(Ordering::Acquire);
+        let pps = self.pages_per_segment;
+        let mut live = 0u32;
+        for s in 0..hw {
+            let Some(seg) = self.segment(s) else {
+                return bad(format!("segment slot {s} below high water {hw} missing"));
+            };
+            let free = seg.free.load(Ordering::Acquire);
+            let retired = st.retired.contains(&s);
+            if retired != (free == CLOSED) {
+                return bad(format!(
+                    "segment {s}: retired list says {retired}, free count {free}"
+                ));
+            }
+            let mut set = 0u32;
+            for p in 0..pps {
+                let bit = seg.bits[(p / 64) as usize].load(Ordering::Acquire) >> (p % 64) & 1;
+                let rc = seg.refcounts[p as usize].load(Ordering::Acquire);
+                if (bit == 1) != (rc == 0) {
+                    return bad(format!(
+                        "page {}: free bit {bit} but refcount {rc}",
+                        s * pps + p
+                    ));
+                }
+                set += bit as u32;
+            }
+            let last = seg.bits[self.words_per_segment - 1].load(Ordering::Acquire);
+            if last & !self.last_word_mask != 0 {
+                return bad(format!("segment {s}: bits set past its last page"));
+            }
+            if retired {
+                if set != pps {
+                    return bad(format!("retired segment {s} has {} used pages", pps - set));
+                }
+                continue;
+            }
+            live += 1;
+            if set != free {
+                return bad(format!(
+                    "segment {s}: free count {free} but {set} free bits"
+                ));
+            }
+            let summary = self
+                .chunk(s / CHUNK)
+                .map_or(0, |c| c.summary.load(Ordering::Acquire));
+            if free > 0 && summary >> (s % CHUNK) & 1 == 0 {
+                return bad(format!(
+                    "segment {s} has {free} free pages but its summary bit is clear"
+                ));
+            }
+        }
+        if live != self.live.load(Ordering::Relaxed) {
+            return bad(format!(
+                "{live} live segments found, counter says {}",
+                self.live.load(Ordering::Relaxed)
+            ));
+        }
+        if st.retired.iter().any(|&r| r >= hw) {
+            return bad("a retired id is past the high water".into());
+        }
+        Ok(())
+    }
+}
+
+#[cold]
+fn unreachable_shelf() -> ! {
+    // A shelf is created once, under the structural lock, when its first
+    // chunk is needed; a second creation would be a bug in `create_slot`.
+    panic!("radixseg: shelf created twice")
+}
+
+/// The lowest `n` set bits of `x` (all of them if it has fewer).
+#[inline]
+fn lowest_bits(x: u64, n: usize) -> u64 {
+    if x.count_ones() as usize <= n {
+        return x;
+    }
+    let mut rest = x;
+    for _ in 0..n {
+        rest &= rest - 1;
+    }
+    x & !rest
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[u32]) -> Vec<i64> {
+        v.iter().map(|&x| i64::from(x)).collect()
+    }
+
+    #[test]
+    fn chunk_positions_tile_the_shelves() {
+        assert_eq!(chunk_position(0), (0, 0));
+        assert_eq!(chunk_position(1), (1, 0));
+        assert_eq!(chunk_position(2), (1, 1));
+        assert_eq!(chunk_position(3), (2, 0));
+        assert_eq!(chunk_position(6), (2, 3));
+        assert_eq!(chunk_position(7), (3, 0));
+        let (shelf, _) = chunk_position((PAGE_ID_LIMIT / 64) as u32);
+        assert!(shelf < SHELVES);
+    }
+
+    #[test]
+    fn lowest_bits_takes_from_the_bottom() {
+        assert_eq!(lowest_bits(0b1011_0110, 2), 0b0000_0110);
+        assert_eq!(lowest_bits(0b1011_0110, 9), 0b1011_0110);
+        assert_eq!(lowest_bits(u64::MAX, 64), u64::MAX);
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        assert!(SegmentAllocator::new(0, 4).is_err());
+        assert!(SegmentAllocator::new(3, 4).is_err());
+        assert!(SegmentAllocator::new(2048, 4).is_err());
+        assert!(SegmentAllocator::new(16, 0).is_err());
+        assert!(SegmentAllocator::new(16, MAX_PAGES_PER_SEGMENT + 1).is_err());
+    }
+
+    #[test]
+    fn alloc_is_all_or_nothing() -> Result<()> {
+        let a = SegmentAllocator::new(16, 100)?;
+        assert!(matches!(
+            a.alloc(1),
+            Err(CoreError::OutOfPages {
+                requested: 1,
+                available: 0,
+                ..
+            })
+        ));
+        a.add_segment()?;
+        let x = a.alloc(60)?;
+        assert_eq!(a.free_pages(), 40);
+        let e = a.alloc(41).err();
+        assert!(matches!(
+            e,
+            Some(CoreError::OutOfPages {
+                requested: 41,
+                available: 40,
+                total: 100,
+                segments: 1
+            })
+        ));
+        assert_eq!(a.free_pages(), 40);
+        a.check_invariants()?;
+        a.release(&ids(&x))?;
+        assert_eq!(a.free_pages(), 100);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn alloc_spans_segments_lowest_first() -> Result<()> {
+        let a = SegmentAllocator::new(1, 70)?;
+        for _ in 0..3 {
+            a.add_segment()?;
+        }
+        let x = a.alloc(150)?;
+        let mut sorted = x.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 150);
+        assert_eq!(sorted, (0..150).collect::<Vec<_>>());
+        a.check_invariants()
+    }
+
+    #[test]
+    fn refcounts_and_double_free() -> Result<()> {
+        let a = SegmentAllocator::new(16, 8)?;
+        a.add_segment()?;
+        let x = ids(&a.alloc(2)?);
+        a.retain(&x[..1])?;
+        assert_eq!(a.refcount(&x)?, vec![2, 1]);
+        a.release(&x)?;
+        assert_eq!(a.refcount(&x)?, vec![1, 0]);
+        // Releasing [x0, x1] fails on x1 (free): nothing changes.
+        assert!(a.release(&x).is_err());
+        assert_eq!(a.refcount(&x)?, vec![1, 0]);
+        // Releasing x0 twice in one batch fails: nothing changes.
+        assert!(matches!(
+            a.release(&[x[0], x[0]]),
+            Err(CoreError::DoubleFree { .. })
+        ));
+        assert_eq!(a.refcount(&x)?, vec![1, 0]);
+        a.check_invariants()?;
+        assert!(a.retain(&[x[1]]).is_err());
+        assert!(a.retain(&[-1]).is_err());
+        assert!(a.retain(&[1 << 40]).is_err());
+        a.release(&x[..1])?;
+        assert_eq!(a.free_pages(), 8);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn retire_only_free_segments_and_reuse_ids() -> Result<()> {
+        let a = SegmentAllocator::new(1, 4)?;
+        let s0 = a.add_segment()?;
+        let s1 = a.add_segment()?;
+        let x = a.alloc(6)?;
+        assert!(matches!(
+            a.retire_segment(i64::from(s1)),
+            Err(CoreError::SegmentBusy {
+                used_pages: 2,
+                ..
+            })
+        ));
+        a.release(&ids(&x[4..]))?;
+        a.retire_segment(i64::from(s1))?;
+        assert_eq!(a.segments(), vec![s0]);
+        assert!(a.retire_segment(i64::from(s1)).is_err());
+        assert!(a.refcount(&[5]).is_err());
+        let again = a.add_segment()?;
+        assert_eq!(again, s1);
+        assert_eq!(a.refcount(&ids(&x[..4]))?, vec![1; 4]);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn id_space_is_bounded() -> Result<()> {
+        let a = SegmentAllocator::new(1, MAX_PAGES_PER_SEGMENT)?;
+        assert_eq!(a.max_segments(), 2048);
+        assert!(SegmentAllocator::new(1, 4)?.with_max_segments(0).is_err());
+        assert!(a.with_max_segments(2049).is_err());
+        let b = SegmentAllocator::new(1, 3)?.with_max_segments(130)?;
+        for _ in 0..130 {
+            b.add_segment()?;
+        }
+        assert!(matches!(
+            b.add_segment(),
+            Err(CoreError::IdSpaceExhausted { limit: 130, .. })
+        ));
+        let all = b.alloc(390)?;
+        assert_eq!(all.iter().max(), Some(&389));
+        b.check_invariants()
+    }
+}

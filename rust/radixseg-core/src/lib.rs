@@ -1,0 +1,16 @@
+//! radixseg-core: the part of radixseg that decides which KV pages exist and
+//! who references them, with no Python and no tensor memory. A
+//! [`SegmentAllocator`] hands out refcounted page ids grouped in segments that
+//! are added as demand grows and retired when empty; page ids never move while
+//! referenced. The Python package `radixseg` binds this crate through
+//! `radixseg-py` and keeps the bytes in torch tensors.
+
+#![warn(missing_docs)]
+
+pub mod allocator;
+pub mod error;
+mod sync;
+
+pub use allocator::{SegmentAllocator, MAX_PAGES_PER_SEGMENT, MAX_PAGE_SIZE, PAGE_ID_LIMIT};
+pub use error::{CoreError, HandleProblem, Result};
+pub use sync::Arc;

@@ -1,0 +1,353 @@
+//! `radixseg._core`: the PyO3 binding of radixseg-core. It only converts
+//! arguments, releases the GIL around batch work and maps errors; all logic
+//! lives in the core crate. Page ids cross the boundary as numpy arrays (the
+//! Python package wraps them as torch tensors).
+
+use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::create_exception;
+use radixseg_core::{Arc, CoreError, HandleProblem};
+
+create_exception!(
+    radixseg,
+    RadixsegError,
+    PyException,
+    "Base class of every error radixseg raises."
+);
+create_exception!(
+    radixseg,
+    OutOfPages,
+    RadixsegError,
+    "Not enough free pages; nothing was allocated. Attributes: requested, available."
+);
+create_exception!(
+    radixseg,
+    BudgetExhausted,
+    OutOfPages,
+    "Growing the pool would exceed its byte budget, and eviction could not make room."
+);
+create_exception!(
+    radixseg,
+    InvalidHandle,
+    RadixsegError,
+    "A page id or node handle that names nothing live. Attribute: page_id or node."
+);
+create_exception!(
+    radixseg,
+    DoubleFree,
+    InvalidHandle,
+    "Release of a page whose refcount is already 0; nothing changed."
+);
+create_exception!(
+    radixseg,
+    SegmentBusy,
+    RadixsegError,
+    "Retiring a segment that still has referenced pages. Attributes: segment, used_pages."
+);
+create_exception!(
+    radixseg,
+    InvalidArgument,
+    RadixsegError,
+    "An argument outside its documented range (configuration, tokens, lengths, segment ids)."
+);
+create_exception!(
+    radixseg,
+    InvariantViolation,
+    RadixsegError,
+    "check_invariants() found a breach: a bug in radixseg, please report it."
+);
+
+/// Batches at least this long are processed with the GIL released; shorter
+/// ones cost less than the release itself.
+const DETACH_MIN: usize = 32;
+
+/// Build a Python exception of the class for `kind` carrying `attrs`.
+fn raise(py: Python<'_>, e: &CoreError, attrs: &[(&str, i64)]) -> PyErr {
+    let msg = e.to_string();
+    let err = match e {
+        CoreError::OutOfPages { .. } | CoreError::IdSpaceExhausted { .. } => {
+            OutOfPages::new_err(msg)
+        }
+        CoreError::DoubleFree { .. } => DoubleFree::new_err(msg),
+        CoreError::InvalidHandle { .. } | CoreError::InvalidNode { .. } => {
+            InvalidHandle::new_err(msg)
+        }
+        CoreError::SegmentBusy { .. } => SegmentBusy::new_err(msg),
+        CoreError::InvalidConfig { .. }
+        | CoreError::InvalidSegment { .. }
+        | CoreError::InvalidToken { .. }
+        | CoreError::LengthMismatch { .. }
+        | CoreError::UnbalancedUnlock { .. } => InvalidArgument::new_err(msg),
+        CoreError::RefcountOverflow { .. } => RadixsegError::new_err(msg),
+        CoreError::Malformed(_) => InvariantViolation::new_err(msg),
+        _ => RadixsegError::new_err(msg),
+    };
+    let value = err.value(py);
+    for (k, v) in attrs {
+        // Attributes are a convenience; the message already says everything.
+        let _ = value.setattr(*k, *v);
+    }
+    err
+}
+
+/// The one mapping from core errors to Python exceptions.
+fn to_py(py: Python<'_>, e: CoreError) -> PyErr {
+    let attrs: Vec<(&str, i64)> = match &e {
+        CoreError::OutOfPages {
+            requested,
+            available,
+            total,
+            segments,
+        } => vec![
+            ("requested", *requested as i64),
+            ("available", *available as i64),
+            ("total", *total as i64),
+            ("segments", i64::from(*segments)),
+        ],
+        CoreError::IdSpaceExhausted { segments, limit } => vec![
+            ("segments", i64::from(*segments)),
+            ("limit", i64::from(*limit)),
+        ],
+        CoreError::InvalidHandle { page_id, problem } => {
+            let mut v = vec![("page_id", *page_id)];
+            if let HandleProblem::SegmentNotLive { segment } = problem {
+                v.push(("segment", i64::from(*segment)));
+            }
+            v
+        }
+        CoreError::DoubleFree { page_id } | CoreError::RefcountOverflow { page_id } => {
+            vec![("page_id", i64::from(*page_id))]
+        }
+        CoreError::SegmentBusy {
+            segment,
+            used_pages,
+        } => vec![
+            ("segment", i64::from(*segment)),
+            ("used_pages", i64::from(*used_pages)),
+        ],
+        CoreError::InvalidSegment { segment, .. } => vec![("segment", *segment)],
+        CoreError::InvalidToken { index, value } => {
+            vec![("index", *index as i64), ("value", *value)]
+        }
+        CoreError::InvalidNode { node } => vec![("node", *node)],
+        CoreError::UnbalancedUnlock { node } => vec![("node", i64::from(*node))],
+        _ => Vec::new(),
+    };
+    raise(py, &e, &attrs)
+}
+
+/// Extension trait: `core_call().py(py)?`.
+trait CoreResultExt<T> {
+    fn py(self, py: Python<'_>) -> PyResult<T>;
+}
+
+impl<T> CoreResultExt<T> for Result<T, CoreError> {
+    fn py(self, py: Python<'_>) -> PyResult<T> {
+        self.map_err(|e| to_py(py, e))
+    }
+}
+
+/// Run `f` with the GIL released when the batch is long enough to pay for it.
+fn maybe_detach<T: Send>(py: Python<'_>, len: usize, f: impl Send + FnOnce() -> T) -> T {
+    if len >= DETACH_MIN {
+        py.detach(f)
+    } else {
+        f()
+    }
+}
+
+/// Page ids as given: int64 or int32 numpy arrays.
+#[derive(FromPyObject)]
+enum Ids<'py> {
+    I64(PyReadonlyArray1<'py, i64>),
+    I32(PyReadonlyArray1<'py, i32>),
+}
+
+impl Ids<'_> {
+    fn to_vec(&self) -> PyResult<Vec<i64>> {
+        Ok(match self {
+            Ids::I64(a) => a.as_slice()?.to_vec(),
+            Ids::I32(a) => a.as_slice()?.iter().map(|&x| i64::from(x)).collect(),
+        })
+    }
+}
+
+fn ids_array(py: Python<'_>, ids: Vec<u32>) -> Bound<'_, PyArray1<i32>> {
+    // Page ids are below 2^31 by construction (PAGE_ID_LIMIT).
+    PyArray1::from_vec(py, ids.into_iter().map(|x| x as i32).collect())
+}
+
+/// Refcounted KV pages grouped in segments (the Rust core). Use the
+/// `radixseg.SegmentAllocator` subclass, which takes and returns torch tensors.
+#[pyclass(frozen, subclass, module = "radixseg._core")]
+struct SegmentAllocator {
+    inner: Arc<radixseg_core::SegmentAllocator>,
+}
+
+#[pymethods]
+impl SegmentAllocator {
+    #[new]
+    #[pyo3(signature = (page_size, pages_per_segment, max_segments = None))]
+    fn new(
+        py: Python<'_>,
+        page_size: i64,
+        pages_per_segment: i64,
+        max_segments: Option<i64>,
+    ) -> PyResult<Self> {
+        let as_u32 = |what: &'static str, v: i64, rule: &'static str| {
+            u32::try_from(v).map_err(|_| {
+                to_py(
+                    py,
+                    CoreError::InvalidConfig {
+                        what,
+                        value: v as u64,
+                        rule,
+                    },
+                )
+            })
+        };
+        let ps = as_u32("page_size", page_size, "must be a power of two in 1..=1024")?;
+        let pps = as_u32("pages_per_segment", pages_per_segment, "must be in 1..=1048576")?;
+        let mut a = radixseg_core::SegmentAllocator::new(ps, pps).py(py)?;
+        if let Some(m) = max_segments {
+            let m = as_u32(
+                "max_segments",
+                m,
+                "must be at least 1 and at most 2^31 / pages_per_segment",
+            )?;
+            a = a.with_max_segments(m).py(py)?;
+        }
+        Ok(Self { inner: Arc::new(a) })
+    }
+
+    /// Tokens per page.
+    #[getter]
+    fn page_size(&self) -> u32 {
+        self.inner.page_size()
+    }
+
+    /// Pages per segment.
+    #[getter]
+    fn pages_per_segment(&self) -> u32 {
+        self.inner.pages_per_segment()
+    }
+
+    /// The most segments that may be live at once.
+    #[getter]
+    fn max_segments(&self) -> u32 {
+        self.inner.max_segments()
+    }
+
+    /// Add a segment of free pages; returns its id.
+    fn add_segment(&self, py: Python<'_>) -> PyResult<u32> {
+        self.inner.add_segment().py(py)
+    }
+
+    /// Retire a segment whose pages are all free.
+    fn retire_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
+        self.inner.retire_segment(segment).py(py)
+    }
+
+    /// Allocate `n` pages, all or none; returns int32 page ids.
+    fn alloc<'py>(&self, py: Python<'py>, n: i64) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let n = usize::try_from(n).map_err(|_| {
+            to_py(
+                py,
+                CoreError::InvalidConfig {
+                    what: "n (pages to allocate)",
+                    value: n as u64,
+                    rule: "must be a non-negative integer",
+                },
+            )
+        })?;
+        let inner = &self.inner;
+        let ids = maybe_detach(py, n, || inner.alloc(n)).py(py)?;
+        Ok(ids_array(py, ids))
+    }
+
+    /// Add one reference to each page id.
+    fn retain(&self, py: Python<'_>, ids: Ids<'_>) -> PyResult<()> {
+        let v = ids.to_vec()?;
+        let inner = &self.inner;
+        maybe_detach(py, v.len(), || inner.retain(&v)).py(py)
+    }
+
+    /// Drop one reference from each page id; pages at 0 become free.
+    fn release(&self, py: Python<'_>, ids: Ids<'_>) -> PyResult<()> {
+        let v = ids.to_vec()?;
+        let inner = &self.inner;
+        maybe_detach(py, v.len(), || inner.release(&v)).py(py)
+    }
+
+    /// Refcount of each page id (0 for a free page of a live segment).
+    fn refcount<'py>(&self, py: Python<'py>, ids: Ids<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let v = ids.to_vec()?;
+        let rc = self.inner.refcount(&v).py(py)?;
+        // Refcounts past i32::MAX are clamped for display; they never occur
+        // in practice (each needs that many live references).
+        Ok(PyArray1::from_vec(
+            py,
+            rc.into_iter().map(|r| r.min(i32::MAX as u32) as i32).collect(),
+        ))
+    }
+
+    /// Free pages in live segments.
+    fn free_pages(&self) -> u64 {
+        self.inner.free_pages()
+    }
+
+    /// Pages in live segments.
+    fn total_pages(&self) -> u64 {
+        self.inner.total_pages()
+    }
+
+    /// Live segment ids, ascending.
+    fn segments(&self) -> Vec<u32> {
+        self.inner.segments()
+    }
+
+    /// `[(segment id, referenced pages), ...]` for live segments.
+    fn segment_usage(&self) -> Vec<(u32, u32)> {
+        self.inner.segment_usage()
+    }
+
+    /// Heap bytes of allocator metadata.
+    fn metadata_bytes(&self) -> usize {
+        self.inner.metadata_bytes()
+    }
+
+    /// Raise `InvariantViolation` describing the first breach found.
+    fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
+        py.detach(|| inner.check_invariants()).py(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SegmentAllocator(page_size={}, pages_per_segment={}, segments={}, free_pages={}, total_pages={})",
+            self.inner.page_size(),
+            self.inner.pages_per_segment(),
+            self.inner.segment_count(),
+            self.inner.free_pages(),
+            self.inner.total_pages()
+        )
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PAGE_ID_LIMIT", radixseg_core::PAGE_ID_LIMIT)?;
+    m.add("RadixsegError", py.get_type::<RadixsegError>())?;
+    m.add("OutOfPages", py.get_type::<OutOfPages>())?;
+    m.add("BudgetExhausted", py.get_type::<BudgetExhausted>())?;
+    m.add("InvalidHandle", py.get_type::<InvalidHandle>())?;
+    m.add("DoubleFree", py.get_type::<DoubleFree>())?;
+    m.add("SegmentBusy", py.get_type::<SegmentBusy>())?;
+    m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
+    m.add("InvariantViolation", py.get_type::<InvariantViolation>())?;
+    m.add_class::<SegmentAllocator>()?;
+    Ok(())
+}
