@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from radixseg._core import InvalidArgument
@@ -24,16 +25,16 @@ def as_count(n: Any, what: str = "n") -> int:
     """A non-negative Python int from an int-like, else ``TypeError``/``InvalidArgument``."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_floating_point():
-            n = int(n.item())
+            n = n.item()
         else:
             raise TypeError(f"{what} must be an int, got {type(n).__name__}: {n!r}")
-    n = int(n)
-    if n < 0:
-        raise InvalidArgument(f"{what} must be non-negative, got {n}")
-    return n
+    count = int(n)
+    if count < 0:
+        raise InvalidArgument(f"{what} must be non-negative, got {count}")
+    return count
 
 
-def as_id_array(ids: Any, what: str = "page ids") -> np.ndarray:
+def as_id_array(ids: Any, what: str = "page ids") -> npt.NDArray[np.int32] | npt.NDArray[np.int64]:
     """A contiguous 1-D ``int32``/``int64`` numpy array from an array-like of ints.
 
     Accepts torch tensors (CPU only, integer dtype), numpy arrays, sequences of
@@ -61,7 +62,9 @@ def as_id_array(ids: Any, what: str = "page ids") -> np.ndarray:
     if arr.dtype == object:
         try:
             arr = np.asarray(ids, dtype=np.int64)
-        except (OverflowError, TypeError, ValueError) as e:
+        except OverflowError as e:
+            raise InvalidArgument(f"{what} must be integers below 2^63: {e}") from None
+        except (TypeError, ValueError) as e:
             raise TypeError(f"{what} must be integers: {e}") from None
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -75,6 +78,6 @@ def as_id_array(ids: Any, what: str = "page ids") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def to_tensor(arr: np.ndarray) -> torch.Tensor:
+def to_tensor(arr: npt.NDArray[Any]) -> torch.Tensor:
     """Wrap a numpy array from the core as a torch tensor without copying."""
     return torch.from_numpy(arr)

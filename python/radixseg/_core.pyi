@@ -4,21 +4,50 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
+
+__all__ = [
+    "PAGE_ID_LIMIT",
+    "BudgetExhausted",
+    "DoubleFree",
+    "InvalidArgument",
+    "InvalidHandle",
+    "InvariantViolation",
+    "OutOfPages",
+    "RadixsegError",
+    "SegmentAllocator",
+    "SegmentBusy",
+    "__version__",
+]
 
 __version__: Final[str]
 PAGE_ID_LIMIT: Final[int]
 
 class RadixsegError(Exception): ...
-class OutOfPages(RadixsegError): ...
+
+class OutOfPages(RadixsegError):
+    requested: int
+    available: int
+    total: int
+    segments: int
+
 class BudgetExhausted(OutOfPages): ...
-class InvalidHandle(RadixsegError): ...
+
+class InvalidHandle(RadixsegError):
+    page_id: int
+
 class DoubleFree(InvalidHandle): ...
-class SegmentBusy(RadixsegError): ...
+
+class SegmentBusy(RadixsegError):
+    segment: int
+    used_pages: int
+
 class InvalidArgument(RadixsegError): ...
 class InvariantViolation(RadixsegError): ...
 
 _Ids = npt.NDArray[np.int64] | npt.NDArray[np.int32]
 
+@disjoint_base
 class SegmentAllocator:
     def __new__(
         cls, page_size: int, pages_per_segment: int, max_segments: int | None = None

@@ -56,11 +56,11 @@ class SegmentAllocator(_core.SegmentAllocator):
         """
         return to_tensor(super().alloc(as_count(n)))
 
-    def retain(self, ids: Any) -> None:  # type: ignore[override]
+    def retain(self, ids: Any) -> None:
         """Add one reference to each page in ``ids`` (shape ``[k]``); all or none."""
         super().retain(as_id_array(ids))
 
-    def release(self, ids: Any) -> None:  # type: ignore[override]
+    def release(self, ids: Any) -> None:
         """Drop one reference from each page in ``ids``; all or none.
 
         A page whose refcount reaches 0 is free. Releasing a free page raises

@@ -135,7 +135,11 @@ impl SegmentAllocator {
                 .is_power_of_two()
                 .then(|| pages_per_segment.trailing_zeros()),
             words_per_segment: words,
-            last_word_mask: if rem == 0 { u64::MAX } else { (1u64 << rem) - 1 },
+            last_word_mask: if rem == 0 {
+                u64::MAX
+            } else {
+                (1u64 << rem) - 1
+            },
             max_segments: (PAGE_ID_LIMIT / u64::from(pages_per_segment)) as u32,
             shelves: std::array::from_fn(|_| OnceBox::new()),
             high_water: AtomicU32::new(0),
@@ -202,8 +206,8 @@ impl SegmentAllocator {
     /// The segment of a page id, if live, with the page's index in it.
     #[inline]
     fn resolve(&self, page_id: i64) -> Result<(u32, &Segment, usize)> {
-        let limit = u64::from(self.high_water.load(Ordering::Acquire))
-            * u64::from(self.pages_per_segment);
+        let limit =
+            u64::from(self.high_water.load(Ordering::Acquire)) * u64::from(self.pages_per_segment);
         if page_id < 0 || page_id as u64 >= limit {
             return Err(CoreError::InvalidHandle {
                 page_id,
@@ -226,7 +230,9 @@ impl SegmentAllocator {
         if let Some(chunk) = self.chunk(seg / CHUNK) {
             // Release: pairs with the AcqRel clear in `mark_full`, which then
             // sees the page bits and `free` count written before this.
-            chunk.summary.fetch_or(1 << (seg % CHUNK), Ordering::Release);
+            chunk
+                .summary
+                .fetch_or(1 << (seg % CHUNK), Ordering::Release);
         }
     }
 
@@ -439,9 +445,7 @@ impl SegmentAllocator {
                     });
                 }
                 if cur == u32::MAX {
-                    break Some(CoreError::RefcountOverflow {
-                        page_id: id as u32,
-                    });
+                    break Some(CoreError::RefcountOverflow { page_id: id as u32 });
                 }
                 // Relaxed: taking a reference needs no ordering (as Arc::clone).
                 match rc.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
@@ -552,7 +556,9 @@ impl SegmentAllocator {
         st.retired.remove(&id);
         // Release: pairs with the Acquire loads in `resolve` and `reserve`;
         // the slot's all-set bits and zero refcounts are visible to them.
-        segment.free.store(self.pages_per_segment, Ordering::Release);
+        segment
+            .free
+            .store(self.pages_per_segment, Ordering::Release);
         self.mark_nonfull(id);
         if id >= self.high_water.load(Ordering::Relaxed) {
             // Release: pairs with the Acquire in `claim` / `resolve`; the slot
@@ -899,10 +905,7 @@ mod tests {
         let x = a.alloc(6)?;
         assert!(matches!(
             a.retire_segment(i64::from(s1)),
-            Err(CoreError::SegmentBusy {
-                used_pages: 2,
-                ..
-            })
+            Err(CoreError::SegmentBusy { used_pages: 2, .. })
         ));
         a.release(&ids(&x[4..]))?;
         a.retire_segment(i64::from(s1))?;

@@ -32,7 +32,7 @@ pub enum CoreError {
         /// Which parameter.
         what: &'static str,
         /// The value given.
-        value: u64,
+        value: i64,
         /// The rule it broke, in words.
         rule: &'static str,
     },

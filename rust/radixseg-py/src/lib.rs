@@ -4,9 +4,9 @@
 //! Python package wraps them as torch tensors).
 
 use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::create_exception;
 use radixseg_core::{Arc, CoreError, HandleProblem};
 
 create_exception!(
@@ -201,14 +201,18 @@ impl SegmentAllocator {
                     py,
                     CoreError::InvalidConfig {
                         what,
-                        value: v as u64,
+                        value: v,
                         rule,
                     },
                 )
             })
         };
         let ps = as_u32("page_size", page_size, "must be a power of two in 1..=1024")?;
-        let pps = as_u32("pages_per_segment", pages_per_segment, "must be in 1..=1048576")?;
+        let pps = as_u32(
+            "pages_per_segment",
+            pages_per_segment,
+            "must be in 1..=1048576",
+        )?;
         let mut a = radixseg_core::SegmentAllocator::new(ps, pps).py(py)?;
         if let Some(m) = max_segments {
             let m = as_u32(
@@ -256,7 +260,7 @@ impl SegmentAllocator {
                 py,
                 CoreError::InvalidConfig {
                     what: "n (pages to allocate)",
-                    value: n as u64,
+                    value: n,
                     rule: "must be a non-negative integer",
                 },
             )
@@ -288,7 +292,9 @@ impl SegmentAllocator {
         // in practice (each needs that many live references).
         Ok(PyArray1::from_vec(
             py,
-            rc.into_iter().map(|r| r.min(i32::MAX as u32) as i32).collect(),
+            rc.into_iter()
+                .map(|r| r.min(i32::MAX as u32) as i32)
+                .collect(),
         ))
     }
 
