@@ -9,6 +9,7 @@
 
 use crate::error::{CoreError, HandleProblem, Result};
 use crate::sync::{self, AtomicU32, AtomicU64, CachePadded, Mutex, OnceBox, Ordering};
+use smallvec::SmallVec;
 use std::collections::BTreeSet;
 
 /// Largest `page_size` accepted.
@@ -80,6 +81,87 @@ impl std::fmt::Debug for SegmentAllocator {
             .field("pages_per_segment", &self.pages_per_segment)
             .field("segments", &self.live.load(Ordering::Relaxed))
             .finish_non_exhaustive()
+    }
+}
+
+/// Resolves page ids for the length of one call, remembering the last
+/// segment so that a batch of ids from one segment walks the directory once.
+struct Resolver<'a> {
+    alloc: &'a SegmentAllocator,
+    /// One past the largest id of any slot at the start of the call.
+    limit: u64,
+    last: Option<(u32, &'a Segment)>,
+}
+
+impl<'a> Resolver<'a> {
+    fn new(alloc: &'a SegmentAllocator) -> Self {
+        // Acquire: pairs with the Release store of `high_water` in
+        // `add_segment`; every slot below it is published.
+        let hw = alloc.high_water.load(Ordering::Acquire);
+        Self {
+            alloc,
+            limit: u64::from(hw) * u64::from(alloc.pages_per_segment),
+            last: None,
+        }
+    }
+
+    /// `(segment id, segment, page index)` of an id, live or retired.
+    #[inline]
+    fn page(&mut self, page_id: i64) -> Result<(u32, &'a Segment, usize)> {
+        if page_id < 0 || page_id as u64 >= self.limit {
+            return Err(CoreError::InvalidHandle {
+                page_id,
+                problem: HandleProblem::OutOfRange { limit: self.limit },
+            });
+        }
+        let (seg, page) = self.alloc.split(page_id as u32);
+        if let Some((s, segment)) = self.last {
+            if s == seg {
+                return Ok((seg, segment, page as usize));
+            }
+        }
+        match self.alloc.segment(seg) {
+            Some(segment) => {
+                self.last = Some((seg, segment));
+                Ok((seg, segment, page as usize))
+            }
+            None => Err(not_live(page_id, seg)),
+        }
+    }
+
+    /// As `page`, but an id of a retired segment is an error.
+    #[inline]
+    fn live_page(&mut self, page_id: i64) -> Result<(u32, &'a Segment, usize)> {
+        let (seg, segment, page) = self.page(page_id)?;
+        if segment.free.load(Ordering::Acquire) == CLOSED {
+            return Err(not_live(page_id, seg));
+        }
+        Ok((seg, segment, page))
+    }
+}
+
+fn not_live(page_id: i64, segment: u32) -> CoreError {
+    CoreError::InvalidHandle {
+        page_id,
+        problem: HandleProblem::SegmentNotLive { segment },
+    }
+}
+
+/// Take one reference off `rc` unless it is 0; returns the previous count.
+#[inline]
+fn decrement(rc: &AtomicU32) -> Option<u32> {
+    let mut cur = rc.load(Ordering::Relaxed);
+    loop {
+        if cur == 0 {
+            return None;
+        }
+        // AcqRel: the thread that takes a page to 0 sees every other
+        // holder's uses (their decrements are Release), and passes them on
+        // through the Release bit set in `publish`.
+        match rc.compare_exchange_weak(cur, cur - 1, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(prev) => return Some(prev),
+            Err(actual) => cur = actual,
+        }
     }
 }
 
@@ -203,27 +285,6 @@ impl SegmentAllocator {
         self.chunk(seg / CHUNK)?.slots[(seg % CHUNK) as usize].get()
     }
 
-    /// The segment of a page id, if live, with the page's index in it.
-    #[inline]
-    fn resolve(&self, page_id: i64) -> Result<(u32, &Segment, usize)> {
-        let limit =
-            u64::from(self.high_water.load(Ordering::Acquire)) * u64::from(self.pages_per_segment);
-        if page_id < 0 || page_id as u64 >= limit {
-            return Err(CoreError::InvalidHandle {
-                page_id,
-                problem: HandleProblem::OutOfRange { limit },
-            });
-        }
-        let (seg, page) = self.split(page_id as u32);
-        match self.segment(seg) {
-            Some(s) if s.free.load(Ordering::Acquire) != CLOSED => Ok((seg, s, page as usize)),
-            _ => Err(CoreError::InvalidHandle {
-                page_id,
-                problem: HandleProblem::SegmentNotLive { segment: seg },
-            }),
-        }
-    }
-
     // ----- summary words -----------------------------------------------------
 
     fn mark_nonfull(&self, seg: u32) {
@@ -268,13 +329,22 @@ impl SegmentAllocator {
         loop {
             let got = self.claim(n, out);
             if got == n {
+                let mut last: Option<(u32, &Segment)> = None;
                 for &id in &out[start..] {
                     let (seg, page) = self.split(id);
-                    if let Some(s) = self.segment(seg) {
-                        // Relaxed: the ids reach other threads only through
-                        // the caller's own synchronisation.
-                        s.refcounts[page as usize].store(1, Ordering::Relaxed);
-                    }
+                    let segment = match last {
+                        Some((s, segment)) if s == seg => segment,
+                        _ => match self.segment(seg) {
+                            Some(segment) => {
+                                last = Some((seg, segment));
+                                segment
+                            }
+                            None => continue,
+                        },
+                    };
+                    // Relaxed: the ids reach other threads only through the
+                    // caller's own synchronisation.
+                    segment.refcounts[page as usize].store(1, Ordering::Relaxed);
                 }
                 return Ok(());
             }
@@ -338,7 +408,7 @@ impl SegmentAllocator {
                 return 0;
             }
             let take = (cur as usize).min(want) as u32;
-            // Acquire: pairs with the Release increment in `free_pages_of`,
+            // Acquire: pairs with the Release increment in `publish`,
             // so the page bits set before it are visible to `claim_bits`.
             match segment.free.compare_exchange_weak(
                 cur,
@@ -362,7 +432,7 @@ impl SegmentAllocator {
                 let mut cur = word.load(Ordering::Relaxed);
                 while cur != 0 && need > 0 {
                     let mask = lowest_bits(cur, need);
-                    // Acquire: pairs with the Release `fetch_or` in `free_pages_of`.
+                    // Acquire: pairs with the Release `fetch_or` in `publish`.
                     let prev = word.fetch_and(!mask, Ordering::Acquire);
                     let mut got = prev & mask;
                     need -= got.count_ones() as usize;
@@ -383,13 +453,14 @@ impl SegmentAllocator {
 
     /// Undo `claim` for ids nobody else has seen (refcount 0, bit clear).
     fn unclaim(&self, ids: &[u32]) {
-        self.free_pages_of(ids);
+        self.publish(ids);
     }
 
-    /// Set the bits of `ids` (all refcount 0, bits clear) and return them to
-    /// their segments' free counts. Consecutive ids of one segment are
-    /// counted together.
-    fn free_pages_of(&self, ids: &[u32]) {
+    /// Make distinct pages with refcount 0 and clear bits allocatable: set
+    /// their bits (one `fetch_or` per run of ids in one bitmap word), then add
+    /// them to their segments' free counts (one `fetch_add` per run of ids in
+    /// one segment). Bits before counts keeps `free <= set bits`.
+    fn publish(&self, ids: &[u32]) {
         let mut i = 0;
         while i < ids.len() {
             let (seg, _) = self.split(ids[i]);
@@ -398,12 +469,26 @@ impl SegmentAllocator {
                 continue;
             };
             let mut count = 0u32;
-            while i < ids.len() && self.split(ids[i]).0 == seg {
-                let (_, page) = self.split(ids[i]);
-                // Release: the page's last use happens-before a later claim.
-                segment.bits[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
-                count += 1;
+            while i < ids.len() {
+                let (s, page) = self.split(ids[i]);
+                if s != seg {
+                    break;
+                }
+                let word = page / 64;
+                let mut mask = 1u64 << (page % 64);
                 i += 1;
+                while i < ids.len() {
+                    let (s, p) = self.split(ids[i]);
+                    if s != seg || p / 64 != word {
+                        break;
+                    }
+                    mask |= 1 << (p % 64);
+                    i += 1;
+                }
+                // Release: the pages' last uses happen-before a later claim
+                // (pairs with the Acquire `fetch_and` in `claim_bits`).
+                segment.bits[word as usize].fetch_or(mask, Ordering::Release);
+                count += mask.count_ones();
             }
             // Release: pairs with the Acquire CAS in `reserve`.
             let prev = segment.free.fetch_add(count, Ordering::Release);
@@ -415,13 +500,22 @@ impl SegmentAllocator {
 
     // ----- refcounts -----------------------------------------------------------
 
-    /// Check that every id names a referenced page of a live segment; a free
-    /// page is reported by `on_free`.
-    fn validate_referenced(&self, ids: &[i64], on_free: fn(i64) -> CoreError) -> Result<()> {
+    /// Check, without writing, that every id names a referenced page; a page
+    /// with refcount 0 of a live segment is reported by `on_free`.
+    fn validate_referenced(
+        r: &mut Resolver<'_>,
+        ids: &[i64],
+        on_free: fn(i64) -> CoreError,
+    ) -> Result<()> {
         for &id in ids {
-            let (_, segment, page) = self.resolve(id)?;
+            let (seg, segment, page) = r.page(id)?;
             if segment.refcounts[page].load(Ordering::Relaxed) == 0 {
-                return Err(on_free(id));
+                // A retired segment has every refcount at 0.
+                return Err(if segment.free.load(Ordering::Acquire) == CLOSED {
+                    not_live(id, seg)
+                } else {
+                    on_free(id)
+                });
             }
         }
         Ok(())
@@ -429,102 +523,103 @@ impl SegmentAllocator {
 
     /// Add one reference to each page (duplicates add one each). All or none.
     pub fn retain(&self, ids: &[i64]) -> Result<()> {
-        self.validate_referenced(ids, |page_id| CoreError::InvalidHandle {
+        let mut r = Resolver::new(self);
+        Self::validate_referenced(&mut r, ids, |page_id| CoreError::InvalidHandle {
             page_id,
             problem: HandleProblem::Free,
         })?;
         for (i, &id) in ids.iter().enumerate() {
-            let (_, segment, page) = self.resolve(id)?;
-            let rc = &segment.refcounts[page];
-            let mut cur = rc.load(Ordering::Relaxed);
-            let failure = loop {
-                if cur == 0 {
-                    break Some(CoreError::InvalidHandle {
-                        page_id: id,
-                        problem: HandleProblem::Free,
-                    });
-                }
-                if cur == u32::MAX {
-                    break Some(CoreError::RefcountOverflow { page_id: id as u32 });
-                }
-                // Relaxed: taking a reference needs no ordering (as Arc::clone).
-                match rc.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
-                    Ok(_) => break None,
-                    Err(actual) => cur = actual,
-                }
+            let failure = match r.page(id) {
+                Ok((_, segment, page)) => Self::increment(&segment.refcounts[page], id),
+                Err(e) => Some(e),
             };
             if let Some(e) = failure {
-                // Only reachable when another thread races us on these ids.
-                self.drop_refs(&ids[..i]);
+                // Only reachable when another thread releases these pages
+                // while we retain them.
+                self.drop_refs(&mut r, &ids[..i]);
                 return Err(e);
             }
         }
         Ok(())
     }
 
+    /// Add a reference unless the page is free or the count would overflow.
+    #[inline]
+    fn increment(rc: &AtomicU32, id: i64) -> Option<CoreError> {
+        let mut cur = rc.load(Ordering::Relaxed);
+        loop {
+            if cur == 0 {
+                return Some(CoreError::InvalidHandle {
+                    page_id: id,
+                    problem: HandleProblem::Free,
+                });
+            }
+            if cur == u32::MAX {
+                return Some(CoreError::RefcountOverflow { page_id: id as u32 });
+            }
+            // Relaxed: taking a reference needs no ordering (as Arc::clone).
+            match rc.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return None,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
     /// Drop one reference from each page (duplicates drop one each); a page
     /// whose refcount reaches 0 becomes free. All or none: if any id is
     /// invalid or would go below 0, nothing changes.
     pub fn release(&self, ids: &[i64]) -> Result<()> {
-        self.validate_referenced(ids, |page_id| CoreError::DoubleFree {
+        let mut r = Resolver::new(self);
+        Self::validate_referenced(&mut r, ids, |page_id| CoreError::DoubleFree {
             page_id: page_id as u32,
         })?;
         // Phase A: decrement. A page that reaches 0 keeps its bit clear, so no
         // allocator can take it before phase B; that makes undo safe.
-        let mut zeroed: Vec<u32> = Vec::new();
+        let mut zeroed: SmallVec<[u32; 32]> = SmallVec::new();
         for (i, &id) in ids.iter().enumerate() {
-            let (_, segment, page) = self.resolve(id)?;
-            let rc = &segment.refcounts[page];
-            let mut cur = rc.load(Ordering::Relaxed);
-            let ok = loop {
-                if cur == 0 {
-                    break false;
-                }
-                // AcqRel: the thread that takes a page to 0 sees every other
-                // holder's uses (their decrements are Release), and passes
-                // them on through the Release bit set in `free_pages_of`.
-                match rc.compare_exchange_weak(cur, cur - 1, Ordering::AcqRel, Ordering::Relaxed) {
-                    Ok(_) => break true,
-                    Err(actual) => cur = actual,
-                }
-            };
-            if !ok {
-                // A page repeated in `ids` more often than it is referenced
-                // (or a concurrent release): restore what we decremented.
-                for &done in &ids[..i] {
-                    if let Ok((_, s, p)) = self.resolve(done) {
-                        s.refcounts[p].fetch_add(1, Ordering::Relaxed);
+            let prev = r
+                .page(id)
+                .ok()
+                .and_then(|(_, s, p)| decrement(&s.refcounts[p]));
+            match prev {
+                Some(1) => zeroed.push(id as u32),
+                Some(_) => {}
+                None => {
+                    // A page listed more often than it is referenced (or a
+                    // concurrent release): restore what we decremented.
+                    for &done in &ids[..i] {
+                        if let Ok((_, s, p)) = r.page(done) {
+                            s.refcounts[p].fetch_add(1, Ordering::Relaxed);
+                        }
                     }
+                    return Err(CoreError::DoubleFree { page_id: id as u32 });
                 }
-                return Err(CoreError::DoubleFree { page_id: id as u32 });
-            }
-            if cur == 1 {
-                zeroed.push(id as u32);
             }
         }
         // Phase B: publish the freed pages.
-        self.free_pages_of(&zeroed);
+        self.publish(&zeroed);
         Ok(())
     }
 
     /// Drop references taken by a `retain` that failed part-way.
-    fn drop_refs(&self, ids: &[i64]) {
-        let mut zeroed = Vec::new();
+    fn drop_refs(&self, r: &mut Resolver<'_>, ids: &[i64]) {
+        let mut zeroed: SmallVec<[u32; 32]> = SmallVec::new();
         for &id in ids {
-            if let Ok((_, s, p)) = self.resolve(id) {
+            if let Ok((_, s, p)) = r.page(id) {
                 if s.refcounts[p].fetch_sub(1, Ordering::AcqRel) == 1 {
                     zeroed.push(id as u32);
                 }
             }
         }
-        self.free_pages_of(&zeroed);
+        self.publish(&zeroed);
     }
 
     /// Refcount of each page (0 for a free page of a live segment).
     pub fn refcount(&self, ids: &[i64]) -> Result<Vec<u32>> {
+        let mut r = Resolver::new(self);
         ids.iter()
             .map(|&id| {
-                let (_, s, p) = self.resolve(id)?;
+                let (_, s, p) = r.live_page(id)?;
                 Ok(s.refcounts[p].load(Ordering::Acquire))
             })
             .collect()
