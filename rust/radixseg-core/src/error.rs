@@ -113,6 +113,14 @@ pub enum CoreError {
     },
     /// The invariant checker found a breach; the text says which.
     Malformed(String),
+    /// A radix-tree count or index would pass its fixed width (lock count of
+    /// a node, nodes, pages in the tree's arena); nothing changed.
+    TreeCapacity {
+        /// Which quantity, in words.
+        what: &'static str,
+        /// Its largest value.
+        limit: u64,
+    },
 }
 
 /// Short alias used across the crate.
@@ -187,6 +195,11 @@ impl fmt::Display for CoreError {
                 "unbalanced unlock of node {node}: its lock count is already 0"
             ),
             Self::Malformed(what) => write!(f, "invariant violated: {what}"),
+            Self::TreeCapacity { what, limit } => write!(
+                f,
+                "radix tree limit reached: {what} would exceed {limit}; \
+                 unlock, evict or reset to make room"
+            ),
         }
     }
 }

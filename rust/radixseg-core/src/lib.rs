@@ -9,8 +9,10 @@
 
 pub mod allocator;
 pub mod error;
+pub mod radix;
 mod sync;
 
 pub use allocator::{SegmentAllocator, MAX_PAGES_PER_SEGMENT, MAX_PAGE_SIZE, PAGE_ID_LIMIT};
 pub use error::{CoreError, HandleProblem, Result};
+pub use radix::{CachedSequence, MatchResult, NodeId, RadixTree, TOKEN_LIMIT};
 pub use sync::Arc;
