@@ -18,6 +18,7 @@ from radixseg._core import (
     __version__,
 )
 from radixseg.allocator import SegmentAllocator
+from radixseg.tree import MatchResult, RadixTree
 
 __all__ = [
     "BudgetExhausted",
@@ -25,7 +26,9 @@ __all__ = [
     "InvalidArgument",
     "InvalidHandle",
     "InvariantViolation",
+    "MatchResult",
     "OutOfPages",
+    "RadixTree",
     "RadixsegError",
     "SegmentAllocator",
     "SegmentBusy",

@@ -19,6 +19,7 @@ from radixseg._core import InvalidArgument
 __all__ = ["as_count", "as_id_array", "to_tensor"]
 
 _INT_KINDS = ("i", "u")
+_FAST_DTYPES = (torch.int32, torch.int64)
 
 
 def as_count(n: Any, what: str = "n") -> int:
@@ -41,6 +42,14 @@ def as_id_array(ids: Any, what: str = "page ids") -> npt.NDArray[np.int32] | npt
     ints and a single int. Range checks happen in the Rust core, which reports
     the first bad value.
     """
+    if (
+        type(ids) is torch.Tensor
+        and ids.dtype in _FAST_DTYPES
+        and ids.dim() == 1
+        and ids.device.type == "cpu"
+        and ids.is_contiguous()
+    ):
+        return ids.numpy()  # the common case: ids straight from alloc or a match
     if isinstance(ids, torch.Tensor):
         if ids.device.type != "cpu":
             raise InvalidArgument(

@@ -43,8 +43,8 @@ class SegmentAllocator(_core.SegmentAllocator):
     tensor([0, 1, 2], dtype=torch.int32)
     >>> a.retain(ids[:1]); a.refcount(ids)
     tensor([2, 1, 1], dtype=torch.int32)
-    >>> a.release(ids); a.free_pages()
-    1022
+    >>> a.release(ids); a.free_pages()   # one page still holds a reference
+    1023
     """
 
     def alloc(self, n: Any) -> torch.Tensor:  # type: ignore[override]

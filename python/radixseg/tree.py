@@ -1,0 +1,105 @@
+"""The radix prefix tree with torch tensors at its edges.
+
+:class:`RadixTree` is the Rust core's tree over a :class:`SegmentAllocator`'s
+pages; this subclass converts tokens and page ids and returns a
+:class:`MatchResult`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from radixseg import _core
+from radixseg._convert import as_count, as_id_array, to_tensor
+
+__all__ = ["MatchResult", "RadixTree"]
+
+
+class MatchResult(NamedTuple):
+    """The longest cached prefix of a query.
+
+    Attributes
+    ----------
+    page_ids : torch.Tensor
+        ``int32 [length // page_size]``: the cached pages, in order.
+    length : int
+        Tokens matched, a multiple of ``page_size``.
+    node : int
+        Handle of the node that ends the match; pass it to ``lock``/``unlock``.
+    """
+
+    page_ids: torch.Tensor
+    length: int
+    node: int
+
+
+class RadixTree(_core.RadixTree):
+    """Page-aligned prefix sharing over refcounted pages.
+
+    Parameters
+    ----------
+    allocator : SegmentAllocator
+        Whose pages the tree stores; the tree holds one reference to each page
+        it caches and drops it on eviction, so a page a running request still
+        references stays allocated.
+
+    With ``page_size > 1`` only whole pages are cached and matched. Prefixes
+    are never shared across namespaces (any ``int`` in ``0..2**64``: tenant,
+    LoRA adapter, cache salt). Thread-safe; long calls release the GIL.
+
+    Examples
+    --------
+    >>> from radixseg import SegmentAllocator
+    >>> a = SegmentAllocator(page_size=2, pages_per_segment=64); a.add_segment()
+    0
+    >>> t = RadixTree(a)
+    >>> pages = a.alloc(2)
+    >>> t.insert([1, 2, 3, 4, 5], pages)   # the odd last token is not cached
+    0
+    >>> a.release(pages)                   # the tree keeps its own references
+    >>> m = t.match_prefix([1, 2, 3, 9])
+    >>> m.page_ids.tolist(), m.length
+    ([0], 2)
+    """
+
+    def match_prefix(self, tokens: Any, namespace: int = 0) -> MatchResult:  # type: ignore[override]
+        """Longest cached prefix of ``tokens`` (``[n]`` ints in ``0..2**31``).
+
+        Refreshes the recency of the matched path. Lock ``result.node`` before
+        anything can evict if the pages must survive.
+        """
+        ids, length, node = super().match_prefix(as_id_array(tokens, "tokens"), namespace)
+        return MatchResult(to_tensor(ids), length, node)
+
+    def insert(self, tokens: Any, page_ids: Any, namespace: int = 0) -> int:
+        """Cache ``tokens`` with ``page_ids`` (``[len(tokens) // page_size]``).
+
+        Returns how many leading tokens were already cached. For that part the
+        tree keeps its own pages: the caller still owns its references to the
+        duplicates in ``page_ids`` and releases them. For the new part the
+        tree retains the caller's pages (+1); the caller keeps its own
+        reference too. All or none: bad input raises and changes nothing.
+        """
+        return super().insert(
+            as_id_array(tokens, "tokens"), as_id_array(page_ids, "page ids"), namespace
+        )
+
+    def evict(self, n_pages: Any) -> int:
+        """Evict least-recently-used unlocked leaves until ``n_pages`` are released.
+
+        Whole leaves go, so more may be released; returns the number released.
+        """
+        return super().evict(as_count(n_pages, "n_pages"))
+
+    def stats(self) -> dict[str, int]:
+        """Counters: cached tokens and pages, evictable and locked pages, nodes, bytes."""
+        return {
+            "cached_tokens": self.cached_tokens(),
+            "cached_pages": self.cached_pages(),
+            "evictable_pages": self.evictable_pages(),
+            "locked_pages": self.locked_pages(),
+            "nodes": self.node_count(),
+            "metadata_bytes": self.metadata_bytes(),
+        }
