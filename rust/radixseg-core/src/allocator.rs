@@ -521,6 +521,30 @@ impl SegmentAllocator {
         Ok(())
     }
 
+    /// A page listed `k` times in one release needs refcount `>= k`. Checked
+    /// before any write, so every error a caller could have seen coming
+    /// leaves the state as it was: a caller that gets an error still holds
+    /// every reference it held. Free for the common strictly increasing batch
+    /// (ids as `alloc` returns them); otherwise one sort of a copy.
+    fn validate_multiplicity(r: &mut Resolver<'_>, ids: &[i64]) -> Result<()> {
+        if ids.windows(2).all(|w| w[0] < w[1]) {
+            return Ok(());
+        }
+        let mut sorted: SmallVec<[i64; 32]> = SmallVec::from_slice(ids);
+        sorted.sort_unstable();
+        for run in sorted.chunk_by(|x, y| x == y) {
+            if run.len() > 1 {
+                let (_, segment, page) = r.page(run[0])?;
+                if (segment.refcounts[page].load(Ordering::Relaxed) as usize) < run.len() {
+                    return Err(CoreError::DoubleFree {
+                        page_id: run[0] as u32,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Add one reference to each page (duplicates add one each). All or none.
     pub fn retain(&self, ids: &[i64]) -> Result<()> {
         let mut r = Resolver::new(self);
@@ -573,6 +597,7 @@ impl SegmentAllocator {
         Self::validate_referenced(&mut r, ids, |page_id| CoreError::DoubleFree {
             page_id: page_id as u32,
         })?;
+        Self::validate_multiplicity(&mut r, ids)?;
         // Phase A: decrement. A page that reaches 0 keeps its bit clear, so no
         // allocator can take it before phase B; that makes undo safe.
         let mut zeroed: SmallVec<[u32; 32]> = SmallVec::new();
@@ -585,11 +610,24 @@ impl SegmentAllocator {
                 Some(1) => zeroed.push(id as u32),
                 Some(_) => {}
                 None => {
-                    // A page listed more often than it is referenced (or a
-                    // concurrent release): restore what we decremented.
+                    // Only reachable when another thread releases the same
+                    // pages at once (validation caught every other case):
+                    // restore what we decremented. Another holder may have
+                    // taken one of those pages to 0 and published it
+                    // meanwhile; never resurrect such a page (refuse 0), so
+                    // the structures stay consistent even then.
+                    // Pages we took to 0 are unpublished, so they are ours
+                    // to restore from 0 (once each); only the other
+                    // decrements need the guard.
                     for &done in &ids[..i] {
                         if let Ok((_, s, p)) = r.page(done) {
-                            s.refcounts[p].fetch_add(1, Ordering::Relaxed);
+                            let rc = &s.refcounts[p];
+                            if let Some(k) = zeroed.iter().position(|&z| i64::from(z) == done) {
+                                zeroed.swap_remove(k);
+                                rc.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                let _ = Self::increment(rc, done);
+                            }
                         }
                     }
                     return Err(CoreError::DoubleFree { page_id: id as u32 });
@@ -649,17 +687,19 @@ impl SegmentAllocator {
             return Err(CoreError::Malformed(format!("segment slot {id} missing")));
         };
         st.retired.remove(&id);
-        // Release: pairs with the Acquire loads in `resolve` and `reserve`;
+        if id >= self.high_water.load(Ordering::Relaxed) {
+            // Release: pairs with the Acquire in `Resolver::new` / `claim`.
+            // Raised before the segment becomes allocatable: a thread that
+            // gets an id from it through the summary bit (Acquire) sees the
+            // new bound, so a release of that id on any thread accepts it.
+            self.high_water.store(id + 1, Ordering::Release);
+        }
+        // Release: pairs with the Acquire loads in `reserve` and `live_page`;
         // the slot's all-set bits and zero refcounts are visible to them.
         segment
             .free
             .store(self.pages_per_segment, Ordering::Release);
         self.mark_nonfull(id);
-        if id >= self.high_water.load(Ordering::Relaxed) {
-            // Release: pairs with the Acquire in `claim` / `resolve`; the slot
-            // is published before scans may reach it.
-            self.high_water.store(id + 1, Ordering::Release);
-        }
         self.live.fetch_add(1, Ordering::Relaxed);
         Ok(id)
     }
