@@ -11,7 +11,8 @@ use std::fmt;
 pub enum HandleProblem {
     /// The id is negative or past the id space of the allocator.
     OutOfRange {
-        /// One past the largest page id any live segment can hold.
+        /// One past the largest page id of any segment slot created so far
+        /// (live or retired).
         limit: u64,
     },
     /// The id names a segment that was never added or has been retired.
