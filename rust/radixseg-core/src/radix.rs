@@ -999,11 +999,17 @@ impl RadixTree {
             }
             return;
         }
+        self.relink_after(head, idx, next);
+    }
+
+    /// In the sibling chain starting at `head`, make the node whose `next` is
+    /// `target` point to `new_next` instead.
+    fn relink_after(&mut self, head: u32, target: u32, new_next: u32) {
         let mut p = head;
         while p != NIL {
             let pn = self.nodes[p as usize].next;
-            if pn == idx {
-                self.nodes[p as usize].next = next;
+            if pn == target {
+                self.nodes[p as usize].next = new_next;
                 return;
             }
             p = pn;
@@ -1016,17 +1022,7 @@ impl RadixTree {
         let key = self.key_of(old);
         match self.edges.get_mut(&key) {
             Some(head) if *head == old => *head = new,
-            Some(&mut head) => {
-                let mut p = head;
-                while p != NIL {
-                    let pn = self.nodes[p as usize].next;
-                    if pn == old {
-                        self.nodes[p as usize].next = new;
-                        return;
-                    }
-                    p = pn;
-                }
-            }
+            Some(&mut head) => self.relink_after(head, old, new),
             None => {}
         }
     }

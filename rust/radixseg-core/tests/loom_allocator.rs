@@ -265,9 +265,10 @@ fn three_holders_release_one_page() {
 /// Invariant 5: the failed call changes nothing, so afterwards its caller
 /// still holds p and q (refcount 1 each, neither allocatable).
 ///
-/// FAILS today: the failed batch decrements p 2 -> 1, the other holder takes p
-/// 1 -> 0 and frees it, then the undo re-increments p 0 -> 1 on a page whose
-/// free bit is already set; the next alloc hands p out a second time.
+/// Found a bug (fixed): the failed batch decremented p 2 -> 1, the other holder
+/// took p 1 -> 0 and freed it, then the undo re-incremented p 0 -> 1 on a page
+/// whose free bit was already set; the next alloc handed p out a second time.
+/// Release now checks multiplicities before writing.
 #[test]
 fn failed_batch_release_races_release() {
     model("failed_batch_release_races_release", || {
@@ -388,9 +389,9 @@ fn alloc_spanning_new_segment() {
 /// thread can read and release it even while the `add_segment` that created
 /// its segment has not returned yet.
 ///
-/// FAILS today: `add_segment` sets the segment's summary bit before it raises
-/// `high_water`, so `alloc` can hand out an id of the new segment that
-/// `resolve` (bounded by `high_water`) still rejects as out of range.
+/// Found a bug (fixed): `add_segment` set the segment's summary bit before it
+/// raised `high_water`, so `alloc` could hand out an id of the new segment that
+/// a release (bounded by `high_water`) still rejected as out of range.
 #[test]
 fn alloc_id_valid_while_add_segment_in_flight() {
     model("alloc_id_valid_while_add_segment_in_flight", || {
