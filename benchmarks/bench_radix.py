@@ -1,0 +1,524 @@
+"""Radix prefix cache: radixseg's RadixTree beside SGLang's RadixCache on seeded traces.
+
+Each workload is a seeded list of requests ``(prompt, output)``. The sequence a
+request leaves in the cache is ``prompt + output`` (``output`` is empty except
+in multi-turn chat, where it is the model's answer, which the next turn's
+prompt repeats). Per request, both implementations do what a serving loop does:
+
+1. ``match_prefix(prompt)`` and lock the matched node;
+2. allocate the rest of ``prompt + output`` (whole pages, the trailing partial
+   page included); when the pool is short, evict exactly the shortfall from
+   the tree first (SGLang's scheduler does the same) and retry;
+3. insert ``prompt + output`` (page-aligned) with the matched page ids followed
+   by the new ones;
+4. release the request's own references and unlock.
+
+radixseg: ``SegmentAllocator`` + ``RadixTree``; the tree retains the pages it
+stores, so step 4 is one ``release`` of the pages the request allocated (for a
+part that turned out to be cached already these are the caller's duplicates,
+RADIX.md) and ``unlock``. SGLang: ``RadixCache`` over its CPU
+``TokenToKVPoolAllocator`` (page_size 1) or ``PagedTokenToKVPoolAllocator``,
+driven as ``release_kv_cache``/``checkpoint`` do in 0.5.23: insert takes the
+allocator's one reference, the duplicates ``kv[protected:prefix_len]`` and the
+partial last page are freed with ``free_segment``, then ``unlock``. Prefix
+indices come from ``path_device_indices`` (0.5.23's ``match_prefix`` returns
+only the length). The pool holds the same number of pages on both sides.
+
+Tokens are prepared outside the timed region in each side's preferred form
+(numpy ``int32`` for radixseg; ``RadixKey(array('q'))`` for SGLang); the
+timed region holds only cache and allocator calls, with the garbage collector
+paused. SGLang's tree size is estimated by walking its nodes and summing
+``sys.getsizeof`` of each ``TreeNode``, its ``__dict__``, children dict,
+``RadixKey`` and key ``array``, plus the value tensor's Python object and its
+elements (8 B each); torch's C++ TensorImpl/Storage (a few hundred bytes per
+tensor) is not counted, so it is a lower bound. Each side runs ``--repeat``
+times on a fresh pool and tree; the fastest run is kept.
+
+SGLang 0.5.23's Rust-backed ``UnifiedRadixCache`` is not driven here: its tree
+core (``sglang.srt.mem_cache.rust_tree_core``) refuses to load with torch 2.15
+("supports PyTorch 2.11 through 2.14"), and ``unified_radix_cache`` imports
+``tvm_ffi``, which the ``--no-deps`` install lacks. Run::
+
+    python benchmarks/bench_radix.py                # full run
+    python benchmarks/bench_radix.py --quick        # smoke run
+    python benchmarks/bench_radix.py --skip-sglang --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _sglang
+
+VOCAB = 32_000
+LONG_TOKENS = 10_000_000
+
+
+# ----- workloads -----------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    requests: list[tuple[np.ndarray, np.ndarray]]  # (prompt, output), int32
+    pool_tokens: int
+
+
+def _toks(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, VOCAB, n, dtype=np.int32)
+
+
+def shared_prompts(seed: int, quick: bool) -> Workload:
+    """8 system prompts of 2,048 tokens, each request one of them + a 64-512-token suffix."""
+    rng = np.random.default_rng(seed)
+    systems = [_toks(rng, 2048) for _ in range(8)]
+    n = 200 if quick else 2000
+    empty = np.zeros(0, np.int32)
+    reqs = [
+        (np.concatenate((systems[rng.integers(8)], _toks(rng, int(rng.integers(64, 513))))), empty)
+        for _ in range(n)
+    ]
+    return Workload("shared-prompts", reqs, 6 * 65536)
+
+
+def multi_turn(seed: int, quick: bool) -> Workload:
+    """Conversations under one 256-token system prompt; turn t's prompt is turn t-1's
+    prompt + its answer + a new user message. Turns interleave across conversations
+    (each round visits the conversations in a fresh random order)."""
+    # 200 x 10 turns leave ~475k distinct tokens: the 393k-token pool evicts.
+    rng = np.random.default_rng(seed + 1)
+    n_conv, n_turns = (40, 5) if quick else (200, 10)
+    system = _toks(rng, 256)
+    history = [
+        np.concatenate((system, _toks(rng, int(rng.integers(64, 513))))) for _ in range(n_conv)
+    ]
+    reqs: list[tuple[np.ndarray, np.ndarray]] = []
+    for turn in range(n_turns):
+        for c in rng.permutation(n_conv):
+            prompt = history[c]
+            answer = _toks(rng, int(rng.integers(32, 257)))
+            reqs.append((prompt, answer))
+            if turn + 1 < n_turns:
+                history[c] = np.concatenate(
+                    (prompt, answer, _toks(rng, int(rng.integers(16, 129))))
+                )
+    return Workload("multi-turn", reqs, 6 * 65536)
+
+
+def long_context(seed: int, quick: bool) -> Workload:
+    """One context growing in 8,192-token chunks to 1,000,000 tokens (131,072 quick)."""
+    rng = np.random.default_rng(seed + 2)
+    total = 131_072 if quick else 1_000_000
+    ctx = _toks(rng, total)
+    empty = np.zeros(0, np.int32)
+    reqs = [(ctx[: min(end, total)], empty) for end in range(8192, total + 8191, 8192)]
+    return Workload("long-context", reqs, (3 if quick else 17) * 65536)
+
+
+def random_low_sharing(seed: int, quick: bool) -> Workload:
+    """Random 128-1,024-token sequences; 10 % reuse a random-length prefix of an earlier one."""
+    rng = np.random.default_rng(seed + 3)
+    n = 200 if quick else 2000
+    empty = np.zeros(0, np.int32)
+    prompts: list[np.ndarray] = []
+    for _ in range(n):
+        length = int(rng.integers(128, 1025))
+        if prompts and rng.random() < 0.1:
+            base = prompts[int(rng.integers(len(prompts)))]
+            keep = int(rng.integers(16, len(base) + 1))
+            p = np.concatenate((base[:keep], _toks(rng, max(length - keep, 1))))
+        else:
+            p = _toks(rng, length)
+        prompts.append(p)
+    pool = (1 if quick else 2) * 65536
+    return Workload("random", [(p, empty) for p in prompts], pool)
+
+
+WORKLOADS: dict[str, Callable[[int, bool], Workload]] = {
+    "shared-prompts": shared_prompts,
+    "multi-turn": multi_turn,
+    "long-context": long_context,
+    "random": random_low_sharing,
+}
+
+
+# ----- results -------------------------------------------------------------------
+
+
+@dataclass
+class SideResult:
+    impl: str
+    seconds: float
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    evicted_tokens: int
+    nodes: int
+    tree_tokens: int
+    metadata_bytes: int
+    metadata_method: str
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / max(self.prompt_tokens, 1)
+
+    @property
+    def req_per_s(self) -> float:
+        return self.requests / self.seconds if self.seconds else float("inf")
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.metadata_bytes / max(self.tree_tokens, 1)
+
+
+def _pages_per_segment(pages: int) -> int:
+    pps = 1
+    while pps < 65536 and pages % (pps * 2) == 0:
+        pps *= 2
+    return pps
+
+
+# ----- radixseg ------------------------------------------------------------------
+
+
+def run_radixseg(w: Workload, page_size: int, check: bool) -> SideResult:
+    import radixseg
+
+    pages = w.pool_tokens // page_size
+    pps = _pages_per_segment(pages)
+    alloc = radixseg.SegmentAllocator(page_size, pps)
+    for _ in range(pages // pps):
+        alloc.add_segment()
+    tree = radixseg.RadixTree(alloc)
+    out_of_pages = radixseg.OutOfPages
+
+    # Preferred input form: contiguous int32 numpy arrays.
+    prepared = [
+        (np.ascontiguousarray(p), np.ascontiguousarray(np.concatenate((p, o))) if len(o) else p)
+        for p, o in w.requests
+    ]
+    cached = evicted = 0
+    ps = page_size
+    cat = torch.cat
+    gc.collect()
+    gc.disable()
+    t0 = time.perf_counter()
+    for prompt, full in prepared:
+        m = tree.match_prefix(prompt)
+        node = m.node
+        tree.lock(node)
+        plen = m.length
+        need = (len(full) - plen + ps - 1) // ps
+        try:
+            new = alloc.alloc(need)
+        except out_of_pages:
+            evicted += tree.evict(need - alloc.free_pages())
+            new = alloc.alloc(need)
+        n_whole = len(full) // ps
+        ids = cat((m.page_ids, new[: n_whole - plen // ps])) if plen else new[:n_whole]
+        tree.insert(full, ids)
+        alloc.release(new)
+        tree.unlock(node)
+        cached += plen
+    seconds = time.perf_counter() - t0
+    gc.enable()
+    if check:
+        tree.check_invariants()
+    return SideResult(
+        impl="radixseg",
+        seconds=seconds,
+        requests=len(prepared),
+        prompt_tokens=sum(len(p) for p, _ in prepared),
+        cached_tokens=cached,
+        evicted_tokens=evicted * ps,
+        nodes=tree.node_count(),
+        tree_tokens=tree.cached_tokens(),
+        metadata_bytes=tree.metadata_bytes(),
+        metadata_method="metadata_bytes() (every heap byte, capacities)",
+    )
+
+
+# ----- SGLang (Python RadixCache) -----------------------------------------------
+
+
+def _sglang_tree_bytes(cache: Any) -> tuple[int, int, int]:
+    """(nodes excluding the root, tokens in the tree, estimated bytes)."""
+    total = sys.getsizeof(cache.evictable_leaves)
+    nodes = tokens = 0
+    stack = [cache.root_node]
+    while stack:
+        node = stack.pop()
+        if node is not cache.root_node:
+            nodes += 1
+            tokens += len(node.key)
+        total += sys.getsizeof(node) + sys.getsizeof(node.__dict__)
+        total += sys.getsizeof(node.children)
+        total += sys.getsizeof(node.key) + sys.getsizeof(node.key.token_ids)
+        v = node.value
+        if isinstance(v, torch.Tensor):
+            total += sys.getsizeof(v) + v.numel() * v.element_size()
+        stack.extend(node.children.values())
+    return nodes, tokens, total
+
+
+def run_sglang(w: Workload, page_size: int) -> SideResult:
+    radix_cache = _sglang.radix_cache_class()  # installs the import stand-ins first
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    kv_alloc = _sglang.allocator(w.pool_tokens, page_size)
+    cache = radix_cache(
+        _sglang.cache_init_params(
+            disable=False,
+            req_to_token_pool=None,
+            token_to_kv_pool_allocator=kv_alloc,
+            page_size=page_size,
+        )
+    )
+    # Preferred input form: RadixKey over array('q'), as Req builds it.
+    prepared = []
+    for p, o in w.requests:
+        full = np.concatenate((p, o)) if len(o) else p
+        prepared.append(
+            (
+                RadixKey(array("q", p.astype(np.int64).tobytes())),
+                RadixKey(array("q", full.astype(np.int64).tobytes())),
+            )
+        )
+    prompt_tokens = sum(len(p) for p, _ in w.requests)
+    cached = evicted = 0
+    ps = page_size
+    cat = torch.cat
+    gc.collect()
+    gc.disable()
+    t0 = time.perf_counter()
+    for pkey, fkey in prepared:
+        r = cache.match_prefix(MatchPrefixParams(key=pkey))
+        plen = r.device_prefix_len
+        lock = cache.lock(r.last_device_node)
+        prefix = cache.path_device_indices(r.last_device_node)[:plen]
+        total = len(fkey)
+        need = (total - plen + ps - 1) // ps * ps
+        avail = kv_alloc.available_size()
+        if avail < need:
+            evicted += cache.evict(EvictParams(num_tokens=need - avail)).num_tokens_evicted
+        new = kv_alloc.alloc(need)
+        kv = cat((prefix, new[: total - plen])) if plen else new[:total]
+        res = cache.insert(InsertParams(key=fkey, value=kv))
+        aligned = total // ps * ps
+        # What _insert_cache + release_kv_cache free: the duplicates the insert
+        # found cached, then the row past the tree-owned prefix (partial page).
+        kv_alloc.free_segment(kv[plen : res.prefix_len], start_pos=plen)
+        kv_alloc.free_segment(kv[aligned:], start_pos=aligned)
+        cache.unlock(lock)
+        cached += plen
+    seconds = time.perf_counter() - t0
+    gc.enable()
+    nodes, tokens, nbytes = _sglang_tree_bytes(cache)
+    return SideResult(
+        impl="sglang-py",
+        seconds=seconds,
+        requests=len(prepared),
+        prompt_tokens=prompt_tokens,
+        cached_tokens=cached,
+        evicted_tokens=evicted,
+        nodes=nodes,
+        tree_tokens=tokens,
+        metadata_bytes=nbytes,
+        metadata_method="sys.getsizeof over nodes (+dict, children, key, array, value elements)",
+    )
+
+
+# ----- 10M-token sequence ----------------------------------------------------------
+
+
+def long_sequence(n_tokens: int, page_size: int = 16) -> dict[str, Any]:
+    import radixseg
+
+    pages = n_tokens // page_size
+    pps = 65536
+    alloc = radixseg.SegmentAllocator(page_size, pps)
+    for _ in range((pages + pps - 1) // pps):
+        alloc.add_segment()
+    tree = radixseg.RadixTree(alloc)
+    tokens = np.random.default_rng(7).integers(0, VOCAB, n_tokens, dtype=np.int32)
+    ids = alloc.alloc(pages)
+    t0 = time.perf_counter()
+    cached = tree.insert(tokens, ids)
+    t1 = time.perf_counter()
+    m = tree.match_prefix(tokens)
+    t2 = time.perf_counter()
+    assert cached == 0 and m.length == pages * page_size and torch.equal(m.page_ids, ids)
+    alloc.release(ids)
+    return {
+        "tokens": n_tokens,
+        "page_size": page_size,
+        "insert_s": t1 - t0,
+        "match_s": t2 - t1,
+        "total_s": t2 - t0,
+        "metadata_bytes_per_token": tree.metadata_bytes() / tree.cached_tokens(),
+    }
+
+
+# ----- main ---------------------------------------------------------------------------
+
+
+def _fmt_row(cols: list[str], widths: list[int]) -> str:
+    return "  ".join(c.rjust(wd) for c, wd in zip(cols, widths, strict=True))
+
+
+def _best(run: Callable[..., SideResult], run_args: tuple[Any, ...], repeat: int) -> SideResult:
+    """The fastest of ``repeat`` fresh runs (every run is the same deterministic trace)."""
+    results = [run(*run_args) for _ in range(max(repeat, 1))]
+    assert len({(r.cached_tokens, r.evicted_tokens, r.nodes) for r in results}) == 1
+    return min(results, key=lambda r: r.seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small traces (smoke run)")
+    ap.add_argument("--json", metavar="OUT", help="write results as JSON here")
+    ap.add_argument("--skip-sglang", action="store_true", help="radixseg only")
+    ap.add_argument("--page-size", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--check", action="store_true", help="radixseg check_invariants() after each run"
+    )
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per side; the fastest is kept")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+
+    import radixseg
+
+    use_sglang = not args.skip_sglang
+    if use_sglang and not _sglang.available():
+        print("sglang is not installed: running radixseg only (see benchmarks/_sglang.py)")
+        use_sglang = False
+
+    sgl_version = _sglang.installed_version() if use_sglang else "-"
+    print(
+        f"radixseg {radixseg.__version__}, sglang {sgl_version}, "
+        f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}"
+    )
+    heads = [
+        "workload",
+        "ps",
+        "pool",
+        "impl",
+        "req/s",
+        "time s",
+        "speedup",
+        "hit %",
+        "nodes",
+        "evicted tok",
+        "tree tok",
+        "B/tok",
+    ]
+    widths = [14, 3, 9, 10, 10, 8, 8, 7, 8, 11, 9, 7]
+    print(_fmt_row(heads, widths))
+    rows: list[dict[str, Any]] = []
+    mismatches: list[str] = []
+    for name in args.workload:
+        w = WORKLOADS[name](args.seed, args.quick)
+        for ps in args.page_size:
+            sides = [_best(run_radixseg, (w, ps, args.check), args.repeat)]
+            if use_sglang:
+                sides.append(_best(run_sglang, (w, ps), args.repeat))
+            base = sides[-1].seconds
+            for s in sides:
+                speed = f"{base / s.seconds:.1f}x" if use_sglang else "-"
+                print(
+                    _fmt_row(
+                        [
+                            name,
+                            str(ps),
+                            str(w.pool_tokens),
+                            s.impl,
+                            f"{s.req_per_s:,.0f}",
+                            f"{s.seconds:.3f}",
+                            speed,
+                            f"{100 * s.hit_rate:.2f}",
+                            str(s.nodes),
+                            str(s.evicted_tokens),
+                            str(s.tree_tokens),
+                            f"{s.bytes_per_token:.2f}",
+                        ],
+                        widths,
+                    )
+                )
+                rows.append(
+                    {
+                        "workload": name,
+                        "page_size": ps,
+                        "pool_tokens": w.pool_tokens,
+                        **asdict(s),
+                        "hit_rate": s.hit_rate,
+                        "req_per_s": s.req_per_s,
+                        "bytes_per_token": s.bytes_per_token,
+                        "speedup_vs_sglang": base / s.seconds,
+                    }
+                )
+            if use_sglang:
+                a, b = sides[0], sides[-1]
+                if (a.cached_tokens, a.evicted_tokens, a.nodes, a.tree_tokens) != (
+                    b.cached_tokens,
+                    b.evicted_tokens,
+                    b.nodes,
+                    b.tree_tokens,
+                ):
+                    mismatches.append(
+                        f"{name} ps={ps}: cached {a.cached_tokens} vs {b.cached_tokens}, evicted "
+                        f"{a.evicted_tokens} vs {b.evicted_tokens}, nodes {a.nodes} vs {b.nodes}, "
+                        f"tree tokens {a.tree_tokens} vs {b.tree_tokens}"
+                    )
+    if use_sglang:
+        print("\nSGLang B/tok: " + rows[-1]["metadata_method"] + " (a lower bound)")
+        print(
+            "identical hit rate, evictions, node counts and tree size on every run"
+            if not mismatches
+            else "DIFFERENCES:\n  " + "\n  ".join(mismatches)
+        )
+
+    n = 1_000_000 if args.quick else LONG_TOKENS
+    ls = long_sequence(n)
+    print(
+        f"\n{n:,}-token sequence, page_size 16, from Python: insert {ls['insert_s'] * 1e3:.1f} ms, "
+        f"match back {ls['match_s'] * 1e3:.1f} ms, total {ls['total_s'] * 1e3:.1f} ms, "
+        f"{ls['metadata_bytes_per_token']:.2f} B/token"
+    )
+
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "quick": args.quick,
+                    "seed": args.seed,
+                    "rows": rows,
+                    "mismatches": mismatches,
+                    "long_sequence": ls,
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
