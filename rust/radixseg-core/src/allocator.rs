@@ -329,28 +329,19 @@ impl SegmentAllocator {
         loop {
             let got = self.claim(n, out);
             if got == n {
-                let mut last: Option<(u32, &Segment)> = None;
+                let mut r = Resolver::new(self);
                 for &id in &out[start..] {
-                    let (seg, page) = self.split(id);
-                    let segment = match last {
-                        Some((s, segment)) if s == seg => segment,
-                        _ => match self.segment(seg) {
-                            Some(segment) => {
-                                last = Some((seg, segment));
-                                segment
-                            }
-                            None => continue,
-                        },
-                    };
-                    // Relaxed: the ids reach other threads only through the
-                    // caller's own synchronisation.
-                    segment.refcounts[page as usize].store(1, Ordering::Relaxed);
+                    if let Ok((_, segment, page)) = r.page(i64::from(id)) {
+                        // Relaxed: the ids reach other threads only through
+                        // the caller's own synchronisation.
+                        segment.refcounts[page].store(1, Ordering::Relaxed);
+                    }
                 }
                 return Ok(());
             }
             // Give back what was claimed; nobody has seen these ids yet.
             let claimed: Vec<u32> = out.drain(start..).collect();
-            self.unclaim(&claimed);
+            self.publish(&claimed);
             let available = self.free_pages();
             attempt += 1;
             // A shortfall with enough free pages means other threads held
@@ -449,11 +440,6 @@ impl SegmentAllocator {
             // Bits we are owed were set behind our scan position; go again.
             sync::spin_wait();
         }
-    }
-
-    /// Undo `claim` for ids nobody else has seen (refcount 0, bit clear).
-    fn unclaim(&self, ids: &[u32]) {
-        self.publish(ids);
     }
 
     /// Make distinct pages with refcount 0 and clear bits allocatable: set
