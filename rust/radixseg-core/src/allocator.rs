@@ -575,6 +575,18 @@ impl SegmentAllocator {
         }
     }
 
+    /// Check that [`release`](Self::release) of `ids` would succeed, without
+    /// changing anything: every id names a live page whose refcount covers
+    /// how often it occurs. Lets a caller validate before a compound
+    /// operation whose last step is the release.
+    pub fn check_release(&self, ids: &[i64]) -> Result<()> {
+        let mut r = Resolver::new(self);
+        Self::validate_referenced(&mut r, ids, |page_id| CoreError::DoubleFree {
+            page_id: page_id as u32,
+        })?;
+        Self::validate_multiplicity(&mut r, ids)
+    }
+
     /// Drop one reference from each page (duplicates drop one each); a page
     /// whose refcount reaches 0 becomes free. All or none: if any id is
     /// invalid or would go below 0, nothing changes.

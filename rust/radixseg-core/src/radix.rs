@@ -461,6 +461,83 @@ impl RadixTree {
         Ok(cached * ps)
     }
 
+    /// Start a request: [`match_prefix`](Self::match_prefix), then
+    /// [`lock`](Self::lock) the returned node and retain each matched page
+    /// once for the caller, under one `&mut self` so that no eviction can slip
+    /// between the match and the lock.
+    ///
+    /// The caller owns one reference to every returned page and one lock on
+    /// the node; [`finish`](Self::finish) gives both back. If the retain
+    /// fails (a refcount at its limit) the lock is undone and the error
+    /// returned; only recency and a split made by the match remain.
+    pub fn acquire<T>(&mut self, tokens: &[T], namespace: u64) -> Result<MatchResult>
+    where
+        T: Copy + Into<i64>,
+    {
+        let m = self.match_prefix(tokens, namespace)?;
+        self.lock(m.node)?;
+        let ids: Vec<i64> = m.page_ids.iter().map(|&p| i64::from(p)).collect();
+        if let Err(e) = self.allocator.retain(&ids) {
+            // Just locked above, so the unlock cannot fail.
+            let _ = self.unlock(m.node);
+            return Err(e);
+        }
+        Ok(m)
+    }
+
+    /// End a request started by [`acquire`](Self::acquire): optionally
+    /// [`insert`](Self::insert) its whole pages (`cache`), then unlock `node`
+    /// (when given) and release the caller's reference to every page in
+    /// `page_ids` (one per page of `tokens`, rounded up: a trailing partial
+    /// page is released, never cached). Returns the tokens that were already
+    /// cached (0 when `cache` is false).
+    ///
+    /// All or nothing: the node's lock, the release and the insert are all
+    /// validated before anything changes.
+    pub fn finish<T, P>(
+        &mut self,
+        tokens: &[T],
+        page_ids: &[P],
+        namespace: u64,
+        node: Option<NodeId>,
+        cache: bool,
+    ) -> Result<usize>
+    where
+        T: Copy + Into<i64>,
+        P: Copy + Into<i64>,
+    {
+        let ps = self.page_size;
+        let expected = tokens.len().div_ceil(ps);
+        if page_ids.len() != expected {
+            return Err(CoreError::LengthMismatch {
+                what: "finish: page_ids must hold one id per page of tokens, \
+                       a trailing partial page included (ceil(tokens.len() / page_size))",
+                expected: expected as u64,
+                actual: page_ids.len() as u64,
+            });
+        }
+        let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
+        if let Some(node) = node {
+            let idx = self.resolve(node)?;
+            if self.nodes[idx as usize].own == 0 {
+                return Err(CoreError::UnbalancedUnlock { node: idx });
+            }
+        }
+        self.allocator.check_release(&ids)?;
+        let full = tokens.len() / ps;
+        // The insert retains, never releases, so the release stays valid.
+        let cached = if cache {
+            self.insert(&tokens[..full * ps], &ids[..full], namespace)?
+        } else {
+            0
+        };
+        if let Some(node) = node {
+            self.unlock(node)?;
+        }
+        self.allocator.release(&ids)?;
+        Ok(cached)
+    }
+
     /// Protect `node` and its ancestors from eviction until a matching
     /// `unlock`. Locks nest (a count per node).
     pub fn lock(&mut self, node: NodeId) -> Result<()> {

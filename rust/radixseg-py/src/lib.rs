@@ -347,6 +347,11 @@ impl SegmentAllocator {
         self.inner.segments()
     }
 
+    /// Number of live segments (O(1)).
+    fn segment_count(&self) -> u32 {
+        self.inner.segment_count()
+    }
+
     /// `[(segment id, referenced pages), ...]` for live segments.
     fn segment_usage(&self) -> Vec<(u32, u32)> {
         self.inner.segment_usage()
@@ -476,6 +481,56 @@ impl RadixTree {
             Ids::I32(a) => {
                 let s = a.as_slice()?;
                 self.with(py, n, |t| t.insert(s, &pages, namespace))
+            }
+        }
+    }
+
+    /// Match, lock the node and retain the matched pages, atomically:
+    /// `(page_ids int32, matched tokens, node handle)`.
+    #[pyo3(signature = (tokens, namespace = 0))]
+    fn acquire<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        namespace: u64,
+    ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
+        let m = match &Ids::new(tokens)? {
+            Ids::I64(a) => {
+                let s = a.as_slice()?;
+                self.with(py, s.len(), |t| t.acquire(s, namespace))?
+            }
+            Ids::I32(a) => {
+                let s = a.as_slice()?;
+                self.with(py, s.len(), |t| t.acquire(s, namespace))?
+            }
+        };
+        Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
+    }
+
+    /// Insert (when `cache`), unlock `node` (when given) and release every
+    /// page of a request, all or nothing; returns tokens already cached.
+    #[pyo3(signature = (tokens, page_ids, namespace = 0, node = None, cache = true))]
+    fn finish(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        page_ids: &Bound<'_, PyAny>,
+        namespace: u64,
+        node: Option<i64>,
+        cache: bool,
+    ) -> PyResult<usize> {
+        let pages = Ids::new(page_ids)?.to_vec()?;
+        let node = node.map(NodeId::from_raw);
+        let tokens = Ids::new(tokens)?;
+        let n = tokens.len().max(pages.len());
+        match &tokens {
+            Ids::I64(a) => {
+                let s = a.as_slice()?;
+                self.with(py, n, |t| t.finish(s, &pages, namespace, node, cache))
+            }
+            Ids::I32(a) => {
+                let s = a.as_slice()?;
+                self.with(py, n, |t| t.finish(s, &pages, namespace, node, cache))
             }
         }
     }
