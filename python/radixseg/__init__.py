@@ -18,19 +18,26 @@ from radixseg._core import (
     __version__,
 )
 from radixseg.allocator import SegmentAllocator
+from radixseg.cache import PrefixCache, Request
+from radixseg.pool import DeviceOutOfMemory, KVPool, SegmentTensors
 from radixseg.tree import MatchResult, RadixTree
 
 __all__ = [
     "BudgetExhausted",
+    "DeviceOutOfMemory",
     "DoubleFree",
     "InvalidArgument",
     "InvalidHandle",
     "InvariantViolation",
+    "KVPool",
     "MatchResult",
     "OutOfPages",
+    "PrefixCache",
     "RadixTree",
     "RadixsegError",
+    "Request",
     "SegmentAllocator",
     "SegmentBusy",
+    "SegmentTensors",
     "__version__",
 ]

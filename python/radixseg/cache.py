@@ -1,0 +1,352 @@
+"""PrefixCache: the request lifecycle over a KVPool and a RadixTree.
+
+An engine calls, per request::
+
+    req = cache.begin(prompt)             # reuse the longest cached prefix
+    slots = cache.extend(req, req.uncached)   # pages for the rest: write KV there
+    ...                                   # decode: extend(req, [token]) per step
+    cache.finish(req)                     # cache its pages for later requests
+
+Page references: a request holds exactly one reference to every page in its
+page list (``begin`` retains the matched pages, ``extend`` allocates the new
+ones) and a lock on the node that ends its matched prefix. ``finish`` inserts
+the request's whole pages into the tree (the tree takes its own reference to
+pages it did not already cache), unlocks, and drops the request's references:
+duplicates of already-cached pages and the partially filled last page go back
+to the allocator. ``abort`` does the same without inserting.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from radixseg._convert import as_id_array
+from radixseg._core import TOKEN_LIMIT, InvalidArgument
+from radixseg.pool import KVPool
+from radixseg.tree import RadixTree
+
+__all__ = ["PrefixCache", "Request"]
+
+
+class _Growable:
+    """A 1-D ``int32`` tensor that grows by doubling; ``view()`` is the filled part."""
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, init: torch.Tensor) -> None:
+        self.data = init.to(torch.int32).clone()
+        self.n = init.numel()
+
+    def extend(self, x: torch.Tensor) -> None:
+        end = self.n + x.numel()
+        if end > self.data.numel():
+            grown = torch.empty(max(end, 2 * self.data.numel(), 16), dtype=torch.int32)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n : end] = x
+        self.n = end
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.n]
+
+
+class Request:
+    """One sequence's place in the cache; made by :meth:`PrefixCache.begin`.
+
+    Attributes
+    ----------
+    namespace : int
+        Its prefixes are shared only within this namespace.
+    cached_len : int
+        Prompt tokens reused from the cache (a multiple of ``page_size``).
+    prompt : torch.Tensor
+        ``int32 [prompt_len]``, the tokens given to ``begin``.
+    state : str
+        ``"running"``, ``"finished"`` or ``"aborted"``.
+    """
+
+    __slots__ = (
+        "_cache",
+        "_epoch",
+        "_pages",
+        "_tokens",
+        "cached_len",
+        "namespace",
+        "node",
+        "prompt",
+        "state",
+    )
+
+    def __init__(
+        self,
+        cache: PrefixCache,
+        prompt: torch.Tensor,
+        namespace: int,
+        pages: torch.Tensor,
+        cached_len: int,
+        node: int,
+        epoch: int,
+    ) -> None:
+        self._cache = cache
+        self.prompt = prompt
+        self.namespace = namespace
+        self.cached_len = cached_len
+        self.node: int | None = node
+        self._epoch = epoch
+        self._pages = _Growable(pages)
+        self._tokens = _Growable(prompt[:cached_len])
+        self.state = "running"
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens whose KV the request holds (cached prefix + extended)."""
+        return self._tokens.n
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the request's page list."""
+        return self._pages.n
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """``int32 [seq_len]``: the tokens whose KV the request holds (a view)."""
+        return self._tokens.view()
+
+    @property
+    def page_ids(self) -> torch.Tensor:
+        """``int32 [num_pages]``: the request's pages in order (a view)."""
+        return self._pages.view()
+
+    @property
+    def uncached(self) -> torch.Tensor:
+        """``int32``: prompt tokens past the cached prefix (what prefill computes)."""
+        return self.prompt[self.cached_len :]
+
+    def __repr__(self) -> str:
+        return (
+            f"Request(state={self.state}, namespace={self.namespace}, prompt_len="
+            f"{self.prompt.numel()}, cached_len={self.cached_len}, seq_len={self.seq_len}, "
+            f"pages={self.num_pages})"
+        )
+
+
+def _as_tokens(tokens: Any, what: str = "tokens") -> torch.Tensor:
+    arr = as_id_array(tokens, what)
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= TOKEN_LIMIT:
+            bad = lo if lo < 0 else hi
+            index = int(np.flatnonzero(arr == bad)[0])
+            raise InvalidArgument(f"{what}[{index}] = {bad} is outside the token range 0..2^31 - 1")
+    return torch.from_numpy(arr.astype(np.int32, copy=False))
+
+
+class PrefixCache:
+    """Requests over a :class:`KVPool`, sharing prefixes through a :class:`RadixTree`.
+
+    Parameters
+    ----------
+    pool : KVPool
+        Owns the pages; the cache attaches itself so that ``pool.alloc``
+        evicts least-recently-used cached prefixes under budget pressure.
+    max_context_len : int, optional
+        Longest sequence a request may reach; only checked, never used to size
+        anything (per-request page lists grow with the request).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from radixseg import KVPool
+    >>> pool = KVPool(1, 1, 8, page_size=4, pages_per_segment=64)
+    >>> cache = PrefixCache(pool)
+    >>> a = cache.begin(list(range(10)))
+    >>> slots = cache.extend(a, a.uncached)      # 10 tokens -> 3 pages
+    >>> slots.tolist()[:5]
+    [0, 1, 2, 3, 4]
+    >>> cache.finish(a)                          # caches 2 whole pages
+    >>> b = cache.begin(list(range(9)) + [99])
+    >>> b.cached_len, b.page_ids.tolist()
+    (8, [0, 1])
+    >>> cache.abort(b); pool.stats()["cached_tokens"]
+    8
+    """
+
+    def __init__(self, pool: KVPool, *, max_context_len: int | None = None) -> None:
+        if not isinstance(pool, KVPool):
+            raise TypeError(f"pool must be a KVPool, got {type(pool).__name__}")
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.tree = RadixTree(pool.allocator)
+        self.max_context_len = max_context_len
+        self._epoch = 0
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._running = 0
+        self._requested_tokens = 0
+        self._hit_tokens = 0
+        pool.attach_cache(self)
+
+    # ----- lifecycle ---------------------------------------------------------------
+
+    def begin(self, tokens: Any, namespace: int = 0, *, leave_last: bool = True) -> Request:
+        """Match and lock the longest cached prefix of ``tokens`` (``[n]`` ints).
+
+        With ``leave_last`` (default) at most ``n - 1`` tokens are matched, so
+        that the last prompt token is always computed and yields logits, as
+        SGLang does. The returned request holds one reference to each matched
+        page; ``req.cached_len`` tokens need no prefill.
+        """
+        prompt = _as_tokens(tokens)
+        self._check_len(prompt.numel())
+        ns = self._namespace(namespace)
+        query = prompt[:-1] if leave_last and prompt.numel() else prompt
+        ids, length, node = self.tree.acquire(query.numpy(), ns)
+        req = Request(self, prompt, ns, torch.from_numpy(ids), length, node, self._epoch)
+        with self._lock:
+            self._requests += 1
+            self._running += 1
+            self._requested_tokens += prompt.numel()
+            self._hit_tokens += length
+        return req
+
+    def extend(self, req: Request, new_tokens: Any) -> torch.Tensor:
+        """Append ``new_tokens`` to ``req``; returns their ``int64 [T]`` slots.
+
+        Fills the request's partially filled last page first, then allocates
+        pages (growing the pool, evicting under pressure). All or none: when
+        the pool cannot supply the pages the request is unchanged.
+        """
+        self._running_req(req)
+        new = _as_tokens(new_tokens, "new_tokens")
+        t = new.numel()
+        start = req.seq_len
+        self._check_len(start + t)
+        ps = self.page_size
+        need = -(-(start + t) // ps) - req.num_pages
+        if need > 0:
+            req._pages.extend(self.pool.alloc(need))
+        req._tokens.extend(new)
+        pos = torch.arange(start, start + t, dtype=torch.int64)
+        pages = req.page_ids.index_select(0, pos // ps).to(torch.int64)
+        return pages * ps + pos % ps
+
+    def slots(self, req: Request, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """``int64`` slots of the request's tokens ``start..end`` (default: all)."""
+        end = req.seq_len if end is None else end
+        if not 0 <= start <= end <= req.seq_len:
+            raise InvalidArgument(f"slot range {start}..{end} is outside 0..{req.seq_len}")
+        pos = torch.arange(start, end, dtype=torch.int64)
+        ps = self.page_size
+        return req.page_ids.index_select(0, pos // ps).to(torch.int64) * ps + pos % ps
+
+    def finish(self, req: Request) -> None:
+        """Cache the request's whole pages, unlock, and drop its references."""
+        self._end(req, cache=True)
+
+    def abort(self, req: Request) -> None:
+        """Drop the request's references and lock without caching anything."""
+        self._end(req, cache=False)
+
+    def _end(self, req: Request, cache: bool) -> None:
+        self._running_req(req)
+        node = req.node if req._epoch == self._epoch else None
+        self.tree.finish(req.tokens.numpy(), req.page_ids.numpy(), req.namespace, node, cache)
+        req.state = "finished" if cache else "aborted"
+        req.node = None
+        with self._lock:
+            self._running -= 1
+
+    # ----- page tables -------------------------------------------------------------
+
+    def page_table(
+        self, reqs: list[Request], device: str | torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FlashInfer's paged-KV CSR for ``reqs``, all ``int32``.
+
+        Returns ``kv_indptr [B + 1]``, ``kv_indices [kv_indptr[-1]]`` (page
+        ids, request after request) and ``kv_last_page_len [B]`` (tokens in
+        each request's last page, ``1..=page_size``; 0 for an empty request),
+        on ``device`` (default CPU).
+        """
+        for r in reqs:
+            self._running_req(r)
+        counts = torch.tensor([r.num_pages for r in reqs], dtype=torch.int32)
+        indptr = torch.zeros(len(reqs) + 1, dtype=torch.int32)
+        torch.cumsum(counts, 0, out=indptr[1:])
+        indices = (
+            torch.cat([r.page_ids for r in reqs]) if reqs else torch.zeros(0, dtype=torch.int32)
+        )
+        ps = self.page_size
+        last = torch.tensor(
+            [r.seq_len - (r.num_pages - 1) * ps if r.num_pages else 0 for r in reqs],
+            dtype=torch.int32,
+        )
+        if device is not None:
+            indptr, indices, last = (x.to(device) for x in (indptr, indices, last))
+        return indptr, indices, last
+
+    # ----- cache management -----------------------------------------------------------
+
+    def evict(self, n_pages: int) -> int:
+        """Evict least-recently-used unlocked prefixes; returns pages the tree released."""
+        return self.tree.evict(n_pages)
+
+    def reset(self) -> None:
+        """Forget every cached prefix; running requests keep their own pages."""
+        self.tree.reset()
+        self._epoch += 1
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Tree and hit-rate counters (merged into ``pool.stats()``)."""
+        requested = self._requested_tokens
+        return {
+            "cached_tokens": self.tree.cached_tokens(),
+            "cached_pages": self.tree.cached_pages(),
+            "evictable_pages": self.tree.evictable_pages(),
+            "locked_pages": self.tree.locked_pages(),
+            "tree_nodes": self.tree.node_count(),
+            "tree_metadata_bytes": self.tree.metadata_bytes(),
+            "requests": self._requests,
+            "running_requests": self._running,
+            "prompt_tokens": requested,
+            "reused_tokens": self._hit_tokens,
+            "hit_rate": self._hit_tokens / requested if requested else 0.0,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """``pool.stats()``, which includes :meth:`cache_stats`."""
+        return self.pool.stats()
+
+    def check_invariants(self) -> None:
+        """The tree's, the allocator's and the pool's invariant checks."""
+        self.tree.check_invariants()
+        self.pool.check_invariants()
+
+    # ----- validation ---------------------------------------------------------------
+
+    def _running_req(self, req: Any) -> None:
+        if not isinstance(req, Request):
+            raise TypeError(f"expected a Request from PrefixCache.begin, got {type(req).__name__}")
+        if req._cache is not self:
+            raise InvalidArgument("this request was begun on a different PrefixCache")
+        if req.state != "running":
+            raise InvalidArgument(f"request is already {req.state}; begin a new one")
+
+    def _check_len(self, n: int) -> None:
+        if self.max_context_len is not None and n > self.max_context_len:
+            raise InvalidArgument(
+                f"sequence of {n:,} tokens exceeds max_context_len={self.max_context_len:,}"
+            )
+
+    @staticmethod
+    def _namespace(namespace: Any) -> int:
+        if isinstance(namespace, bool) or not isinstance(namespace, (int, np.integer)):
+            raise TypeError(f"namespace must be an int, got {type(namespace).__name__}")
+        ns = int(namespace)
+        if not 0 <= ns < 2**64:
+            raise InvalidArgument(f"namespace must be in 0..2^64 - 1, got {ns}")
+        return ns

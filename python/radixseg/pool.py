@@ -1,0 +1,902 @@
+"""KVPool: the bytes behind the page ids, one set of torch tensors per segment.
+
+A :class:`KVPool` starts with no KV memory at all. ``alloc`` adds whole
+segments when free pages run short, under an optional byte budget; ``shrink``
+retires empty segments and frees their tensors. Pages never move: a page id
+names a (segment, page) pair, and a segment's tensors live until the segment
+is retired, which the allocator allows only once every page in it is free.
+
+Layout of one segment (all views of one ``uint8`` buffer, so that a segment is
+one device allocation and one base address)::
+
+    k        [num_layers, pages_per_segment, page_size, num_kv_heads, head_dim]  dtype
+    v        same as k
+    k_scale  [num_layers, pages_per_segment, page_size, num_kv_heads]  float32 (FP8 only)
+    v_scale  same as k_scale
+
+Token-major pages ("NHD", as SGLang and FlashInfer default to): one token's
+heads are contiguous, so a store writes ``num_kv_heads * head_dim`` bytes in a
+row and a decode program reading one KV head loads ``head_dim`` contiguous
+values per token. Every sub-tensor starts on a 256-byte boundary and holds
+fewer than 2**31 elements, so kernels index inside a segment with 32-bit
+offsets. :attr:`KVPool.segment_table` holds each segment's four base addresses
+for kernels that resolve page id -> segment themselves.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from radixseg._convert import as_count
+from radixseg._core import (
+    BudgetExhausted,
+    InvalidArgument,
+    InvalidHandle,
+    OutOfPages,
+    SegmentBusy,
+)
+from radixseg.allocator import SegmentAllocator
+
+__all__ = [
+    "DeviceOutOfMemory",
+    "KVPool",
+    "SegmentTensors",
+    "dequantize_fp8",
+    "quantize_fp8",
+]
+
+#: Largest finite magnitude of each FP8 storage format.
+FP8_MAX: dict[torch.dtype, float] = {
+    torch.float8_e4m3fn: 448.0,
+    torch.float8_e5m2: 57344.0,
+}
+_STORAGE_DTYPES = (*FP8_MAX, torch.bfloat16, torch.float16, torch.float32)
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "float8_e5m2": torch.float8_e5m2,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+_ALIGN = 256
+_ELEMENT_LIMIT = 2**31 - 1
+_PAGES_PER_SEGMENT_LIMIT = 1 << 20
+DEFAULT_SEGMENT_BYTES = 64 << 20
+
+
+class DeviceOutOfMemory(OutOfPages):
+    """The device refused memory for a new segment and eviction freed none.
+
+    Raised by :meth:`KVPool.alloc` after catching the tensor factory's error
+    (``torch.OutOfMemoryError`` or any other); the original is ``__cause__``.
+    Nothing changed: the pool, the allocator and every live page are as before.
+    """
+
+
+class SegmentTensors(NamedTuple):
+    """Views of one segment's buffer; ``k_scale``/``v_scale`` are ``None`` unless FP8."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Segment:
+    buffer: torch.Tensor  # uint8 [segment_bytes], owns the memory
+    views: SegmentTensors
+    # [num_layers, pages_per_segment * page_size, heads, head_dim], indexable
+    # (uint8 for FP8: torch's index_put has no float8 kernels everywhere).
+    k_store: torch.Tensor
+    v_store: torch.Tensor
+    ks_store: torch.Tensor | None  # [num_layers, pages * page_size, heads]
+    vs_store: torch.Tensor | None
+
+
+class AttachedCache(Protocol):
+    """What a pool needs from the prefix cache attached to it."""
+
+    def evict(self, n_pages: int) -> int:
+        """Release at least ``n_pages`` cached pages if possible; return how many."""
+        ...
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Counters merged into :meth:`KVPool.stats`."""
+        ...
+
+
+TensorFactory = Callable[[int, torch.device], torch.Tensor]
+
+
+def _default_factory(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _round_up(x: int, to: int) -> int:
+    return -(-x // to) * to
+
+
+def _as_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise InvalidArgument(
+                f"dtype {dtype!r} is not a KV storage type; use one of {sorted(_DTYPE_NAMES)}"
+            )
+        return _DTYPE_NAMES[dtype]
+    if dtype not in _STORAGE_DTYPES:
+        raise InvalidArgument(
+            f"dtype {dtype} is not a KV storage type; use one of "
+            f"{', '.join(str(d) for d in _STORAGE_DTYPES)}"
+        )
+    return dtype  # type: ignore[no-any-return]
+
+
+def quantize_fp8(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x [..., head_dim]`` to FP8 with one float32 scale per row.
+
+    ``scale = amax(|x|) / FP8_MAX`` over the last dimension (448 for e4m3),
+    ``q = round_to_nearest_even(clamp(x / scale, -FP8_MAX, FP8_MAX))``; an
+    all-zero row gets scale 0 and zeros. Returns ``(q [..., head_dim] dtype,
+    scale [...] float32)``. This is the reference the Triton store kernel matches
+    bit for bit.
+
+    >>> q, s = quantize_fp8(torch.tensor([[1.0, -2.0, 0.5]]))
+    >>> s, q.float()
+    (tensor([0.0045]), tensor([[ 224., -448.,  112.]]))
+    """
+    fmax = FP8_MAX[dtype]
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / fmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (xf / safe.unsqueeze(-1)).clamp_(-fmax, fmax).to(dtype)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q [..., head_dim]`` (FP8) times ``scale [...]``, as float32."""
+    return q.float() * scale.unsqueeze(-1)
+
+
+def _device_free_bytes(device: torch.device) -> int:
+    """Free memory of ``device`` now: CUDA's free bytes, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+class KVPool:
+    """Paged KV storage that grows and shrinks by whole segments.
+
+    Parameters
+    ----------
+    num_layers, num_kv_heads, head_dim : int
+        Model geometry; one pool serves every layer.
+    page_size : int
+        Tokens per page, a power of two in ``1..=1024``.
+    dtype : torch.dtype or str
+        Storage type: ``torch.float8_e4m3fn`` (default; a float32 scale per
+        token and KV head), ``float8_e5m2``, ``bfloat16``, ``float16`` or
+        ``float32``; names such as ``"fp8"`` or ``"bf16"`` work too.
+    device : str or torch.device
+        Where segments live.
+    segment_bytes : int, optional
+        Target bytes per segment (default 64 MiB); pages per segment are
+        derived from it. Give this or ``pages_per_segment``, not both.
+    pages_per_segment : int, optional
+        Pages per segment, ``1..=2**20``.
+    budget_bytes : int, "auto" or None
+        The most bytes the pool may reserve. ``None``: unbounded. ``"auto"``:
+        ``budget_fraction`` of (device free memory + what the pool holds),
+        evaluated at each growth, so the pool never takes the device's last
+        bytes.
+    budget_fraction : float
+        Used by ``budget_bytes="auto"``, in ``(0, 1]``.
+    reserve_segments : int
+        Empty segments :meth:`shrink` keeps for the next burst.
+    auto_shrink : bool
+        Shrink on :meth:`release` once more than ``reserve_segments +
+        shrink_hysteresis`` segments are empty (the hysteresis keeps
+        alloc/free at a segment boundary from thrashing).
+    tensor_factory : callable, optional
+        ``factory(nbytes, device) -> uint8 tensor [nbytes]``; the default is
+        ``torch.empty``. Tests inject failures here.
+
+    Thread-safe: ``alloc``/``release`` go straight to the lock-free allocator;
+    growth and shrinking take one lock.
+
+    Examples
+    --------
+    >>> pool = KVPool(num_layers=1, num_kv_heads=2, head_dim=8, page_size=4,
+    ...               pages_per_segment=16)
+    >>> pool.stats()["reserved_bytes"]
+    0
+    >>> ids = pool.alloc(3)                      # grows by one segment
+    >>> slots = ids.long()[:1] * 4 + torch.arange(4)
+    >>> pool.write(0, slots, torch.ones(4, 2, 8), torch.zeros(4, 2, 8))
+    >>> k, v = pool.read(0, slots)
+    >>> k.shape, bool((k == 1).all())
+    (torch.Size([4, 2, 8]), True)
+    >>> pool.release(ids); pool.shrink() > 0
+    True
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int = 16,
+        dtype: torch.dtype | str = torch.float8_e4m3fn,
+        device: str | torch.device = "cpu",
+        segment_bytes: int | None = None,
+        pages_per_segment: int | None = None,
+        budget_bytes: int | str | None = None,
+        *,
+        budget_fraction: float = 0.9,
+        reserve_segments: int = 0,
+        auto_shrink: bool = False,
+        shrink_hysteresis: int = 1,
+        max_segments: int | None = None,
+        tensor_factory: TensorFactory | None = None,
+    ) -> None:
+        self.num_layers = self._positive(num_layers, "num_layers", 1 << 16)
+        self.num_kv_heads = self._positive(num_kv_heads, "num_kv_heads", 1 << 16)
+        self.head_dim = self._positive(head_dim, "head_dim", 1 << 16)
+        self.dtype = _as_dtype(dtype)
+        self.device = torch.device(device)
+        self.fp8 = self.dtype in FP8_MAX
+        self._elem = torch.empty(0, dtype=self.dtype).element_size()
+        ps = as_count(page_size, "page_size")
+        if ps < 1 or ps > 1024 or ps & (ps - 1):
+            raise InvalidArgument(f"page_size must be a power of two in 1..=1024, got {ps}")
+        self.page_size = ps
+
+        # Bytes of one page across layers: K and V, plus their scales for FP8.
+        per_token = self.num_kv_heads * (2 * self.head_dim * self._elem + (8 if self.fp8 else 0))
+        self.page_bytes = self.num_layers * ps * per_token
+        elems_per_page = self.num_layers * ps * self.num_kv_heads * self.head_dim
+        pps_limit = min(_PAGES_PER_SEGMENT_LIMIT, _ELEMENT_LIMIT // elems_per_page)
+        if pps_limit < 1:
+            raise InvalidArgument(
+                f"one page holds {elems_per_page:,} elements per tensor, past the "
+                f"2**31 - 1 a segment allows; lower num_layers, page_size or head_dim"
+            )
+        if segment_bytes is not None and pages_per_segment is not None:
+            raise InvalidArgument(
+                f"give segment_bytes ({segment_bytes}) or pages_per_segment "
+                f"({pages_per_segment}), not both"
+            )
+        if pages_per_segment is not None:
+            pps = as_count(pages_per_segment, "pages_per_segment")
+            if not 1 <= pps <= pps_limit:
+                raise InvalidArgument(
+                    f"pages_per_segment must be in 1..={pps_limit:,} for this geometry "
+                    f"(2**31 elements per tensor, 2**20 pages), got {pps:,}"
+                )
+        else:
+            sb = (
+                DEFAULT_SEGMENT_BYTES
+                if segment_bytes is None
+                else as_count(segment_bytes, "segment_bytes")
+            )
+            if sb < self.page_bytes:
+                raise InvalidArgument(
+                    f"segment_bytes={sb:,} is smaller than one page ({self.page_bytes:,} B "
+                    f"= {self.num_layers} layers x {ps} tokens x {per_token:,} B)"
+                )
+            pps = min(pps_limit, sb // self.page_bytes)
+        self.pages_per_segment = pps
+
+        # Sub-buffer offsets inside a segment, each 256-byte aligned.
+        tokens = pps * ps
+        kv_bytes = self.num_layers * tokens * self.num_kv_heads * self.head_dim * self._elem
+        scale_bytes = self.num_layers * tokens * self.num_kv_heads * 4 if self.fp8 else 0
+        self._offsets = (0, _round_up(kv_bytes, _ALIGN))
+        self._scale_offsets = (
+            2 * _round_up(kv_bytes, _ALIGN),
+            2 * _round_up(kv_bytes, _ALIGN) + _round_up(scale_bytes, _ALIGN),
+        )
+        self._kv_bytes, self._scale_bytes = kv_bytes, scale_bytes
+        self.segment_bytes = 2 * _round_up(kv_bytes, _ALIGN) + 2 * _round_up(scale_bytes, _ALIGN)
+
+        if isinstance(budget_bytes, str) and budget_bytes != "auto":
+            raise InvalidArgument(
+                f"budget_bytes must be an int, 'auto' or None, got {budget_bytes!r}"
+            )
+        if budget_bytes is not None and budget_bytes != "auto":
+            budget_bytes = as_count(budget_bytes, "budget_bytes")
+        if not 0.0 < float(budget_fraction) <= 1.0:
+            raise InvalidArgument(f"budget_fraction must be in (0, 1], got {budget_fraction}")
+        self.budget_bytes: int | str | None = budget_bytes
+        self.budget_fraction = float(budget_fraction)
+        self.reserve_segments = as_count(reserve_segments, "reserve_segments")
+        self.shrink_hysteresis = as_count(shrink_hysteresis, "shrink_hysteresis")
+        self.auto_shrink = bool(auto_shrink)
+
+        self.allocator = SegmentAllocator(ps, pps, max_segments)
+        self._factory: TensorFactory = tensor_factory or _default_factory
+        self._segments: list[_Segment | None] = []
+        self._retired_ids: list[int] = []  # min-heap, mirrors the allocator's reuse rule
+        self._next_new_id = 0
+        self._lock = threading.RLock()
+        self._cache: AttachedCache | None = None
+        self._table = torch.zeros((0, 4), dtype=torch.int64, device=self.device)
+        self._released_since_check = 0
+        self._counters = {
+            "segments_added": 0,
+            "segments_retired": 0,
+            "growth_failures": 0,
+            "evicted_pages": 0,
+            "peak_reserved_bytes": 0,
+        }
+
+    # ----- configuration helpers --------------------------------------------------
+
+    @staticmethod
+    def _positive(x: Any, what: str, limit: int) -> int:
+        n = as_count(x, what)
+        if not 1 <= n <= limit:
+            raise InvalidArgument(f"{what} must be in 1..={limit:,}, got {n:,}")
+        return n
+
+    @property
+    def tokens_per_segment(self) -> int:
+        """``pages_per_segment * page_size``."""
+        return self.pages_per_segment * self.page_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token occupies across all layers (scales included)."""
+        return self.page_bytes // self.page_size
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Element strides of ``k``/``v`` inside every segment (the same for all).
+
+        Keys ``layer``, ``page``, ``token``, ``head``; ``scale_layer``,
+        ``scale_page``, ``scale_token`` for the ``[L, pages, page_size, heads]``
+        scale tensors (their head stride is 1).
+        """
+        h, d, ps, pps = self.num_kv_heads, self.head_dim, self.page_size, self.pages_per_segment
+        return {
+            "layer": pps * ps * h * d,
+            "page": ps * h * d,
+            "token": h * d,
+            "head": d,
+            "scale_layer": pps * ps * h,
+            "scale_page": ps * h,
+            "scale_token": h,
+        }
+
+    def attach_cache(self, cache: AttachedCache | None) -> None:
+        """Attach the prefix cache whose pages ``alloc`` may evict under pressure.
+
+        :class:`radixseg.PrefixCache` attaches itself; a pool has at most one.
+        """
+        if cache is not None and self._cache is not None and cache is not self._cache:
+            raise InvalidArgument(
+                "this pool already has a PrefixCache attached; one pool serves one cache"
+            )
+        self._cache = cache
+
+    # ----- segments ---------------------------------------------------------------
+
+    def _make_segment(self, buffer: torch.Tensor) -> _Segment:
+        if buffer.dtype != torch.uint8 or buffer.numel() < self.segment_bytes or buffer.dim() != 1:
+            raise InvalidArgument(
+                f"tensor_factory must return a 1-D uint8 tensor of at least "
+                f"{self.segment_bytes:,} bytes, got {buffer.dtype} {tuple(buffer.shape)}"
+            )
+        if buffer.data_ptr() % 16:
+            raise InvalidArgument(
+                f"segment buffers must be 16-byte aligned for vector loads, got "
+                f"address {buffer.data_ptr():#x}"
+            )
+        L, pps, ps = self.num_layers, self.pages_per_segment, self.page_size
+        h, d = self.num_kv_heads, self.head_dim
+        store_dtype = torch.uint8 if self.fp8 else self.dtype
+        shape = (L, pps, ps, h, d)
+
+        def sub(offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+            return buffer[offset : offset + nbytes].view(dtype)
+
+        k_raw = sub(self._offsets[0], self._kv_bytes, store_dtype)
+        v_raw = sub(self._offsets[1], self._kv_bytes, store_dtype)
+        k_store = k_raw.view(L, pps * ps, h, d)
+        v_store = v_raw.view(L, pps * ps, h, d)
+        if self.fp8:
+            ks = sub(self._scale_offsets[0], self._scale_bytes, torch.float32)
+            vs = sub(self._scale_offsets[1], self._scale_bytes, torch.float32)
+            views = SegmentTensors(
+                k_raw.view(self.dtype).view(shape),
+                v_raw.view(self.dtype).view(shape),
+                ks.view(L, pps, ps, h),
+                vs.view(L, pps, ps, h),
+            )
+            return _Segment(
+                buffer, views, k_store, v_store, ks.view(L, pps * ps, h), vs.view(L, pps * ps, h)
+            )
+        views = SegmentTensors(k_raw.view(shape), v_raw.view(shape), None, None)
+        return _Segment(buffer, views, k_store, v_store, None, None)
+
+    def _install(self, sid: int, seg: _Segment | None) -> None:
+        """Put ``seg`` (or nothing) at slot ``sid`` and refresh its table row."""
+        if sid >= len(self._segments):
+            self._segments.extend([None] * (sid + 1 - len(self._segments)))
+        self._segments[sid] = seg
+        if sid >= self._table.shape[0]:
+            cap = max(16, 2 * self._table.shape[0], sid + 1)
+            table = torch.zeros((cap, 4), dtype=torch.int64, device=self.device)
+            table[: self._table.shape[0]] = self._table
+            self._table = table
+        if seg is None:
+            self._table[sid] = 0
+        else:
+            k, v, ks, vs = seg.views
+            row = [
+                k.data_ptr(),
+                v.data_ptr(),
+                ks.data_ptr() if ks is not None else 0,
+                vs.data_ptr() if vs is not None else 0,
+            ]
+            self._table[sid] = torch.tensor(row, dtype=torch.int64)
+
+    def _grow(self, n_segments: int) -> list[int]:
+        """Add ``n_segments`` segments, all or none; returns their ids. Caller holds the lock."""
+        buffers: list[torch.Tensor] = []
+        try:
+            for _ in range(n_segments):
+                buffers.append(self._factory(self.segment_bytes, self.device))
+            segs = [self._make_segment(b) for b in buffers]
+        except InvalidArgument:
+            raise
+        except Exception as e:
+            self._counters["growth_failures"] += 1
+            raise _GrowthFailed(len(buffers), e) from e
+        added: list[int] = []
+        for seg in segs:
+            sid = heapq.heappop(self._retired_ids) if self._retired_ids else self._next_new_id
+            self._install(sid, seg)
+            try:
+                got = self.allocator.add_segment()
+            except OutOfPages:
+                self._install(sid, None)
+                if sid != self._next_new_id:
+                    heapq.heappush(self._retired_ids, sid)
+                self._retire(added)
+                raise
+            if sid == self._next_new_id:
+                self._next_new_id += 1
+            if got != sid:  # someone added segments to the allocator directly
+                self._install(got, seg)
+                self._install(sid, None)
+            self._counters["segments_added"] += 1
+            added.append(got)
+        self._counters["peak_reserved_bytes"] = max(
+            self._counters["peak_reserved_bytes"], self.reserved_bytes()
+        )
+        return added
+
+    def _room(self) -> int:
+        """Segments the budget and the allocator's id space still allow."""
+        live = self.allocator.segment_count()
+        room = self.allocator.max_segments - live
+        reserved = live * self.segment_bytes
+        budget = self.resolved_budget(reserved)
+        if budget is not None:
+            room = min(room, max(0, (budget - reserved) // self.segment_bytes))
+        return room
+
+    def resolved_budget(self, reserved: int | None = None) -> int | None:
+        """The budget in bytes now (``"auto"`` evaluated against free device memory)."""
+        if self.budget_bytes is None:
+            return None
+        if self.budget_bytes == "auto":
+            if reserved is None:
+                reserved = self.reserved_bytes()
+            return int(self.budget_fraction * (_device_free_bytes(self.device) + reserved))
+        assert isinstance(self.budget_bytes, int)
+        return self.budget_bytes
+
+    def segment(self, segment_id: int) -> SegmentTensors:
+        """The tensors of a live segment (for backends that take one tensor per launch)."""
+        sid = as_count(segment_id, "segment_id")
+        seg = self._segments[sid] if sid < len(self._segments) else None
+        if seg is None:
+            raise InvalidArgument(
+                f"segment {sid} is not live; live segments: {self.allocator.segments()}"
+            )
+        return seg.views
+
+    @property
+    def segment_table(self) -> torch.Tensor:
+        """``int64 [capacity, 4]`` on the pool's device: per segment id, the base
+        addresses of ``k``, ``v``, ``k_scale``, ``v_scale`` (0: no segment / no scales).
+
+        Rows change when segments are added or retired; the tensor itself is
+        reallocated (doubling) when a segment id passes its capacity, so read
+        this property at each launch rather than caching it.
+        """
+        return self._table
+
+    # ----- pages ------------------------------------------------------------------
+
+    def alloc(self, n_pages: Any) -> torch.Tensor:
+        """Allocate ``n_pages`` pages, all or none: ``int32 [n_pages]`` page ids.
+
+        Adds whole segments when free pages are short. When the budget (or the
+        device) refuses, asks the attached evictor (a :class:`PrefixCache`)
+        to release cached pages and retries; raises :class:`BudgetExhausted`
+        or :class:`DeviceOutOfMemory` when that frees nothing. Nothing changes
+        on failure, except cache eviction.
+        """
+        n = as_count(n_pages, "n_pages")
+        try:
+            return self.allocator.alloc(n)
+        except OutOfPages:
+            pass
+        with self._lock:
+            return self._alloc_slow(n)
+
+    def _alloc_slow(self, n: int) -> torch.Tensor:
+        pps = self.pages_per_segment
+        failure: _GrowthFailed | None = None
+        added: list[int] = []
+        while True:
+            try:
+                return self.allocator.alloc(n)
+            except OutOfPages:
+                pass
+            short = max(1, n - self.allocator.free_pages())
+            need = -(-short // pps)
+            room = self._room()
+            if room > 0 and failure is None:
+                try:
+                    added += self._grow(min(need, room))
+                    continue
+                except _GrowthFailed as e:
+                    failure = e
+            if self._cache is not None:
+                released = self._cache.evict(short)
+                if released > 0:
+                    self._counters["evicted_pages"] += released
+                    failure = None
+                    continue
+            # Give back what this call added, so a failure changes nothing.
+            self._retire(added)
+            raise self._exhausted(n, need, self._room(), failure)
+
+    def _retire(self, sids: list[int]) -> int:
+        """Retire the empty segments among ``sids``; returns bytes freed. Caller holds the lock."""
+        freed = 0
+        for sid in sids:
+            try:
+                self.allocator.retire_segment(sid)
+            except SegmentBusy:
+                continue  # a concurrent alloc took a page meanwhile
+            self._install(sid, None)
+            heapq.heappush(self._retired_ids, sid)
+            self._counters["segments_retired"] += 1
+            freed += self.segment_bytes
+        return freed
+
+    def _exhausted(self, n: int, need: int, room: int, failure: _GrowthFailed | None) -> OutOfPages:
+        free = self.allocator.free_pages()
+        reserved = self.reserved_bytes()
+        budget = self.resolved_budget(reserved)
+        err: OutOfPages
+        if failure is not None:
+            err = DeviceOutOfMemory(
+                f"cannot allocate {n:,} pages: {free:,} free and the device refused a new "
+                f"{self.segment_bytes:,}-byte segment ({failure.cause!r}); the pool holds "
+                f"{reserved:,} B in {self.allocator.segment_count():,} segments and "
+                f"eviction freed nothing; lower segment_bytes or free device memory"
+            )
+        elif budget is None or room >= need:
+            err = BudgetExhausted(
+                f"cannot allocate {n:,} pages: {free:,} free and the allocator's id space "
+                f"allows no more segments (max_segments={self.allocator.max_segments:,}); "
+                f"raise max_segments or pages_per_segment"
+            )
+        else:
+            knob = (
+                "raise budget_fraction or free device memory"
+                if self.budget_bytes == "auto"
+                else "raise budget_bytes"
+            )
+            err = BudgetExhausted(
+                f"cannot allocate {n:,} pages ({n * self.page_bytes:,} B): {free:,} pages free, "
+                f"{reserved:,} B reserved in {self.allocator.segment_count():,} segments of "
+                f"{self.segment_bytes:,} B, budget {budget:,} B allows {room} more segment(s) "
+                f"and {need} are needed; eviction freed nothing; {knob}"
+            )
+        if failure is not None:
+            err.__cause__ = failure.cause
+        # The same attributes the core's OutOfPages carries, plus the bytes.
+        attrs = {
+            "requested": n,
+            "available": free,
+            "reserved_bytes": reserved,
+            "budget_bytes": budget,
+        }
+        for name, value in attrs.items():
+            setattr(err, name, value)
+        return err
+
+    def retain(self, ids: Any) -> None:
+        """Add one reference to each page in ``ids``; all or none."""
+        self.allocator.retain(ids)
+
+    def release(self, ids: Any) -> None:
+        """Drop one reference from each page in ``ids``; all or none.
+
+        With ``auto_shrink``, retires empty segments past the reserve and
+        hysteresis afterwards.
+        """
+        self.allocator.release(ids)
+        if self.auto_shrink:
+            self._released_since_check += len(ids)
+            if self._released_since_check >= self.pages_per_segment:
+                self._released_since_check = 0
+                slack = self.reserve_segments + self.shrink_hysteresis
+                if self.allocator.free_pages() > slack * self.pages_per_segment:
+                    empty = sum(1 for _, used in self.allocator.segment_usage() if used == 0)
+                    if empty > slack:
+                        self.shrink()
+
+    def shrink(self, keep: int | None = None) -> int:
+        """Retire empty segments, keeping ``keep`` (default ``reserve_segments``)
+        empty ones; returns the bytes freed.
+
+        Highest segment ids go first (allocation fills low ids first, so high
+        segments are the ones that drain). On CUDA the freed blocks are handed
+        back to the driver with ``torch.cuda.empty_cache()``.
+        """
+        keep = self.reserve_segments if keep is None else as_count(keep, "keep")
+        with self._lock:
+            empty = sorted(
+                (s for s, used in self.allocator.segment_usage() if used == 0), reverse=True
+            )
+            freed = self._retire(empty[: max(0, len(empty) - keep)])
+        if freed and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
+
+    # ----- bytes ------------------------------------------------------------------
+
+    def _check_layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.num_layers:
+            raise InvalidArgument(f"layer {layer} is out of range 0..{self.num_layers - 1}")
+        return layer
+
+    def _check_slots(self, given: Any, check: bool) -> torch.Tensor:
+        slots: torch.Tensor
+        if isinstance(given, torch.Tensor):
+            slots = given
+        else:
+            try:
+                slots = torch.as_tensor(given, dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                raise TypeError(f"slots must be a 1-D integer tensor or sequence: {e}") from None
+        if slots.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"slots must be int64 or int32, got {slots.dtype}")
+        if slots.dim() != 1:
+            raise InvalidArgument(f"slots must be 1-D [T], got shape {tuple(slots.shape)}")
+        slots = slots.to(torch.int64)
+        if check and slots.numel():
+            lo = int(slots.min())
+            if lo < 0:
+                raise InvalidArgument(f"slot {lo} is negative")
+            pages = torch.unique_consecutive(slots // self.page_size).cpu()
+            try:
+                rc = self.allocator.refcount(pages)
+            except InvalidHandle as e:
+                raise InvalidHandle(f"slots (page_id * {self.page_size} + offset): {e}") from None
+            free = (rc == 0).nonzero()
+            if free.numel():
+                page = int(pages[int(free[0])])
+                raise InvalidHandle(
+                    f"slots {page * self.page_size}..{(page + 1) * self.page_size - 1} are in "
+                    f"page {page}, which is not allocated (refcount 0); write and read only "
+                    f"pages you hold a reference to"
+                )
+        return slots
+
+    def _check_kv(self, x: Any, n: int, what: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        want = (n, self.num_kv_heads, self.head_dim)
+        if tuple(x.shape) != want:
+            raise InvalidArgument(
+                f"{what} must have shape [T, num_kv_heads, head_dim] = {list(want)}, "
+                f"got {list(x.shape)}"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{what} must be a floating tensor, got {x.dtype}")
+        if x.device != self.device and not (
+            x.device.type == self.device.type and self.device.index is None
+        ):
+            raise InvalidArgument(f"{what} is on {x.device}, the pool on {self.device}")
+        return x
+
+    def _groups(
+        self, slots: torch.Tensor
+    ) -> list[tuple[_Segment, torch.Tensor, torch.Tensor | None]]:
+        """Split slots by segment: ``(segment, offsets in it, positions in slots or None)``."""
+        tps = self.tokens_per_segment
+        seg_ids = slots // tps
+        within = slots - seg_ids * tps
+        lo, hi = int(seg_ids.min()), int(seg_ids.max())
+        if lo == hi:
+            return [(self._live_segment(lo), within, None)]
+        out = []
+        for sid in torch.unique(seg_ids).tolist():
+            pos = (seg_ids == sid).nonzero().squeeze(1)
+            out.append((self._live_segment(sid), within[pos], pos))
+        return out
+
+    def _live_segment(self, sid: int) -> _Segment:
+        seg = self._segments[sid] if 0 <= sid < len(self._segments) else None
+        if seg is None:
+            raise InvalidHandle(f"slot points into segment {sid}, which is not live")
+        return seg
+
+    def write(
+        self, layer: int, slots: Any, k: torch.Tensor, v: torch.Tensor, *, check: bool = True
+    ) -> None:
+        """Store ``k``, ``v`` (``[T, num_kv_heads, head_dim]``, any float dtype) at ``slots``.
+
+        ``slots`` is ``int64 [T]`` (``page_id * page_size + offset``). FP8
+        pools quantize with one float32 scale per (token, KV head), see
+        :func:`quantize_fp8`. ``check`` validates that every slot is in an
+        allocated page and that values are finite (a host sync; engines on the
+        hot path may pass ``check=False``). All or nothing.
+        """
+        layer = self._check_layer(layer)
+        slots = self._check_slots(slots, check)
+        k = self._check_kv(k, slots.numel(), "k")
+        v = self._check_kv(v, slots.numel(), "v")
+        if slots.numel() == 0:
+            return
+        if self.fp8:
+            kq, ks = quantize_fp8(k, self.dtype)
+            vq, vs = quantize_fp8(v, self.dtype)
+            if check and not bool(torch.isfinite(ks).all() & torch.isfinite(vs).all()):
+                raise InvalidArgument("k/v hold inf or NaN, which FP8 with a scale cannot store")
+            kq, vq = kq.view(torch.uint8), vq.view(torch.uint8)
+        else:
+            kq, vq, ks, vs = k.to(self.dtype), v.to(self.dtype), k, v
+        slots = slots.to(self.device)
+        for seg, at, pos in self._groups(slots):
+
+            def sel(t: torch.Tensor, pos: torch.Tensor | None = pos) -> torch.Tensor:
+                return t if pos is None else t.index_select(0, pos)
+
+            seg.k_store[layer].index_copy_(0, at, sel(kq))
+            seg.v_store[layer].index_copy_(0, at, sel(vq))
+            if seg.ks_store is not None and seg.vs_store is not None:
+                seg.ks_store[layer].index_copy_(0, at, sel(ks))
+                seg.vs_store[layer].index_copy_(0, at, sel(vs))
+
+    def read(
+        self, layer: int, slots: Any, *, check: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load ``(k, v)``, each ``float32 [T, num_kv_heads, head_dim]``, from ``slots``."""
+        layer = self._check_layer(layer)
+        slots = self._check_slots(slots, check)
+        n = slots.numel()
+        shape = (n, self.num_kv_heads, self.head_dim)
+        k = torch.empty(shape, dtype=torch.float32, device=self.device)
+        v = torch.empty(shape, dtype=torch.float32, device=self.device)
+        if n == 0:
+            return k, v
+        slots = slots.to(self.device)
+        for seg, at, pos in self._groups(slots):
+            kk = seg.k_store[layer].index_select(0, at)
+            vv = seg.v_store[layer].index_select(0, at)
+            if seg.ks_store is not None and seg.vs_store is not None:
+                kk = dequantize_fp8(kk.view(self.dtype), seg.ks_store[layer].index_select(0, at))
+                vv = dequantize_fp8(vv.view(self.dtype), seg.vs_store[layer].index_select(0, at))
+            if pos is None:
+                k.copy_(kk)
+                v.copy_(vv)
+            else:
+                k.index_copy_(0, pos, kk.float())
+                v.index_copy_(0, pos, vv.float())
+        return k, v
+
+    # ----- accounting -------------------------------------------------------------
+
+    def reserved_bytes(self) -> int:
+        """Bytes of KV memory the pool holds (live segments x segment_bytes)."""
+        return self.allocator.segment_count() * self.segment_bytes
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for dashboards; every value is a plain int, float or None.
+
+        ``reserved_bytes`` is what the pool holds, ``used_bytes`` what
+        referenced pages occupy; after :meth:`shrink`, reserved exceeds used by
+        at most the partly filled segments plus ``reserve_segments``.
+        """
+        total = self.allocator.total_pages()
+        free = self.allocator.free_pages()
+        reserved = self.reserved_bytes()
+        budget = self.resolved_budget(reserved)
+        out: dict[str, Any] = {
+            "segments": self.allocator.segment_count(),
+            "pages_per_segment": self.pages_per_segment,
+            "page_size": self.page_size,
+            "segment_bytes": self.segment_bytes,
+            "reserved_bytes": reserved,
+            "used_bytes": (total - free) * self.page_bytes,
+            "total_pages": total,
+            "free_pages": free,
+            "used_pages": total - free,
+            "budget_bytes": budget,
+            "bytes_per_token": self.bytes_per_token,
+            "metadata_bytes": self.allocator.metadata_bytes() + self._table.numel() * 8,
+            **self._counters,
+        }
+        if self._cache is not None:
+            out.update(self._cache.cache_stats())
+        return out
+
+    def check_invariants(self) -> None:
+        """Raise :class:`radixseg.InvariantViolation` on any breach (tests call it)."""
+        from radixseg._core import InvariantViolation
+
+        self.allocator.check_invariants()
+        live = set(self.allocator.segments())
+        have = {i for i, s in enumerate(self._segments) if s is not None}
+        if live != have:
+            raise InvariantViolation(
+                f"segments with tensors {sorted(have - live)} are not live in the allocator "
+                f"/ live segments {sorted(live - have)} have no tensors"
+            )
+        for sid in live:
+            seg = self._segments[sid]
+            assert seg is not None
+            if int(self._table[sid, 0]) != seg.views.k.data_ptr():
+                raise InvariantViolation(f"segment_table row {sid} does not point at its k tensor")
+
+    def __repr__(self) -> str:
+        return (
+            f"KVPool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, page_size={self.page_size}, dtype={self.dtype}, "
+            f"device={self.device}, segments={self.allocator.segment_count()}, "
+            f"segment_bytes={self.segment_bytes:,})"
+        )
+
+
+class _GrowthFailed(Exception):
+    """Internal: the tensor factory raised while adding segments."""
+
+    def __init__(self, made: int, cause: BaseException) -> None:
+        super().__init__(f"segment {made + 1} could not be allocated: {cause!r}")
+        self.cause = cause
