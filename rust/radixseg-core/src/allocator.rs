@@ -313,7 +313,9 @@ impl SegmentAllocator {
 
     /// Allocate `n` pages, all or none. Each gets refcount 1.
     pub fn alloc(&self, n: usize) -> Result<Vec<u32>> {
-        let mut out = Vec::with_capacity(n);
+        // `n` comes from the caller and may be huge: reserve no more than the
+        // pool holds (a larger request fails with `OutOfPages` anyway).
+        let mut out = Vec::with_capacity(n.min(self.total_pages() as usize));
         self.alloc_into(n, &mut out)?;
         Ok(out)
     }
@@ -800,11 +802,29 @@ impl SegmentAllocator {
     }
 
     /// Free pages in live segments (exact at a quiescent point).
+    ///
+    /// Visits only segments whose summary bit is set: a segment with free
+    /// pages always has it at a quiescent point (see [`Chunk::summary`]), so
+    /// with a full pool this costs one load per 64 segments, and adding a
+    /// segment to a full pool costs the same at 1 and at 1,000 segments.
     pub fn free_pages(&self) -> u64 {
-        self.segment_usage()
-            .iter()
-            .map(|&(_, used)| u64::from(self.pages_per_segment - used))
-            .sum()
+        let hw = self.high_water.load(Ordering::Acquire);
+        let mut free = 0u64;
+        for c in 0..hw.div_ceil(CHUNK) {
+            let Some(chunk) = self.chunk(c) else { break };
+            let mut summary = chunk.summary.load(Ordering::Acquire);
+            while summary != 0 {
+                let bit = summary.trailing_zeros();
+                summary &= summary - 1;
+                if let Some(segment) = self.segment(c * CHUNK + bit) {
+                    let f = segment.free.load(Ordering::Acquire);
+                    if f != CLOSED {
+                        free += u64::from(f);
+                    }
+                }
+            }
+        }
+        free
     }
 
     /// Pages in live segments.
@@ -840,6 +860,7 @@ impl SegmentAllocator {
         let hw = self.high_water.load(Ordering::Acquire);
         let pps = self.pages_per_segment;
         let mut live = 0u32;
+        let mut total_free = 0u64;
         for s in 0..hw {
             let Some(seg) = self.segment(s) else {
                 return bad(format!("segment slot {s} below high water {hw} missing"));
@@ -874,6 +895,7 @@ impl SegmentAllocator {
                 continue;
             }
             live += 1;
+            total_free += u64::from(free);
             if set != free {
                 return bad(format!(
                     "segment {s}: free count {free} but {set} free bits"
@@ -887,6 +909,12 @@ impl SegmentAllocator {
                     "segment {s} has {free} free pages but its summary bit is clear"
                 ));
             }
+        }
+        if total_free != self.free_pages() {
+            return bad(format!(
+                "{total_free} free pages counted, free_pages() says {}",
+                self.free_pages()
+            ));
         }
         if live != self.live.load(Ordering::Relaxed) {
             return bad(format!(
