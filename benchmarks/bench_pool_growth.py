@@ -64,7 +64,10 @@ def grow_and_shrink(args: argparse.Namespace, out: dict[str, Any]) -> None:
         f"{pool.bytes_per_token} B/token; page_size {ps}; segment {pool.segment_bytes:,} B "
         f"= {pool.tokens_per_segment:,} tokens"
     )
-    print(f"{'tokens':>12} {'segments':>9} {'reserved':>13} {'used':>13} {'slack':>10} {'ok':>3} {'s':>7}")
+    print(
+        f"{'tokens':>12} {'segments':>9} {'reserved':>13} {'used':>13} "
+        f"{'slack':>10} {'ok':>3} {'s':>7}"
+    )
     timeline: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
@@ -119,11 +122,13 @@ def grow_and_shrink(args: argparse.Namespace, out: dict[str, Any]) -> None:
     r0 = time.perf_counter()
     mismatches = 0
     start = 0
-    for ids, n in zip(chunks, sizes):
+    for ids, n in zip(chunks, sizes, strict=True):
         slots = (ids.long()[:, None] * ps + torch.arange(ps)).reshape(-1)[:n]
         k, v = pool.read(0, slots, check=False)
         wk, wv = kv_for(torch.arange(start, start + n), 64)
-        mismatches += int((k != stored(wk)).any(dim=(1, 2)).sum() + (v != stored(wv)).any(dim=(1, 2)).sum())
+        mismatches += int(
+            (k != stored(wk)).any(dim=(1, 2)).sum() + (v != stored(wv)).any(dim=(1, 2)).sum()
+        )
         start += n
     read_s = time.perf_counter() - r0
     moved = pool.segment(0).k.data_ptr() != first_ptr
@@ -225,7 +230,9 @@ def add_segment_cost(args: argparse.Namespace, out: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, default=10_000_000)
     p.add_argument("--chunk", type=int, default=65_536)
     p.add_argument("--page-size", type=int, default=16)

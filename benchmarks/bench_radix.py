@@ -13,11 +13,13 @@ prompt repeats). Per request, both implementations do what a serving loop does:
    by the new ones;
 4. release the request's own references and unlock.
 
-radixseg: ``SegmentAllocator`` + ``RadixTree``; the tree retains the pages it
-stores, so step 4 is one ``release`` of the pages the request allocated (for a
-part that turned out to be cached already these are the caller's duplicates,
-RADIX.md) and ``unlock``. SGLang: ``RadixCache`` over its CPU
-``TokenToKVPoolAllocator`` (page_size 1) or ``PagedTokenToKVPoolAllocator``,
+radixseg: ``SegmentAllocator`` + ``RadixTree`` driven the way ``PrefixCache``
+drives them: ``acquire`` (match, lock and retain the matched pages in one
+call), ``alloc``, then ``finish`` (insert, unlock and release every page the
+request holds in one call; the tree keeps its own references to what it
+caches, duplicates and the partial last page go back to the allocator).
+SGLang: ``RadixCache`` over its CPU ``TokenToKVPoolAllocator`` (page_size 1) or
+``PagedTokenToKVPoolAllocator``,
 driven as ``release_kv_cache``/``checkpoint`` do in 0.5.23: insert takes the
 allocator's one reference, the duplicates ``kv[protected:prefix_len]`` and the
 partial last page are freed with ``free_segment``, then ``unlock``. Prefix
@@ -219,21 +221,15 @@ def run_radixseg(w: Workload, page_size: int, check: bool) -> SideResult:
     gc.disable()
     t0 = time.perf_counter()
     for prompt, full in prepared:
-        m = tree.match_prefix(prompt)
-        node = m.node
-        tree.lock(node)
-        plen = m.length
-        need = (len(full) - plen + ps - 1) // ps
+        matched, plen, node = tree.acquire(prompt)  # match + lock + retain
+        need = (len(full) + ps - 1) // ps - plen // ps
         try:
             new = alloc.alloc(need)
         except out_of_pages:
             evicted += tree.evict(need - alloc.free_pages())
             new = alloc.alloc(need)
-        n_whole = len(full) // ps
-        ids = cat((m.page_ids, new[: n_whole - plen // ps])) if plen else new[:n_whole]
-        tree.insert(full, ids)
-        alloc.release(new)
-        tree.unlock(node)
+        ids = cat((matched, new)) if plen else new
+        tree.finish(full, ids, 0, node, True, plen // ps)  # insert + unlock + release
         cached += plen
     seconds = time.perf_counter() - t0
     gc.enable()

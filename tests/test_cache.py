@@ -32,7 +32,7 @@ def test_prefix_reuse_and_refcounts() -> None:
     assert pool.allocator.free_pages() == pool.allocator.total_pages() - 2
     b = cache.begin([*list(range(8)), 50, 51])
     assert b.cached_len == 8 and b.page_ids.tolist() == a.page_ids[:2].tolist()
-    assert pool.allocator.refcount(b.page_ids).tolist() == [2, 2]  # tree + request
+    assert pool.allocator.refcount(b.page_ids).tolist() == [1, 1]  # the tree's; b holds a lock
     assert pool.stats()["locked_pages"] == 2 and pool.stats()["hit_rate"] == pytest.approx(8 / 20)
     cache.abort(b)
     assert pool.allocator.refcount(a.page_ids[:2]).tolist() == [1, 1]
@@ -150,18 +150,31 @@ def test_locked_prefixes_survive_pressure() -> None:
     cache.finish(other)
 
 
-def test_reset_then_finish() -> None:
+def test_reset_is_refused_while_requests_run() -> None:
     pool, cache = make()
     a = cache.begin(range(9))
     cache.extend(a, a.uncached)
     cache.finish(a)
     b = cache.begin(range(9))
+    with pytest.raises(InvalidArgument, match="1 request"):
+        cache.reset()
+    assert pool.stats()["cached_pages"] == 2 and b.cached_len == 8
+    cache.finish(b)
     cache.reset()
-    assert pool.stats()["cached_pages"] == 0
-    cache.extend(b, [1, 2])
-    cache.finish(b)  # the request's own references survive the reset
-    assert pool.stats()["cached_tokens"] == 8
+    assert pool.stats()["cached_pages"] == 0 and pool.allocator.free_pages() == 8
     cache.check_invariants()
+
+
+def test_long_matched_prefix_takes_no_page_references() -> None:
+    pool, cache = make(page_size=1, pps=1024)
+    a = cache.begin(range(1000))
+    cache.extend(a, a.uncached)
+    cache.finish(a)
+    b = cache.begin(range(1000))
+    assert b.cached_len == 999
+    assert (pool.allocator.refcount(b.page_ids) == 1).all()  # the tree's only
+    assert pool.stats()["locked_pages"] == 999
+    cache.abort(b)
 
 
 def test_memory_before_the_first_request_is_independent_of_max_context() -> None:

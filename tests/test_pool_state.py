@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import note
 from hypothesis.stateful import (
@@ -26,7 +27,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from radixseg import BudgetExhausted, DeviceOutOfMemory, KVPool, OutOfPages, PrefixCache, Request
+from radixseg import (
+    BudgetExhausted,
+    DeviceOutOfMemory,
+    InvalidArgument,
+    KVPool,
+    OutOfPages,
+    PrefixCache,
+    Request,
+)
 from radixseg.pool import dequantize_fp8, quantize_fp8
 
 LAYERS, HEADS, DIM = 2, 2, 4
@@ -234,6 +243,12 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(roll=st.integers(0, 9))
     def reset(self, roll: int) -> None:
         if roll:  # rare: a reset empties the cache the other rules exercise
+            return
+        if self.live:
+            before = self.pool.stats()["cached_pages"]
+            with pytest.raises(InvalidArgument, match="running"):
+                self.cache.reset()
+            assert self.pool.stats()["cached_pages"] == before
             return
         self.cache.reset()
         assert self.pool.stats()["cached_pages"] == 0

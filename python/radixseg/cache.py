@@ -7,11 +7,12 @@ An engine calls, per request::
     ...                                   # decode: extend(req, [token]) per step
     cache.finish(req)                     # cache its pages for later requests
 
-Page references: a request holds exactly one reference to every page in its
-page list (``begin`` retains the matched pages, ``extend`` allocates the new
-ones) and a lock on the node that ends its matched prefix. ``finish`` inserts
-the request's whole pages into the tree (the tree takes its own reference to
-pages it did not already cache), unlocks, and drops the request's references:
+Page references: a request holds a lock on the node that ends its matched
+prefix, which keeps the matched pages cached (no per-page references, so
+``begin`` costs the same for a 10-token and a 10M-token prefix), and one
+reference to every page ``extend`` allocated for it. ``finish`` inserts the
+request's whole pages into the tree (the tree takes its own reference to pages
+it did not already cache), unlocks, and drops the request's references:
 duplicates of already-cached pages and the partially filled last page go back
 to the allocator. ``abort`` does the same without inserting.
 """
@@ -71,7 +72,6 @@ class Request:
 
     __slots__ = (
         "_cache",
-        "_epoch",
         "_pages",
         "_tokens",
         "cached_len",
@@ -89,14 +89,12 @@ class Request:
         pages: torch.Tensor,
         cached_len: int,
         node: int,
-        epoch: int,
     ) -> None:
         self._cache = cache
         self.prompt = prompt
         self.namespace = namespace
         self.cached_len = cached_len
         self.node: int | None = node
-        self._epoch = epoch
         self._pages = _Growable(pages)
         self._tokens = _Growable(prompt[:cached_len])
         self.state = "running"
@@ -182,7 +180,6 @@ class PrefixCache:
         self.page_size = pool.page_size
         self.tree = RadixTree(pool.allocator)
         self.max_context_len = max_context_len
-        self._epoch = 0
         self._lock = threading.Lock()
         self._requests = 0
         self._running = 0
@@ -197,15 +194,15 @@ class PrefixCache:
 
         With ``leave_last`` (default) at most ``n - 1`` tokens are matched, so
         that the last prompt token is always computed and yields logits, as
-        SGLang does. The returned request holds one reference to each matched
-        page; ``req.cached_len`` tokens need no prefill.
+        SGLang does. The returned request locks the matched prefix;
+        ``req.cached_len`` tokens need no prefill.
         """
         prompt = _as_tokens(tokens)
         self._check_len(prompt.numel())
         ns = self._namespace(namespace)
         query = prompt[:-1] if leave_last and prompt.numel() else prompt
-        ids, length, node = self.tree.acquire(query.numpy(), ns)
-        req = Request(self, prompt, ns, torch.from_numpy(ids), length, node, self._epoch)
+        ids, length, node = self.tree.acquire(query, ns)
+        req = Request(self, prompt, ns, ids, length, node)
         with self._lock:
             self._requests += 1
             self._running += 1
@@ -253,8 +250,8 @@ class PrefixCache:
 
     def _end(self, req: Request, cache: bool) -> None:
         self._running_req(req)
-        node = req.node if req._epoch == self._epoch else None
-        self.tree.finish(req.tokens.numpy(), req.page_ids.numpy(), req.namespace, node, cache)
+        owned_from = req.cached_len // self.page_size
+        self.tree.finish(req.tokens, req.page_ids, req.namespace, req.node, cache, owned_from)
         req.state = "finished" if cache else "aborted"
         req.node = None
         with self._lock:
@@ -296,9 +293,13 @@ class PrefixCache:
         return self.tree.evict(n_pages)
 
     def reset(self) -> None:
-        """Forget every cached prefix; running requests keep their own pages."""
+        """Forget every cached prefix. Refused while requests are running
+        (their matched pages are held by the tree), as SGLang's flush_cache is."""
+        if self._running:
+            raise InvalidArgument(
+                f"cannot reset with {self._running} request(s) running; finish or abort them first"
+            )
         self.tree.reset()
-        self._epoch += 1
 
     def cache_stats(self) -> dict[str, Any]:
         """Tree and hit-rate counters (merged into ``pool.stats()``)."""

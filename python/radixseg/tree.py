@@ -86,6 +86,46 @@ class RadixTree(_core.RadixTree):
             as_id_array(tokens, "tokens"), as_id_array(page_ids, "page ids"), namespace
         )
 
+    def acquire(self, tokens: Any, namespace: int = 0) -> MatchResult:  # type: ignore[override]
+        """Start a request: match and lock ``result.node`` in one call.
+
+        Nothing can evict between the match and the lock. The lock keeps the
+        matched pages cached (and allocated) until :meth:`finish`; the caller
+        takes no page references for them. Don't :meth:`reset` while requests
+        are running: it drops locked nodes too.
+        """
+        ids, length, node = super().acquire(as_id_array(tokens, "tokens"), namespace)
+        return MatchResult(to_tensor(ids), length, node)
+
+    def finish(
+        self,
+        tokens: Any,
+        page_ids: Any,
+        namespace: int = 0,
+        node: int | None = None,
+        cache: bool = True,
+        owned_from: int = 0,
+    ) -> int:
+        """End a request begun with :meth:`acquire`, all or nothing.
+
+        ``page_ids`` holds one page per ``page_size`` tokens, the partial last
+        page included; the first ``owned_from`` are the matched pages (held by
+        the lock), the rest carry one reference of the caller's. With
+        ``cache`` the whole pages are inserted (the tree retains those it did
+        not cache yet); then ``node`` is unlocked (when given) and each page
+        in ``page_ids[owned_from:]`` loses the caller's reference, so
+        duplicates of cached pages and the partial last page are freed.
+        Returns the tokens that were already cached (0 without ``cache``).
+        """
+        return super().finish(
+            as_id_array(tokens, "tokens"),
+            as_id_array(page_ids, "page ids"),
+            namespace,
+            node,
+            cache,
+            as_count(owned_from, "owned_from"),
+        )
+
     def evict(self, n_pages: Any) -> int:
         """Evict least-recently-used unlocked leaves until ``n_pages`` are released.
 

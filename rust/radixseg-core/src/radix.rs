@@ -462,35 +462,31 @@ impl RadixTree {
     }
 
     /// Start a request: [`match_prefix`](Self::match_prefix), then
-    /// [`lock`](Self::lock) the returned node and retain each matched page
-    /// once for the caller, under one `&mut self` so that no eviction can slip
-    /// between the match and the lock.
+    /// [`lock`](Self::lock) the returned node, under one `&mut self` so that
+    /// no eviction can slip between the match and the lock.
     ///
-    /// The caller owns one reference to every returned page and one lock on
-    /// the node; [`finish`](Self::finish) gives both back. If the retain
-    /// fails (a refcount at its limit) the lock is undone and the error
-    /// returned; only recency and a split made by the match remain.
+    /// The lock keeps every matched page cached (and so allocated) until
+    /// [`finish`](Self::finish) unlocks it; the caller takes no page
+    /// references of its own, so starting a request costs O(matched nodes),
+    /// not O(matched pages). [`reset`](Self::reset) drops locked nodes too:
+    /// reset only when no request is running.
     pub fn acquire<T>(&mut self, tokens: &[T], namespace: u64) -> Result<MatchResult>
     where
         T: Copy + Into<i64>,
     {
         let m = self.match_prefix(tokens, namespace)?;
         self.lock(m.node)?;
-        let ids: Vec<i64> = m.page_ids.iter().map(|&p| i64::from(p)).collect();
-        if let Err(e) = self.allocator.retain(&ids) {
-            // Just locked above, so the unlock cannot fail.
-            let _ = self.unlock(m.node);
-            return Err(e);
-        }
         Ok(m)
     }
 
     /// End a request started by [`acquire`](Self::acquire): optionally
     /// [`insert`](Self::insert) its whole pages (`cache`), then unlock `node`
-    /// (when given) and release the caller's reference to every page in
-    /// `page_ids` (one per page of `tokens`, rounded up: a trailing partial
-    /// page is released, never cached). Returns the tokens that were already
-    /// cached (0 when `cache` is false).
+    /// (when given) and release the caller's reference to each page in
+    /// `page_ids[owned_from..]`. `page_ids` holds one id per page of
+    /// `tokens`, rounded up (a trailing partial page is released, never
+    /// cached); the first `owned_from` are the matched pages, which the lock
+    /// held and the caller holds no reference to. Returns the tokens that were
+    /// already cached (0 when `cache` is false).
     ///
     /// All or nothing: the node's lock, the release and the insert are all
     /// validated before anything changes.
@@ -501,6 +497,7 @@ impl RadixTree {
         namespace: u64,
         node: Option<NodeId>,
         cache: bool,
+        owned_from: usize,
     ) -> Result<usize>
     where
         T: Copy + Into<i64>,
@@ -516,6 +513,13 @@ impl RadixTree {
                 actual: page_ids.len() as u64,
             });
         }
+        if owned_from > expected {
+            return Err(CoreError::LengthMismatch {
+                what: "finish: owned_from (matched pages) must not exceed the page count",
+                expected: expected as u64,
+                actual: owned_from as u64,
+            });
+        }
         let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
         if let Some(node) = node {
             let idx = self.resolve(node)?;
@@ -523,7 +527,8 @@ impl RadixTree {
                 return Err(CoreError::UnbalancedUnlock { node: idx });
             }
         }
-        self.allocator.check_release(&ids)?;
+        let owned = &ids[owned_from..];
+        self.allocator.check_release(owned)?;
         let full = tokens.len() / ps;
         // The insert retains, never releases, so the release stays valid.
         let cached = if cache {
@@ -534,7 +539,7 @@ impl RadixTree {
         if let Some(node) = node {
             self.unlock(node)?;
         }
-        self.allocator.release(&ids)?;
+        self.allocator.release(owned)?;
         Ok(cached)
     }
 

@@ -485,7 +485,7 @@ impl RadixTree {
         }
     }
 
-    /// Match, lock the node and retain the matched pages, atomically:
+    /// Match and lock the node, atomically:
     /// `(page_ids int32, matched tokens, node handle)`.
     #[pyo3(signature = (tokens, namespace = 0))]
     fn acquire<'py>(
@@ -507,9 +507,11 @@ impl RadixTree {
         Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
     }
 
-    /// Insert (when `cache`), unlock `node` (when given) and release every
-    /// page of a request, all or nothing; returns tokens already cached.
-    #[pyo3(signature = (tokens, page_ids, namespace = 0, node = None, cache = true))]
+    /// Insert (when `cache`), unlock `node` (when given) and release the
+    /// request's pages from `owned_from` on, all or nothing; returns tokens
+    /// already cached.
+    #[pyo3(signature = (tokens, page_ids, namespace = 0, node = None, cache = true, owned_from = 0))]
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         py: Python<'_>,
@@ -518,6 +520,7 @@ impl RadixTree {
         namespace: u64,
         node: Option<i64>,
         cache: bool,
+        owned_from: usize,
     ) -> PyResult<usize> {
         let pages = Ids::new(page_ids)?.to_vec()?;
         let node = node.map(NodeId::from_raw);
@@ -526,11 +529,15 @@ impl RadixTree {
         match &tokens {
             Ids::I64(a) => {
                 let s = a.as_slice()?;
-                self.with(py, n, |t| t.finish(s, &pages, namespace, node, cache))
+                self.with(py, n, |t| {
+                    t.finish(s, &pages, namespace, node, cache, owned_from)
+                })
             }
             Ids::I32(a) => {
                 let s = a.as_slice()?;
-                self.with(py, n, |t| t.finish(s, &pages, namespace, node, cache))
+                self.with(py, n, |t| {
+                    t.finish(s, &pages, namespace, node, cache, owned_from)
+                })
             }
         }
     }
