@@ -19,6 +19,7 @@ from radixseg._core import (
 )
 from radixseg.allocator import SegmentAllocator
 from radixseg.cache import PrefixCache, Request
+from radixseg.plan import Plan, plan
 from radixseg.pool import DeviceOutOfMemory, KVPool, SegmentTensors
 from radixseg.tree import MatchResult, RadixTree
 
@@ -32,6 +33,7 @@ __all__ = [
     "KVPool",
     "MatchResult",
     "OutOfPages",
+    "Plan",
     "PrefixCache",
     "RadixTree",
     "RadixsegError",
@@ -40,4 +42,5 @@ __all__ = [
     "SegmentBusy",
     "SegmentTensors",
     "__version__",
+    "plan",
 ]

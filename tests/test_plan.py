@@ -1,0 +1,360 @@
+"""The capacity planner against published per-token KV sizes.
+
+Configs are the fields of the published Hugging Face ``config.json`` files that
+matter for KV sizing, written here so the tests need no network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import radixseg
+from radixseg import InvalidArgument, Plan, plan
+from radixseg.__main__ import main
+from radixseg.plan import kv_geometry, parse_bytes, parse_count
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+LLAMA_31_70B = {
+    **LLAMA_31_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+}
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 131072,
+    "sliding_window": 131072,
+    "use_sliding_window": False,
+    "max_window_layers": 28,
+    "torch_dtype": "bfloat16",
+}
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "num_hidden_layers": 61,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "torch_dtype": "bfloat16",
+}
+LLAMA4_SCOUT = {
+    "architectures": ["Llama4ForConditionalGeneration"],
+    "model_type": "llama4",
+    "text_config": {
+        "model_type": "llama4_text",
+        "attention_chunk_size": 8192,
+        "head_dim": 128,
+        "hidden_size": 5120,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 48,
+        "num_local_experts": 16,
+        "max_position_embeddings": 10485760,
+        "rope_theta": 500000.0,
+    },
+    "vision_config": {"num_hidden_layers": 34, "hidden_size": 1408, "num_attention_heads": 16},
+}
+GEMMA3_27B = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "text_config": {
+        "model_type": "gemma3_text",
+        "head_dim": 128,
+        "hidden_size": 5376,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 62,
+        "num_key_value_heads": 16,
+        "sliding_window": 1024,
+        "sliding_window_pattern": 6,
+    },
+}
+MISTRAL_7B_V01 = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "sliding_window": 4096,
+}
+
+
+def write(tmp_path: Path, cfg: dict[str, Any], name: str = "config.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("cfg", "dtype", "per_token"),
+    [
+        (LLAMA_31_8B, "bf16", 131_072),  # 32 layers x 8 heads x 128 x (K, V) x 2 B
+        (LLAMA_31_8B, "fp8", 65_536),
+        (LLAMA_31_8B, torch.float8_e4m3fn, 65_536),
+        (LLAMA_31_70B, "bf16", 327_680),  # 80 x 8 x 128 x 2 x 2
+        (LLAMA_31_70B, torch.bfloat16, 327_680),
+        (QWEN25_7B, "bf16", 57_344),  # 28 x 4 x 128 x 2 x 2; its window is off
+        (DEEPSEEK_V3, "bf16", 70_272),  # MLA: 61 x (512 + 64) x 2 B
+        (DEEPSEEK_V3, "fp8", 35_136),
+        (LLAMA_31_8B, "fp32", 262_144),
+    ],
+)
+def test_published_bytes_per_token(tmp_path, cfg, dtype, per_token):
+    p = plan(write(tmp_path, cfg), kv_dtype=dtype)
+    assert p.kv_bytes_per_token == per_token
+    assert p.window_kv_bytes_per_token == 0
+    assert p.context_kv_bytes == per_token * 10_000_000
+
+
+def test_config_as_dict_or_directory(tmp_path):
+    write(tmp_path, LLAMA_31_8B)
+    assert plan(tmp_path, kv_dtype="bf16").kv_bytes_per_token == 131_072
+    assert plan(LLAMA_31_8B, kv_dtype="bf16").kv_bytes_per_token == 131_072
+
+
+def test_fp8_scales_are_reported_separately(tmp_path):
+    p = plan(write(tmp_path, LLAMA_31_70B), kv_dtype="fp8", tp=8)
+    assert p.kv_bytes_per_token == 163_840
+    assert p.scale_bytes_per_token == 80 * 8 * 2 * 4 == 5_120
+    assert p.scale_bytes_per_token_per_device == 640
+    assert p.context_scale_bytes_per_device == 640 * 10_000_000
+    assert plan(LLAMA_31_70B, kv_dtype="bf16").scale_bytes_per_token == 0
+    mla = plan(DEEPSEEK_V3, kv_dtype="fp8", tp=8)
+    assert mla.scale_bytes_per_token == mla.scale_bytes_per_token_per_device == 61 * 4
+
+
+def test_tp_splits_then_replicates_kv_heads():
+    per_tp = {
+        tp: plan(LLAMA_31_8B, kv_dtype="bf16", tp=tp).kv_bytes_per_token_per_device
+        for tp in (1, 2, 4, 8, 16, 32)
+    }
+    # 8 KV heads: split up to tp=8, then each device keeps one (replicated) head.
+    assert per_tp == {1: 131_072, 2: 65_536, 4: 32_768, 8: 16_384, 16: 16_384, 32: 16_384}
+    p16 = plan(LLAMA_31_8B, tp=16)
+    assert p16.kv_heads_per_device == 1
+    assert "replicated on 2 devices" in p16.table()
+    # The MLA latent is on every rank.
+    assert plan(DEEPSEEK_V3, kv_dtype="bf16", tp=8).kv_bytes_per_token_per_device == 70_272
+
+
+@pytest.mark.parametrize("tp", [3, 12])
+def test_tp_must_fit_kv_heads(tp):
+    with pytest.raises(InvalidArgument, match=rf"tp={tp}\b.*num_kv_heads=8"):
+        plan(LLAMA_31_8B, tp=tp)
+
+
+def scout_expected_bytes(context: int) -> int:
+    # 48 layers; NoPE layers 3, 7, ..., 47 (12) attend globally, the other 36
+    # attend within 8,192-token chunks. 8 KV heads x 128 x (K, V) x 2 B = 4,096 B
+    # per token per layer.
+    return 12 * 4_096 * context + 36 * 4_096 * min(context, 8_192)
+
+
+def test_llama4_scout_chunked_layers_stop_at_their_window(tmp_path):
+    p = plan(write(tmp_path, LLAMA4_SCOUT), kv_dtype="bf16", context=1_000_000)
+    g = p.geometry
+    assert (g.num_layers, g.full_layers, g.windows) == (48, 12, {8192: 36})
+    assert [i for i, w in enumerate(g.layer_windows) if w is None] == list(range(3, 48, 4))
+    assert p.kv_bytes_per_token == 12 * 4_096 == 49_152
+    assert p.window_kv_bytes_per_token == 36 * 4_096
+    assert p.context_kv_bytes == scout_expected_bytes(1_000_000) == 50_359_959_552
+    assert p.context_kv_bytes < 48 * 4_096 * 1_000_000
+    # below the window every layer holds every token
+    assert p.kv_bytes(5_000) == 48 * 4_096 * 5_000
+
+
+def test_llama4_explicit_layer_lists_agree(tmp_path):
+    text = LLAMA4_SCOUT["text_config"]
+    assert isinstance(text, dict)
+    flags = [int((i + 1) % 4 != 0) for i in range(48)]
+    types = ["chunked_attention" if f else "full_attention" for f in flags]
+    want = plan(LLAMA4_SCOUT, kv_dtype="bf16", context=1_000_000).context_kv_bytes
+    for extra in ({"no_rope_layers": flags}, {"layer_types": types}):
+        cfg = {**LLAMA4_SCOUT, "text_config": {**text, **extra}}
+        assert plan(cfg, kv_dtype="bf16", context=1_000_000).context_kv_bytes == want
+
+
+def test_sliding_window_models():
+    g = kv_geometry(GEMMA3_27B)  # every 6th layer global
+    assert (g.full_layers, g.windows) == (10, {1024: 52})
+    per_layer = 2 * 16 * 128 * 2
+    assert plan(GEMMA3_27B, kv_dtype="bf16", context=100_000).context_kv_bytes == (
+        per_layer * (10 * 100_000 + 52 * 1_024)
+    )
+    gemma2 = {**MISTRAL_7B_V01, "model_type": "gemma2", "num_hidden_layers": 4}
+    assert kv_geometry(gemma2).layer_windows == (4096, None, 4096, None)
+    qwen_on = {**QWEN25_7B, "use_sliding_window": True, "max_window_layers": 20}
+    assert kv_geometry(qwen_on).windows == {131072: 8}
+    # Mistral-7B-v0.1 slides on every layer: KV stops growing at 4,096 tokens.
+    p = plan(MISTRAL_7B_V01, kv_dtype="bf16", device_bytes="80GB", weights_bytes="14.5GB")
+    assert p.kv_bytes_per_token == 0 and p.window_kv_bytes_per_token == 131_072
+    assert p.context_kv_bytes == 131_072 * 4_096
+    assert p.max_context_per_device is None and p.devices_needed == 1
+    assert "no limit" in str(p)
+
+
+def test_named_fields_match_the_config(tmp_path):
+    by_fields = plan(num_layers=80, num_kv_heads=8, head_dim=128, kv_dtype="fp8", tp=8)
+    by_config = plan(write(tmp_path, LLAMA_31_70B), kv_dtype="fp8", tp=8)
+    assert by_fields.kv_bytes_per_token == by_config.kv_bytes_per_token == 163_840
+    assert by_fields.context_kv_bytes_per_device == by_config.context_kv_bytes_per_device
+    mla = plan(num_layers=61, kv_lora_rank=512, qk_rope_head_dim=64, kv_dtype="bf16")
+    assert mla.kv_bytes_per_token == 70_272
+    # fields override a config's
+    assert plan(LLAMA_31_8B, num_layers=16, kv_dtype="bf16").kv_bytes_per_token == 65_536
+
+
+def test_fit_and_devices_needed():
+    p = plan(LLAMA_31_70B, kv_dtype="fp8", tp=8, device_bytes="80GB", weights_bytes="140GB")
+    # 80e9 - 140e9 / 8 = 62.5e9 B for KV + scales; 20,480 + 640 B per token per device
+    assert p.usable_bytes_per_device == 62_500_000_000
+    assert p.max_context_per_device == 62_500_000_000 // 21_120 // 16 * 16 == 2_959_280
+    assert p.devices_needed == 8 * 4  # 10M tokens over 4 TP groups of 8
+    tight = plan(LLAMA_31_70B, kv_dtype="fp8", tp=8, device_bytes="80GB", memory_fraction=0.5)
+    assert tight.usable_bytes_per_device == 40_000_000_000
+    full = plan(LLAMA_31_70B, tp=1, device_bytes="80GB", weights_bytes="140GB")
+    assert full.max_context_per_device == 0 and full.devices_needed is None
+    assert "weights alone" in full.table()
+    assert plan(LLAMA_31_70B).max_context_per_device is None  # no device size given
+    # tokens per segment: 64 MiB over 21,120 B/token in whole pages of 16
+    assert p.pages_per_segment == (64 << 20) // (16 * 21_120) == 198
+    assert p.tokens_per_segment == 198 * 16
+
+
+def test_report_and_export():
+    p = plan(LLAMA_31_70B, kv_dtype="fp8", tp=8, device_bytes="80GiB")
+    text = str(p)
+    assert text == p.table()
+    for s in ("163,840 B/token", "20,480 B/token per device", "204.8 GB", "GiB", "5,120"):
+        assert s in text
+    d = p.as_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert d["kv_bytes_per_token"] == 163_840
+    assert d["device_bytes"] == 80 * 2**30
+    assert d["geometry"]["num_layers"] == 80
+    assert isinstance(p, Plan) and radixseg.plan is plan
+
+
+def test_cli_llama_70b(tmp_path, capsys):
+    path = write(tmp_path, LLAMA_31_70B)
+    argv = ["plan", "--config", str(path), "--kv-dtype", "fp8", "--context", "10000000"]
+    assert main([*argv, "--tp", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "163,840 B/token" in out
+    assert "204.8 GB (190.7 GiB) per device" in out  # 163,840 x 10M / 8 = 204.8e9 B
+    assert main([*argv, "--tp", "8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["context_kv_bytes_per_device"] == 204_800_000_000
+
+
+def test_cli_fields_and_sizes(capsys):
+    argv = ["plan", "--layers", "80", "--kv-heads", "8", "--head-dim", "128", "--tp", "8"]
+    assert main([*argv, "--device-memory", "80GB", "--weights", "140GB", "--context", "10M"]) == 0
+    out = capsys.readouterr().out
+    assert "2,959,280 tokens" in out and "32 for 10,000,000 tokens" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--kv-dtype", "int4"], "int4"),
+        (["--tp", "0"], "tp=0"),
+        (["--device-memory", "80 gigs"], "80 gigs"),
+        (["--context", "-5"], "-5"),
+    ],
+)
+def test_cli_bad_input(capsys, argv, needle):
+    base = ["plan", "--layers", "32", "--kv-heads", "8", "--head-dim", "128"]
+    assert main([*base, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radixseg plan: error:") and needle in err
+
+
+def test_cli_needs_a_model(capsys):
+    assert main(["plan"]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"kv_dtype": "int4"}, "'int4'"),
+        ({"kv_dtype": torch.int8}, "torch.int8"),
+        ({"tp": 0}, "tp=0"),
+        ({"context": 0}, "context=0"),
+        ({"page_size": 24}, "page_size=24"),
+        ({"page_size": 2048}, "page_size=2048"),
+        ({"memory_fraction": 1.5}, "memory_fraction=1.5"),
+        ({"device_bytes": "80 gigs"}, "'80 gigs'"),
+        ({"segment_bytes": 1024}, "segment_bytes=1,024"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs, needle):
+    with pytest.raises(InvalidArgument) as e:
+        plan(LLAMA_31_8B, **kwargs)
+    assert needle in str(e.value)
+
+
+def test_bad_configs_name_field_and_file(tmp_path):
+    bad = {k: v for k, v in LLAMA_31_8B.items() if k != "num_hidden_layers"}
+    path = write(tmp_path, bad)
+    with pytest.raises(InvalidArgument, match="num_hidden_layers") as e:
+        plan(path)
+    assert str(path) in str(e.value)
+    no_hidden = {k: v for k, v in LLAMA_31_8B.items() if k != "hidden_size"}
+    with pytest.raises(InvalidArgument, match=r"hidden_size.*head_dim"):
+        plan(write(tmp_path, no_hidden, "b.json"))
+    with pytest.raises(InvalidArgument, match="kv_lora_rank=-1"):
+        plan({**DEEPSEEK_V3, "kv_lora_rank": -1})
+    with pytest.raises(InvalidArgument, match="qk_rope_head_dim"):
+        plan({k: v for k, v in DEEPSEEK_V3.items() if k != "qk_rope_head_dim"})
+    with pytest.raises(InvalidArgument, match="'linear_attention'"):
+        plan({**LLAMA_31_8B, "num_hidden_layers": 2, "layer_types": ["linear_attention"] * 2})
+    with pytest.raises(InvalidArgument, match=r"missing\.json"):
+        plan(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        plan(tmp_path / "broken.json")
+    with pytest.raises(InvalidArgument, match="num_kv_heads=0"):
+        plan(num_layers=2, num_kv_heads=0, head_dim=64)
+
+
+def test_parse_sizes():
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("1.5 TB") == 1_500_000_000_000
+    assert parse_bytes("85_899_345_920") == parse_bytes(85_899_345_920) == 80 * 2**30
+    assert parse_count("10M") == parse_count("10,000,000") == 10_000_000
+    with pytest.raises(InvalidArgument, match=r"0\.5"):
+        parse_bytes("0.5")
+    with pytest.raises(InvalidArgument, match="80XB"):
+        parse_bytes("80XB")
