@@ -43,9 +43,14 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    # `slow` tests run only when asked for: `-m slow` (or any -m naming it)
+    # or RADIXSEG_SLOW=1.
+    want_slow = "slow" in (config.getoption("-m") or "") or os.environ.get("RADIXSEG_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: run with -m slow or RADIXSEG_SLOW=1")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    cuda = _has_cuda()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not want_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)

@@ -16,7 +16,7 @@ import torch
 
 from radixseg._core import InvalidArgument
 
-__all__ = ["as_count", "as_id_array", "to_tensor"]
+__all__ = ["as_count", "as_id_array", "as_namespace", "to_tensor"]
 
 _INT_KINDS = ("i", "u")
 _FAST_DTYPES = (torch.int32, torch.int64)
@@ -33,6 +33,16 @@ def as_count(n: Any, what: str = "n") -> int:
     if count < 0:
         raise InvalidArgument(f"{what} must be non-negative, got {count}")
     return count
+
+
+def as_namespace(namespace: Any) -> int:
+    """A namespace key: an int in ``0..2**64``, else ``TypeError``/``InvalidArgument``."""
+    if isinstance(namespace, bool) or not isinstance(namespace, (int, np.integer)):
+        raise TypeError(f"namespace must be an int, got {type(namespace).__name__}: {namespace!r}")
+    ns = int(namespace)
+    if not 0 <= ns < 2**64:
+        raise InvalidArgument(f"namespace must be in 0..2^64 - 1, got {ns}")
+    return ns
 
 
 def as_id_array(ids: Any, what: str = "page ids") -> npt.NDArray[np.int32] | npt.NDArray[np.int64]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radixseg._convert import as_id_array
+from radixseg._convert import as_id_array, as_namespace
 from radixseg._core import TOKEN_LIMIT, InvalidArgument
 from radixseg.pool import KVPool
 from radixseg.tree import RadixTree
@@ -199,7 +199,7 @@ class PrefixCache:
         """
         prompt = _as_tokens(tokens)
         self._check_len(prompt.numel())
-        ns = self._namespace(namespace)
+        ns = as_namespace(namespace)
         query = prompt[:-1] if leave_last and prompt.numel() else prompt
         ids, length, node = self.tree.acquire(query, ns)
         req = Request(self, prompt, ns, ids, length, node)
@@ -292,6 +292,10 @@ class PrefixCache:
         """Evict least-recently-used unlocked prefixes; returns pages the tree released."""
         return self.tree.evict(n_pages)
 
+    def evictable_pages(self) -> int:
+        """Cached pages no running request locks (what :meth:`evict` can release)."""
+        return self.tree.evictable_pages()
+
     def reset(self) -> None:
         """Forget every cached prefix. Refused while requests are running
         (their matched pages are held by the tree), as SGLang's flush_cache is."""
@@ -342,12 +346,3 @@ class PrefixCache:
             raise InvalidArgument(
                 f"sequence of {n:,} tokens exceeds max_context_len={self.max_context_len:,}"
             )
-
-    @staticmethod
-    def _namespace(namespace: Any) -> int:
-        if isinstance(namespace, bool) or not isinstance(namespace, (int, np.integer)):
-            raise TypeError(f"namespace must be an int, got {type(namespace).__name__}")
-        ns = int(namespace)
-        if not 0 <= ns < 2**64:
-            raise InvalidArgument(f"namespace must be in 0..2^64 - 1, got {ns}")
-        return ns

@@ -75,6 +75,7 @@ _ALIGN = 256
 _ELEMENT_LIMIT = 2**31 - 1
 _PAGES_PER_SEGMENT_LIMIT = 1 << 20
 DEFAULT_SEGMENT_BYTES = 64 << 20
+_UNCHECKED_GROWTH = 256 << 20
 
 
 class DeviceOutOfMemory(OutOfPages):
@@ -112,6 +113,10 @@ class AttachedCache(Protocol):
 
     def evict(self, n_pages: int) -> int:
         """Release at least ``n_pages`` cached pages if possible; return how many."""
+        ...
+
+    def evictable_pages(self) -> int:
+        """Pages ``evict`` could release now."""
         ...
 
     def cache_stats(self) -> dict[str, Any]:
@@ -501,14 +506,21 @@ class KVPool:
         )
         return added
 
-    def _room(self) -> int:
-        """Segments the budget and the allocator's id space still allow."""
+    def _room(self, need: int = 0) -> int:
+        """Segments the budget and the allocator's id space still allow.
+
+        With no budget, a growth of more than 256 MiB is also capped by the
+        device's free memory, so an absurd request fails at once instead of
+        allocating segment after segment until the device refuses.
+        """
         live = self.allocator.segment_count()
         room = self.allocator.max_segments - live
         reserved = live * self.segment_bytes
         budget = self.resolved_budget(reserved)
         if budget is not None:
             room = min(room, max(0, (budget - reserved) // self.segment_bytes))
+        elif need * self.segment_bytes > _UNCHECKED_GROWTH:
+            room = min(room, _device_free_bytes(self.device) // self.segment_bytes)
         return room
 
     def resolved_budget(self, reserved: int | None = None) -> int | None:
@@ -573,7 +585,10 @@ class KVPool:
                 pass
             short = max(1, n - self.allocator.free_pages())
             need = -(-short // pps)
-            room = self._room()
+            room = self._room(need)
+            evictable = self._cache.evictable_pages() if self._cache is not None else 0
+            if short > room * pps + evictable:
+                break  # growth and eviction together cannot cover it: fail now
             if room > 0 and failure is None:
                 try:
                     added += self._grow(min(need, room))
@@ -586,9 +601,10 @@ class KVPool:
                     self._counters["evicted_pages"] += released
                     failure = None
                     continue
-            # Give back what this call added, so a failure changes nothing.
-            self._retire(added)
-            raise self._exhausted(n, need, self._room(), failure)
+            break
+        # Give back what this call added, so a failure changes nothing.
+        self._retire(added)
+        raise self._exhausted(n, need, self._room(need), failure)
 
     def _retire(self, sids: list[int]) -> int:
         """Retire the empty segments among ``sids``; returns bytes freed. Caller holds the lock."""
@@ -616,10 +632,20 @@ class KVPool:
                 f"{reserved:,} B in {self.allocator.segment_count():,} segments and "
                 f"eviction freed nothing; lower segment_bytes or free device memory"
             )
+        elif (
+            budget is None and self.allocator.max_segments - self.allocator.segment_count() >= need
+        ):
+            err = DeviceOutOfMemory(
+                f"cannot allocate {n:,} pages ({n * self.page_bytes:,} B): {free:,} free, and "
+                f"the {need:,} segments of {self.segment_bytes:,} B it needs exceed the "
+                f"device's free memory ({_device_free_bytes(self.device):,} B); lower the request "
+                f"or free device memory"
+            )
         elif budget is None or room >= need:
             err = BudgetExhausted(
                 f"cannot allocate {n:,} pages: {free:,} free and the allocator's id space "
-                f"allows no more segments (max_segments={self.allocator.max_segments:,}); "
+                f"allows {room:,} more segments of the {need:,} needed "
+                f"(max_segments={self.allocator.max_segments:,}); "
                 f"raise max_segments or pages_per_segment"
             )
         else:

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 import torch
 
 from radixseg import _core
-from radixseg._convert import as_count, as_id_array, to_tensor
+from radixseg._convert import as_count, as_id_array, as_namespace, to_tensor
+from radixseg._core import InvalidHandle
 
 __all__ = ["MatchResult", "RadixTree"]
 
@@ -70,7 +71,9 @@ class RadixTree(_core.RadixTree):
         Refreshes the recency of the matched path. Lock ``result.node`` before
         anything can evict if the pages must survive.
         """
-        ids, length, node = super().match_prefix(as_id_array(tokens, "tokens"), namespace)
+        ids, length, node = super().match_prefix(
+            as_id_array(tokens, "tokens"), as_namespace(namespace)
+        )
         return MatchResult(to_tensor(ids), length, node)
 
     def insert(self, tokens: Any, page_ids: Any, namespace: int = 0) -> int:
@@ -83,7 +86,9 @@ class RadixTree(_core.RadixTree):
         reference too. All or none: bad input raises and changes nothing.
         """
         return super().insert(
-            as_id_array(tokens, "tokens"), as_id_array(page_ids, "page ids"), namespace
+            as_id_array(tokens, "tokens"),
+            as_id_array(page_ids, "page ids"),
+            as_namespace(namespace),
         )
 
     def acquire(self, tokens: Any, namespace: int = 0) -> MatchResult:  # type: ignore[override]
@@ -94,7 +99,7 @@ class RadixTree(_core.RadixTree):
         takes no page references for them. Don't :meth:`reset` while requests
         are running: it drops locked nodes too.
         """
-        ids, length, node = super().acquire(as_id_array(tokens, "tokens"), namespace)
+        ids, length, node = super().acquire(as_id_array(tokens, "tokens"), as_namespace(namespace))
         return MatchResult(to_tensor(ids), length, node)
 
     def finish(
@@ -120,11 +125,23 @@ class RadixTree(_core.RadixTree):
         return super().finish(
             as_id_array(tokens, "tokens"),
             as_id_array(page_ids, "page ids"),
-            namespace,
+            as_namespace(namespace),
             node,
             cache,
             as_count(owned_from, "owned_from"),
         )
+
+    def lock(self, node: Any) -> None:
+        """Protect ``node`` and its ancestors from eviction until :meth:`unlock`."""
+        super().lock(_node(node))
+
+    def unlock(self, node: Any) -> None:
+        """Undo one :meth:`lock`; unlocking an unlocked node raises ``InvalidArgument``."""
+        super().unlock(_node(node))
+
+    def lock_count(self, node: Any) -> int:
+        """Locks held on ``node`` (its own and its descendants')."""
+        return super().lock_count(_node(node))
 
     def evict(self, n_pages: Any) -> int:
         """Evict least-recently-used unlocked leaves until ``n_pages`` are released.
@@ -143,3 +160,12 @@ class RadixTree(_core.RadixTree):
             "nodes": self.node_count(),
             "metadata_bytes": self.metadata_bytes(),
         }
+
+
+def _node(node: Any) -> int:
+    """A node handle as the core takes it (an int64), else a typed error."""
+    if isinstance(node, bool) or not isinstance(node, int):
+        raise TypeError(f"node must be an int handle from match_prefix/acquire, got {node!r}")
+    if not -(2**63) <= node < 2**63:
+        raise InvalidHandle(f"node handle {node} is not a handle this tree issued")
+    return node
