@@ -1,8 +1,8 @@
 """The ``radixseg`` command line.
 
-``radixseg demo`` walks a segment allocator through a burst of requests: the
-pool grows by segments as demand rises, page ids stay put, and empty segments
-are handed back when demand falls. ``radixseg plan`` sizes the KV cache of a
+``radixseg demo`` grows one context to 10M tokens in a pool that starts empty,
+shares it with follow-up requests through the radix tree, and hands every
+byte back (see :mod:`radixseg.demo`). ``radixseg plan`` sizes the KV cache of a
 model from its ``config.json``: bytes per token, per context, and what fits.
 """
 
@@ -12,10 +12,8 @@ import argparse
 import json
 import sys
 
-import numpy as np
-import torch
-
-from radixseg import InvalidArgument, OutOfPages, SegmentAllocator
+from radixseg import InvalidArgument
+from radixseg.demo import run_demo
 from radixseg.plan import parse_bytes, parse_count
 from radixseg.plan import plan as make_plan
 
@@ -23,53 +21,18 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    a = SegmentAllocator(page_size=args.page_size, pages_per_segment=args.pages_per_segment)
-    rng = np.random.default_rng(args.seed)
-    live: list[torch.Tensor] = []
-    print(
-        f"radixseg demo: page_size={a.page_size} tokens, "
-        f"pages_per_segment={a.pages_per_segment}, {args.requests} requests"
-    )
-    print(f"{'phase':<10}{'step':>6}{'segments':>10}{'used pages':>12}{'free pages':>12}")
-
-    def row(phase: str, step: int) -> None:
-        s = a.stats()
-        print(f"{phase:<10}{step:>6}{s['segments']:>10}{s['used_pages']:>12}{s['free_pages']:>12}")
-
-    grown = 0
-    for step in range(args.requests):
-        tokens = int(rng.integers(64, args.max_tokens))
-        pages = -(-tokens // a.page_size)
-        try:
-            ids = a.alloc(pages)
-        except OutOfPages:
-            need = -(-(pages - a.free_pages()) // a.pages_per_segment)
-            for _ in range(need):
-                a.add_segment()
-                grown += 1
-            ids = a.alloc(pages)
-        live.append(ids)
-        if step % max(1, args.requests // 8) == 0:
-            row("grow", step)
-    row("peak", args.requests)
-    first = live.pop(0)
-    rng.shuffle(live)
-    while live:
-        a.release(live.pop())
-    retired = 0
-    for seg in reversed(a.segments()):
-        usage = dict(a.segment_usage())[seg]
-        if usage == 0:
-            a.retire_segment(seg)
-            retired += 1
-    row("shrink", args.requests)
-    # the oldest request's pages never moved
-    assert a.refcount(first).tolist() == [1] * len(first)
-    a.check_invariants()
-    print(
-        f"added {grown} segments under load, retired {retired} once released; "
-        f"{len(first)} pages of the first request kept their ids throughout"
-    )
+    try:
+        run_demo(
+            tokens=parse_count(args.tokens, "--tokens"),
+            chunk=args.chunk,
+            followups=args.followups,
+            page_size=args.page_size,
+            segment_bytes=parse_bytes(args.segment_bytes, "--segment-bytes"),
+            seed=args.seed,
+        )
+    except InvalidArgument as e:
+        print(f"radixseg demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -109,11 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``radixseg`` command."""
     p = argparse.ArgumentParser(prog="radixseg", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="grow, use and shrink a segmented page pool")
-    d.add_argument("--requests", type=int, default=2000)
-    d.add_argument("--max-tokens", type=int, default=8192)
+    d = sub.add_parser(
+        "demo",
+        help="grow one context to 10M tokens, share it, hand the memory back",
+        description="One context grows to --tokens in a pool that starts empty, is shared by "
+        "follow-up requests through the radix tree, and is handed back by shrink().",
+    )
+    d.add_argument("--tokens", default="10M", help="context length, e.g. 10M (default)")
+    d.add_argument("--chunk", type=int, default=262_144, help="tokens added per step")
+    d.add_argument("--followups", type=int, default=3, help="requests sharing the context")
     d.add_argument("--page-size", type=int, default=16)
-    d.add_argument("--pages-per-segment", type=int, default=1024)
+    d.add_argument("--segment-bytes", default="64MiB")
     d.add_argument("--seed", type=int, default=0)
     q = sub.add_parser(
         "plan",
