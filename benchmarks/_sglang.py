@@ -1,13 +1,15 @@
 """Load SGLang's KV-cache allocators and radix cache on CPU, without SGLang's server.
 
-The benchmarks drive SGLang's own classes side by side with radixseg's. The
-package is installed with ``--no-deps`` (its full dependency set is a GPU
-serving stack), so this module imports only the cache modules: ``sglang`` and
-the ``sglang.kernels`` package chain become empty package objects whose
-``__path__`` points at the installed directories (their ``__init__.py`` files
-pull in transformers, FlashInfer and the kernel registry), and two modules the
-cache code needs only for a type hint and for disabled metrics are replaced by
-stand-ins. Everything timed is SGLang's unmodified code.
+The benchmarks drive SGLang's own classes side by side with radixseg's, and
+``tests/test_integration_sglang.py`` compares ``radixseg.integrations.sglang``
+with them step by step. The package is installed with ``--no-deps`` (its full
+dependency set is a GPU serving stack), so this module imports only the cache
+modules: ``sglang`` and the ``sglang.kernels`` package chain become empty
+package objects whose ``__path__`` points at the installed directories (their
+``__init__.py`` files pull in transformers, FlashInfer and the kernel
+registry), and two modules the cache code needs only for a type hint and for
+disabled metrics are replaced by stand-ins. Everything timed is SGLang's
+unmodified code.
 
 Install (the benchmark-only extra; see ``benchmarks/requirements-bench.txt``)::
 
@@ -32,6 +34,7 @@ __all__ = [
     "allocator",
     "available",
     "cache_init_params",
+    "cache_module",
     "installed_version",
     "paged_allocator",
     "radix_cache_class",
@@ -132,9 +135,15 @@ def _load() -> None:
     _loaded = True
 
 
-def _allocator_module() -> types.ModuleType:
+def cache_module(name: str) -> types.ModuleType:
+    """``sglang.srt.mem_cache.<name>`` (e.g. ``radix_cache``, ``base_prefix_cache``,
+    ``allocator.paged``), imported with the stand-ins above in place."""
     _load()
-    return importlib.import_module("sglang.srt.mem_cache.allocator")
+    return importlib.import_module(f"sglang.srt.mem_cache.{name}")
+
+
+def _allocator_module() -> types.ModuleType:
+    return cache_module("allocator")
 
 
 def token_allocator(size: int) -> Any:

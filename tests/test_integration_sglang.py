@@ -1,0 +1,831 @@
+"""radixseg.integrations.sglang: SGLang's allocator and RadixCache contract over radixseg.
+
+The comparison tests drive one request scenario (shared system prompts,
+prefill, decode with partial pages, chunked prefill with checkpoints,
+multi-turn chat, concurrent locked requests under memory pressure, a failed
+allocation, namespaces) through SGLang 0.5.23's own ``RadixCache`` over its
+CPU allocator and through the adapter, with the same engine code, and compare
+every observation: matched lengths, evictable/protected/total sizes, available
+tokens, evicted tokens, allocation failures. SGLang is loaded with
+``benchmarks/_sglang.py`` (its cache modules only, no server); those tests are
+skipped when SGLang is not installed. The other tests need no SGLang.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from array import array
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from radixseg import DoubleFree, InvalidArgument, InvalidHandle, KVPool
+from radixseg.integrations import sglang as rs
+
+_LOADER = Path(__file__).resolve().parents[1] / "benchmarks" / "_sglang.py"
+
+
+def _loader() -> ModuleType:
+    """``benchmarks/_sglang.py``, imported once (as the benchmarks import it)."""
+    if "_sglang" in sys.modules:
+        return sys.modules["_sglang"]
+    spec = importlib.util.spec_from_file_location("_sglang", _LOADER)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_sglang"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def sg() -> SimpleNamespace:
+    """SGLang's cache classes, or a clean skip when SGLang cannot be loaded."""
+    if not _LOADER.exists():
+        pytest.skip("benchmarks/_sglang.py (the SGLang loader) is not in this checkout")
+    loader = _loader()
+    if not loader.available():
+        pytest.skip(
+            f"sglang is not installed: pip install --no-deps sglang=={loader.SGLANG_VERSION} "
+            "and -r benchmarks/requirements-bench.txt"
+        )
+    try:
+        radix = loader.cache_module("radix_cache")
+        base = loader.cache_module("base_prefix_cache")
+        paged = loader.cache_module("allocator.paged")
+    except ImportError as e:  # pragma: no cover - depends on the install
+        pytest.skip(f"SGLang's cache modules cannot be loaded on CPU: {e}")
+    return SimpleNamespace(
+        loader=loader,
+        RadixCache=radix.RadixCache,
+        RadixKey=radix.RadixKey,
+        MatchPrefixParams=base.MatchPrefixParams,
+        InsertParams=base.InsertParams,
+        EvictParams=base.EvictParams,
+        alloc_extend_naive=paged.alloc_extend_naive,
+        alloc_decode_naive=paged.alloc_decode_naive,
+    )
+
+
+# ----- helpers -------------------------------------------------------------------------
+
+
+def _pool(page_size: int, pps: int = 8, segments: int | None = None) -> KVPool:
+    pool = KVPool(1, 1, 8, page_size=page_size, pages_per_segment=pps, dtype="fp32")
+    if segments is not None:
+        pool.budget_bytes = segments * pool.segment_bytes
+    return pool
+
+
+def _ours(page_size: int, segments: int | None = None, **kw: Any):
+    pool = _pool(page_size, segments=segments)
+    alloc = rs.RadixsegTokenToKVPoolAllocator(pool, size=kw.pop("size", None))
+    cache = rs.RadixsegRadixCache(alloc, rs.ReqToTokenTable(8, 256), **kw)
+    return pool, alloc, cache
+
+
+def _key(tokens: list[int], extra_key: str | None = None, **kw: Any) -> rs.RadixKey:
+    return rs.RadixKey(array("q", tokens), extra_key, **kw)
+
+
+def _insert(cache: rs.RadixsegRadixCache, tokens: list[int], slots: torch.Tensor, **kw: Any):
+    return cache.insert(rs.InsertParams(key=_key(tokens, **kw), value=slots))
+
+
+def _match(cache: rs.RadixsegRadixCache, tokens: list[int], **kw: Any) -> rs.MatchResult:
+    return cache.match_prefix(rs.MatchPrefixParams(key=_key(tokens, **kw)))
+
+
+# ----- the engine both caches are driven by ------------------------------------------------
+
+
+class _KV:
+    """SGLang 0.5.23's per-request KV record (the fields its RadixCache reads)."""
+
+    def __init__(self, row: int, protected: int) -> None:
+        self.req_pool_idx: int | None = row
+        self.cache_protected_len = protected
+        self.cache_inserted_len = 0
+        self.swa_evict_floor = 0
+
+
+class _Req:
+    """SGLang 0.5.23's ``Req``, reduced to what the radix cache reads."""
+
+    def __init__(self, prompt: list[int], extra_key: str | None) -> None:
+        self.origin_input_ids = array("q", prompt)
+        self.output_ids = array("q")
+        self.extra_key = extra_key
+        self.cache_salt = None
+        self.priority = 0
+        self.kv: _KV | None = None
+        self.lock: Any = None
+        self.last_node: Any = None
+        self.prefix_len = 0
+        self.seq = 0  # tokens whose KV is in the row
+
+    @property
+    def full_untruncated_fill_ids(self) -> array:
+        return self.origin_input_ids + self.output_ids
+
+
+class _LegacyReq:
+    """A pre-0.5.23 ``Req``: ``req_pool_idx``, ``fill_ids``, ``prefix_indices``, no lock object."""
+
+    def __init__(self, prompt: list[int], extra_key: str | None) -> None:
+        self.origin_input_ids = array("q", prompt)
+        self.output_ids = array("q")
+        self.extra_key = extra_key
+        self.req_pool_idx: int | None = None
+        self.prefix_indices = torch.zeros(0, dtype=torch.int64)
+        self.last_node: Any = None
+        self.prefix_len = 0
+        self.seq = 0
+
+    @property
+    def fill_ids(self) -> array:
+        return (self.origin_input_ids + self.output_ids)[: self.seq]
+
+
+class _Engine:
+    """A scheduler's cache calls, written once against SGLang 0.5.23's API.
+
+    ``api="0.5.23"`` uses ``lock``/``prefix_device_indices``/``checkpoint`` and
+    releases as ``common.release_kv_cache`` does (free the row past
+    ``cache_protected_len``, unlock, free the row); ``api="legacy"`` (radixseg
+    only) uses ``inc_lock_ref``, ``MatchResult.device_indices``,
+    ``cache_unfinished_req`` and ``cache_finished_req``. Every observation goes
+    to ``log``; ``content`` maps each slot to the token whose KV it holds.
+    """
+
+    def __init__(self, cache: Any, alloc: Any, keys: Any, api: str = "0.5.23") -> None:
+        self.cache, self.alloc, self.keys, self.api = cache, alloc, keys, api
+        self.table = cache.req_to_token_pool
+        self.ps = alloc.page_size
+        self.log: list[tuple[Any, ...]] = []
+        self.content: dict[int, tuple[str | None, int, int]] = {}
+
+    def observe(self, what: str, *values: Any) -> None:
+        c = self.cache
+        self.log.append(
+            (
+                what,
+                *values,
+                c.evictable_size(),
+                c.protected_size(),
+                c.total_size(),
+                self.alloc.available_size(),
+            )
+        )
+
+    def _check_slots(self, req: Any, tokens: Any, slots: torch.Tensor) -> None:
+        """The KV at ``slots`` belongs to ``tokens`` in ``req``'s namespace."""
+        for pos, slot in enumerate(slots.tolist()):
+            assert slot >= self.ps, "a slot of the padding page was handed out"
+            assert self.content[slot] == (req.extra_key, pos, tokens[pos])
+
+    def start(self, prompt: list[int], extra_key: str | None = None) -> Any:
+        legacy = self.api == "legacy"
+        req = (_LegacyReq if legacy else _Req)(prompt, extra_key)
+        key = self.keys.RadixKey(array("q", prompt), extra_key, limit=len(prompt) - 1)
+        m = self.cache.match_prefix(self.keys.MatchPrefixParams(key=key))
+        req.prefix_len, req.last_node = m.device_prefix_len, m.last_device_node
+        (row,) = self.table.alloc_rows(1)
+        if legacy:
+            self.cache.inc_lock_ref(req.last_node)
+            req.req_pool_idx = row
+            prefix = m.device_indices
+            req.prefix_indices = prefix
+        else:
+            req.lock = self.cache.lock(req.last_node)
+            req.kv = _KV(row, req.prefix_len)
+            prefix = self.cache.prefix_device_indices(req)
+        assert len(prefix) == req.prefix_len
+        self._check_slots(req, prompt, prefix)
+        self.table.write((row, slice(0, req.prefix_len)), prefix)
+        req.seq = req.prefix_len
+        self.observe("match", req.prefix_len)
+        return req
+
+    def _row(self, req: Any) -> torch.Tensor:
+        row = req.req_pool_idx if self.api == "legacy" else req.kv.req_pool_idx
+        return self.table.req_to_token[row]
+
+    def extend(self, req: Any, upto: int) -> bool:
+        """Compute KV for tokens ``req.seq .. upto`` (evicting first, as the scheduler)."""
+        ps, seq = self.ps, req.seq
+        need = (-(-upto // ps) - -(-seq // ps)) * ps
+        available = self.alloc.available_size()
+        if available < need:
+            evicted = self.cache.evict(self.keys.EvictParams(num_tokens=need - available))
+            self.observe("evict", evicted.num_tokens_evicted)
+        new = self.alloc.alloc(need)
+        if new is None:
+            self.observe("alloc failed", need)
+            return False
+        row = self._row(req)
+        in_page = min(upto, -(-seq // ps) * ps) - seq
+        first = int(row[seq - 1]) + 1 if in_page else 0
+        slots = torch.cat(
+            [torch.arange(first, first + in_page, dtype=torch.int64), new[: upto - seq - in_page]]
+        )
+        row[seq:upto] = slots.to(row.dtype)
+        tokens = req.origin_input_ids + req.output_ids
+        for pos, slot in zip(range(seq, upto), slots.tolist(), strict=True):
+            self.content[slot] = (req.extra_key, pos, tokens[pos])
+        req.seq = upto
+        self.observe("extend", upto)
+        return True
+
+    def prefill(self, req: Any) -> bool:
+        return self.extend(req, len(req.origin_input_ids))
+
+    def decode(self, req: Any, tokens: list[int]) -> None:
+        """Generate ``tokens``; the KV of all but the newest one is computed."""
+        for t in tokens:
+            req.output_ids.append(t)
+            assert self.extend(req, len(req.origin_input_ids) + len(req.output_ids) - 1)
+
+    def chunk(self, req: Any) -> None:
+        """Chunked prefill / multi-step: cache what the request has computed so far."""
+        if self.api == "legacy":
+            self.cache.cache_unfinished_req(req)
+        else:
+            self.cache.checkpoint(req, up_to=req.seq)
+        self._check_slots(req, req.origin_input_ids + req.output_ids, self._row(req)[: req.seq])
+        self.observe("checkpoint", req.seq)
+
+    def finish(self, req: Any, cache: bool = True) -> None:
+        kv_len = req.seq
+        if self.api == "legacy":
+            if cache:
+                self.cache.cache_finished_req(req)
+            else:
+                self.cache.release_kv_cache(req, checkpoint=False, kv_len=kv_len)
+        else:
+            if cache:
+                self.cache.checkpoint(req, up_to=kv_len)
+            protected = req.kv.cache_protected_len
+            row = self._row(req)
+            self.alloc.free_segment(row[protected:kv_len], start_pos=protected)
+            self.cache.unlock(req.lock)
+            req.lock = None
+            self.table.free(req)
+        self.observe("finish" if cache else "abort", kv_len)
+
+
+# Capacity of both sides: 160 tokens of pages, one page of which is padding.
+_POOL_TOKENS = 160
+
+
+def _capacity(ps: int) -> int:
+    return _POOL_TOKENS - ps
+
+
+def _scenario(e: _Engine, rng: torch.Generator) -> None:
+    """The request trace, in units of 4 tokens (a page, or 4 pages at page_size 1)."""
+    u = 4
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(1, 30_000, (n,), generator=rng).tolist()
+
+    system = toks(5 * u // 2 + 1)
+    # Two requests on one system prompt; decode crosses page boundaries.
+    a = e.start(system + toks(2 * u - 1))
+    assert e.prefill(a)
+    e.decode(a, toks(u + 2))
+    e.finish(a)
+    b = e.start(system + toks(3 * u))
+    assert e.prefill(b)
+    e.decode(b, toks(2))
+    e.finish(b)
+    # Multi-turn: the next turn repeats the conversation so far.
+    turn2 = list(a.origin_input_ids) + list(a.output_ids) + toks(u + 1)
+    a2 = e.start(turn2)
+    assert e.prefill(a2)
+    e.decode(a2, toks(3))
+    e.finish(a2)
+    # Chunked prefill: checkpoint after each chunk, then decode and finish.
+    long = toks(7 * u + 3)
+    c = e.start(long)
+    for end in (2 * u + 1, 5 * u - 1, len(long)):
+        assert e.extend(c, end)
+        e.chunk(c)
+    e.decode(c, toks(u))
+    e.chunk(c)  # a decode-time checkpoint (multi-step)
+    e.decode(c, toks(2))
+    e.finish(c)
+    # Namespaces: the same tokens under an extra_key share nothing with None.
+    f = e.start(system + toks(u), extra_key="lora-1")
+    assert e.prefill(f)
+    e.finish(f)
+    g = e.start(system + toks(2), extra_key="lora-1")
+    assert e.prefill(g)
+    e.finish(g)
+    # Pressure: two long requests run at once, locking what they matched;
+    # eviction takes unlocked leaves until nothing unlocked is left.
+    d = e.start(system + toks(14 * u))
+    assert e.prefill(d)
+    h = e.start(turn2 + toks(3 * u))
+    assert e.prefill(h)
+    big = e.start(toks(30 * u))
+    assert not e.prefill(big)  # everything else is locked: alloc fails
+    e.finish(big, cache=False)
+    e.finish(h)
+    e.decode(d, toks(u + 1))
+    e.finish(d)
+    # Retry after the others released their locks.
+    again = e.start(big.origin_input_ids.tolist()[: 20 * u])
+    assert e.prefill(again)
+    e.finish(again)
+    for prompt in (system + toks(3), turn2 + toks(1), long[: 6 * u] + toks(u)):
+        r = e.start(prompt)
+        assert e.prefill(r)
+        e.finish(r)
+    # Evict everything: every page comes back.
+    evicted = e.cache.evict(e.keys.EvictParams(num_tokens=10**6)).num_tokens_evicted
+    e.observe("evict all", evicted)
+
+
+def _sglang_side(sg: SimpleNamespace, ps: int) -> _Engine:
+    alloc = sg.loader.allocator(_capacity(ps), ps)
+    cache = sg.RadixCache(
+        sg.loader.cache_init_params(
+            disable=False,
+            req_to_token_pool=rs.ReqToTokenTable(8, 512),
+            token_to_kv_pool_allocator=alloc,
+            page_size=ps,
+        )
+    )
+    return _Engine(cache, alloc, sg)
+
+
+def _radixseg_side(sg: Any, ps: int, capacity: str, api: str) -> _Engine:
+    if capacity == "budget":  # whole segments of 8 pages: page 0 + SGLang's size
+        pool = _pool(ps, pps=8, segments=_POOL_TOKENS // ps // 8)
+        alloc = rs.RadixsegTokenToKVPoolAllocator(pool)
+    else:  # an unbounded pool capped at SGLang's size
+        pool = _pool(ps, pps=8)
+        alloc = rs.RadixsegTokenToKVPoolAllocator(pool, size=_capacity(ps))
+    cache = rs.RadixsegRadixCache(alloc, rs.ReqToTokenTable(8, 512))
+    return _Engine(cache, alloc, sg, api=api)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize(
+    ("capacity", "api"), [("budget", "0.5.23"), ("size", "0.5.23"), ("budget", "legacy")]
+)
+def test_same_scenario_as_sglang_radix_cache(sg, page_size, capacity, api):
+    theirs = _sglang_side(sg, page_size)
+    ours = _radixseg_side(sg, page_size, capacity, api)
+    assert ours.alloc.size == theirs.alloc.size == _capacity(page_size)
+    for e in (theirs, ours):
+        e.observe("start")
+        _scenario(e, torch.Generator().manual_seed(7))
+    for i, (t, o) in enumerate(zip(theirs.log, ours.log, strict=True)):
+        assert t == o, f"step {i}: SGLang {t} != radixseg {o}\n{theirs.log[max(0, i - 3) : i]}"
+    # The scenario exercised what it claims to.
+    kinds = {entry[0] for entry in ours.log}
+    assert {"evict", "alloc failed", "checkpoint", "abort", "evict all"} <= kinds
+    assert max(entry[1] for entry in ours.log if entry[0] == "match") >= 28
+    # Nothing leaked: everything but the padding page is available again.
+    assert ours.alloc.available_size() == theirs.alloc.available_size() == _capacity(page_size)
+    assert ours.cache.total_size() == 0
+    ours.alloc.pool.check_invariants()
+    ours.cache.sanity_check()
+    assert ours.alloc.pool.allocator.refcount([0]).tolist() == [1]
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_lock_deltas_match_sglang(sg, page_size):
+    """inc/dec_lock_ref deltas and sizes on a split path, root locks, eviction."""
+    ps = page_size
+    sgl = _sglang_side(sg, ps)
+    ours = _radixseg_side(sg, ps, "budget", "0.5.23")
+    out = []
+    for e in (sgl, ours):
+        c, a, k = e.cache, e.alloc, e.keys
+        log: list[Any] = []
+        first, second = list(range(1, 1 + 6 * ps)), list(range(1, 1 + 3 * ps)) + [99] * 2 * ps
+        for tokens in (first, second):
+            slots = a.alloc(len(tokens))
+            params = rs.InsertParams if c is ours.cache else k.InsertParams
+            r = c.insert(params(key=k.RadixKey(array("q", tokens)), value=slots))
+            a.free(slots[: r.prefix_len])  # the engine frees its duplicates
+            log.append((r.prefix_len, c.evictable_size(), c.protected_size()))
+        m1 = c.match_prefix(k.MatchPrefixParams(key=k.RadixKey(array("q", first))))
+        m2 = c.match_prefix(k.MatchPrefixParams(key=k.RadixKey(array("q", second))))
+        root = c.match_prefix(k.MatchPrefixParams(key=k.RadixKey(array("q", [7] * ps))))
+        log.append((m1.device_prefix_len, m2.device_prefix_len, root.device_prefix_len))
+        for op, node in (
+            ("inc", m1.last_device_node),
+            ("inc", m2.last_device_node),
+            ("inc", m1.last_device_node),
+            ("inc", root.last_device_node),
+            ("dec", root.last_device_node),
+            ("dec", m1.last_device_node),
+            ("dec", m1.last_device_node),
+        ):
+            r = c.inc_lock_ref(node) if op == "inc" else c.dec_lock_ref(node)
+            log.append((op, r.delta, c.evictable_size(), c.protected_size()))
+        log.append(("evict", c.evict(k.EvictParams(num_tokens=1)).num_tokens_evicted))
+        log.append((c.evictable_size(), c.protected_size(), c.total_size()))
+        c.dec_lock_ref(m2.last_device_node)
+        log.append(("evict", c.evict(k.EvictParams(num_tokens=10**6)).num_tokens_evicted))
+        log.append((c.evictable_size(), c.protected_size(), a.available_size()))
+        out.append(log)
+    assert out[0] == out[1]
+    assert out[1][-1] == (0, 0, _capacity(ps))  # nothing leaked
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_alloc_extend_and_decode_match_sglang(sg, page_size):
+    """The paged fill rule (rest of the last page, then new pages) is SGLang's,
+    checked against its own reference implementation with our pages."""
+    ps = page_size
+    pool = _pool(ps, pps=64)
+    alloc = rs.RadixsegTokenToKVPoolAllocator(pool)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        bs = 5
+        # Every request holds its prefix in pages of its own.
+        prefix = torch.randint(0, 3 * ps + 1, (bs,), generator=g)
+        extend = torch.randint(0, 3 * ps + 2, (bs,), generator=g)
+        seq = prefix + extend
+        last = torch.empty(bs, dtype=torch.int64)
+        for i, p in enumerate(prefix.tolist()):
+            held = alloc.alloc(-(-p // ps) * ps)
+            last[i] = held[p - 1] if p else -1
+        n = int(extend.sum())
+        out = alloc.alloc_extend(prefix, prefix, seq, seq, last, n)
+        assert out is not None and out.dtype == torch.int64 and out.numel() == n
+        assert n == 0 or int(out.min()) >= ps
+        # Our new pages, in the order the rule takes them.
+        fresh = [s // ps for s in out.tolist() if s // ps not in {int(x) // ps for x in last}]
+        order = list(dict.fromkeys(fresh))
+        want = torch.empty(n, dtype=torch.int64)
+        sg.alloc_extend_naive(
+            prefix, seq, last, torch.tensor(order, dtype=torch.int64), want, ps, "cpu"
+        )
+        assert torch.equal(out, want)
+        # One decode step for every request.
+        seq2 = seq + 1
+        last2 = torch.tensor(
+            [
+                int(out[int(extend[: i + 1].sum()) - 1]) if extend[i] else int(last[i])
+                for i in range(bs)
+            ]
+        )
+        got = alloc.alloc_decode(seq2, seq2, last2)
+        need = ((seq2 - 1) % ps == 0).nonzero().flatten()
+        pages = torch.tensor([int(got[i]) // ps for i in need.tolist()], dtype=torch.int64)
+        want = torch.empty(bs, dtype=torch.int64)
+        sg.alloc_decode_naive(seq2, last2, pages, want, ps, pages.numel())
+        assert torch.equal(got, want)
+
+
+# ----- the allocator contract (no SGLang needed) ----------------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_slot_zero_is_never_handed_out(page_size):
+    ps = page_size
+    pool, alloc, _ = _ours(ps, segments=3)  # 24 pages: page 0 + 23
+    assert alloc.size == alloc.available_size() == 23 * ps
+    got = [alloc.alloc(ps) for _ in range(23)]
+    assert alloc.alloc(ps) is None
+    slots = torch.cat(got)
+    assert slots.dtype == torch.int64 and int(slots.min()) == ps
+    assert sorted(slots.tolist()) == list(range(ps, 24 * ps))
+    with pytest.raises(InvalidHandle, match="padding"):
+        alloc.free(torch.tensor([0]))
+    for s in got:
+        alloc.free(s)
+    alloc.clear()
+    assert alloc.available_size() == 23 * ps
+    assert int(alloc.alloc(23 * ps).min()) == ps
+    assert pool.allocator.refcount([0]).tolist() == [1]
+    pool.shrink()
+    assert 0 in pool.allocator.segments()  # segment 0 stays: it holds page 0
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_alloc_returns_none_when_exhausted(page_size):
+    ps = page_size
+    pool, alloc, cache = _ours(ps, segments=2)  # 16 pages: page 0 + 15
+    assert alloc.alloc(16 * ps) is None
+    assert alloc.available_size() == 15 * ps
+    if ps > 1:
+        with pytest.raises(InvalidArgument, match="whole number of pages"):
+            alloc.alloc(ps + 1)
+    a = alloc.alloc(10 * ps)
+    assert a is not None and pool.stats()["segments"] == 2
+    before = pool.stats()
+    assert alloc.alloc(6 * ps) is None  # growth refused by the budget, nothing cached
+    assert pool.stats() == before and alloc.available_size() == 5 * ps
+    # Cache 10 pages; a new allocation then evicts them on its own.
+    _insert(cache, list(range(10 * ps)), a)
+    assert cache.evictable_size() == 10 * ps and alloc.available_size() == 5 * ps
+    b = alloc.alloc(8 * ps)
+    assert b is not None and cache.evictable_size() < 10 * ps
+    alloc.free(b)
+    # Locked cache pages are not evicted: alloc fails and changes nothing.
+    c = alloc.alloc(7 * ps)
+    _insert(cache, list(range(100, 100 + 7 * ps)), c)
+    m = _match(cache, list(range(100, 100 + 7 * ps)))
+    cache.inc_lock_ref(m.last_device_node)
+    assert alloc.alloc(15 * ps) is None
+    assert cache.protected_size() == 7 * ps and alloc.available_size() == 8 * ps
+    cache.dec_lock_ref(m.last_device_node)
+    assert alloc.alloc(15 * ps) is not None and cache.total_size() == 0
+
+
+def test_size_cap_evicts_within_the_cap():
+    ps = 2
+    _, alloc, cache = _ours(ps, size=6 * ps)  # unbounded pool, 6 pages allowed
+    assert alloc.size == 6 * ps and alloc.available_size() == 6 * ps
+    a = alloc.alloc(6 * ps)
+    _insert(cache, list(range(6 * ps)), a)
+    assert alloc.available_size() == 0
+    b = alloc.alloc(2 * ps)  # evicts the cached leaf to stay within the cap
+    assert b is not None and cache.total_size() == 0
+    assert alloc.alloc(5 * ps) is None
+    alloc.free(b)
+    c = alloc.alloc(3 * ps)
+    _insert(cache, list(range(50, 50 + 3 * ps)), c)
+    assert alloc.alloc(7 * ps) is None  # more than the cap even after eviction:
+    assert cache.total_size() == 3 * ps  # nothing was evicted for nothing
+
+
+def test_without_evict_on_alloc_the_engine_evicts():
+    ps = 2
+    pool, alloc, cache = _ours(ps, segments=1, evict_on_alloc=False)  # 7 usable pages
+    a = alloc.alloc(7 * ps)
+    _insert(cache, list(range(7 * ps)), a)
+    assert alloc.alloc(ps) is None and cache.evictable_size() == 7 * ps  # as SGLang's
+    assert alloc.check_decode_capacity(num_tokens=ps, tree_cache=cache)  # evicts a leaf
+    assert alloc.alloc(ps) is not None and cache.total_size() == 0
+    assert pool.stats()["segments"] == 1
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_double_free_is_detected(page_size):
+    ps = page_size
+    pool, alloc, cache = _ours(ps)
+    a, b = alloc.alloc(2 * ps), alloc.alloc(2 * ps)
+    alloc.free(a)
+    free_before = pool.allocator.free_pages()
+    with pytest.raises(DoubleFree):
+        alloc.free(a)
+    with pytest.raises(DoubleFree):  # all or nothing: b is not freed either
+        alloc.free(torch.cat([b, a]))
+    assert pool.allocator.free_pages() == free_before
+    # Within one call a page is freed once (SGLang's paged free dedups).
+    alloc.free(torch.cat([b, b]))
+    # Twice across the calls of one group: detected at the end, nothing freed.
+    c = alloc.alloc(2 * ps)
+    alloc.free_group_begin()
+    alloc.free(c)
+    alloc.free(c[:1])
+    with pytest.raises(DoubleFree):
+        alloc.free_group_end()
+    assert alloc.free_group is None and pool.allocator.free_pages() == free_before
+    alloc.free(c)
+    with pytest.raises(DoubleFree):
+        alloc.free_page_ids(c[:1] // ps)
+    # A page the tree owns goes back when it is evicted, not twice.
+    d = alloc.alloc(ps)
+    _insert(cache, list(range(ps)), d)
+    alloc.free_group_begin()
+    with pytest.raises(InvalidArgument, match="nested"):
+        alloc.free_group_begin()
+    alloc.free_group_end()
+    assert cache.evict(rs.EvictParams(num_tokens=1)).num_tokens_evicted == ps
+    with pytest.raises(DoubleFree):
+        alloc.free(d)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_free_group_defers_until_end(page_size):
+    ps = page_size
+    _, alloc, _ = _ours(ps)
+    xs = [alloc.alloc(ps) for _ in range(3)]
+    avail = alloc.available_size()
+    alloc.free_group_begin()
+    for x in xs:
+        alloc.free(x)
+    x0 = xs[0].clone()
+    xs[0].fill_(123456)  # the group kept its own copy
+    assert alloc.available_size() == avail and len(alloc.free_group) == 3
+    alloc.free_group_end()
+    assert alloc.available_size() == avail + 3 * ps
+    alloc.free_group_end()  # no group open: nothing to do
+    assert int(x0[0]) >= ps
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_backup_restore_rolls_back(page_size):
+    ps = page_size
+    pool, alloc, cache = _ours(ps)
+    before = alloc.alloc(2 * ps)
+    avail = alloc.available_size()
+    state = alloc.backup_state()
+    a = alloc.alloc(3 * ps)
+    b = alloc.alloc(ps)
+    alloc.free(b)  # allocated and freed since the backup: not freed again
+    c = alloc.alloc(2 * ps)
+    _insert(cache, list(range(2 * ps)), c)  # handed to the tree: stays cached
+    alloc.free(before[:ps])  # allocated before, freed since: stays free
+    alloc.restore_state(state)
+    assert alloc.available_size() == avail + ps - 2 * ps  # `before`'s page back, c cached
+    assert cache.total_size() == 2 * ps
+    with pytest.raises(DoubleFree):
+        alloc.free(a)
+    alloc.restore_state(state)  # again: nothing left to roll back
+    d = alloc.alloc(ps)
+    inner = alloc.backup_state()
+    alloc.restore_state(state)  # restoring past `inner` makes it stale
+    with pytest.raises(InvalidArgument, match="stale"):
+        alloc.restore_state(inner)
+    assert int(pool.allocator.refcount(d[:1] // ps)[0]) == 0
+    other = rs.RadixsegTokenToKVPoolAllocator(_pool(ps))
+    with pytest.raises(InvalidArgument):
+        other.restore_state(state)
+    alloc.free_group_begin()
+    alloc.free(before[ps:])
+    with pytest.raises(InvalidArgument, match="free group"):
+        alloc.restore_state(state)
+    alloc.free_group_end()
+    del state, inner
+    alloc.alloc(ps)
+    assert alloc._journal == []  # no live state: nothing is journaled
+
+
+def test_extra_key_isolates_namespaces(monkeypatch):
+    ps = 2
+    _, alloc, cache = _ours(ps)
+    tokens = list(range(8))
+    for extra_key, salt in ((None, None), ("lora-1", None), ("lora-1", "user-9")):
+        slots = alloc.alloc(8)
+        key = _key(tokens, extra_key, cache_salt=salt)
+        assert cache.insert(rs.InsertParams(key=key, value=slots)).prefix_len == 0
+    for extra_key, salt in ((None, None), ("lora-1", None), ("lora-1", "user-9")):
+        m = _match(cache, tokens, extra_key=extra_key, cache_salt=salt)
+        assert m.device_prefix_len == 8
+    assert _match(cache, tokens, extra_key="lora-2").device_prefix_len == 0
+    assert _match(cache, tokens, cache_salt="user-9").device_prefix_len == 0
+    # Distinct pages per namespace; the mapping is stable across processes.
+    got = {
+        tuple(_match(cache, tokens, extra_key=k).device_indices.tolist()) for k in (None, "lora-1")
+    }
+    assert len(got) == 2
+    assert rs.namespace_of(None, None) == rs.namespace_of(None, "") == 0
+    assert rs.namespace_of("lora-1") == 0xDC41465A9DD9D54F
+    # A hash collision is refused, not shared.
+    monkeypatch.setattr(rs, "_hash64", lambda data: 0x1234)
+    cache2 = rs.RadixsegRadixCache(rs.RadixsegTokenToKVPoolAllocator(_pool(ps)))
+    assert _match(cache2, tokens, extra_key="x").device_prefix_len == 0
+    with pytest.raises(InvalidArgument, match="same radixseg namespace"):
+        _match(cache2, tokens, extra_key="y")
+
+
+def test_insert_transfers_ownership_and_duplicates_stay_with_caller():
+    ps = 4
+    pool, alloc, cache = _ours(ps)
+    tokens = list(range(3 * ps + 2))  # 3 whole pages and a partial one
+    a = alloc.alloc(4 * ps)
+    r = _insert(cache, tokens, a[: len(tokens)])
+    assert r.prefix_len == 0 and cache.total_size() == 3 * ps
+    assert pool.allocator.refcount(a[::ps][:3] // ps).tolist() == [1, 1, 1]
+    alloc.free(a[3 * ps :])  # the partial page stays the caller's to free
+    b = alloc.alloc(4 * ps)
+    r = _insert(cache, tokens + [7] * ps, b)
+    assert r.prefix_len == 3 * ps  # b's first 3 pages duplicate cached ones
+    alloc.free_segment(b[: 3 * ps], start_pos=0)
+    m = _match(cache, tokens + [7] * ps)
+    assert m.device_prefix_len == 4 * ps
+    assert torch.equal(m.device_indices, torch.cat([a[: 3 * ps], b[3 * ps :]]))
+    assert torch.equal(cache.path_device_indices(m.last_device_node), m.device_indices)
+    assert r.last_device_node == m.last_device_node
+    with pytest.raises(InvalidArgument, match="whole pages"):
+        _insert(cache, list(range(50, 50 + ps)), torch.arange(ps, 2 * ps).flip(0))
+    with pytest.raises(InvalidArgument, match="value"):
+        cache.insert(rs.InsertParams(key=_key(tokens)))
+    assert cache.evict(10**6).num_tokens_evicted == 4 * ps
+    assert alloc.available_size() == alloc.size
+    pool.check_invariants()
+
+
+def test_locks_roots_and_stale_nodes():
+    ps = 2
+    _, alloc, cache = _ours(ps)
+    slots = alloc.alloc(6 * ps)
+    _insert(cache, list(range(6 * ps)), slots)
+    m = _match(cache, [*range(3 * ps), 99, 99])
+    assert cache.inc_lock_ref(m.last_device_node).delta == -3 * ps
+    assert cache.inc_lock_ref(m.last_device_node).delta == 0
+    assert (cache.evictable_size(), cache.protected_size()) == (3 * ps, 3 * ps)
+    root = _match(cache, [5] * ps)
+    assert root.last_device_node == cache.root_node == rs.ROOT_NODE
+    assert cache.is_root(root.last_device_node)
+    assert cache.inc_lock_ref(cache.root_node).delta == 0
+    assert cache.dec_lock_ref(cache.root_node).delta == 0
+    assert cache.path_device_indices(cache.root_node).numel() == 0
+    assert cache.dec_lock_ref(m.last_device_node).delta == 0
+    assert cache.dec_lock_ref(m.last_device_node).delta == 3 * ps
+    with pytest.raises(InvalidArgument):
+        cache.dec_lock_ref(m.last_device_node)  # SGLang would go negative
+    lock = cache.lock(m.last_device_node)
+    with pytest.raises(InvalidArgument, match="locked"):
+        cache.reset()  # SGLang's scheduler flushes only when idle
+    cache.unlock(lock)
+    assert cache.evict(rs.EvictParams(num_tokens=10**6)).num_tokens_evicted == 6 * ps
+    with pytest.raises(InvalidHandle):
+        cache.inc_lock_ref(m.last_device_node)  # evicted: the handle is stale
+    with pytest.raises(InvalidHandle):
+        cache.path_device_indices(m.last_device_node)
+    with pytest.raises(InvalidArgument, match="not returned"):
+        cache.path_device_indices(12345)
+    # reset releases the tree's pages; clear needs an empty cache.
+    s2 = alloc.alloc(4 * ps)
+    _insert(cache, list(range(4 * ps)), s2)
+    with pytest.raises(InvalidArgument, match="reset"):
+        alloc.clear()
+    cache.reset()
+    assert cache.total_size() == 0 and alloc.available_size() == alloc.size
+    with pytest.raises(InvalidArgument, match="already serves"):
+        rs.RadixsegRadixCache(alloc)
+    with pytest.raises(InvalidArgument, match="bigram"):
+        _match(cache, [1, 2, 3], is_bigram=True)
+    cache.pretty_print()
+    assert "evictable_size=0" in cache.available_and_evictable_str()
+
+
+def test_request_calls_without_sglang(capsys):
+    """cache_unfinished_req / cache_finished_req on a minimal duck-typed request."""
+    ps = 4
+    _, alloc, cache = _ours(ps)
+    table = cache.req_to_token_pool
+    req = SimpleNamespace(
+        req_pool_idx=table.alloc_rows(1)[0],
+        fill_ids=list(range(10)),
+        origin_input_ids=list(range(10)),
+        output_ids=[],
+        prefix_indices=torch.zeros(0, dtype=torch.int64),
+        last_node=cache.root_node,
+        extra_key=None,
+    )
+    slots = alloc.alloc(3 * ps)[:10]
+    table.req_to_token[req.req_pool_idx, :10] = slots.to(torch.int32)
+    cache.cache_unfinished_req(req)
+    assert len(req.prefix_indices) == 8 and cache.protected_size() == 8
+    req.output_ids = [10, 11]
+    alloc_next = alloc.alloc_decode(torch.tensor([11]), torch.tensor([11]), slots[9:10])
+    assert int(alloc_next[0]) == int(slots[9]) + 1  # same page
+    table.req_to_token[req.req_pool_idx, 10] = int(alloc_next[0])
+    req.fill_ids = list(range(11))
+    cache.cache_finished_req(req)  # kv_len = 10 + 2 - 1
+    assert (cache.total_size(), cache.protected_size()) == (8, 0)
+    assert alloc.available_size() == alloc.size - 8  # the partial page went back
+    assert req.req_pool_idx is None
+    cache.pretty_print()
+    assert "#tokens: 8" in capsys.readouterr().out
+
+
+def test_from_init_params_and_bad_arguments():
+    ps = 2
+    pool = _pool(ps)
+    alloc = rs.RadixsegTokenToKVPoolAllocator(pool)
+    params = SimpleNamespace(
+        disable=False,
+        req_to_token_pool=None,
+        token_to_kv_pool_allocator=alloc,
+        page_size=ps,
+        eviction_policy="LRU",
+    )
+    cache = rs.RadixsegRadixCache.from_init_params(params)
+    assert cache.page_size == ps and pool.stats()["cached_tokens"] == 0
+    with pytest.raises(InvalidArgument, match="req_to_token_pool"):
+        cache.checkpoint(SimpleNamespace(req_pool_idx=1), up_to=0)
+    for bad in ({"disable": True}, {"page_size": 4}, {"eviction_policy": "lfu"}):
+        fresh = rs.RadixsegTokenToKVPoolAllocator(_pool(ps))
+        p = SimpleNamespace(**{**vars(params), "token_to_kv_pool_allocator": fresh, **bad})
+        with pytest.raises(InvalidArgument):
+            rs.RadixsegRadixCache.from_init_params(p)
+    with pytest.raises(TypeError):
+        rs.RadixsegTokenToKVPoolAllocator(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        rs.RadixsegRadixCache(object())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="aligned"):
+        alloc.free_segment(torch.tensor([5]), start_pos=1)
+    with pytest.raises(InvalidArgument, match="shares a page"):
+        alloc.free_segments([(torch.tensor([2, 3, 4]), 0), (torch.tensor([5]), 3)])
+    with pytest.raises(InvalidArgument, match="negative"):
+        alloc.free([-1])
+    assert "pages used" in alloc.debug_print()
+    assert alloc.get_all_free_pages().numel() == pool.allocator.free_pages()
+    assert alloc.evict_to_free_tokens(cache, 2) is None
+    assert alloc.check_decode_capacity(num_tokens=2, tree_cache=cache)
