@@ -6,6 +6,7 @@ referenced. The Rust core (``radixseg._core``) decides which pages exist and
 who references them; Python owns the bytes.
 """
 
+from radixseg import attention
 from radixseg._core import (
     BudgetExhausted,
     DoubleFree,
@@ -42,5 +43,6 @@ __all__ = [
     "SegmentBusy",
     "SegmentTensors",
     "__version__",
+    "attention",
     "plan",
 ]

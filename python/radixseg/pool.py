@@ -167,7 +167,11 @@ def quantize_fp8(
     """
     fmax = FP8_MAX[dtype]
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) / fmax
+    # Divide by a tensor, not a Python float: CUDA turns division by a host
+    # scalar into a multiply by its rounded reciprocal, which misses IEEE
+    # division (what the CPU and the Triton store kernel compute) by one ulp in
+    # about half of all scales.
+    scale = xf.abs().amax(dim=-1) / torch.full((), fmax, device=xf.device)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (xf / safe.unsqueeze(-1)).clamp_(-fmax, fmax).to(dtype)
     return q, scale

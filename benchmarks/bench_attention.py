@@ -1,0 +1,434 @@
+"""radixseg.attention decode/extend against a peer, timed in the same run.
+
+GPU (the default): KV lives in a segmented KVPool with each request's pages
+shuffled across segments; radixseg's Triton kernels read it through the
+segment table. Peers, measured in the same process on the same data:
+
+* FlashInfer (if importable) over one contiguous paged tensor
+  ``[num_pages, 2, page_size, kv_heads, head_dim]`` of the same dtype (FP8
+  with a per-tensor scale of 1, since FlashInfer has no per-token scales):
+  the price of segments;
+* otherwise torch SDPA over a gathered contiguous bf16 copy of the KV (the
+  gather itself is not timed).
+
+Each case prints milliseconds (``triton.testing.do_bench``), the KV bytes read
+per second, that bandwidth as a share of this device's measured copy
+bandwidth, the ratio ours / peer (time), and the largest difference between
+the two outputs (a broken kernel cannot win quietly).
+
+``--cpu`` instead measures the torch backend (what CPU users get) decoding
+one long request, against a plain memcpy of the same bytes.
+
+Without a CUDA device (and without ``--cpu``) it says so and exits 0: no
+numbers are invented.
+
+Usage: python benchmarks/bench_attention.py [--long 1000000] [--json out.json]
+       python benchmarks/bench_attention.py --cpu [--cpu-tokens 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import radixseg
+from radixseg import KVPool
+from radixseg import attention as A
+
+GB = 1e9
+KV_DTYPES = {"e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+
+
+# ----- building a scattered pool ---------------------------------------------------------------
+
+
+def build(
+    kv_dtype: torch.dtype,
+    lens: list[int],
+    *,
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    device: str,
+    seed: int = 0,
+) -> tuple[KVPool, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 1-layer pool holding ``lens`` tokens per request, pages shuffled over
+    segments; returns ``(pool, kv_indptr, kv_indices, kv_last_page_len)`` (CPU int32)."""
+    pool = KVPool(1, kv_heads, head_dim, page_size=page_size, dtype=kv_dtype, device=device)
+    need = [-(-n // page_size) for n in lens]
+    ids = pool.alloc(sum(need))
+    gen = torch.Generator().manual_seed(seed)
+    ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    slots_all = (ids.long()[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+    chunk = 1 << 18
+    for s in range(0, slots_all.numel(), chunk):
+        slots = slots_all[s : s + chunk].to(device)
+        kv = torch.randn(slots.numel(), kv_heads, head_dim, device=device)
+        A.store_kv(pool, 0, slots, kv, kv.flip(-1), check=False)
+    indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.tensor(need, dtype=torch.int32), 0)
+    last = torch.tensor([(n - 1) % page_size + 1 for n in lens], dtype=torch.int32)
+    return pool, indptr, ids, last
+
+
+def kv_bytes(pool: KVPool, tokens: int) -> int:
+    """Bytes one pass over ``tokens`` tokens of one layer reads (K, V and scales)."""
+    per = pool.num_kv_heads * (2 * pool.head_dim * pool._elem + (8 if pool.fp8 else 0))
+    return tokens * per
+
+
+def gather_dense(
+    pool: KVPool, indptr: torch.Tensor, indices: torch.Tensor, lens: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per request, dequantized bf16 K, V ``[kv_heads, len, head_dim]``."""
+    from radixseg.kernels.reference import gather_kv
+
+    out = []
+    for i, n in enumerate(lens):
+        k, v = gather_kv(pool, 0, indices[indptr[i] : indptr[i + 1]], torch.bfloat16)
+        out.append((k[:n].transpose(0, 1).contiguous(), v[:n].transpose(0, 1).contiguous()))
+    return out
+
+
+def contiguous_paged(
+    pool: KVPool, indptr: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashInfer's NHD cache ``[pages, 2, page_size, kv_heads, head_dim]`` in the
+    pool's dtype (FP8 codes copied as they are), and the remapped page ids."""
+    n = int(indptr[-1])
+    cache = torch.empty(
+        (n, 2, pool.page_size, pool.num_kv_heads, pool.head_dim),
+        dtype=pool.dtype,
+        device=pool.device,
+    )
+    pps = pool.pages_per_segment
+    raw = cache.view(torch.uint8) if pool.fp8 else cache
+    ids = indices[:n].long()
+    for sid in torch.unique(ids // pps).tolist():
+        sel = (ids // pps == sid).nonzero().squeeze(1)
+        seg = pool.segment(sid)
+        at = (ids[sel] - sid * pps).to(pool.device)
+        for j, src in enumerate((seg.k, seg.v)):
+            x = src[0].view(torch.uint8) if pool.fp8 else src[0]
+            raw[sel.to(pool.device), j] = x.index_select(0, at)
+    return cache, torch.arange(n, dtype=torch.int32, device=pool.device)
+
+
+# ----- timing -------------------------------------------------------------------------------------
+
+
+def bench_gpu(fn: Callable[[], Any]) -> float:
+    """Milliseconds, median of triton.testing.do_bench."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200))
+
+
+def copy_bandwidth() -> float:
+    """This device's device-to-device copy bandwidth, GB/s (read + write)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_gpu(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / GB
+
+
+def decode_case(
+    name: str, kv: str, lens: list[int], args: argparse.Namespace, peak: float
+) -> dict[str, Any]:
+    heads, kv_heads, d, ps = args.q_heads, args.kv_heads, args.head_dim, args.page_size
+    pool, indptr, indices, last = build(
+        KV_DTYPES[kv], lens, kv_heads=kv_heads, head_dim=d, page_size=ps, device="cuda"
+    )
+    q = torch.randn(len(lens), heads, d, device="cuda", dtype=torch.bfloat16)
+    d_indptr, d_indices, d_last = (t.cuda() for t in (indptr, indices, last))
+
+    def ours() -> torch.Tensor:
+        return A.decode(q, pool, 0, d_indptr, d_indices, d_last, check=False)
+
+    out = ours()
+    ms = bench_gpu(ours)
+    nbytes = kv_bytes(pool, sum(lens))
+    rec: dict[str, Any] = {
+        "case": name,
+        "kv": kv,
+        "batch": len(lens),
+        "tokens": sum(lens),
+        "segments": pool.stats()["segments"],
+        "ms": ms,
+        "GBps": nbytes / (ms * 1e-3) / GB,
+    }
+    rec["share_of_copy_bw"] = rec["GBps"] / peak
+    peer, peer_name = peer_decode(pool, indptr, indices, last, q, lens)
+    if peer is not None:
+        ref = peer()
+        rec.update(peer=peer_name, peer_ms=bench_gpu(peer))
+        rec["ratio_ours_over_peer"] = ms / rec["peer_ms"]
+        rec["max_abs_diff"] = _diff(out, ref, pool, peer_name)
+    return rec
+
+
+def peer_decode(
+    pool: KVPool,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    last: torch.Tensor,
+    q: torch.Tensor,
+    lens: list[int],
+) -> tuple[Callable[[], torch.Tensor] | None, str]:
+    heads, d = q.shape[1], q.shape[2]
+    try:
+        import flashinfer
+    except ImportError:
+        flashinfer = None
+    if flashinfer is not None:
+        try:
+            cache, ids = contiguous_paged(pool, indptr, indices)
+            ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            w.plan(
+                indptr.cuda(),
+                ids,
+                last.cuda(),
+                heads,
+                pool.num_kv_heads,
+                d,
+                pool.page_size,
+                q_data_type=q.dtype,
+                kv_data_type=pool.dtype,
+            )
+            if pool.fp8:
+                return (lambda: w.run(q, cache, k_scale=1.0, v_scale=1.0)), "flashinfer"
+            return (lambda: w.run(q, cache)), "flashinfer"
+        except Exception as e:  # a peer that fails is reported, not fatal
+            print(f"  flashinfer decode failed ({type(e).__name__}: {e}); using torch SDPA")
+    dense = gather_dense(pool, indptr, indices, lens)
+    f = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa() -> torch.Tensor:
+        outs = [
+            f(q[i : i + 1, :, None], k[None], v[None], enable_gqa=True)[:, :, 0]
+            for i, (k, v) in enumerate(dense)
+        ]
+        return torch.cat(outs)
+
+    return sdpa, "torch_sdpa(gathered)"
+
+
+def extend_case(
+    name: str, kv: str, prefix: int, new: int, batch: int, args: argparse.Namespace, peak: float
+) -> dict[str, Any]:
+    heads, kv_heads, d, ps = args.q_heads, args.kv_heads, args.head_dim, args.page_size
+    lens = [prefix + new] * batch
+    pool, indptr, indices, last = build(
+        KV_DTYPES[kv], lens, kv_heads=kv_heads, head_dim=d, page_size=ps, device="cuda"
+    )
+    q = torch.randn(batch * new, heads, d, device="cuda", dtype=torch.bfloat16)
+    qo_indptr = torch.arange(0, batch * new + 1, new, dtype=torch.int32)
+    dev = [t.cuda() for t in (qo_indptr, indptr, indices, last)]
+
+    def ours() -> torch.Tensor:
+        return A.extend(q, pool, 0, *dev, check=False)
+
+    out = ours()
+    ms = bench_gpu(ours)
+    rec: dict[str, Any] = {
+        "case": name,
+        "kv": kv,
+        "batch": batch,
+        "prefix": prefix,
+        "new": new,
+        "ms": ms,
+    }
+    # Causal FLOPs: each new token sees the prefix plus the new tokens before it.
+    seen = batch * (new * prefix + new * (new + 1) / 2)
+    rec["TFLOPs"] = 4 * seen * heads * d / (ms * 1e-3) / 1e12
+    peer, peer_name = None, ""
+    try:
+        import flashinfer
+
+        cache, ids = contiguous_paged(pool, indptr, indices)
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        w.plan(
+            dev[0],
+            indptr.cuda(),
+            ids,
+            last.cuda(),
+            heads,
+            pool.num_kv_heads,
+            d,
+            pool.page_size,
+            causal=True,
+            q_data_type=q.dtype,
+            kv_data_type=pool.dtype,
+        )
+        if pool.fp8:
+            peer, peer_name = (lambda: w.run(q, cache, k_scale=1.0, v_scale=1.0)), "flashinfer"
+        else:
+            peer, peer_name = (lambda: w.run(q, cache)), "flashinfer"
+    except Exception as e:
+        if not isinstance(e, ImportError):
+            print(f"  flashinfer prefill failed ({type(e).__name__}: {e}); using torch SDPA")
+        dense = gather_dense(pool, indptr, indices, lens)
+        k = torch.stack([x[0] for x in dense])  # [batch, kv_heads, len, d]
+        v = torch.stack([x[1] for x in dense])
+        qb = q.view(batch, new, heads, d).transpose(1, 2)
+        # New token j sits at position prefix + j: a bottom-right aligned causal mask.
+        mask = torch.ones(new, prefix + new, dtype=torch.bool, device=q.device).tril(prefix)
+        f = torch.nn.functional.scaled_dot_product_attention
+
+        def sdpa() -> torch.Tensor:
+            o = f(qb, k, v, attn_mask=mask, enable_gqa=True)
+            return o.transpose(1, 2).reshape(batch * new, heads, d)
+
+        peer, peer_name = sdpa, "torch_sdpa(gathered)"
+    ref = peer()
+    rec.update(peer=peer_name, peer_ms=bench_gpu(peer))
+    rec["ratio_ours_over_peer"] = ms / rec["peer_ms"]
+    rec["max_abs_diff"] = _diff(out, ref, pool, peer_name)
+    return rec
+
+
+def _diff(out: torch.Tensor, ref: torch.Tensor, pool: KVPool, peer: str) -> float | None:
+    """Largest output difference, or None where the peer reads other values: FlashInfer
+    reads the FP8 codes with a scale of 1 (it has no per-token scales), so only its
+    time is comparable."""
+    if pool.fp8 and peer == "flashinfer":
+        return None
+    return float((out.float() - ref.float()).abs().max())
+
+
+def run_gpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    name = torch.cuda.get_device_name()
+    peak = copy_bandwidth()
+    print(f"device: {name}; measured copy bandwidth {peak:,.0f} GB/s")
+    print(
+        f"heads: q {args.q_heads}, kv {args.kv_heads}, head_dim {args.head_dim}, "
+        f"page_size {args.page_size}, bf16 queries"
+    )
+    records = []
+    for kv in args.kv:
+        cases = [("decode 64 x 4,096", [4096] * 64), ("decode 1 x long", [args.long])]
+        for case, lens in cases:
+            rec = decode_case(case, kv, lens, args, peak)
+            records.append(rec)
+            print(_line(rec))
+            torch.cuda.empty_cache()
+        rec = extend_case("extend 8 x (2,048 + 512)", kv, 2048, 512, 8, args, peak)
+        records.append(rec)
+        print(_line(rec))
+    return records
+
+
+def _line(rec: dict[str, Any]) -> str:
+    parts = [f"{rec['case']:<26} {rec['kv']:<5} ours {rec['ms']:9.3f} ms"]
+    if "GBps" in rec:
+        parts.append(f"{rec['GBps']:8,.0f} GB/s ({100 * rec['share_of_copy_bw']:4.1f}% of copy)")
+    if "TFLOPs" in rec:
+        parts.append(f"{rec['TFLOPs']:7.1f} TFLOP/s")
+    if "peer_ms" in rec:
+        parts.append(
+            f"| {rec['peer']} {rec['peer_ms']:9.3f} ms "
+            f"| ours/peer {rec['ratio_ours_over_peer']:5.2f} | max|diff| "
+            + ("n/a" if rec["max_abs_diff"] is None else f"{rec['max_abs_diff']:.2e}")
+        )
+    return " ".join(parts)
+
+
+# ----- CPU: the torch backend against memcpy ---------------------------------------------------
+
+
+def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    tokens, d, kv_heads = args.cpu_tokens, args.head_dim, 1
+    t0 = time.perf_counter()
+    pool, indptr, indices, last = build(
+        torch.float8_e4m3fn,
+        [tokens],
+        kv_heads=kv_heads,
+        head_dim=d,
+        page_size=args.page_size,
+        device="cpu",
+    )
+    built = time.perf_counter() - t0
+    print(
+        f"cpu: 1 request of {tokens:,} tokens, 1 KV head, head_dim {d}, FP8 e4m3 "
+        f"({pool.stats()['segments']} segments, built in {built:.1f} s)"
+    )
+    q = torch.randn(1, args.q_heads // args.kv_heads, d)
+
+    def ours() -> torch.Tensor:
+        return A.decode(q, pool, 0, indptr, indices, last, backend="torch", check=False)
+
+    nbytes = kv_bytes(pool, tokens)
+    src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty_like(src)
+
+    def best(fn: Callable[[], Any], n: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    t_decode = best(ours)
+    t_copy = best(lambda: dst.copy_(src))
+    rec = {
+        "tokens": tokens,
+        "bytes": nbytes,
+        "decode_s": t_decode,
+        "decode_GBps": nbytes / t_decode / GB,
+        "memcpy_GBps": nbytes / t_copy / GB,
+        "threads": torch.get_num_threads(),
+    }
+    rec["ratio"] = rec["decode_GBps"] / rec["memcpy_GBps"]
+    print(
+        f"torch decode {t_decode * 1e3:9.1f} ms = {rec['decode_GBps']:6.2f} GB/s; "
+        f"memcpy of the same {nbytes / 1e6:,.0f} MB {rec['memcpy_GBps']:6.2f} GB/s; "
+        f"ratio {rec['ratio']:.2f} ({rec['threads']} threads)"
+    )
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kv", action="append", choices=sorted(KV_DTYPES), help="storage dtypes")
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--long", type=int, default=1_000_000, help="tokens of the long decode case")
+    p.add_argument("--cpu", action="store_true", help="measure the torch backend on the CPU")
+    p.add_argument("--cpu-tokens", type=int, default=1_000_000)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared machine)")
+    p.add_argument("--json", help="write the records here")
+    args = p.parse_args(argv)
+    args.kv = args.kv or ["e4m3", "bf16"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: dict[str, Any] = {"radixseg": radixseg.__version__}
+    if args.cpu:
+        out["cpu"] = run_cpu(args)
+    elif not torch.cuda.is_available():
+        print(
+            "bench_attention: no CUDA device here, so the GPU benchmark did not run and "
+            "reports no numbers (use --cpu to measure the torch backend against memcpy)."
+        )
+        return 0
+    else:
+        out["gpu"] = run_gpu(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

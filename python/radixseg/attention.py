@@ -1,0 +1,694 @@
+"""Attention that reads KV straight from a :class:`~radixseg.KVPool`'s segments.
+
+Page tables use FlashInfer's CSR format (what :meth:`PrefixCache.page_table`
+returns): request ``i`` owns the pages ``kv_indices[kv_indptr[i]:kv_indptr[i +
+1]]``, in order, and the last of them holds ``kv_last_page_len[i]`` tokens, so
+its KV length is ``(num_pages - 1) * page_size + kv_last_page_len[i]``. A
+request's pages may sit in any segments; kernels resolve each page id to
+(segment, page) themselves and load the segment's address from
+:attr:`KVPool.segment_table`.
+
+Backends: ``"triton"`` (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), ``"torch"`` (anywhere; what CPU users get by
+default), ``"auto"`` (Triton where it can run, else torch). On CUDA GPUs
+before sm_89 (A100) and on ROCm, FP8 KV is decoded from its bits in software;
+``fp8_software=True`` forces that path anywhere.
+
+Log-sum-exp values (``lse``) are natural logarithms of the sum of
+``exp(sm_scale * q.k)`` over the attended keys; a row that attends to nothing
+has output 0 and ``lse = -inf``. :func:`merge_states` combines partial results
+over disjoint KV sets; decode uses it to merge split-K partials, and a
+sequence sharded across devices can be merged the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import numpy as np
+import torch
+
+from radixseg._core import InvalidArgument, InvalidHandle
+from radixseg.kernels.reference import merge_states_torch, paged_attention_torch
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from radixseg.pool import KVPool
+
+__all__ = ["decode", "extend", "merge_states", "store_kv"]
+
+Backend = Literal["auto", "triton", "torch"]
+_Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----- backend selection ----------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET``), without importing Triton."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _resolve_backend(backend: Any, device: torch.device) -> str:
+    if backend not in ("auto", "triton", "torch"):
+        raise InvalidArgument(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    from radixseg.kernels.launch import triton_available
+
+    runnable = device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    if backend == "triton":
+        if not triton_available():
+            raise InvalidArgument("backend='triton' but Triton is not installed; use 'torch'")
+        if not runnable:
+            raise InvalidArgument(
+                f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+                f"set before radixseg's kernels are imported; got device {device}"
+            )
+        return "triton"
+    return "triton" if runnable and triton_available() else "torch"
+
+
+# ----- argument checks ----------------------------------------------------------------------
+
+
+def _check_pool(pool: Any) -> KVPool:
+    from radixseg.pool import KVPool
+
+    if not isinstance(pool, KVPool):
+        raise TypeError(f"pool must be a radixseg.KVPool, got {type(pool).__name__}")
+    return pool
+
+
+def _same_device(t: torch.Tensor, pool: KVPool, what: str) -> None:
+    dev = pool.device
+    if t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index):
+        raise InvalidArgument(f"{what} is on {t.device}, the pool on {dev}")
+
+
+def _check_q(q: Any, pool: KVPool, what: str = "q") -> torch.Tensor:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(q).__name__}")
+    if q.dtype not in _Q_DTYPES:
+        raise TypeError(f"{what} must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.dim() != 3:
+        raise InvalidArgument(
+            f"{what} must be 3-D [tokens, q_heads, head_dim], got shape {list(q.shape)}"
+        )
+    _, heads, dim = q.shape
+    if dim != pool.head_dim:
+        raise InvalidArgument(f"{what} has head_dim {dim}, the pool {pool.head_dim}")
+    if heads == 0 or heads % pool.num_kv_heads:
+        raise InvalidArgument(
+            f"{what} has {heads} query heads, not a positive multiple of the pool's "
+            f"num_kv_heads={pool.num_kv_heads} (grouped-query attention needs q_heads = "
+            f"group * kv_heads)"
+        )
+    _same_device(q, pool, what)
+    return q if q.stride(-1) == 1 else q.contiguous()
+
+
+def _host_index(x: Any, what: str) -> npt.NDArray[np.int64]:
+    """A 1-D int64 host copy of an integer array-like (tensor on any device, numpy, list)."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"{what} must have an integer dtype, got {x.dtype}")
+        if x.dim() != 1:
+            raise InvalidArgument(f"{what} must be 1-D, got shape {list(x.shape)}")
+        return x.detach().to("cpu", torch.int64).numpy()
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{what} must be a 1-D integer array: {e}") from None
+    if arr.size == 0:
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must have an integer dtype, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise InvalidArgument(f"{what} must be 1-D, got shape {list(arr.shape)}")
+    return arr.astype(np.int64)
+
+
+def _check_indptr(indptr: npt.NDArray[np.int64], n: int, what: str, length_of: str) -> None:
+    if indptr.size != n + 1:
+        raise InvalidArgument(f"{what} must have batch + 1 = {n + 1} entries, got {indptr.size}")
+    if indptr[0] != 0:
+        raise InvalidArgument(f"{what}[0] must be 0, got {int(indptr[0])}")
+    steps = np.diff(indptr)
+    if steps.size and steps.min() < 0:
+        i = int(np.argmax(steps < 0))
+        raise InvalidArgument(
+            f"{what} must be non-decreasing: {what}[{i}] = {int(indptr[i])} > "
+            f"{what}[{i + 1}] = {int(indptr[i + 1])}"
+        )
+    if indptr[-1] >= 2**31:
+        raise InvalidArgument(f"{what}[-1] = {int(indptr[-1])} does not fit int32 ({length_of})")
+
+
+class _PageTable:
+    """Validated CSR page table: host copies for planning, int32 device copies for kernels."""
+
+    def __init__(
+        self,
+        pool: KVPool,
+        batch: int,
+        kv_indptr: Any,
+        indptr: npt.NDArray[np.int64],
+        kv_indices: Any,
+        kv_last_page_len: Any,
+        device: torch.device,
+        check: bool,
+    ) -> None:
+        indices = _host_index(kv_indices, "kv_indices")
+        last = _host_index(kv_last_page_len, "kv_last_page_len")
+        _check_indptr(indptr, batch, "kv_indptr", "pages")
+        if indptr[-1] > indices.size:
+            raise InvalidArgument(
+                f"kv_indptr[-1] = {int(indptr[-1])} pages, but kv_indices has only {indices.size}"
+            )
+        if last.size != batch:
+            raise InvalidArgument(
+                f"kv_last_page_len must have one entry per request ({batch}), got {last.size}"
+            )
+        n_pages = np.diff(indptr)
+        ps = pool.page_size
+        bad = (n_pages > 0) & ((last < 1) | (last > ps))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidArgument(
+                f"kv_last_page_len[{i}] = {int(last[i])} is outside 1..={ps} (page_size) for "
+                f"request {i}, which has {int(n_pages[i])} page(s)"
+            )
+        used = indices[: int(indptr[-1])]
+        if used.size:
+            lo = int(used.min())
+            if lo < 0:
+                j = int(np.argmax(used < 0))
+                raise InvalidHandle(f"kv_indices[{j}] = {lo} is not a page id (negative)")
+            if check:
+                try:
+                    rc = pool.allocator.refcount(used)
+                except InvalidHandle as e:
+                    raise InvalidHandle(f"kv_indices: {e}") from None
+                free = np.flatnonzero(rc.numpy() == 0)
+                if free.size:
+                    j = int(free[0])
+                    raise InvalidHandle(
+                        f"kv_indices[{j}] = page {int(used[j])} is free (refcount 0); attention "
+                        f"reads only pages a request or the cache holds"
+                    )
+        self.kv_lens: npt.NDArray[np.int64] = np.where(n_pages > 0, (n_pages - 1) * ps + last, 0)
+        self.indptr, self.indices = indptr, indices
+        self.d_indptr = _device_int32(kv_indptr, indptr, device)
+        self.d_indices = _device_int32(kv_indices, indices, device)
+        self.d_last = _device_int32(kv_last_page_len, last, device)
+
+
+def _device_int32(given: Any, host: npt.NDArray[np.int64], device: torch.device) -> torch.Tensor:
+    """``given`` itself when it already is a contiguous int32 tensor on ``device``."""
+    if (
+        isinstance(given, torch.Tensor)
+        and given.dtype == torch.int32
+        and given.device == device
+        and given.is_contiguous()
+    ):
+        return given
+    t = torch.from_numpy(host.astype(np.int32))
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _check_layer(pool: KVPool, layer: Any) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    if not 0 <= int(layer) < pool.num_layers:
+        raise InvalidArgument(f"layer {int(layer)} is out of range 0..{pool.num_layers - 1}")
+    return int(layer)
+
+
+def _check_scale(sm_scale: Any, head_dim: int) -> float:
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
+    if not math.isfinite(sm_scale):
+        raise InvalidArgument(f"sm_scale must be finite, got {sm_scale}")
+    return float(sm_scale)
+
+
+def _check_splits(num_splits: Any) -> int | None:
+    if num_splits is None:
+        return None
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int or None, got {type(num_splits).__name__}")
+    if not 1 <= num_splits <= 4096:
+        raise InvalidArgument(f"num_splits must be in 1..=4096, got {num_splits}")
+    return num_splits
+
+
+# ----- attention -----------------------------------------------------------------------------
+
+
+def _attention(
+    q: Any,
+    pool: Any,
+    layer: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    *,
+    decode: bool,
+    causal: bool,
+    sm_scale: Any,
+    num_splits: Any,
+    fp8_software: bool | None,
+    backend: Any,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pool = _check_pool(pool)
+    q = _check_q(q, pool)
+    layer = _check_layer(pool, layer)
+    scale = _check_scale(sm_scale, pool.head_dim)
+    splits = _check_splits(num_splits)
+    chosen = _resolve_backend(backend, q.device)
+    total_q = q.shape[0]
+    if decode:
+        batch = total_q
+        qo_host = np.arange(batch + 1, dtype=np.int64)
+    else:
+        qo_host = _host_index(qo_indptr, "qo_indptr")
+        batch = qo_host.size - 1
+        if batch < 0:
+            raise InvalidArgument("qo_indptr must have batch + 1 >= 1 entries, got 0")
+    kv_host = _host_index(kv_indptr, "kv_indptr")
+    if kv_host.size - 1 != batch:
+        what = f"q has {batch} rows (one per request)" if decode else f"qo_indptr has {batch + 1}"
+        raise InvalidArgument(
+            f"kv_indptr has {kv_host.size} entries, but {what}: it needs batch + 1 = {batch + 1}"
+        )
+    _check_indptr(qo_host, batch, "qo_indptr", "query tokens")
+    if qo_host[-1] != total_q:
+        raise InvalidArgument(
+            f"qo_indptr[-1] = {int(qo_host[-1])} must equal q.shape[0] = {total_q} "
+            f"(the total of new tokens)"
+        )
+    table = _PageTable(
+        pool, batch, kv_indptr, kv_host, kv_indices, kv_last_page_len, q.device, check
+    )
+    qo_lens = np.diff(qo_host)
+    over = qo_lens > table.kv_lens
+    if not decode and over.any():
+        i = int(np.argmax(over))
+        raise InvalidArgument(
+            f"request {i} has {int(qo_lens[i])} new tokens but only {int(table.kv_lens[i])} KV "
+            f"tokens; store the new tokens' K/V in the pool (and count them in the page "
+            f"table) before calling extend"
+        )
+    if chosen == "torch":
+        return paged_attention_torch(
+            q,
+            pool,
+            layer,
+            qo_lens,
+            table.indptr,
+            table.indices,
+            table.kv_lens,
+            causal=causal,
+            sm_scale=scale,
+        )
+    from radixseg.kernels.paged_attention import paged_attention
+
+    if decode:
+        d_qo = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    else:
+        d_qo = _device_int32(qo_indptr, qo_host, q.device)
+    return paged_attention(
+        q,
+        pool,
+        layer,
+        d_qo,
+        table.d_indptr,
+        table.d_indices,
+        table.d_last,
+        qo_lens,
+        table.kv_lens,
+        causal=causal,
+        sm_scale=scale,
+        num_splits=splits,
+        fp8_software=fp8_software,
+    )
+
+
+@overload
+def decode(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    sm_scale: float | None = ...,
+    return_lse: Literal[False] = ...,
+    *,
+    num_splits: int | None = ...,
+    fp8_software: bool | None = ...,
+    backend: Backend = ...,
+    check: bool = ...,
+) -> torch.Tensor: ...
+@overload
+def decode(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    sm_scale: float | None = ...,
+    *,
+    return_lse: Literal[True],
+    num_splits: int | None = ...,
+    fp8_software: bool | None = ...,
+    backend: Backend = ...,
+    check: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def decode(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    num_splits: int | None = None,
+    fp8_software: bool | None = None,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One query token per request attending to all of the request's KV.
+
+    Parameters
+    ----------
+    q : Tensor ``[batch, q_heads, head_dim]``
+        float16, bfloat16 or float32, on the pool's device; ``q_heads`` a
+        multiple of ``pool.num_kv_heads`` (query head ``h`` reads KV head
+        ``h // (q_heads // num_kv_heads)``).
+    pool : KVPool
+    layer : int
+    kv_indptr : int ``[batch + 1]``
+        Request ``i``'s pages are ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``.
+    kv_indices : int ``[>= kv_indptr[-1]]``
+        Page ids, allocated in ``pool``, in any segments.
+    kv_last_page_len : int ``[batch]``
+        Tokens in each request's last page, ``1..=page_size`` (ignored, and 0
+        by convention, for a request with no pages).
+    sm_scale : float, optional
+        Softmax scale, default ``1 / sqrt(head_dim)``.
+    return_lse : bool
+        Also return the log-sum-exp.
+    num_splits : int, optional
+        Split-K factor (KV chunks per request, each its own program, merged by
+        log-sum-exp). Default: enough programs to fill the GPU twice, at least
+        256 tokens per split.
+    fp8_software : bool, optional
+        Decode FP8 KV from its bits (the sm_80 path). Default: by device.
+    backend : "auto", "triton" or "torch"
+    check : bool
+        Verify that every page is allocated (a refcount lookup per page).
+        Bounds and CSR shapes are always checked; the CSR arrays are always
+        read on the host to plan the launch.
+
+    Returns
+    -------
+    out : Tensor ``[batch, q_heads, head_dim]`` in q's dtype
+    lse : Tensor ``[batch, q_heads]`` float32, natural log (with ``return_lse``)
+
+    Examples
+    --------
+    Two requests in a pool with 4-token pages; the second request's 6 tokens
+    fill page 1 and 2 tokens of page 2, so its ``kv_last_page_len`` is 2:
+
+    >>> import torch, radixseg
+    >>> pool = radixseg.KVPool(num_layers=1, num_kv_heads=1, head_dim=16, page_size=4,
+    ...                        pages_per_segment=8)
+    >>> pages = pool.alloc(3)                       # page ids 0, 1, 2
+    >>> slots = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 9])  # slot = page * 4 + offset
+    >>> kv = torch.randn(9, 1, 16)
+    >>> radixseg.attention.store_kv(pool, 0, slots, kv, kv)
+    >>> kv_indptr = torch.tensor([0, 1, 3], dtype=torch.int32)
+    >>> kv_indices = pages                          # [0, 1, 2]: request 0 -> [0], 1 -> [1, 2]
+    >>> kv_last_page_len = torch.tensor([3, 2], dtype=torch.int32)
+    >>> q = torch.randn(2, 4, 16)                   # 4 query heads share the KV head
+    >>> out, lse = radixseg.attention.decode(q, pool, 0, kv_indptr, kv_indices,
+    ...                                      kv_last_page_len, return_lse=True)
+    >>> out.shape, lse.shape
+    (torch.Size([2, 4, 16]), torch.Size([2, 4]))
+    """
+    out, lse = _attention(
+        q,
+        pool,
+        layer,
+        None,
+        kv_indptr,
+        kv_indices,
+        kv_last_page_len,
+        decode=True,
+        causal=False,
+        sm_scale=sm_scale,
+        num_splits=num_splits,
+        fp8_software=fp8_software,
+        backend=backend,
+        check=check,
+    )
+    return (out, lse) if return_lse else out
+
+
+@overload
+def extend(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    causal: bool = ...,
+    sm_scale: float | None = ...,
+    *,
+    return_lse: Literal[False] = ...,
+    num_splits: int | None = ...,
+    fp8_software: bool | None = ...,
+    backend: Backend = ...,
+    check: bool = ...,
+) -> torch.Tensor: ...
+@overload
+def extend(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    causal: bool = ...,
+    sm_scale: float | None = ...,
+    *,
+    return_lse: Literal[True],
+    num_splits: int | None = ...,
+    fp8_software: bool | None = ...,
+    backend: Backend = ...,
+    check: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def extend(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    *,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    fp8_software: bool | None = None,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """New tokens of each request attending to its cached prefix and to each other.
+
+    The new tokens of request ``i`` are rows ``qo_indptr[i]:qo_indptr[i + 1]``
+    of ``q`` and are the **last** ``qo_len_i`` tokens of the request's KV: their
+    K/V must already be stored in the pool (:func:`store_kv` or
+    :meth:`KVPool.write`) and counted in the page table. New token ``j`` sits
+    at KV position ``kv_len_i - qo_len_i + j`` and, with ``causal``, attends to
+    positions up to its own. Prefill is the case ``qo_len_i == kv_len_i``;
+    :func:`decode` is the case ``qo_len_i == 1``.
+
+    Parameters
+    ----------
+    q : Tensor ``[total_q, q_heads, head_dim]``
+        float16, bfloat16 or float32; ``total_q = qo_indptr[-1]``.
+    qo_indptr : int ``[batch + 1]``
+        Row offsets of each request's new tokens in ``q`` (starts at 0).
+    kv_indptr, kv_indices, kv_last_page_len
+        The page table covering prefix and new tokens, as in :func:`decode`.
+    causal : bool
+        Mask each new token's view of later new tokens.
+
+    Other parameters are those of :func:`decode`.
+
+    Returns
+    -------
+    out : Tensor ``[total_q, q_heads, head_dim]`` in q's dtype
+    lse : Tensor ``[total_q, q_heads]`` float32, natural log (with ``return_lse``)
+
+    Examples
+    --------
+    A request with a 4-token cached prefix (page 0) gets 3 new tokens (page 1),
+    whose K/V are stored first; row ``j`` of ``q`` is KV position ``4 + j``:
+
+    >>> import torch, radixseg
+    >>> pool = radixseg.KVPool(num_layers=1, num_kv_heads=1, head_dim=16, page_size=4,
+    ...                        pages_per_segment=8)
+    >>> pages = pool.alloc(2)
+    >>> kv = torch.randn(7, 1, 16)
+    >>> radixseg.attention.store_kv(pool, 0, torch.tensor([0, 1, 2, 3, 4, 5, 6]), kv, kv)
+    >>> qo_indptr = torch.tensor([0, 3], dtype=torch.int32)
+    >>> out = radixseg.attention.extend(torch.randn(3, 2, 16), pool, 0, qo_indptr,
+    ...                                 torch.tensor([0, 2]), pages, torch.tensor([3]))
+    >>> out.shape
+    torch.Size([3, 2, 16])
+    """
+    out, lse = _attention(
+        q,
+        pool,
+        layer,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        kv_last_page_len,
+        decode=False,
+        causal=causal,
+        sm_scale=sm_scale,
+        num_splits=num_splits,
+        fp8_software=fp8_software,
+        backend=backend,
+        check=check,
+    )
+    return (out, lse) if return_lse else out
+
+
+# ----- merge ---------------------------------------------------------------------------------
+
+
+def merge_states(
+    v_a: torch.Tensor,
+    s_a: torch.Tensor,
+    v_b: torch.Tensor,
+    s_b: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention results over disjoint KV sets by log-sum-exp.
+
+    ``v_a``, ``v_b``: ``[..., head_dim]`` (same shape and device, any float
+    dtype); ``s_a``, ``s_b``: ``[...]`` natural-log LSEs, ``-inf`` for an empty
+    state. Returns ``(v [..., head_dim]`` in ``v_a``'s dtype, ``s [...]``
+    float32): ``s = log(exp(s_a) + exp(s_b))`` and ``v = exp(s_a - s) v_a +
+    exp(s_b - s) v_b`` — the attention over the union. Commutative and
+    associative (up to rounding); an empty state is the identity.
+
+    >>> import torch, math
+    >>> v, s = merge_states(torch.ones(1, 2), torch.tensor([0.0]),
+    ...                     torch.zeros(1, 2), torch.tensor([-math.inf]), backend="torch")
+    >>> v, s
+    (tensor([[1., 1.]]), tensor([0.]))
+    """
+    for name, t in (("v_a", v_a), ("s_a", s_a), ("v_b", v_b), ("s_b", s_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if v_a.dim() < 1 or tuple(v_a.shape[:-1]) != tuple(s_a.shape):
+        raise InvalidArgument(
+            f"v_a must be [..., head_dim] and s_a [...]: got {list(v_a.shape)} and "
+            f"{list(s_a.shape)}"
+        )
+    if v_b.shape != v_a.shape or s_b.shape != s_a.shape:
+        raise InvalidArgument(
+            f"state b ({list(v_b.shape)}, {list(s_b.shape)}) must match state a "
+            f"({list(v_a.shape)}, {list(s_a.shape)})"
+        )
+    devices = {t.device for t in (v_a, s_a, v_b, s_b)}
+    if len(devices) > 1:
+        raise InvalidArgument(f"states are on different devices: {sorted(map(str, devices))}")
+    chosen = _resolve_backend(backend, v_a.device)
+    if chosen == "torch" or v_a.numel() == 0:
+        v, s = merge_states_torch(v_a, s_a, v_b, s_b)
+        return v, s.float()
+    from radixseg.kernels.paged_attention import plan_merge
+
+    d = v_a.shape[-1]
+    vs = torch.stack([v_a.reshape(-1, d), v_b.reshape(-1, d)])
+    ss = torch.stack([s_a.reshape(-1), s_b.reshape(-1)]).float()
+    if vs.stride(-1) != 1:
+        vs = vs.contiguous()
+    out = torch.empty((vs.shape[1], d), dtype=v_a.dtype, device=v_a.device)
+    lse = torch.empty(vs.shape[1], dtype=torch.float32, device=v_a.device)
+    plan_merge(vs, ss, out, lse)()
+    return out.view(v_a.shape), lse.view(s_a.shape)
+
+
+# ----- store ----------------------------------------------------------------------------------
+
+
+def store_kv(
+    pool: KVPool,
+    layer: int,
+    slots: Any,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    check: bool = True,
+    backend: Backend = "auto",
+) -> None:
+    """Write ``k``, ``v`` at ``slots`` in one kernel, quantizing for FP8 pools.
+
+    Same contract and same bytes as :meth:`KVPool.write`: ``slots`` int64
+    ``[T]`` (``page_id * page_size + offset``, allocated pages only), ``k``,
+    ``v`` ``[T, num_kv_heads, head_dim]`` of any float dtype. FP8 pools store
+    :func:`radixseg.pool.quantize_fp8`'s codes and float32 scales bit for bit
+    (NaN payloads aside); other pools store ``k.to(pool.dtype)``. ``check``
+    validates slots and, for FP8, finiteness (host syncs). Slots must be
+    distinct (as for ``KVPool.write``, which of two writes to one slot wins
+    is unspecified).
+    """
+    pool = _check_pool(pool)
+    layer = _check_layer(pool, layer)
+    slots_t = pool._check_slots(slots, check)
+    k = pool._check_kv(k, slots_t.numel(), "k")
+    v = pool._check_kv(v, slots_t.numel(), "v")
+    chosen = _resolve_backend(backend, pool.device)
+    if chosen == "torch" or slots_t.numel() == 0:
+        pool.write(layer, slots_t, k, v, check=check)
+        return
+    if pool.fp8 and check and not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
+        raise InvalidArgument("k/v hold inf or NaN, which FP8 with a scale cannot store")
+    # Inputs the kernel does not load directly are converted as the torch path
+    # would: FP8 pools quantize from float32, other pools convert straight.
+    if pool.fp8:
+        k = k if k.dtype in _Q_DTYPES else k.float()
+        v = v if v.dtype in _Q_DTYPES else v.float()
+    elif k.dtype != v.dtype or k.dtype not in _Q_DTYPES:
+        k, v = k.to(pool.dtype), v.to(pool.dtype)
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    from radixseg.kernels.store import plan_store
+
+    plan_store(pool, layer, slots_t.to(pool.device).contiguous(), k, v)()

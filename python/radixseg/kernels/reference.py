@@ -1,0 +1,218 @@
+"""Torch implementations of paged attention, the LSE merge and the K/V store.
+
+The CPU backend users get when Triton cannot run (no CUDA device and no
+``TRITON_INTERPRET=1``), and what ``backend="torch"`` selects anywhere. Same
+semantics as the Triton kernels: KV is dequantized (FP8 code times its
+per-(token, head) scale), then plain softmax attention runs in
+``compute_dtype`` (float32 by default; float64 for a reference). Long
+requests are processed ``chunk_tokens`` KV positions at a time and the chunks
+merged by log-sum-exp, so memory stays bounded at any context length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from radixseg.pool import KVPool
+
+__all__ = ["gather_kv", "merge_states_torch", "paged_attention_torch"]
+
+
+def merge_states_torch(
+    v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSE merge: ``v [..., D]``, ``s [...]`` (natural log; ``-inf`` = empty).
+
+    Returns ``(v, s)`` with ``v`` in ``v_a``'s dtype and ``s`` in ``s_a``'s
+    floating dtype promoted with float32. Empty states contribute nothing,
+    whatever their ``v`` holds; merging two empty states gives ``(0, -inf)``.
+    """
+    work = torch.promote_types(torch.promote_types(s_a.dtype, s_b.dtype), torch.float32)
+    sa, sb = s_a.to(work), s_b.to(work)
+    m = torch.maximum(sa, sb)
+    m_safe = torch.where(m == -math.inf, torch.zeros_like(m), m)
+    wa = torch.exp(sa - m_safe)
+    wb = torch.exp(sb - m_safe)
+    total = wa + wb
+    va = v_a.to(torch.promote_types(v_a.dtype, work))
+    vb = v_b.to(va.dtype)
+    zero = torch.zeros((), dtype=va.dtype, device=va.device)
+    num = torch.where(wa.unsqueeze(-1) > 0, wa.unsqueeze(-1) * va, zero) + torch.where(
+        wb.unsqueeze(-1) > 0, wb.unsqueeze(-1) * vb, zero
+    )
+    has = total > 0
+    v = num / torch.where(has, total, torch.ones_like(total)).unsqueeze(-1)
+    log_total = torch.log(torch.where(has, total, torch.ones_like(total)))
+    s = torch.where(has, m_safe + log_total, torch.full_like(m, -math.inf))
+    return v.to(v_a.dtype), s
+
+
+def gather_kv(
+    pool: KVPool, layer: int, pages: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K and V of ``pages`` (page ids, any integer tensor), each
+    ``[len(pages) * page_size, kv_heads, head_dim]`` in ``dtype``, page after page."""
+    ps, pps = pool.page_size, pool.pages_per_segment
+    h, d = pool.num_kv_heads, pool.head_dim
+    pages = pages.to(device="cpu", dtype=torch.int64)
+    k = torch.empty((pages.numel(), ps, h, d), dtype=dtype, device=pool.device)
+    v = torch.empty_like(k)
+    seg = pages // pps
+    for sid in torch.unique(seg).tolist():
+        sel = (seg == sid).nonzero().squeeze(1)
+        views = pool.segment(sid)
+        idx = (pages[sel] - sid * pps).to(pool.device)
+        sel = sel.to(pool.device)
+        for src, scale, dst in ((views.k, views.k_scale, k), (views.v, views.v_scale, v)):
+            # index_select has no float8 kernels everywhere: move the bytes.
+            raw = src[layer].view(torch.uint8) if pool.fp8 else src[layer]
+            x = raw.index_select(0, idx)
+            x = (x.view(pool.dtype) if pool.fp8 else x).to(dtype)
+            if scale is not None:
+                x = x * scale[layer].index_select(0, idx).to(dtype).unsqueeze(-1)
+            dst.index_copy_(0, sel, x)
+    return k.view(-1, h, d), v.view(-1, h, d)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    qo_lens: npt.NDArray[np.int64],
+    kv_indptr: npt.NDArray[np.int64],
+    kv_indices: npt.NDArray[np.int64],
+    kv_lens: npt.NDArray[np.int64],
+    *,
+    causal: bool,
+    sm_scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    chunk_tokens: int = 1 << 15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [total_q, q_heads, head_dim]`` over each request's paged KV.
+
+    Request ``i`` owns the next ``qo_lens[i]`` rows of ``q``: its last
+    ``qo_lens[i]`` KV positions, attending (``causal``) to positions up to
+    their own. Host arrays: ``kv_indptr [B + 1]``, ``kv_indices`` (page ids),
+    ``kv_lens [B]`` tokens. Returns ``(out [total_q, q_heads, head_dim]``
+    in ``out_dtype`` (default q's), ``lse [total_q, q_heads]`` float32
+    natural log); rows without KV get 0 and ``-inf``.
+
+    Each chunk of pages is processed one segment at a time, straight from
+    that segment's tensors (no gathered copy of the whole KV), and the partial
+    results are merged by log-sum-exp. FP8 scales multiply the scores and the
+    probabilities rather than the dequantized K and V.
+    """
+    total_q, q_heads, head_dim = q.shape
+    kv_heads = pool.num_kv_heads
+    group = q_heads // kv_heads
+    ps, pps = pool.page_size, pool.pages_per_segment
+    dev = q.device
+    out = torch.zeros((total_q, q_heads, head_dim), dtype=compute_dtype, device=dev)
+    lse = torch.full((total_q, q_heads), -math.inf, dtype=compute_dtype, device=dev)
+    chunk_pages = max(1, chunk_tokens // ps)
+    offsets = torch.arange(ps, device=dev)
+    q_start = 0
+    for i in range(len(qo_lens)):
+        qo, kv_len = int(qo_lens[i]), int(kv_lens[i])
+        rows = slice(q_start, q_start + qo)
+        q_start += qo
+        if qo == 0 or kv_len == 0:
+            continue
+        # [kv_heads, qo * group, head_dim]: one matrix product per KV head.
+        qi = q[rows].to(compute_dtype).view(qo, kv_heads, group, head_dim)
+        qi = qi.permute(1, 0, 2, 3).reshape(kv_heads, qo * group, head_dim)
+        q_pos = torch.arange(kv_len - qo, kv_len, device=dev).repeat_interleave(group)
+        pages = kv_indices[kv_indptr[i] : kv_indptr[i + 1]]
+        o_i: torch.Tensor | None = None
+        s_i: torch.Tensor | None = None
+        for c0 in range(0, pages.size, chunk_pages):
+            chunk = pages[c0 : c0 + chunk_pages]
+            segs = chunk // pps
+            for sid in np.unique(segs).tolist():
+                sel = np.flatnonzero(segs == sid)
+                o_c, s_c = _segment_part(
+                    pool,
+                    layer,
+                    sid,
+                    chunk[sel] - sid * pps,
+                    c0 + sel,
+                    qi,
+                    q_pos,
+                    offsets,
+                    kv_len,
+                    causal,
+                    sm_scale,
+                    compute_dtype,
+                )
+                if o_i is None or s_i is None:
+                    o_i, s_i = o_c, s_c
+                else:
+                    o_i, s_i = merge_states_torch(o_i, s_i, o_c, s_c)
+        if o_i is None or s_i is None:
+            continue
+        o_i = o_i.view(kv_heads, qo, group, head_dim).permute(1, 0, 2, 3)
+        out[rows] = o_i.reshape(qo, q_heads, head_dim)
+        lse[rows] = s_i.view(kv_heads, qo, group).permute(1, 0, 2).reshape(qo, q_heads)
+    return out.to(out_dtype or q.dtype), lse.float()
+
+
+def _segment_part(
+    pool: KVPool,
+    layer: int,
+    sid: int,
+    within: npt.NDArray[np.int64],
+    page_pos: npt.NDArray[np.int64],
+    qi: torch.Tensor,
+    q_pos: torch.Tensor,
+    offsets: torch.Tensor,
+    kv_len: int,
+    causal: bool,
+    sm_scale: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention ``(o [kv_heads, M, D], lse [kv_heads, M])`` of ``qi`` over the
+    pages ``within`` segment ``sid`` that sit at page positions ``page_pos`` of the request."""
+    dev = qi.device
+    views = pool.segment(sid)
+    at = torch.from_numpy(within).to(dev)
+    pos = (torch.from_numpy(page_pos).to(dev)[:, None] * pool.page_size + offsets).reshape(-1)
+    kv = []
+    for src in (views.k, views.v):
+        raw = src[layer].view(torch.uint8) if pool.fp8 else src[layer]
+        x = raw.index_select(0, at)
+        x = x.view(pool.dtype) if pool.fp8 else x
+        kv.append(x.reshape(-1, pool.num_kv_heads, pool.head_dim).to(dtype))
+    k, v = kv
+    # [kv_heads, M, n]; K^T and V are strided views the BLAS reads in place.
+    s = torch.matmul(qi, k.permute(1, 2, 0))
+    scales = None
+    if views.k_scale is not None and views.v_scale is not None:
+        # [kv_heads, 1, n] per tensor, applied to scores and probabilities.
+        scales = [
+            x[layer].index_select(0, at).reshape(-1, pool.num_kv_heads).T.to(dtype)[:, None, :]
+            for x in (views.k_scale, views.v_scale)
+        ]
+        s *= scales[0]
+    s *= sm_scale
+    visible = (pos < kv_len)[None, :]
+    if causal:
+        visible = visible & (pos[None, :] <= q_pos[:, None])
+    s.masked_fill_(~visible[None], -math.inf)
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    total = e.sum(dim=-1)
+    if scales is not None:
+        e *= scales[1]
+    has = total > 0
+    o = torch.matmul(e, v.permute(1, 0, 2)) / torch.where(has, total, 1.0).unsqueeze(-1)
+    lse = torch.where(has, m.squeeze(-1) + torch.log(torch.where(has, total, 1.0)), -math.inf)
+    return o, lse
