@@ -7,7 +7,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-python test-rust lint loom ci bench fuzz-check
+.PHONY: install demo test test-python test-rust lint loom ci bench fuzz-check fuzz-smoke
 
 # Create the venv and install what is missing; a no-op when all is present.
 $(VENV)/.radixseg-deps: pyproject.toml
@@ -42,4 +42,20 @@ lint: install
 loom:
 	bash scripts/loom.sh
 
-ci: test lint loom
+# The fuzz crate is its own workspace (fuzz/Cargo.toml, target in fuzz/target).
+# fuzz-check builds, formats and lints it and replays its committed seeds plus
+# a batch of random inputs without instrumentation (stable, no cargo-fuzz).
+fuzz-check:
+	cargo check --manifest-path fuzz/Cargo.toml --all-targets
+	cargo fmt --manifest-path fuzz/Cargo.toml --check
+	cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
+	cargo test --release --manifest-path fuzz/Cargo.toml
+
+# A short coverage-guided run of each target (libFuzzer, stable; see
+# scripts/fuzz.sh and RELIABILITY.md). FUZZ_SMOKE_MINUTES per target.
+FUZZ_SMOKE_MINUTES ?= 0.5
+fuzz-smoke:
+	bash scripts/fuzz.sh allocator $(FUZZ_SMOKE_MINUTES)
+	bash scripts/fuzz.sh tree $(FUZZ_SMOKE_MINUTES)
+
+ci: test lint loom fuzz-check fuzz-smoke

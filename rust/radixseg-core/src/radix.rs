@@ -520,6 +520,9 @@ impl RadixTree {
                 actual: owned_from as u64,
             });
         }
+        // Every token, the partial last page included, even when nothing is
+        // cached: the same tokens must be valid wherever they are passed.
+        check_tokens(tokens)?;
         let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
         if let Some(node) = node {
             let idx = self.resolve(node)?;
@@ -824,17 +827,7 @@ impl RadixTree {
 
     /// Validate every token and return the whole-page prefix as `u32`s.
     fn whole_page_tokens<T: Copy + Into<i64>>(&self, tokens: &[T]) -> Result<Vec<u32>> {
-        // Every value is in 0..2^31 iff the OR of their u64 forms is below
-        // 2^31 (a negative value sets the top bit): one branch-free pass.
-        let any = tokens.iter().fold(0u64, |acc, &t| acc | t.into() as u64);
-        if any >= TOKEN_LIMIT as u64 {
-            for (index, &t) in tokens.iter().enumerate() {
-                let value: i64 = t.into();
-                if !(0..TOKEN_LIMIT).contains(&value) {
-                    return Err(CoreError::InvalidToken { index, value });
-                }
-            }
-        }
+        check_tokens(tokens)?;
         let n = tokens.len() / self.page_size * self.page_size;
         Ok(tokens[..n].iter().map(|&t| t.into() as u32).collect())
     }
@@ -1565,6 +1558,23 @@ impl RadixTree {
         }
         Ok(())
     }
+}
+
+/// Every token must be in `0..2^31`, else [`CoreError::InvalidToken`] naming
+/// the first bad one.
+fn check_tokens<T: Copy + Into<i64>>(tokens: &[T]) -> Result<()> {
+    // Every value is in 0..2^31 iff the OR of their u64 forms is below 2^31
+    // (a negative value sets the top bit): one branch-free pass.
+    let any = tokens.iter().fold(0u64, |acc, &t| acc | t.into() as u64);
+    if any >= TOKEN_LIMIT as u64 {
+        for (index, &t) in tokens.iter().enumerate() {
+            let value: i64 = t.into();
+            if !(0..TOKEN_LIMIT).contains(&value) {
+                return Err(CoreError::InvalidToken { index, value });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(all(test, not(loom)))]

@@ -97,6 +97,13 @@ fn failed_finish_changes_nothing() {
         .finish(&bad_tokens, &ids(&pages), 0, Some(m.node), true, 0)
         .unwrap_err();
     assert!(matches!(e, CoreError::InvalidToken { .. }), "{e}");
+    // A bad token in the partial last page, or with nothing cached, too.
+    for (toks, cache) in [(vec![1i64, 2, 1 << 31], true), (vec![1, -1, 3], false)] {
+        let e = t
+            .finish(&toks, &ids(&pages), 0, Some(m.node), cache, 0)
+            .unwrap_err();
+        assert!(matches!(e, CoreError::InvalidToken { .. }), "{e}");
+    }
     assert_eq!(t.lock_count(m.node).unwrap(), 1);
     assert_eq!((t.cached_pages(), a.free_pages()), (0, 13));
     check(&a, &t);
