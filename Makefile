@@ -10,11 +10,16 @@ PYTEST_ARGS ?=
 .PHONY: install demo test test-python test-rust lint loom ci bench fuzz-check fuzz-smoke
 
 # Create the venv and install what is missing; a no-op when all is present.
-$(VENV)/.radixseg-deps: pyproject.toml
+# SGLang (the peer the SGLang adapter test and the benchmarks compare with) goes
+# in without its GPU serving stack: --no-deps plus what its cache modules import.
+$(VENV)/.radixseg-deps: pyproject.toml benchmarks/requirements-bench.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch, numpy, hypothesis, pytest, maturin, mypy, ruff" 2>/dev/null \
 	  || $(PY) -m pip install -q "torch>=2.4" "numpy>=1.24" "hypothesis>=6.100" "pytest>=8" \
 	       "maturin>=1.7,<2" "mypy>=1.10" "ruff>=0.5"
+	$(PY) -c "import importlib.util as u, orjson, pybase64, msgspec, zmq; assert u.find_spec('sglang')" 2>/dev/null \
+	  || ($(PY) -m pip install -q --no-deps "sglang==0.5.23" \
+	      && $(PY) -m pip install -q -r benchmarks/requirements-bench.txt)
 	touch $@
 
 install: $(VENV)/.radixseg-deps

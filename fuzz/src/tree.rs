@@ -902,12 +902,13 @@ impl Harness {
             let r = self
                 .t
                 .finish(&toks, &vec![0i64; total], req.ns, Some(node), cache, total);
-            assert_eq!(
-                r,
-                Err(CoreError::InvalidNode {
-                    node: node.to_raw()
-                })
-            );
+            // Tokens are checked before the node.
+            let want = Self::check_tokens(&toks)
+                .err()
+                .unwrap_or(CoreError::InvalidNode {
+                    node: node.to_raw(),
+                });
+            assert_eq!(r, Err(want));
             self.requests.swap_remove(k);
             return;
         }
