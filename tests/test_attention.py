@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import radixseg
-from radixseg import InvalidArgument, InvalidHandle, KVPool
+from radixseg import InvalidArgument, InvalidHandle, KVPool, PrefixCache
 from radixseg import attention as A
 from radixseg.kernels.reference import merge_states_torch, paged_attention_torch
 from radixseg.pool import FP8_MAX
@@ -992,3 +992,29 @@ def test_gpu_store_and_quantize_match_the_cpu(dtype: torch.dtype) -> None:
         qg, sg = quantize_fp8(k.cuda(), dtype)
         assert torch.equal(sg.cpu(), sc)
         assert torch.equal(qg.cpu().view(torch.uint8), qc.view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stale_bytes_past_the_last_token_are_never_read(backend: str) -> None:
+    """The rest of a request's last page holds whatever it held before (here NaN
+    codes and NaN scales): neither backend may let it reach the output."""
+    pool = KVPool(1, 1, 16, page_size=8, pages_per_segment=4)
+    cache = PrefixCache(pool)
+    r = cache.begin([1])
+    slots = cache.extend(r, list(range(13)))  # 2 pages, the second 5/8 full
+    seg = pool.segment(0)
+    for t in (seg.k, seg.v):
+        t.view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn
+    for t in (seg.k_scale, seg.v_scale):
+        assert t is not None
+        t.fill_(float("nan"))
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(13, 1, 16, generator=g)
+    pool.write(0, slots, kv, -kv)
+    q = torch.randn(1, 2, 16, generator=g)
+    table = cache.page_table([r])
+    out = radixseg.attention.decode(q, pool, 0, *table, backend=backend)
+    k, v = pool.read(0, slots)
+    p = torch.softmax((q[0] @ k[:, 0].T) / 4.0, dim=-1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], p @ v[:, 0], atol=1e-5, rtol=1e-5)

@@ -29,6 +29,9 @@ def _demo(args: argparse.Namespace) -> int:
             page_size=args.page_size,
             segment_bytes=parse_bytes(args.segment_bytes, "--segment-bytes"),
             seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            budget_bytes=None if args.budget is None else parse_bytes(args.budget, "--budget"),
         )
     except InvalidArgument as e:
         print(f"radixseg demo: error: {e}", file=sys.stderr)
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--page-size", type=int, default=16)
     d.add_argument("--segment-bytes", default="64MiB")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu", help="where the KV segments live (cpu, cuda)")
+    d.add_argument(
+        "--dtype", default="fp8_e4m3", help="KV storage: fp8_e4m3, fp8_e5m2, bf16, fp16, fp32"
+    )
+    d.add_argument("--budget", help="most bytes the pool may hold, e.g. 2GB (default: none)")
     q = sub.add_parser(
         "plan",
         help="KV bytes per token and per context, the largest context that fits, devices needed",

@@ -19,11 +19,14 @@ byte count scales linearly with a real model's (see ``radixseg plan``).
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from radixseg import attention
 from radixseg.cache import PrefixCache, Request
 from radixseg.plan import plan
 from radixseg.pool import KVPool, dequantize_fp8, quantize_fp8
@@ -44,12 +47,13 @@ class DemoResult:
     reused_tokens: int
     verified_tokens: int
     final_reserved_bytes: int
+    peak_rss_bytes: int
     seconds: float
 
 
 def _kv(chunk_index: int, n: int, head_dim: int) -> torch.Tensor:
-    """Deterministic KV ``[n, 1, head_dim]`` of chunk ``chunk_index``."""
-    g = torch.Generator().manual_seed(1000 + chunk_index)
+    """Deterministic KV ``[n, 1, head_dim]`` of chunk ``chunk_index`` (negative: a suffix)."""
+    g = torch.Generator().manual_seed(1000 + chunk_index if chunk_index >= 0 else -chunk_index)
     return torch.randn(n, 1, head_dim, generator=g)
 
 
@@ -71,10 +75,23 @@ def run_demo(
     page_size: int = 16,
     segment_bytes: int = 64 << 20,
     seed: int = 0,
+    *,
+    device: str = "cpu",
+    dtype: str = "fp8_e4m3",
+    budget_bytes: int | str | None = None,
 ) -> DemoResult:
     """Run the demo and print its timeline; returns the figures (see module doc)."""
     head_dim = 64
-    pool = KVPool(1, 1, head_dim, page_size=page_size, segment_bytes=segment_bytes)
+    pool = KVPool(
+        1,
+        1,
+        head_dim,
+        page_size=page_size,
+        dtype=dtype,
+        device=device,
+        segment_bytes=segment_bytes,
+        budget_bytes=budget_bytes,
+    )
     cache = PrefixCache(pool)
     rng = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 128_000, (tokens,), generator=rng, dtype=torch.int32)
@@ -104,7 +121,7 @@ def run_demo(
     for i, start in enumerate(range(0, tokens, chunk)):
         part = prompt[start : start + chunk]
         slots = cache.extend(req, part)
-        kv = _kv(i, part.numel(), head_dim)
+        kv = _kv(i, part.numel(), head_dim).to(pool.device)
         pool.write(0, slots, kv, -kv, check=False)
         if first_ptr is None:
             first_ptr = pool.segment(0).k.data_ptr()
@@ -125,13 +142,31 @@ def run_demo(
         b0 = time.perf_counter()
         r = cache.begin(full, namespace=0)
         began = time.perf_counter() - b0
-        cache.extend(r, r.uncached)
+        own = cache.extend(r, r.uncached)  # prefill: only the uncached suffix
+        kv = _kv(-1 - f, own.numel(), head_dim).to(pool.device)
+        pool.write(0, own, kv, -kv, check=False)
         reused += r.cached_len
         followers.append(r)
         print(
             f"follow-up {f + 1}: reuses {r.cached_len:,} cached tokens (matched in "
             f"{began * 1e3:.1f} ms), prefills {r.uncached.numel():,}"
         )
+    # One decode step per follow-up, attending over its whole context straight
+    # from the segments (Triton on a GPU, the torch backend on a CPU).
+    q = torch.randn(len(followers), 8, head_dim, generator=rng).to(pool.device)
+    backend: Literal["triton", "torch"] = "triton" if pool.device.type == "cuda" else "torch"
+    d0 = time.perf_counter()
+    table = cache.page_table(followers, device=pool.device)
+    out = attention.decode(q, pool, 0, *table, backend=backend)
+    decode_s = time.perf_counter() - d0
+    if not bool(torch.isfinite(out).all()):
+        raise AssertionError("decode produced non-finite values")
+    ctx = sum(r.seq_len for r in followers)
+    print(
+        f"decode ({backend}): {len(followers)} requests x 8 query heads over {ctx:,} tokens "
+        f"of KV in {decode_s:.2f} s "
+        f"({ctx * pool.bytes_per_token / decode_s / GB:.2f} GB/s of KV read)"
+    )
     other = cache.begin(prompt[: min(tokens, 1 << 16)], namespace=1)
     print(f"tenant 2, same prompt start: reuses {other.cached_len} tokens (namespaces never share)")
     cache.abort(other)
@@ -143,7 +178,12 @@ def run_demo(
     for i in sorted({0, n_chunks // 2, n_chunks - 1}):
         lo, hi = i * chunk, min(tokens, (i + 1) * chunk)
         k, v = pool.read(0, cache.slots(followers[0], lo, hi))
-        want = dequantize_fp8(*quantize_fp8(_kv(i, hi - lo, head_dim)))
+        written = _kv(i, hi - lo, head_dim).to(pool.device)
+        want = (
+            dequantize_fp8(*quantize_fp8(written, pool.dtype))
+            if pool.fp8
+            else written.to(pool.dtype).float()
+        )
         ok += int(((k == want) & (v == -want)).all(dim=2).sum())
         expected += hi - lo
     moved = pool.segment(0).k.data_ptr() != first_ptr
@@ -166,6 +206,7 @@ def run_demo(
     cache.check_invariants()
     seconds = time.perf_counter() - t0
 
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     llama = plan(
         {
             "num_hidden_layers": 32,
@@ -181,7 +222,8 @@ def run_demo(
         f"\npeak {peak['segments']:,} segments = {peak['reserved_bytes'] / GB:.3f} GB for "
         f"{tokens:,} tokens (a fixed pool: {fixed / GB:.3f} GB from the start); "
         f"shrink() returned {freed / GB:.3f} GB, {final['reserved_bytes']} B left; "
-        f"hit rate {final['hit_rate']:.1%}; {seconds:.1f} s\n"
+        f"hit rate {final['hit_rate']:.1%}; {final['segments_added']} growth events; "
+        f"peak RSS {rss / GB:.2f} GB; {seconds:.1f} s\n"
         f"the same run with Llama-3.1-8B in FP8 ({llama.kv_bytes_per_token:,} B/token): "
         f"{llama.kv_bytes_per_token * tokens / GB:,.0f} GB of KV at its peak, 0 at rest "
         f"(`radixseg plan` sizes any model)"
@@ -196,5 +238,6 @@ def run_demo(
         reused_tokens=reused,
         verified_tokens=ok,
         final_reserved_bytes=final["reserved_bytes"],
+        peak_rss_bytes=rss,
         seconds=seconds,
     )

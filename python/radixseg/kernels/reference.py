@@ -191,18 +191,29 @@ def _segment_part(
         x = x.view(pool.dtype) if pool.fp8 else x
         kv.append(x.reshape(-1, pool.num_kv_heads, pool.head_dim).to(dtype))
     k, v = kv
+    # Slots past the request's length (the rest of its last page) hold
+    # whatever the page held before, possibly inf or NaN codes: zero them, as
+    # the kernels' masked loads do, so that a 0 probability never meets NaN.
+    valid = pos < kv_len
+    if not bool(valid.all()):
+        k = k.masked_fill(~valid[:, None, None], 0)
+        v = v.masked_fill(~valid[:, None, None], 0)
     # [kv_heads, M, n]; K^T and V are strided views the BLAS reads in place.
     s = torch.matmul(qi, k.permute(1, 2, 0))
     scales = None
     if views.k_scale is not None and views.v_scale is not None:
         # [kv_heads, 1, n] per tensor, applied to scores and probabilities.
         scales = [
-            x[layer].index_select(0, at).reshape(-1, pool.num_kv_heads).T.to(dtype)[:, None, :]
+            x[layer]
+            .index_select(0, at)
+            .reshape(-1, pool.num_kv_heads)
+            .masked_fill(~valid[:, None], 0)
+            .T.to(dtype)[:, None, :]
             for x in (views.k_scale, views.v_scale)
         ]
         s *= scales[0]
     s *= sm_scale
-    visible = (pos < kv_len)[None, :]
+    visible = valid[None, :]
     if causal:
         visible = visible & (pos[None, :] <= q_pos[:, None])
     s.masked_fill_(~visible[None], -math.inf)
