@@ -168,6 +168,23 @@ enum Ids<'py> {
     I32(PyReadonlyArray1<'py, i32>),
 }
 
+/// Bind `$s` to the ids as a `&[i64]` or `&[i32]` slice (whichever dtype
+/// came in) and evaluate `$body`: one generic call per arm, no copy.
+macro_rules! with_slice {
+    ($ids:expr, $s:ident => $body:expr) => {
+        match $ids {
+            Ids::I64(a) => {
+                let $s = a.as_slice()?;
+                $body
+            }
+            Ids::I32(a) => {
+                let $s = a.as_slice()?;
+                $body
+            }
+        }
+    };
+}
+
 impl<'py> Ids<'py> {
     /// Dispatch on the array's dtype, so that no conversion error is built
     /// and thrown away on the common path (that cost ~5 us per call).
@@ -448,16 +465,8 @@ impl RadixTree {
         tokens: &Bound<'py, PyAny>,
         namespace: u64,
     ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
-        let m = match &Ids::new(tokens)? {
-            Ids::I64(a) => {
-                let s = a.as_slice()?;
-                self.with(py, s.len(), |t| t.match_prefix(s, namespace))?
-            }
-            Ids::I32(a) => {
-                let s = a.as_slice()?;
-                self.with(py, s.len(), |t| t.match_prefix(s, namespace))?
-            }
-        };
+        let ids = Ids::new(tokens)?;
+        let m = with_slice!(&ids, s => self.with(py, s.len(), |t| t.match_prefix(s, namespace))?);
         Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
     }
 
@@ -473,16 +482,7 @@ impl RadixTree {
         let pages = Ids::new(page_ids)?.to_vec()?;
         let tokens = Ids::new(tokens)?;
         let n = tokens.len();
-        match &tokens {
-            Ids::I64(a) => {
-                let s = a.as_slice()?;
-                self.with(py, n, |t| t.insert(s, &pages, namespace))
-            }
-            Ids::I32(a) => {
-                let s = a.as_slice()?;
-                self.with(py, n, |t| t.insert(s, &pages, namespace))
-            }
-        }
+        with_slice!(&tokens, s => self.with(py, n, |t| t.insert(s, &pages, namespace)))
     }
 
     /// Match and lock the node, atomically:
@@ -494,16 +494,8 @@ impl RadixTree {
         tokens: &Bound<'py, PyAny>,
         namespace: u64,
     ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
-        let m = match &Ids::new(tokens)? {
-            Ids::I64(a) => {
-                let s = a.as_slice()?;
-                self.with(py, s.len(), |t| t.acquire(s, namespace))?
-            }
-            Ids::I32(a) => {
-                let s = a.as_slice()?;
-                self.with(py, s.len(), |t| t.acquire(s, namespace))?
-            }
-        };
+        let ids = Ids::new(tokens)?;
+        let m = with_slice!(&ids, s => self.with(py, s.len(), |t| t.acquire(s, namespace))?);
         Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
     }
 
@@ -526,20 +518,9 @@ impl RadixTree {
         let node = node.map(NodeId::from_raw);
         let tokens = Ids::new(tokens)?;
         let n = tokens.len().max(pages.len());
-        match &tokens {
-            Ids::I64(a) => {
-                let s = a.as_slice()?;
-                self.with(py, n, |t| {
-                    t.finish(s, &pages, namespace, node, cache, owned_from)
-                })
-            }
-            Ids::I32(a) => {
-                let s = a.as_slice()?;
-                self.with(py, n, |t| {
-                    t.finish(s, &pages, namespace, node, cache, owned_from)
-                })
-            }
-        }
+        with_slice!(&tokens, s => self.with(py, n, |t| {
+            t.finish(s, &pages, namespace, node, cache, owned_from)
+        }))
     }
 
     /// Lock a node and its ancestors against eviction.
