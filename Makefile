@@ -20,6 +20,7 @@ $(VENV)/.radixseg-deps: pyproject.toml benchmarks/requirements-bench.txt
 	$(PY) -c "import importlib.util as u, orjson, pybase64, msgspec, zmq; assert u.find_spec('sglang')" 2>/dev/null \
 	  || ($(PY) -m pip install -q --no-deps "sglang==0.5.23" \
 	      && $(PY) -m pip install -q -r benchmarks/requirements-bench.txt)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "matplotlib>=3.7"
 	touch $@
 
 install: $(VENV)/.radixseg-deps

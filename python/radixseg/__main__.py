@@ -32,6 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             budget_bytes=None if args.budget is None else parse_bytes(args.budget, "--budget"),
+            plot=args.plot or None,
         )
     except InvalidArgument as e:
         print(f"radixseg demo: error: {e}", file=sys.stderr)
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="fp8_e4m3", help="KV storage: fp8_e4m3, fp8_e5m2, bf16, fp16, fp32"
     )
     d.add_argument("--budget", help="most bytes the pool may hold, e.g. 2GB (default: none)")
+    d.add_argument(
+        "--plot",
+        default="radixseg-demo.png",
+        help="PNG of memory over time (default radixseg-demo.png; '' to skip; needs matplotlib)",
+    )
     q = sub.add_parser(
         "plan",
         help="KV bytes per token and per context, the largest context that fits, devices needed",

@@ -57,14 +57,50 @@ def _kv(chunk_index: int, n: int, head_dim: int) -> torch.Tensor:
     return torch.randn(n, 1, head_dim, generator=g)
 
 
-def _row(label: str, pool: KVPool, tokens: int, t0: float, out: list[str]) -> None:
+Sample = tuple[float, int, int, str]  # seconds, reserved bytes, used bytes, phase
+
+
+def _row(
+    label: str, pool: KVPool, tokens: int, t0: float, out: list[str], samples: list[Sample]
+) -> None:
     s = pool.stats()
+    samples.append((time.perf_counter() - t0, s["reserved_bytes"], s["used_bytes"], label))
     line = (
         f"{label:<10}{tokens:>13,}{s['segments']:>10,}{s['reserved_bytes'] / GB:>12.3f}"
         f"{s['used_bytes'] / GB:>11.3f}{s['cached_tokens']:>13,}{time.perf_counter() - t0:>8.1f}"
     )
     out.append(line)
     print(line, flush=True)
+
+
+def _plot(samples: list[Sample], fixed: int, tokens: int, path: str) -> str | None:
+    """Write memory over time as a PNG; ``None`` when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    t = [x[0] for x in samples]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.axhline(fixed / GB, color="tab:red", ls="--", label=f"fixed pool for {tokens:,} tokens")
+    ax.step(
+        t, [x[1] / GB for x in samples], where="post", color="tab:blue", label="radixseg reserved"
+    )
+    ax.plot(t, [x[2] / GB for x in samples], color="tab:green", label="radixseg used")
+    for when, label in ((x[0], x[3]) for x in samples if x[3] in ("cached", "shrunk")):
+        ax.axvline(when, color="grey", lw=0.6)
+        ax.annotate(label, (when, fixed / GB * 0.5), rotation=90, fontsize=8, color="grey")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("KV bytes (GB)")
+    ax.set_title("radixseg demo: KV memory over time")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def run_demo(
@@ -79,6 +115,7 @@ def run_demo(
     device: str = "cpu",
     dtype: str = "fp8_e4m3",
     budget_bytes: int | str | None = None,
+    plot: str | None = None,
 ) -> DemoResult:
     """Run the demo and print its timeline; returns the figures (see module doc)."""
     head_dim = 64
@@ -98,6 +135,7 @@ def run_demo(
     fixed = tokens * pool.bytes_per_token
     t0 = time.perf_counter()
     lines: list[str] = []
+    samples: list[Sample] = []
     print(
         f"radixseg demo: one context to {tokens:,} tokens, {followups} follow-ups sharing it, "
         f"a second tenant, then everything handed back\n"
@@ -111,7 +149,7 @@ def run_demo(
         f"{'phase':<10}{'tokens':>13}{'segments':>10}{'reserved GB':>12}{'used GB':>11}"
         f"{'cached tok':>13}{'s':>8}"
     )
-    _row("start", pool, 0, t0, lines)
+    _row("start", pool, 0, t0, lines, samples)
 
     # 1. Grow one context chunk by chunk.
     req = cache.begin(prompt[:1])
@@ -127,10 +165,13 @@ def run_demo(
             first_ptr = pool.segment(0).k.data_ptr()
         done += part.numel()
         if i % step == 0 or done == tokens:
-            _row("grow", pool, done, t0, lines)
+            _row("grow", pool, done, t0, lines, samples)
+        else:
+            st = pool.stats()
+            samples.append((time.perf_counter() - t0, st["reserved_bytes"], st["used_bytes"], ""))
     peak = pool.stats()
     cache.finish(req)
-    _row("cached", pool, done, t0, lines)
+    _row("cached", pool, done, t0, lines, samples)
 
     # 2. Follow-ups share the whole cached prefix; a second tenant shares nothing.
     followers: list[Request] = []
@@ -191,17 +232,17 @@ def run_demo(
         f"read back {ok:,} of {expected:,} prefix tokens (whole chunks: first, middle, "
         f"last) exactly; segment 0 {'MOVED' if moved else 'never moved'} while the pool grew"
     )
-    _row("shared", pool, done + followups * suffix, t0, lines)
+    _row("shared", pool, done + followups * suffix, t0, lines, samples)
 
     # 3. Everything ends: evict the cache, shrink to zero.
     print()
     for r in followers:
         cache.finish(r)
-    _row("finished", pool, 0, t0, lines)
+    _row("finished", pool, 0, t0, lines, samples)
     cache.evict(pool.stats()["cached_pages"])
-    _row("evicted", pool, 0, t0, lines)
+    _row("evicted", pool, 0, t0, lines, samples)
     freed = pool.shrink()
-    _row("shrunk", pool, 0, t0, lines)
+    _row("shrunk", pool, 0, t0, lines, samples)
     final = pool.stats()
     cache.check_invariants()
     seconds = time.perf_counter() - t0
@@ -228,6 +269,13 @@ def run_demo(
         f"{llama.kv_bytes_per_token * tokens / GB:,.0f} GB of KV at its peak, 0 at rest "
         f"(`radixseg plan` sizes any model)"
     )
+    if plot:
+        written_to = _plot(samples, fixed, tokens, plot)
+        print(
+            f"plot: {written_to}"
+            if written_to
+            else "plot: skipped (pip install matplotlib to get the PNG)"
+        )
     if ok != expected or moved:
         raise AssertionError("the demo's read-back check failed")
     return DemoResult(
