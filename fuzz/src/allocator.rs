@@ -15,7 +15,7 @@
 //! (60..=99, 127..=129, ...), low `with_max_segments` caps and invalid
 //! configurations (which must be refused with `InvalidConfig`).
 
-use crate::pick;
+use crate::{pick, pick_within_counts};
 use arbitrary::Arbitrary;
 use radixseg_core::{
     CoreError, HandleProblem, SegmentAllocator, MAX_PAGES_PER_SEGMENT, MAX_PAGE_SIZE, PAGE_ID_LIMIT,
@@ -542,18 +542,8 @@ fn step(a: &SegmentAllocator, o: &mut Oracle, act: &Action) {
             }
         }
         Action::ReleaseValid(picks) => {
-            let referenced = o.referenced();
-            let mut budget = o.rc.clone();
-            let ids: Vec<i64> = picks
-                .iter()
-                .filter_map(|&k| pick(&referenced, k))
-                .filter(|p| {
-                    let left = budget.get_mut(p).unwrap();
-                    *left > 0 && {
-                        *left -= 1;
-                        true
-                    }
-                })
+            let ids: Vec<i64> = pick_within_counts(&o.referenced(), picks, &o.rc)
+                .into_iter()
                 .map(i64::from)
                 .collect();
             assert_eq!(o.expect_release(&ids), Ok(()));

@@ -32,3 +32,24 @@ pub fn pick<T: Copy>(items: &[T], k: impl Into<u64>) -> Option<T> {
         Some(items[(k.into() % items.len() as u64) as usize])
     }
 }
+
+/// Pick from `items` by each of `picks`, never taking a page more often than
+/// `counts` says it is referenced (so releasing the result is valid).
+pub fn pick_within_counts<K: Copy + Into<u64>>(
+    items: &[u32],
+    picks: &[K],
+    counts: &std::collections::BTreeMap<u32, u32>,
+) -> Vec<u32> {
+    let mut budget = counts.clone();
+    picks
+        .iter()
+        .filter_map(|&k| pick(items, k))
+        .filter(|p| match budget.get_mut(p) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        })
+        .collect()
+}

@@ -31,7 +31,7 @@
 //! nodes split; namespaces take four values chosen so that their low and
 //! high 32-bit halves collide.
 
-use crate::pick;
+use crate::{pick, pick_within_counts};
 use arbitrary::Arbitrary;
 use radixseg_core::{
     Arc, CoreError, HandleProblem, NodeId, RadixTree, SegmentAllocator, TOKEN_LIMIT,
@@ -1193,19 +1193,7 @@ impl Harness {
                 }
             }
             Action::ReleaseHeld(picks) => {
-                let held = self.held_list();
-                let mut budget = self.held.clone();
-                let ids: Vec<u32> = picks
-                    .iter()
-                    .filter_map(|&k| pick(&held, k))
-                    .filter(|p| {
-                        let left = budget.get_mut(p).unwrap();
-                        *left > 0 && {
-                            *left -= 1;
-                            true
-                        }
-                    })
-                    .collect();
+                let ids = pick_within_counts(&self.held_list(), picks, &self.held);
                 self.release_held(&ids);
             }
             Action::AddSegment => {
