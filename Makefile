@@ -21,6 +21,7 @@ $(VENV)/.radixseg-deps: pyproject.toml benchmarks/requirements-bench.txt
 	  || ($(PY) -m pip install -q --no-deps "sglang==0.5.23" \
 	      && $(PY) -m pip install -q -r benchmarks/requirements-bench.txt)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "matplotlib>=3.7"
+	$(PY) -c "import transformers" 2>/dev/null || $(PY) -m pip install -q "transformers==5.24.0"
 	touch $@
 
 install: $(VENV)/.radixseg-deps
