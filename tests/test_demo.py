@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from radixseg import InvalidArgument
 from radixseg.__main__ import main
 from radixseg.demo import run_demo
 
@@ -15,23 +16,72 @@ def test_demo_grows_shares_and_hands_back(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     png = tmp_path / "demo.png"
-    r = run_demo(tokens=100_000, chunk=8_192, followups=2, segment_bytes=1 << 20, plot=str(png))
+    r = run_demo(
+        tokens=100_000,
+        chunk=8_192,
+        followups=2,
+        segment_bytes=1 << 20,
+        chats=8,
+        turns=3,
+        system_prompts=2,
+        system_len=512,
+        plot=str(png),
+        progress=False,
+    )
     assert r.peak_segments > 5 and r.final_reserved_bytes == 0
+    # 2 chats start alone (one per system prompt), 6 join a round later: 8 x 3 turns.
+    assert r.trace_requests == 24
+    # Every turn after the first reuses its history; the late joiners reuse the
+    # whole-page part of their system prompt from their first turn on.
+    assert 0.5 < r.trace_hit_rate < 1.0
     # Whole pages of the 100,000-token context are reused by each follow-up.
     assert r.reused_tokens == 2 * 100_000
     assert r.verified_tokens > 0
-    # Growth by segments overshoots the live bytes by less than one segment.
-    assert r.peak_reserved_bytes - r.fixed_pool_bytes < 1 << 20
     out = capsys.readouterr().out
     assert "namespaces never share" in out and "never moved" in out
+    table = out[out.index("phase ") :]
+    for phase in ("start", "chats", "grown", "cached", "shared", "evicted", "shrunk"):
+        assert f"\n{phase} " in table
+    for column in ("segments", "reserved GB", "used GB", "hit", "grown"):
+        assert column in table.splitlines()[0]
     if importlib.util.find_spec("matplotlib"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "plot: skipped" in out
 
 
-def test_demo_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["demo", "--tokens", "20k", "--chunk", "4096", "--segment-bytes", "256KiB", "--plot", ""]
-    assert main(args) == 0
-    assert "shrunk" in capsys.readouterr().out
+def test_demo_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    run_demo(
+        tokens=20_000,
+        chunk=4_096,
+        followups=1,
+        segment_bytes=256 << 10,
+        chats=2,
+        turns=2,
+        system_prompts=1,
+        system_len=64,
+        progress=True,
+    )
+    captured = capsys.readouterr()
+    assert "serve trace" in captured.err and "grow to 20,000" in captured.err
+    assert "%|" in captured.err and "%|" not in captured.out
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("tokens", 0), ("chunk", -1), ("followups", 0), ("chats", -1), ("system_prompts", 0)],
+)
+def test_demo_rejects_bad_sizes(name: str, value: int) -> None:
+    with pytest.raises(InvalidArgument, match=f"{name} must be an integer >= "):
+        run_demo(**{name: value})  # type: ignore[arg-type]
+
+
+def test_demo_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["demo", "--quick", "--no-progress", "--plot", str(tmp_path / "q.png")]) == 0
+    out = capsys.readouterr().out
+    assert "shrunk" in out and "8 chats x 3 turns" in out and "100,000 tokens" in out
+    args = ["demo", "--tokens", "20k", "--chunk", "4096", "--segment-bytes", "256KiB"]
+    assert main([*args, "--chats", "2", "--turns", "1", "--plot", ""]) == 0
     assert main(["demo", "--tokens", "-5"]) == 2
+    assert main(["demo", "--quick", "--turns", "-1"]) == 2

@@ -1,9 +1,10 @@
 """The ``radixseg`` command line.
 
-``radixseg demo`` grows one context to 10M tokens in a pool that starts empty,
-shares it with follow-up requests through the radix tree, and hands every
-byte back (see :mod:`radixseg.demo`). ``radixseg plan`` sizes the KV cache of a
-model from its ``config.json``: bytes per token, per context, and what fits.
+``radixseg demo`` serves multi-turn chats over shared system prompts, grows one
+context to 10M tokens in a pool that starts empty, shares it with follow-up
+requests through the radix tree, and hands every byte back (see
+:mod:`radixseg.demo`). ``radixseg plan`` sizes the KV cache of a model from its
+``config.json``: bytes per token, per context, and what fits.
 """
 
 from __future__ import annotations
@@ -20,15 +21,34 @@ from radixseg.plan import plan as make_plan
 __all__ = ["main"]
 
 
+# `--quick`: the same phases at a size a test or a first look affords (seconds).
+QUICK = {
+    "tokens": "100k",
+    "chunk": 8_192,
+    "segment_bytes": "1MiB",
+    "chats": 8,
+    "turns": 3,
+    "system_len": 256,
+}
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     try:
         run_demo(
-            tokens=parse_count(args.tokens, "--tokens"),
-            chunk=args.chunk,
+            tokens=parse_count(args.tokens or "10M", "--tokens"),
+            chunk=args.chunk or 262_144,
             followups=args.followups,
             page_size=args.page_size,
-            segment_bytes=parse_bytes(args.segment_bytes, "--segment-bytes"),
+            segment_bytes=parse_bytes(args.segment_bytes or "64MiB", "--segment-bytes"),
             seed=args.seed,
+            chats=64 if args.chats is None else args.chats,
+            turns=6 if args.turns is None else args.turns,
+            system_len=2_048 if args.system_len is None else args.system_len,
+            progress=args.progress,
             device=args.device,
             dtype=args.dtype,
             budget_bytes=None if args.budget is None else parse_bytes(args.budget, "--budget"),
@@ -78,15 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser(
         "demo",
-        help="grow one context to 10M tokens, share it, hand the memory back",
-        description="One context grows to --tokens in a pool that starts empty, is shared by "
-        "follow-up requests through the radix tree, and is handed back by shrink().",
+        help="serve chats, grow one context to 10M tokens, share it, hand the memory back",
+        description="Multi-turn chats over shared system prompts, then one context grows to "
+        "--tokens in a pool that starts empty, is shared by follow-up requests through the "
+        "radix tree, and is handed back by shrink(). Prints a table of memory by phase and "
+        "writes a PNG of memory over time.",
     )
-    d.add_argument("--tokens", default="10M", help="context length, e.g. 10M (default)")
-    d.add_argument("--chunk", type=int, default=262_144, help="tokens added per step")
+    d.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run (100k tokens, 1 MiB segments, 8 chats x 3 turns) in seconds",
+    )
+    d.add_argument("--tokens", help="context length, e.g. 10M (default) or 1M")
+    d.add_argument("--chunk", type=int, help="tokens added per step (default 262144)")
     d.add_argument("--followups", type=int, default=3, help="requests sharing the context")
+    d.add_argument("--chats", type=int, help="conversations in the chat trace (default 64)")
+    d.add_argument("--turns", type=int, help="turns per conversation (default 6)")
+    d.add_argument(
+        "--system-len", type=int, help="tokens of each of the 4 system prompts (default 2048)"
+    )
     d.add_argument("--page-size", type=int, default=16)
-    d.add_argument("--segment-bytes", default="64MiB")
+    d.add_argument("--segment-bytes", help="bytes of one segment (default 64MiB)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="cpu", help="where the KV segments live (cpu, cuda)")
     d.add_argument(
@@ -97,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         "--plot",
         default="radixseg-demo.png",
         help="PNG of memory over time (default radixseg-demo.png; '' to skip; needs matplotlib)",
+    )
+    d.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: only on a terminal; needs tqdm)",
     )
     q = sub.add_parser(
         "plan",
