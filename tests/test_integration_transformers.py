@@ -35,9 +35,8 @@ def _llama(dtype: torch.dtype = torch.float32, layers: int = 2) -> torch.nn.Modu
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def _qwen2(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(1)
-    cfg = transformers.Qwen2Config(
+def _qwen2_config(**overrides: object) -> transformers.Qwen2Config:
+    args: dict[str, object] = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -49,7 +48,13 @@ def _qwen2(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         eos_token_id=None,
         bos_token_id=None,
     )
-    return transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
+    args.update(overrides)
+    return transformers.Qwen2Config(**args)
+
+
+def _qwen2(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return transformers.Qwen2ForCausalLM(_qwen2_config()).to(dtype).eval()
 
 
 MODELS = {"llama": _llama, "qwen2": _qwen2}
@@ -303,17 +308,7 @@ def test_bad_options_are_typed_errors():
 
 
 def test_unsupported_layer_types_are_refused():
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=32,
-        max_window_layers=1,
-    )
+    cfg = _qwen2_config(use_sliding_window=True, sliding_window=32, max_window_layers=1)
     with pytest.raises(InvalidArgument, match="sliding_attention"):
         rt.prefix_cache_for(cfg)
 
