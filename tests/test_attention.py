@@ -26,7 +26,11 @@ from hypothesis import strategies as st
 import radixseg
 from radixseg import InvalidArgument, InvalidHandle, KVPool, PrefixCache
 from radixseg import attention as A
-from radixseg.kernels.reference import merge_states_torch, paged_attention_torch
+from radixseg.kernels.reference import (
+    fp8_codes_to_float,
+    merge_states_torch,
+    paged_attention_torch,
+)
 from radixseg.pool import FP8_MAX
 
 # Triton ships with torch's CUDA wheels; a CPU-only install runs radixseg on its
@@ -1018,3 +1022,23 @@ def test_stale_bytes_past_the_last_token_are_never_read(backend: str) -> None:
     p = torch.softmax((q[0] @ k[:, 0].T) / 4.0, dim=-1)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0], p @ v[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_torch_backend_fp8_decode_is_exact_for_every_code(
+    fmt: torch.dtype, dtype: torch.dtype
+) -> None:
+    """The torch backend's bit-arithmetic FP8 decode equals torch's cast on all 256
+    codes; e4m3's NaN code reads +-480 (never stored beside a finite scale)."""
+    codes = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    want = codes.view(fmt).to(dtype)
+    got = fp8_codes_to_float(codes, fmt, dtype)
+    assert got.dtype == dtype and got.shape == codes.shape
+    assert got.data_ptr() != codes.data_ptr()
+    nan = want.isnan()
+    assert torch.equal(got[~nan], want[~nan])
+    if fmt == torch.float8_e4m3fn:
+        assert got[nan].tolist() == [480.0, -480.0]
+    else:
+        assert bool(got[nan].isnan().all())

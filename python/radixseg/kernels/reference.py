@@ -164,6 +164,31 @@ def paged_attention_torch(
     return out.to(out_dtype or q.dtype), lse.float()
 
 
+def fp8_codes_to_float(
+    codes: torch.Tensor, fmt: torch.dtype, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Values of FP8 codes held as ``uint8`` (any shape), as a new ``dtype`` tensor.
+
+    Every e4m3 and e5m2 value is a float16 value, so the codes are moved into
+    float16 bit patterns with integer ops and widened: exact for every finite
+    code (subnormals included) and 3-4x faster on the CPU than torch's FP8
+    cast, which dominates decode there. e5m2 is float16's top byte (inf and
+    NaN kept). e4m3 has no inf; its NaN code (``0x7F``/``0xFF``) reads as
+    ``±480``, as in the kernels' software decode for sm_80: a
+    :meth:`KVPool.write` stores it only beside a NaN scale, so the result is
+    NaN either way.
+    """
+    i = codes.to(torch.int16)
+    if fmt == torch.float8_e5m2:
+        return (i << 8).view(torch.float16).to(dtype, copy=True)
+    # e4m3 (bias 7) -> float16 (bias 15): exponent and mantissa move up 7
+    # bits, the sign 8; the exponent bias then differs by 2^8.
+    b = (i & 0x7F) << 7
+    b |= (i & 0x80) << 8
+    out = b.view(torch.float16).to(dtype)
+    return out.mul_(256.0)
+
+
 def _segment_part(
     pool: KVPool,
     layer: int,
@@ -184,20 +209,31 @@ def _segment_part(
     views = pool.segment(sid)
     at = torch.from_numpy(within).to(dev)
     pos = (torch.from_numpy(page_pos).to(dev)[:, None] * pool.page_size + offsets).reshape(-1)
+    # A run of consecutive pages (the common case: a request's pages are
+    # handed out in order) is sliced in place; scattered pages are gathered.
+    # Either way exactly one fresh copy in `dtype` is made, which the stale
+    # tail below may be zeroed in.
+    lo = int(within[0])
+    run = bool(within.size == 1 or (np.diff(within) == 1).all())
     kv = []
     for src in (views.k, views.v):
         raw = src[layer].view(torch.uint8) if pool.fp8 else src[layer]
-        x = raw.index_select(0, at)
-        x = x.view(pool.dtype) if pool.fp8 else x
-        kv.append(x.reshape(-1, pool.num_kv_heads, pool.head_dim).to(dtype))
+        x = raw.narrow(0, lo, within.size) if run else raw.index_select(0, at)
+        x = x.reshape(-1, pool.num_kv_heads, pool.head_dim)
+        if pool.fp8:
+            kv.append(fp8_codes_to_float(x, pool.dtype, dtype))
+        else:
+            kv.append(x.to(dtype, copy=True) if run else x.to(dtype))
     k, v = kv
     # Slots past the request's length (the rest of its last page) hold
     # whatever the page held before, possibly inf or NaN codes: zero them, as
     # the kernels' masked loads do, so that a 0 probability never meets NaN.
+    # They are a tail of at most one page: written in place, not a full copy.
     valid = pos < kv_len
     if not bool(valid.all()):
-        k = k.masked_fill(~valid[:, None, None], 0)
-        v = v.masked_fill(~valid[:, None, None], 0)
+        stale = (~valid).nonzero().squeeze(1)
+        k.index_fill_(0, stale, 0)
+        v.index_fill_(0, stale, 0)
     # [kv_heads, M, n]; K^T and V are strided views the BLAS reads in place.
     s = torch.matmul(qi, k.permute(1, 2, 0))
     scales = None
