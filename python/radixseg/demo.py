@@ -96,6 +96,8 @@ class _Progress:
 
     def __init__(self, enabled: bool | None) -> None:
         self._bar: Any = None
+        self._tqdm: Any = None
+        self._enabled = enabled
         if enabled is False:
             return
         try:
@@ -103,11 +105,10 @@ class _Progress:
         except ImportError:
             return
         self._tqdm = tqdm
-        self._enabled = enabled
 
     @contextmanager
     def phase(self, desc: str, total: int, unit: str) -> Iterator[_Progress]:
-        if getattr(self, "_tqdm", None) is None:
+        if self._tqdm is None:
             yield self
             return
         # disable=None: draw only on a terminal unless asked for explicitly.
