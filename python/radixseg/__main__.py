@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from radixseg import InvalidArgument
 from radixseg.demo import run_demo
@@ -33,21 +34,19 @@ QUICK = {
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
+    # Sizes not given fall back to --quick's, then to run_demo's own defaults.
+    sizes: dict[str, Any] = dict(QUICK) if args.quick else {}
+    sizes.update({k: getattr(args, k) for k in QUICK if getattr(args, k) is not None})
     try:
+        if "tokens" in sizes:
+            sizes["tokens"] = parse_count(sizes["tokens"], "--tokens")
+        if "segment_bytes" in sizes:
+            sizes["segment_bytes"] = parse_bytes(sizes["segment_bytes"], "--segment-bytes")
         run_demo(
-            tokens=parse_count(args.tokens or "10M", "--tokens"),
-            chunk=args.chunk or 262_144,
+            **sizes,
             followups=args.followups,
             page_size=args.page_size,
-            segment_bytes=parse_bytes(args.segment_bytes or "64MiB", "--segment-bytes"),
             seed=args.seed,
-            chats=64 if args.chats is None else args.chats,
-            turns=6 if args.turns is None else args.turns,
-            system_len=2_048 if args.system_len is None else args.system_len,
             progress=args.progress,
             device=args.device,
             dtype=args.dtype,

@@ -136,12 +136,6 @@ class _Progress:
             )
             self._bar.update(n)
 
-    def write(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.write(line)
-        else:
-            print(line, flush=True)
-
 
 def _serve_trace(
     cache: PrefixCache,
@@ -307,7 +301,7 @@ def run_demo(
         f"a second tenant, and everything handed back\n"
         f"model: 1 layer x 1 KV head x head_dim {head_dim}, {storage} = "
         f"{pool.bytes_per_token} B/token; page {page_size} tokens; segment "
-        f"{pool.segment_bytes / 2**20:.0f} MiB = {pool.tokens_per_segment:,} tokens; "
+        f"{pool.segment_bytes / 2**20:g} MiB = {pool.tokens_per_segment:,} tokens; "
         f"device {pool.device}\n"
         f"a fixed pool sized for {tokens:,} tokens reserves {fixed / GB:.3f} GB before the "
         f"first request; this pool starts with {pool.stats()['reserved_bytes']} B\n",
