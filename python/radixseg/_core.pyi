@@ -20,6 +20,8 @@ __all__ = [
     "SegmentAllocator",
     "SegmentBusy",
     "__version__",
+    "cpu_isas",
+    "decode_cpu",
 ]
 
 __version__: Final[str]
@@ -110,3 +112,22 @@ class RadixTree:
     def node_count(self) -> int: ...
     def metadata_bytes(self) -> int: ...
     def check_invariants(self) -> None: ...
+
+def decode_cpu(
+    buffers: list[npt.NDArray[np.uint8] | None],
+    offsets: tuple[int, int, int, int],
+    page_size: int,
+    pages_per_segment: int,
+    kv_heads: int,
+    head_dim: int,
+    format: str,
+    q: npt.NDArray[np.float32],
+    q_heads: int,
+    kv_indptr: npt.NDArray[np.int64],
+    kv_indices: npt.NDArray[np.int64],
+    kv_lens: npt.NDArray[np.int64],
+    sm_scale: float,
+    threads: int = 1,
+    isa: str = "auto",
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], str]: ...
+def cpu_isas() -> list[str]: ...

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["decode", "extend", "merge_states", "store_kv"]
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "torch", "cpu"]
 _Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -53,10 +53,18 @@ def _interpreting() -> bool:
 
 
 def _resolve_backend(backend: Any, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise InvalidArgument(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    """``"triton"``, ``"torch"`` or ``"cpu"`` (the native kernel; decode only,
+    other operations run their torch implementation under it)."""
+    if backend not in ("auto", "triton", "torch", "cpu"):
+        raise InvalidArgument(
+            f"backend must be 'auto', 'triton', 'torch' or 'cpu', got {backend!r}"
+        )
     if backend == "torch":
         return "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise InvalidArgument(f"backend='cpu' needs CPU tensors, got device {device}")
+        return "cpu"
     from radixseg.kernels.launch import triton_available
 
     runnable = device.type == "cuda" or (device.type == "cpu" and _interpreting())
@@ -69,7 +77,9 @@ def _resolve_backend(backend: Any, device: torch.device) -> str:
                 f"set before radixseg's kernels are imported; got device {device}"
             )
         return "triton"
-    return "triton" if runnable and triton_available() else "torch"
+    if runnable and triton_available():
+        return "triton"
+    return "cpu" if device.type == "cpu" else "torch"
 
 
 # ----- argument checks ----------------------------------------------------------------------
@@ -307,7 +317,13 @@ def _attention(
             f"tokens; store the new tokens' K/V in the pool (and count them in the page "
             f"table) before calling extend"
         )
-    if chosen == "torch":
+    if chosen == "cpu" and decode:
+        from radixseg.kernels.cpu import paged_decode_cpu
+
+        return paged_decode_cpu(
+            q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale
+        )
+    if chosen in ("torch", "cpu"):
         return paged_attention_torch(
             q,
             pool,
@@ -416,7 +432,11 @@ def decode(
         256 tokens per split.
     fp8_software : bool, optional
         Decode FP8 KV from its bits (the sm_80 path). Default: by device.
-    backend : "auto", "triton" or "torch"
+    backend : "auto", "triton", "torch" or "cpu"
+        ``"auto"``: Triton on CUDA tensors (or on CPU tensors under
+        ``TRITON_INTERPRET=1``), else the native CPU kernel ``"cpu"`` (Rust,
+        AVX-512 / AVX2 / scalar, ``torch.get_num_threads()`` threads, FP8
+        decoded exactly). ``"torch"`` is the pure-torch implementation.
     check : bool
         Verify that every page is allocated (a refcount lookup per page).
         Bounds and CSR shapes are always checked; the CSR arrays are always
@@ -629,7 +649,7 @@ def merge_states(
     if len(devices) > 1:
         raise InvalidArgument(f"states are on different devices: {sorted(map(str, devices))}")
     chosen = _resolve_backend(backend, v_a.device)
-    if chosen == "torch" or v_a.numel() == 0:
+    if chosen in ("torch", "cpu") or v_a.numel() == 0:
         v, s = merge_states_torch(v_a, s_a, v_b, s_b)
         return v, s.float()
     from radixseg.kernels.paged_attention import plan_merge
@@ -675,7 +695,7 @@ def store_kv(
     k = pool._check_kv(k, slots_t.numel(), "k")
     v = pool._check_kv(v, slots_t.numel(), "v")
     chosen = _resolve_backend(backend, pool.device)
-    if chosen == "torch" or slots_t.numel() == 0:
+    if chosen in ("torch", "cpu") or slots_t.numel() == 0:
         pool.write(layer, slots_t, k, v, check=check)
         return
     if pool.fp8 and check and not bool(torch.isfinite(k).all() & torch.isfinite(v).all()):

@@ -148,7 +148,7 @@ def _serve_trace(
     system_len: int,
     reply: int,
     head_dim: int,
-    backend: Literal["triton", "torch"],
+    backend: Literal["triton", "cpu"],
     t0: float,
     lines: list[str],
     samples: list[Sample],
@@ -289,7 +289,7 @@ def run_demo(
     rng = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 128_000, (tokens,), generator=rng, dtype=torch.int32)
     fixed = tokens * pool.bytes_per_token
-    backend: Literal["triton", "torch"] = "triton" if pool.device.type == "cuda" else "torch"
+    backend: Literal["triton", "cpu"] = "triton" if pool.device.type == "cuda" else "cpu"
     bar = _Progress(progress)
     t0 = time.perf_counter()
     lines: list[str] = []
@@ -374,7 +374,7 @@ def run_demo(
             flush=True,
         )
     # One decode step per follow-up, attending over its whole context straight
-    # from the segments (Triton on a GPU, the torch backend on a CPU).
+    # from the segments (Triton on a GPU, the native kernel on a CPU).
     q = torch.randn(len(followers), 8, head_dim, generator=rng).to(pool.device)
     d0 = time.perf_counter()
     table = cache.page_table(followers, device=pool.device)

@@ -349,6 +349,9 @@ class KVPool:
         self.allocator = SegmentAllocator(ps, pps, max_segments)
         self._factory: TensorFactory = tensor_factory or _default_factory
         self._segments: list[_Segment | None] = []
+        # uint8 numpy views of the segment buffers (CPU pools), rebuilt after
+        # any segment is added or retired; see _host_buffers.
+        self._host: list[Any] | None = None
         self._retired_ids: list[int] = []  # min-heap, mirrors the allocator's reuse rule
         self._next_new_id = 0
         self._lock = threading.RLock()
@@ -457,6 +460,7 @@ class KVPool:
         if sid >= len(self._segments):
             self._segments.extend([None] * (sid + 1 - len(self._segments)))
         self._segments[sid] = seg
+        self._host = None
         if sid >= self._table.shape[0]:
             cap = max(16, 2 * self._table.shape[0], sid + 1)
             table = torch.zeros((cap, 4), dtype=torch.int64, device=self.device)
@@ -547,6 +551,26 @@ class KVPool:
                 f"segment {sid} is not live; live segments: {self.allocator.segments()}"
             )
         return seg.views
+
+    def _host_buffers(self) -> list[Any]:
+        """Per segment id, a ``uint8`` numpy view of the segment's whole buffer
+        (``None`` for a free slot): what the native CPU kernels read. CPU pools only."""
+        host = self._host
+        if host is None:
+            host = [None if s is None else s.buffer.numpy() for s in self._segments]
+            self._host = host
+        return host
+
+    def _layer_offsets(self, layer: int) -> tuple[int, int, int, int]:
+        """Byte offsets of ``layer``'s K, V, K-scale and V-scale inside every segment buffer."""
+        kv = self._kv_bytes // self.num_layers * layer
+        sc = self._scale_bytes // self.num_layers * layer
+        return (
+            self._offsets[0] + kv,
+            self._offsets[1] + kv,
+            self._scale_offsets[0] + sc,
+            self._scale_offsets[1] + sc,
+        )
 
     @property
     def segment_table(self) -> torch.Tensor:

@@ -84,7 +84,7 @@ ATTENTION_NAME = "radixseg"
 
 _HANDLE = "_radixseg_step"
 AttentionMode = Literal["segments", "gather"]
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "torch", "cpu"]
 
 
 # ----- model geometry -------------------------------------------------------------------
@@ -299,9 +299,9 @@ class RadixsegCache(Cache):
         the cache raises if another attention implementation received its
         states. ``"gather"``: any attention implementation; each layer gets a
         gathered copy of its whole context every step (dequantized).
-    backend : "auto", "triton" or "torch"
-        :mod:`radixseg.attention` backend (``"auto"``: Triton on CUDA, torch on
-        CPU).
+    backend : "auto", "triton", "torch" or "cpu"
+        :mod:`radixseg.attention` backend (``"auto"``: Triton on CUDA, the
+        native kernel for decode steps and torch for prefill on CPU).
 
     Call :meth:`finish` with ``generate``'s output to keep the prompt and the
     generated tokens cached for later prompts, or :meth:`abort` to drop them;
@@ -323,8 +323,10 @@ class RadixsegCache(Cache):
             )
         if attention not in ("segments", "gather"):
             raise InvalidArgument(f"attention must be 'segments' or 'gather', got {attention!r}")
-        if backend not in ("auto", "triton", "torch"):
-            raise InvalidArgument(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if backend not in ("auto", "triton", "torch", "cpu"):
+            raise InvalidArgument(
+                f"backend must be 'auto', 'triton', 'torch' or 'cpu', got {backend!r}"
+            )
         rows = _as_rows(input_ids)
         self.prefix_cache = prefix_cache
         self.pool = prefix_cache.pool

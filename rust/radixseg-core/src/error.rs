@@ -114,6 +114,9 @@ pub enum CoreError {
     },
     /// The invariant checker found a breach; the text says which.
     Malformed(String),
+    /// An argument of a batch call (attention inputs, page tables) that is
+    /// inconsistent with itself or with the pool; the text gives the numbers.
+    InvalidInput(String),
     /// A radix-tree count or index would pass its fixed width (lock count of
     /// a node, nodes, pages in the tree's arena); nothing changed.
     TreeCapacity {
@@ -196,6 +199,7 @@ impl fmt::Display for CoreError {
                 "unbalanced unlock of node {node}: its lock count is already 0"
             ),
             Self::Malformed(what) => write!(f, "invariant violated: {what}"),
+            Self::InvalidInput(what) => f.write_str(what),
             Self::TreeCapacity { what, limit } => write!(
                 f,
                 "radix tree limit reached: {what} would exceed {limit}; \

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod allocator;
+pub mod cpu_attention;
 pub mod error;
 pub mod radix;
 mod sync;

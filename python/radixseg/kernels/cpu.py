@@ -1,0 +1,79 @@
+"""Launcher of the native CPU decode kernel (``radixseg._core.decode_cpu``).
+
+The kernel lives in the Rust core (``radixseg-core/src/cpu_attention.rs``):
+it reads each request's pages straight out of the segment buffers, decodes
+FP8/bf16/fp16 with AVX-512 or AVX2 where the CPU has them (a portable scalar
+path elsewhere), runs an online softmax per chunk of 4,096 tokens on
+``threads`` threads and merges the chunks by log-sum-exp. The arguments are
+validated by :mod:`radixseg.attention` first and again, cheaply, in Rust.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from radixseg._core import cpu_isas, decode_cpu
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from radixseg.pool import KVPool
+
+__all__ = ["ISAS", "paged_decode_cpu"]
+
+#: Instruction sets the kernel can use on this CPU, widest first ("scalar" last).
+ISAS: tuple[str, ...] = tuple(cpu_isas())
+
+_FORMATS = {
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+}
+
+
+def paged_decode_cpu(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    kv_indptr: npt.NDArray[np.int64],
+    kv_indices: npt.NDArray[np.int64],
+    kv_lens: npt.NDArray[np.int64],
+    *,
+    sm_scale: float,
+    threads: int | None = None,
+    isa: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``q [batch, q_heads, head_dim]`` (CPU) over ``pool``.
+
+    Host arrays: ``kv_indptr [batch + 1]``, ``kv_indices`` page ids,
+    ``kv_lens [batch]`` tokens. ``threads`` defaults to
+    ``torch.get_num_threads()``. Returns ``(out [batch, q_heads, head_dim]``
+    in q's dtype, ``lse [batch, q_heads]`` float32 natural log); requests
+    without KV get 0 and ``-inf``.
+    """
+    batch, q_heads, head_dim = q.shape
+    qf = q.detach().to(torch.float32).contiguous().reshape(-1).numpy()
+    out, lse, _ = decode_cpu(
+        pool._host_buffers(),
+        pool._layer_offsets(layer),
+        pool.page_size,
+        pool.pages_per_segment,
+        pool.num_kv_heads,
+        head_dim,
+        _FORMATS[pool.dtype],
+        qf,
+        q_heads,
+        np.ascontiguousarray(kv_indptr, dtype=np.int64),
+        np.ascontiguousarray(kv_indices, dtype=np.int64),
+        np.ascontiguousarray(kv_lens, dtype=np.int64),
+        float(sm_scale),
+        torch.get_num_threads() if threads is None else int(threads),
+        isa,
+    )
+    o = torch.from_numpy(out).view(batch, q_heads, head_dim)
+    return o.to(q.dtype), torch.from_numpy(lse).view(batch, q_heads)

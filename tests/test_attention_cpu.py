@@ -1,0 +1,217 @@
+"""The native CPU decode kernel (``backend="cpu"``, ``radixseg._core.decode_cpu``).
+
+Compared with a float64 reference written here (dequantize every page with
+``gather_kv``, then plain softmax attention), in every storage format, with
+every instruction set this CPU has (AVX-512, AVX2, scalar), over requests
+whose pages are shuffled across several segments, with a request longer than
+one 4,096-token work chunk. Needs no Triton.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from radixseg import InvalidArgument, InvalidHandle, KVPool
+from radixseg import attention as A
+from radixseg._core import decode_cpu
+from radixseg.kernels.cpu import ISAS, paged_decode_cpu
+from radixseg.kernels.reference import gather_kv
+
+FORMATS = [
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+]
+LAYER = 1  # not 0, so a wrong layer offset cannot pass
+LENS = [17, 97, 1, 0, 4100]  # odd sizes, one token, none, and more than one chunk
+
+
+def make(
+    dtype: torch.dtype,
+    page_size: int,
+    lens: list[int],
+    *,
+    kv_heads: int = 2,
+    head_dim: int = 32,
+    pages_per_segment: int = 64,
+    seed: int = 0,
+) -> tuple[KVPool, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 2-layer pool holding ``lens`` tokens per request, pages shuffled over
+    segments, one segment retired in between; returns the CSR page table."""
+    pool = KVPool(
+        2, kv_heads, head_dim, page_size=page_size, dtype=dtype,
+        pages_per_segment=pages_per_segment,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-n // page_size) for n in lens]
+    spare = pool.alloc(pages_per_segment)  # segment 0, released below: a hole
+    ids = pool.alloc(sum(need))
+    pool.release(spare)
+    pool.shrink(keep=0)
+    ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    slots = (ids.long()[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+    kv = torch.randn(slots.numel(), kv_heads, head_dim, generator=gen)
+    for layer in (0, 1):
+        pool.write(layer, slots, kv * (layer + 1), kv.flip(-1) * 3)
+    indptr = torch.tensor([0, *np.cumsum(need)], dtype=torch.int32)
+    last = torch.tensor([(n - 1) % page_size + 1 if n else 0 for n in lens], dtype=torch.int32)
+    return pool, indptr, ids, last
+
+
+def reference(
+    q: torch.Tensor, pool: KVPool, indptr: torch.Tensor, ids: torch.Tensor, lens: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 attention of one query token per request."""
+    batch, q_heads, d = q.shape
+    group = q_heads // pool.num_kv_heads
+    out = torch.zeros(batch, q_heads, d, dtype=torch.float64)
+    lse = torch.full((batch, q_heads), -math.inf, dtype=torch.float64)
+    for i, n in enumerate(lens):
+        if n == 0:
+            continue
+        k, v = gather_kv(pool, LAYER, ids[int(indptr[i]) : int(indptr[i + 1])], torch.float64)
+        k, v = k[:n].repeat_interleave(group, 1), v[:n].repeat_interleave(group, 1)
+        s = torch.einsum("hd,thd->ht", q[i].double(), k) * d**-0.5
+        lse[i] = torch.logsumexp(s, -1)
+        out[i] = torch.einsum("ht,thd->hd", torch.softmax(s, -1), v)
+    return out, lse
+
+
+def close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), what
+    err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+    scale = max(1.0, want[finite].abs().max().item() if finite.any() else 1.0)
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("dtype", FORMATS, ids=str)
+def test_decode_matches_reference(dtype: torch.dtype, page_size: int, group: int, isa: str) -> None:
+    pool, indptr, ids, _last = make(dtype, page_size, LENS, seed=page_size + group)
+    segments = {int(p) // pool.pages_per_segment for p in ids}
+    assert len(segments) >= 3 and 0 not in segments
+    q = torch.randn(len(LENS), 2 * group, 32, generator=torch.Generator().manual_seed(1))
+    lens = np.array(LENS)
+    out, lse = paged_decode_cpu(
+        q, pool, LAYER, indptr.numpy(), ids.numpy(), lens, sm_scale=32**-0.5, isa=isa
+    )
+    want, want_lse = reference(q, pool, indptr, ids, LENS)
+    close(out, want, f"out ({isa})")
+    close(lse, want_lse, f"lse ({isa})")
+    assert torch.equal(out[3], torch.zeros_like(out[3]))  # the empty request
+    assert bool((lse[3] == -math.inf).all())
+
+
+def test_public_decode_with_backend_cpu() -> None:
+    pool, indptr, ids, last = make(torch.float8_e4m3fn, 16, LENS)
+    q = torch.randn(len(LENS), 8, 32, dtype=torch.bfloat16)
+    out, lse = A.decode(q, pool, LAYER, indptr, ids, last, return_lse=True, backend="cpu")
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    want, want_lse = reference(q, pool, indptr, ids, LENS)
+    close(out, want, "bf16 out", tol=1e-2)
+    close(lse, want_lse, "lse")
+    ref = A.decode(q, pool, LAYER, indptr, ids, last, backend="torch")
+    close(out, ref, "against the torch backend", tol=1e-2)
+
+
+def test_threads_do_not_change_a_bit() -> None:
+    pool, indptr, ids, _last = make(torch.float8_e4m3fn, 16, [9000, 5, 300])
+    q = torch.randn(3, 8, 32)
+    args = (q, pool, LAYER, indptr.numpy(), ids.numpy(), np.array([9000, 5, 300]))
+    one = paged_decode_cpu(*args, sm_scale=0.2, threads=1)
+    for threads in (2, 3, 8):
+        many = paged_decode_cpu(*args, sm_scale=0.2, threads=threads)
+        assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1]), threads
+
+
+@pytest.mark.parametrize("head_dim", [40, 36])
+def test_head_dims_that_are_not_a_multiple_of_16(head_dim: int) -> None:
+    pool, indptr, ids, last = make(torch.bfloat16, 8, [33, 70], head_dim=head_dim)
+    q = torch.randn(2, 4, head_dim)
+    out, lse = A.decode(q, pool, LAYER, indptr, ids, last, return_lse=True, backend="cpu")
+    want, want_lse = reference(q, pool, indptr, ids, [33, 70])
+    close(out, want, f"head_dim {head_dim}", tol=1e-5)
+    close(lse, want_lse, f"head_dim {head_dim} lse")
+
+
+def test_auto_picks_the_native_kernel_without_the_interpreter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert A._resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert A._resolve_backend("cpu", torch.device("cpu")) == "cpu"
+    with pytest.raises(InvalidArgument, match="backend='cpu' needs CPU tensors, got device meta"):
+        A._resolve_backend("cpu", torch.device("meta"))
+    with pytest.raises(InvalidArgument, match="'auto', 'triton', 'torch' or 'cpu'"):
+        A._resolve_backend("gpu", torch.device("cpu"))
+
+
+def test_extend_and_merge_under_backend_cpu_run_their_torch_implementation() -> None:
+    pool, indptr, ids, last = make(torch.float8_e4m3fn, 16, [40, 20])
+    q = torch.randn(5, 4, 32)
+    qo = torch.tensor([0, 3, 5], dtype=torch.int32)
+    got = A.extend(q, pool, LAYER, qo, indptr, ids, last, backend="cpu")
+    want = A.extend(q, pool, LAYER, qo, indptr, ids, last, backend="torch")
+    assert torch.equal(got, want)
+    v, _s = A.merge_states(q, q[..., 0], q, q[..., 0], backend="cpu")
+    close(v, q, "merge of a state with itself")
+
+
+def test_bad_page_tables_are_refused_and_change_nothing() -> None:
+    pool, indptr, ids, last = make(torch.float8_e4m3fn, 16, [40, 20])
+    before = [b.copy() for b in pool._host_buffers() if b is not None]
+    q = torch.randn(2, 4, 32)
+    free = ids.clone()
+    free[0] = pool.pages_per_segment - 1  # in retired segment 0
+    with pytest.raises(InvalidHandle, match="kv_indices"):
+        A.decode(q, pool, LAYER, indptr, free, last, backend="cpu")
+    # Past the Python checks (check=False), the kernel validates on its own.
+    with pytest.raises(InvalidArgument, match=r"kv_indices\[0\] = 63 is not a page of a live"):
+        A.decode(q, pool, LAYER, indptr, free, last, backend="cpu", check=False)
+    host = pool._host_buffers()
+    args = [host, pool._layer_offsets(LAYER), 16, 64, 2, 32, "float8_e4m3fn"]
+    qf = q.reshape(-1).numpy()
+    table = (indptr.numpy().astype(np.int64), ids.numpy().astype(np.int64))
+    with pytest.raises(
+        InvalidArgument, match="request 0: 49 KV tokens need 4 pages of 16, the table gives 3"
+    ):
+        decode_cpu(*args, qf, 4, *table, np.array([49, 20]), 0.1)
+    with pytest.raises(
+        InvalidArgument, match="q_heads = 3 must be a positive multiple of kv_heads = 2"
+    ):
+        decode_cpu(*args, qf, 3, *table, np.array([40, 20]), 0.1)
+    with pytest.raises(InvalidArgument, match="q holds 256 values; 2 requests x 2 heads x 32 dims"):
+        decode_cpu(*args, qf, 2, *table, np.array([40, 20]), 0.1)
+    with pytest.raises(InvalidArgument, match="format must be"):
+        decode_cpu(*args[:6], "int8", qf, 4, *table, np.array([40, 20]), 0.1)
+    with pytest.raises(InvalidArgument, match="isa must be auto, avx512, avx2 or scalar"):
+        decode_cpu(*args, qf, 4, *table, np.array([40, 20]), 0.1, 1, "neon")
+    offsets = list(pool._layer_offsets(LAYER))
+    offsets[1] = host[1].size  # V past the end of the buffer
+    with pytest.raises(InvalidArgument, match="segment 1: v bytes"):
+        decode_cpu(host, tuple(offsets), *args[2:], qf, 4, *table, np.array([40, 20]), 0.1)
+    after = [b for b in pool._host_buffers() if b is not None]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    pool.check_invariants()
+
+
+def test_host_views_follow_growth_and_shrink() -> None:
+    pool = KVPool(1, 1, 16, page_size=4, pages_per_segment=2, dtype="fp8")
+    assert pool._host_buffers() == []
+    a = pool.alloc(3)  # two segments
+    assert [b is not None for b in pool._host_buffers()] == [True, True]
+    pool.release(a[:2])
+    pool.shrink(keep=0)
+    views = pool._host_buffers()
+    assert views[0] is None and views[1] is not None
+    assert views[1].ctypes.data == pool.segment(1).k.data_ptr()
