@@ -616,6 +616,11 @@ trait Simd: Copy {
     fn splat(self, x: f32) -> Self::F;
     /// The first `LANES` values of `s`.
     fn load(self, s: &[f32]) -> Self::F;
+    /// The `LANES` values at `p`.
+    ///
+    /// # Safety
+    /// `p .. p + LANES` must be inside one live `f32` slice.
+    unsafe fn load_ptr(self, p: *const f32) -> Self::F;
     /// Into the first `LANES` values of `s`.
     fn store(self, v: Self::F, s: &mut [f32]);
     /// `a * b + c`.
@@ -822,37 +827,54 @@ fn block<S: Simd>(
         // registers, then reduced together (a transpose, not BLOCK separate
         // horizontal sums).
         let mut partial = [s.splat(0.0); BLOCK];
-        for (half, part) in partial.chunks_exact_mut(8).enumerate() {
+        for (half, out) in partial.chunks_exact_mut(8).enumerate() {
             let rows = &sc.k[half * 8 * d..(half + 1) * 8 * d];
-            for c in (0..d).step_by(lanes) {
-                let qc = s.load(&qg[c..]);
+            let mut part = [s.splat(0.0); 8];
+            for (c, qc) in qg.chunks_exact(lanes).enumerate() {
+                let qc = s.load(qc);
                 for (j, x) in part.iter_mut().enumerate() {
-                    *x = s.fma(qc, s.load(&rows[j * d + c..]), *x);
+                    // SAFETY: j < 8 and (c + 1) * lanes <= d (qg has d values,
+                    // a multiple of lanes), so the lanes read end within
+                    // rows[..8 * d] = rows.
+                    *x = s.fma(
+                        qc,
+                        unsafe { s.load_ptr(rows.as_ptr().add(j * d + c * lanes)) },
+                        *x,
+                    );
                 }
             }
+            out.copy_from_slice(&part);
         }
         s.sums(&partial, p);
         for (pt, ks) in p[..n].iter_mut().zip(&sc.ks) {
             *pt *= ks;
         }
-        if p[..n].iter().any(|x| x.is_nan()) {
-            // As softmax does: one NaN score makes the whole row NaN.
+        p[n..].fill(f32::NEG_INFINITY);
+        let mut mx = s.splat(f32::NEG_INFINITY);
+        let mut all = s.splat(0.0);
+        for c in p.chunks_exact(lanes) {
+            let x = s.load(c);
+            mx = s.max(mx, x);
+            all = s.add(all, x);
+        }
+        // The sum is NaN iff a score is NaN, or +inf and -inf meet; either
+        // way softmax gives NaN (exp(inf - inf)), so the whole row is NaN.
+        if s.sum(all).is_nan() {
             m[gi] = f32::NAN;
             l[gi] = f32::NAN;
             acc[gi * d..(gi + 1) * d].fill(f32::NAN);
             continue;
-        }
-        p[n..].fill(f32::NEG_INFINITY);
-        let mut mx = s.splat(f32::NEG_INFINITY);
-        for c in p.chunks_exact(lanes) {
-            mx = s.max(mx, s.load(c));
         }
         let block_max = s.max_lane(mx);
         let m_new = m[gi].max(block_max);
         if m_new == f32::NEG_INFINITY {
             continue; // every score -inf: nothing to add
         }
-        let alpha = (m[gi] - m_new).exp2();
+        let alpha = if m_new > m[gi] {
+            (m[gi] - m_new).exp2()
+        } else {
+            1.0
+        };
         let neg = s.splat(-m_new);
         let mut total = s.splat(0.0);
         for c in p.chunks_exact_mut(lanes) {
@@ -882,11 +904,17 @@ fn block<S: Simd>(
             for (j, x) in r.iter_mut().enumerate() {
                 *x = s.load(&tile[j * lanes..]);
             }
-            for (pt, row) in p.iter().zip(sc.v.chunks_exact(d)) {
+            let v = &sc.v[..BLOCK * d];
+            for (t, pt) in p.iter().enumerate() {
                 let pt = s.splat(*pt);
-                let row = &row[base..base + 4 * lanes];
                 for (j, x) in r.iter_mut().enumerate() {
-                    *x = s.fma(pt, s.load(&row[j * lanes..]), *x);
+                    // SAFETY: t < BLOCK and base + 4 * lanes <= d (this tile
+                    // is inside a), so the lanes read end within v[..BLOCK * d].
+                    *x = s.fma(
+                        pt,
+                        unsafe { s.load_ptr(v.as_ptr().add(t * d + base + j * lanes)) },
+                        *x,
+                    );
                 }
             }
             for (j, x) in r.iter().enumerate() {
@@ -955,6 +983,11 @@ impl Simd for Scalar {
     #[inline(always)]
     fn load(self, s: &[f32]) -> f32 {
         s[0]
+    }
+    #[inline(always)]
+    unsafe fn load_ptr(self, p: *const f32) -> f32 {
+        // SAFETY: the caller guarantees p points into a live f32 slice.
+        unsafe { *p }
     }
     #[inline(always)]
     fn store(self, v: f32, s: &mut [f32]) {
@@ -1123,6 +1156,12 @@ mod x86 {
             unsafe { _mm512_loadu_ps(s.as_ptr()) }
         }
         #[inline(always)]
+        unsafe fn load_ptr(self, p: *const f32) -> __m512 {
+            // SAFETY: the caller guarantees 16 f32s at p; unaligned load;
+            // AVX-512F enabled.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
         fn store(self, v: __m512, s: &mut [f32]) {
             let s = &mut s[..16];
             // SAFETY: `s` holds 16 f32s; unaligned store; AVX-512F enabled.
@@ -1251,6 +1290,11 @@ mod x86 {
             let s = &s[..8];
             // SAFETY: `s` holds 8 f32s; unaligned load.
             unsafe { _mm256_loadu_ps(s.as_ptr()) }
+        }
+        #[inline(always)]
+        unsafe fn load_ptr(self, p: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees 8 f32s at p; unaligned load.
+            unsafe { _mm256_loadu_ps(p) }
         }
         #[inline(always)]
         fn store(self, v: __m256, s: &mut [f32]) {
