@@ -19,11 +19,13 @@ from radixseg._core import InvalidArgument
 __all__ = ["as_count", "as_id_array", "as_namespace", "to_tensor"]
 
 _INT_KINDS = ("i", "u")
-_FAST_DTYPES = (torch.int32, torch.int64)
+_NP_FAST_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def as_count(n: Any, what: str = "n") -> int:
     """A non-negative Python int from an int-like, else ``TypeError``/``InvalidArgument``."""
+    if type(n) is int and n >= 0:
+        return n
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_floating_point():
             n = n.item()
@@ -37,6 +39,8 @@ def as_count(n: Any, what: str = "n") -> int:
 
 def as_namespace(namespace: Any) -> int:
     """A namespace key: an int in ``0..2**64``, else ``TypeError``/``InvalidArgument``."""
+    if type(namespace) is int and 0 <= namespace < 2**64:
+        return namespace
     if isinstance(namespace, bool) or not isinstance(namespace, (int, np.integer)):
         raise TypeError(f"namespace must be an int, got {type(namespace).__name__}: {namespace!r}")
     ns = int(namespace)
@@ -52,14 +56,27 @@ def as_id_array(ids: Any, what: str = "page ids") -> npt.NDArray[np.int32] | npt
     ints and a single int. Range checks happen in the Rust core, which reports
     the first bad value.
     """
+    # The common cases first, with as few attribute lookups as possible (this
+    # runs on every call of the per-request API): a 1-D contiguous int32/int64
+    # numpy array, or a CPU tensor that views as one (ids from alloc or a match).
+    kind = type(ids)
+    arr: npt.NDArray[Any] | None
+    if kind is np.ndarray:
+        arr = ids
+    elif kind is torch.Tensor:
+        try:
+            arr = ids.numpy()
+        except (RuntimeError, TypeError):  # CUDA, autograd, conjugate bits: below
+            arr = None
+    else:
+        arr = None
     if (
-        type(ids) is torch.Tensor
-        and ids.dtype in _FAST_DTYPES
-        and ids.dim() == 1
-        and ids.device.type == "cpu"
-        and ids.is_contiguous()
+        arr is not None
+        and arr.dtype in _NP_FAST_DTYPES
+        and arr.ndim == 1
+        and arr.flags.c_contiguous
     ):
-        return ids.numpy()  # the common case: ids straight from alloc or a match
+        return arr  # int32 or int64, checked above
     if isinstance(ids, torch.Tensor):
         if ids.device.type != "cpu":
             raise InvalidArgument(
