@@ -14,6 +14,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from radixseg import InvalidArgument, InvalidHandle, KVPool
 from radixseg import attention as A
@@ -215,3 +217,34 @@ def test_host_views_follow_growth_and_shrink() -> None:
     views = pool._host_buffers()
     assert views[0] is None and views[1] is not None
     assert views[1].ctypes.data == pool.segment(1).k.data_ptr()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 40), min_size=0, max_size=4),
+    pages=st.lists(st.integers(-2, 30), min_size=0, max_size=12),
+    jitter=st.lists(st.sampled_from([0, 0, 0, 0, -1, 1]), min_size=5, max_size=5),
+    offset=st.sampled_from([None, None, None, 0, 1, 2, 3]),
+    q_heads=st.sampled_from([2, 4, 4, 3]),
+)
+def test_arbitrary_tables_give_a_result_or_invalid_argument(
+    lens: list[int], pages: list[int], jitter: list[int], offset: int | None, q_heads: int
+) -> None:
+    """The kernel trusts nothing it is given: any page table (ids dead, live
+    or past the pool), lengths, head count or layer offset yields outputs or
+    InvalidArgument, never a crash or a read outside the segments."""
+    pool, _, _, _ = make(torch.float8_e4m3fn, 4, [40], pages_per_segment=8)
+    need = [-(-n // 4) for n in lens]
+    indptr = np.array([0, *np.cumsum(need)], dtype=np.int64)
+    indptr[1:] += np.array(jitter[: len(lens)], dtype=np.int64)
+    kv_lens = np.array(lens, dtype=np.int64) + np.array(jitter[1 : len(lens) + 1], dtype=np.int64)
+    offsets = list(pool._layer_offsets(LAYER))
+    if offset is not None:
+        offsets[offset] += pool.segment_bytes // 3
+    q = np.zeros(len(lens) * q_heads * 32, dtype=np.float32)
+    args = [pool._host_buffers(), tuple(offsets), 4, 8, 2, 32, "float8_e4m3fn", q, q_heads]
+    try:
+        out, lse, _ = decode_cpu(*args, indptr, np.array(pages, np.int64), kv_lens, 0.1)
+    except InvalidArgument:
+        return
+    assert out.size == len(lens) * q_heads * 32 and lse.size == len(lens) * q_heads
