@@ -768,16 +768,34 @@ fn item_format<S: Simd, const F: u8>(
         let first_token = (page % pps) * ps;
         let take = ps.min(left);
         left -= take;
-        for t in first_token..first_token + take {
-            let at = t * h + item.head;
-            let off = at * row_bytes;
-            s.decode::<F>(&seg.k[off..off + row_bytes], &mut sc.k[n * d..(n + 1) * d]);
-            s.decode::<F>(&seg.v[off..off + row_bytes], &mut sc.v[n * d..(n + 1) * d]);
-            if scaled {
-                sc.ks[n] = read_f32(seg.k_scale, at) * factor;
-                sc.vs[n] = read_f32(seg.v_scale, at) * factor;
+        let (mut t, end) = (first_token, first_token + take);
+        while t < end {
+            // Tokens of this page that fit in the block.
+            let run = (end - t).min(BLOCK - n);
+            if h == 1 {
+                // One KV head: the run's rows (and scales) are contiguous,
+                // so each is decoded in one call.
+                let (off, len) = (t * row_bytes, run * row_bytes);
+                let dst = n * d..(n + run) * d;
+                s.decode::<F>(&seg.k[off..off + len], &mut sc.k[dst.clone()]);
+                s.decode::<F>(&seg.v[off..off + len], &mut sc.v[dst]);
+            } else {
+                for j in 0..run {
+                    let off = ((t + j) * h + item.head) * row_bytes;
+                    let dst = (n + j) * d..(n + j + 1) * d;
+                    s.decode::<F>(&seg.k[off..off + row_bytes], &mut sc.k[dst.clone()]);
+                    s.decode::<F>(&seg.v[off..off + row_bytes], &mut sc.v[dst]);
+                }
             }
-            n += 1;
+            if scaled {
+                for j in 0..run {
+                    let at = (t + j) * h + item.head;
+                    sc.ks[n + j] = read_f32(seg.k_scale, at) * factor;
+                    sc.vs[n + j] = read_f32(seg.v_scale, at) * factor;
+                }
+            }
+            n += run;
+            t += run;
             if n == BLOCK {
                 block(s, sc, q, n, g, d, acc, m, l);
                 n = 0;
