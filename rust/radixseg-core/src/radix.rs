@@ -416,6 +416,26 @@ impl RadixTree {
         T: Copy + Into<i64>,
         P: Copy + Into<i64>,
     {
+        self.insert_adopting(tokens, page_ids, namespace, usize::MAX)
+    }
+
+    /// [`insert`](Self::insert), except that each newly cached page at
+    /// position `adopt_from` or later keeps the caller's reference, handed
+    /// over to the tree, instead of taking one of its own: what
+    /// [`finish`](Self::finish) does for the request's fresh pages, whose
+    /// reference it would otherwise retain and release at once. The caller
+    /// has validated those ids as referenced and releases only the rest.
+    fn insert_adopting<T, P>(
+        &mut self,
+        tokens: &[T],
+        page_ids: &[P],
+        namespace: u64,
+        adopt_from: usize,
+    ) -> Result<usize>
+    where
+        T: Copy + Into<i64>,
+        P: Copy + Into<i64>,
+    {
         let ps = self.page_size;
         let n_pages = tokens.len() / ps;
         if page_ids.len() != n_pages {
@@ -445,8 +465,9 @@ impl RadixTree {
         if fresh > 0 {
             self.ensure_arena(fresh)?;
             // Validates the new pages and takes the tree's references, all or
-            // none; the last call that can fail.
-            self.allocator.retain(&ids[cached..])?;
+            // none; the last call that can fail. Adopted pages keep theirs.
+            let adopted = adopt_from.clamp(cached, n_pages);
+            self.allocator.retain(&ids[cached..adopted])?;
         }
         let t = self.tick();
         let root = self.root_for(namespace, t);
@@ -534,15 +555,26 @@ impl RadixTree {
         self.allocator.check_release(owned)?;
         let full = tokens.len() / ps;
         // The insert retains, never releases, so the release stays valid.
-        let cached = if cache {
-            self.insert(&tokens[..full * ps], &ids[..full], namespace)?
+        // The request's own pages that the tree caches anew (positions
+        // `adopted`) pass the request's reference to the tree: no retain
+        // now and release below, which would leave every refcount as it is.
+        let (cached, adopted) = if cache {
+            let c =
+                self.insert_adopting(&tokens[..full * ps], &ids[..full], namespace, owned_from)?;
+            (c, (c / ps).max(owned_from).min(full)..full)
         } else {
-            0
+            (0, full..full)
         };
         if let Some(node) = node {
             self.unlock(node)?;
         }
-        self.allocator.release(owned)?;
+        // Duplicates of cached pages and the partial last page.
+        let rest: Vec<i64> = ids[owned_from..adopted.start.max(owned_from)]
+            .iter()
+            .chain(&ids[adopted.end.max(owned_from)..])
+            .copied()
+            .collect();
+        self.allocator.release(&rest)?;
         Ok(cached)
     }
 
