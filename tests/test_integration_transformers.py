@@ -80,21 +80,25 @@ def _reference(model, prompt, new) -> torch.Tensor:
     return _generate(model, prompt, new)
 
 
-def _radixseg(model, prefix, prompt, new, **cache_kw) -> tuple[torch.Tensor, rt.RadixsegCache]:
+def _radixseg(
+    model, prefix, prompt, new, backend="torch", **cache_kw
+) -> tuple[torch.Tensor, rt.RadixsegCache]:
     model.set_attn_implementation("radixseg")
-    cache = rt.RadixsegCache(prefix, prompt, backend="torch", **cache_kw)
+    cache = rt.RadixsegCache(prefix, prompt, backend=backend, **cache_kw)
     out = _generate(model, prompt, new, cache=cache)
     return out, cache
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_greedy_tokens_equal_default_cache(arch, dtype):
+def test_greedy_tokens_equal_default_cache(arch, dtype, backend):
+    """Decode steps on the torch backend and on the native CPU kernel."""
     model = MODELS[arch](dtype)
     prompt = _prompts(2, 45)
     ref = _reference(model, prompt, 24)
     prefix = rt.prefix_cache_for(model.config, dtype=dtype, segment_bytes=1 << 18)
-    out, cache = _radixseg(model, prefix, prompt, 24)
+    out, cache = _radixseg(model, prefix, prompt, 24, backend=backend)
     assert torch.equal(out, ref)
     assert cache.computed_tokens == 45 + 23  # the last generated token is never fed back
     cache.finish(out)
