@@ -564,6 +564,10 @@ struct Scratch {
     p: Vec<f32>,
     ks: [f32; BLOCK],
     vs: [f32; BLOCK],
+    /// `[group]`: what each head's accumulator is multiplied by this block.
+    alpha: Vec<f32>,
+    /// `[group]`: whether each head's accumulator takes this block.
+    live: Vec<bool>,
 }
 
 impl Scratch {
@@ -574,6 +578,8 @@ impl Scratch {
             p: vec![0.0; group * BLOCK],
             ks: [1.0; BLOCK],
             vs: [1.0; BLOCK],
+            alpha: vec![1.0; group],
+            live: vec![false; group],
         }
     }
 }
@@ -632,6 +638,10 @@ trait Simd: Copy {
     /// `out[t] = sum(v[t])` for the `BLOCK` vectors of `v`.
     fn sums(self, v: &[Self::F; BLOCK], out: &mut [f32]);
     fn max_lane(self, a: Self::F) -> f32;
+    /// `a` with its lanes from `valid` on set to -inf.
+    fn pad(self, a: Self::F, valid: usize) -> Self::F;
+    /// Whether a lane of `a` is NaN.
+    fn has_nan(self, a: Self::F) -> bool;
     /// `2^x` for `x <= 0` (NaN stays NaN).
     fn exp2(self, x: Self::F) -> Self::F;
     /// Decode the `dst.len()` codes at the start of `src` (`dst.len()` a
@@ -710,17 +720,21 @@ fn prefetch_page(ctx: &Ctx<'_, '_>, page: i64, take: usize, head: usize) {
     let Some(seg) = ctx.segments[page / geo.pages_per_segment] else {
         return;
     };
-    let row = geo.head_dim * geo.format.element_bytes();
+    let (h, row) = (geo.kv_heads, geo.head_dim * geo.format.element_bytes());
     let first = (page % geo.pages_per_segment) * geo.page_size;
     for t in first..first + take {
-        let off = (t * geo.kv_heads + head) * row;
+        let off = (t * h + head) * row;
         prefetch(&seg.k[off..off + row]);
         prefetch(&seg.v[off..off + row]);
     }
     if geo.format.scaled() {
-        let at = (first * geo.kv_heads + head) * 4;
-        prefetch(&seg.k_scale[at..at + 4]);
-        prefetch(&seg.v_scale[at..at + 4]);
+        // From the first token's scale to the last one's.
+        let (at, end) = (
+            (first * h + head) * 4,
+            ((first + take - 1) * h + head + 1) * 4,
+        );
+        prefetch(&seg.k_scale[at..end]);
+        prefetch(&seg.v_scale[at..end]);
     }
 }
 
@@ -787,7 +801,20 @@ fn item_format<S: Simd, const F: u8>(
                     s.decode::<F>(&seg.v[off..off + row_bytes], &mut sc.v[dst]);
                 }
             }
-            if scaled {
+            if scaled && h == 1 {
+                // Contiguous scales: a loop the compiler vectorizes.
+                let src = 4 * t..4 * (t + run);
+                let dst = n..n + run;
+                for (o, b) in sc.ks[dst.clone()]
+                    .iter_mut()
+                    .zip(seg.k_scale[src.clone()].chunks_exact(4))
+                {
+                    *o = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) * factor;
+                }
+                for (o, b) in sc.vs[dst].iter_mut().zip(seg.v_scale[src].chunks_exact(4)) {
+                    *o = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) * factor;
+                }
+            } else if scaled {
                 for j in 0..run {
                     let at = (t + j) * h + item.head;
                     sc.ks[n + j] = read_f32(seg.k_scale, at) * factor;
@@ -807,6 +834,9 @@ fn item_format<S: Simd, const F: u8>(
         // (possibly of another request) left in the unused ones.
         sc.k[n * d..].fill(0.0);
         sc.v[n * d..].fill(0.0);
+        // Their probability is exactly 0; a stale scale (inf, NaN) would
+        // turn that into NaN.
+        sc.vs[n..].fill(1.0);
         block(s, sc, q, n, g, d, acc, m, l);
     }
 }
@@ -820,6 +850,11 @@ fn read_f32(bytes: &[u8], i: usize) -> f32 {
 
 /// Score `n` decoded tokens against the group's queries, update the running
 /// max and sum, and accumulate V.
+///
+/// Three passes over the group's heads: raw scores of every head, then each
+/// head's softmax step (independent of the others, so the out-of-order core
+/// overlaps their reduction chains), then V for several heads at once, so
+/// that each V vector loaded feeds one FMA per head.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block<S: Simd>(
@@ -833,122 +868,201 @@ fn block<S: Simd>(
     m: &mut [f32],
     l: &mut [f32],
 ) {
-    let lanes = S::LANES;
     for gi in 0..g {
-        let qg = &q[gi * d..(gi + 1) * d];
-        if m[gi].is_nan() {
-            continue; // an earlier NaN score poisoned this head for good
-        }
-        let p = &mut sc.p[gi * BLOCK..(gi + 1) * BLOCK];
-        // Lane-wise partial dot products of all BLOCK tokens (rows past `n`
-        // are zeros), eight tokens at a time so that the accumulators stay in
-        // registers, then reduced together (a transpose, not BLOCK separate
-        // horizontal sums).
-        let mut partial = [s.splat(0.0); BLOCK];
-        for (half, out) in partial.chunks_exact_mut(8).enumerate() {
-            let rows = &sc.k[half * 8 * d..(half + 1) * 8 * d];
-            let mut part = [s.splat(0.0); 8];
-            for (c, qc) in qg.chunks_exact(lanes).enumerate() {
-                let qc = s.load(qc);
-                for (j, x) in part.iter_mut().enumerate() {
-                    // SAFETY: j < 8 and (c + 1) * lanes <= d (qg has d values,
-                    // a multiple of lanes), so the lanes read end within
-                    // rows[..8 * d] = rows.
-                    *x = s.fma(
-                        qc,
-                        unsafe { s.load_ptr(rows.as_ptr().add(j * d + c * lanes)) },
-                        *x,
-                    );
-                }
-            }
-            out.copy_from_slice(&part);
-        }
-        s.sums(&partial, p);
-        for (pt, ks) in p[..n].iter_mut().zip(&sc.ks) {
-            *pt *= ks;
-        }
-        p[n..].fill(f32::NEG_INFINITY);
-        let mut mx = s.splat(f32::NEG_INFINITY);
-        let mut all = s.splat(0.0);
-        for c in p.chunks_exact(lanes) {
-            let x = s.load(c);
-            mx = s.max(mx, x);
-            all = s.add(all, x);
-        }
-        // The sum is NaN iff a score is NaN, or +inf and -inf meet; either
-        // way softmax gives NaN (exp(inf - inf)), so the whole row is NaN.
-        if s.sum(all).is_nan() {
-            m[gi] = f32::NAN;
-            l[gi] = f32::NAN;
-            acc[gi * d..(gi + 1) * d].fill(f32::NAN);
-            continue;
-        }
-        let block_max = s.max_lane(mx);
-        let m_new = m[gi].max(block_max);
-        if m_new == f32::NEG_INFINITY {
-            continue; // every score -inf: nothing to add
-        }
-        let alpha = if m_new > m[gi] {
-            (m[gi] - m_new).exp2()
-        } else {
-            1.0
-        };
-        let neg = s.splat(-m_new);
-        let mut total = s.splat(0.0);
-        for c in p.chunks_exact_mut(lanes) {
-            let e = s.exp2(s.add(s.load(c), neg));
-            total = s.add(total, e);
-            s.store(e, c);
-        }
-        // Lanes past n held -inf: exp2 gave 0 there.
-        l[gi] = l[gi] * alpha + s.sum(total);
-        m[gi] = m_new;
-        for (pt, vs) in p[..n].iter_mut().zip(&sc.vs) {
-            *pt *= vs;
-        }
-        let a = &mut acc[gi * d..(gi + 1) * d];
-        if alpha != 1.0 {
-            let al = s.splat(alpha);
-            for c in a.chunks_exact_mut(lanes) {
-                s.store(s.mul(s.load(c), al), c);
-            }
-        }
-        // Four output vectors stay in registers while the block's tokens
-        // stream by; rows past `n` are zeros, with probability 0.
-        let mut tiles = a.chunks_exact_mut(4 * lanes);
-        let mut base = 0;
-        for tile in &mut tiles {
-            let mut r = [s.splat(0.0); 4];
-            for (j, x) in r.iter_mut().enumerate() {
-                *x = s.load(&tile[j * lanes..]);
-            }
-            let v = &sc.v[..BLOCK * d];
-            for (t, pt) in p.iter().enumerate() {
-                let pt = s.splat(*pt);
-                for (j, x) in r.iter_mut().enumerate() {
-                    // SAFETY: t < BLOCK and base + 4 * lanes <= d (this tile
-                    // is inside a), so the lanes read end within v[..BLOCK * d].
-                    *x = s.fma(
-                        pt,
-                        unsafe { s.load_ptr(v.as_ptr().add(t * d + base + j * lanes)) },
-                        *x,
-                    );
-                }
-            }
-            for (j, x) in r.iter().enumerate() {
-                s.store(*x, &mut tile[j * lanes..]);
-            }
-            base += 4 * lanes;
-        }
-        for c in tiles.into_remainder().chunks_exact_mut(lanes) {
-            let mut x = s.load(c);
-            for (pt, row) in p.iter().zip(sc.v.chunks_exact(d)) {
-                x = s.fma(s.splat(*pt), s.load(&row[base..]), x);
-            }
-            s.store(x, c);
-            base += lanes;
+        if !m[gi].is_nan() {
+            scores(s, sc, &q[gi * d..(gi + 1) * d], gi, d);
         }
     }
+    for gi in 0..g {
+        let row = &mut acc[gi * d..(gi + 1) * d];
+        softmax_step(s, sc, gi, n, &mut m[gi], &mut l[gi], row);
+    }
+    let mut g0 = 0;
+    while g0 < g {
+        g0 += if g - g0 >= 4 {
+            accumulate_v::<S, 4>(s, sc, g0, d, acc)
+        } else if g - g0 >= 2 {
+            accumulate_v::<S, 2>(s, sc, g0, d, acc)
+        } else {
+            accumulate_v::<S, 1>(s, sc, g0, d, acc)
+        };
+    }
+}
+
+/// Head `gi`'s raw scores `q . k` of all `BLOCK` rows (rows past the block's
+/// tokens are zeros) into its row of `sc.p`.
+#[inline(always)]
+fn scores<S: Simd>(s: S, sc: &mut Scratch, qg: &[f32], gi: usize, d: usize) {
+    let lanes = S::LANES;
+    // Lane-wise partial dot products, eight tokens at a time so that the
+    // accumulators stay in registers, then reduced together (a transpose,
+    // not BLOCK separate horizontal sums).
+    let mut partial = [s.splat(0.0); BLOCK];
+    for (half, out) in partial.chunks_exact_mut(8).enumerate() {
+        let rows = &sc.k[half * 8 * d..(half + 1) * 8 * d];
+        let mut part = [s.splat(0.0); 8];
+        for (c, qc) in qg.chunks_exact(lanes).enumerate() {
+            let qc = s.load(qc);
+            for (j, x) in part.iter_mut().enumerate() {
+                // SAFETY: j < 8 and (c + 1) * lanes <= d (qg has d values,
+                // a multiple of lanes), so the lanes read end within
+                // rows[..8 * d] = rows.
+                *x = s.fma(
+                    qc,
+                    unsafe { s.load_ptr(rows.as_ptr().add(j * d + c * lanes)) },
+                    *x,
+                );
+            }
+        }
+        out.copy_from_slice(&part);
+    }
+    s.sums(&partial, &mut sc.p[gi * BLOCK..(gi + 1) * BLOCK]);
+}
+
+/// Head `gi`'s online-softmax step over the block: turns its scores into
+/// probabilities times the V scales (in place), updates `m` and `l`, and
+/// leaves in `sc.alpha[gi]` what the head's accumulator must be multiplied
+/// by first. `sc.live[gi]` says whether the accumulator takes this block at
+/// all (not for a poisoned head, nor when every score is -inf).
+#[inline(always)]
+fn softmax_step<S: Simd>(
+    s: S,
+    sc: &mut Scratch,
+    gi: usize,
+    n: usize,
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    let lanes = S::LANES;
+    sc.live[gi] = false;
+    if m.is_nan() {
+        return; // an earlier NaN score poisoned this head for good
+    }
+    let p = &mut sc.p[gi * BLOCK..(gi + 1) * BLOCK];
+    let mut mx = s.splat(f32::NEG_INFINITY);
+    let mut nan = false;
+    for (i, c) in p.chunks_exact_mut(lanes).enumerate() {
+        let x = s.mul(s.load(c), s.load(&sc.ks[i * lanes..]));
+        // Rows past n score -inf: probability 0.
+        let x = s.pad(x, n.saturating_sub(i * lanes));
+        nan |= s.has_nan(x);
+        mx = s.max(mx, x);
+        s.store(x, c);
+    }
+    let block_max = s.max_lane(mx);
+    // A NaN score, or a +inf one (exp(inf - inf)), makes softmax NaN: the
+    // whole row is NaN.
+    if nan || block_max == f32::INFINITY {
+        *m = f32::NAN;
+        *l = f32::NAN;
+        acc.fill(f32::NAN);
+        return;
+    }
+    let m_new = m.max(block_max);
+    if m_new == f32::NEG_INFINITY {
+        return; // every score -inf: nothing to add
+    }
+    let alpha = if m_new > *m { (*m - m_new).exp2() } else { 1.0 };
+    let neg = s.splat(-m_new);
+    let mut total = s.splat(0.0);
+    for (i, c) in p.chunks_exact_mut(lanes).enumerate() {
+        let e = s.exp2(s.add(s.load(c), neg));
+        total = s.add(total, e);
+        // Rows past n: e = 0, and their V scale is 1 (see `item_format`).
+        s.store(s.mul(e, s.load(&sc.vs[i * lanes..])), c);
+    }
+    *l = *l * alpha + s.sum(total);
+    *m = m_new;
+    sc.alpha[gi] = alpha;
+    sc.live[gi] = true;
+}
+
+/// `acc = acc * alpha + p . V` for the `GT` heads from `g0`; returns `GT`.
+#[inline(always)]
+fn accumulate_v<S: Simd, const GT: usize>(
+    s: S,
+    sc: &Scratch,
+    g0: usize,
+    d: usize,
+    acc: &mut [f32],
+) -> usize {
+    // Output vectors per head kept in registers while the block's tokens
+    // stream by: GT heads x DT vectors, plus DT V vectors and a broadcast,
+    // must fit the register file (32 vector registers with AVX-512, 16
+    // with AVX2 and for the scalar path).
+    let lanes = S::LANES;
+    let chunks = d / lanes;
+    let mut c = 0;
+    if lanes == 16 {
+        match GT {
+            4 => c = v_tiles::<S, GT, 4>(s, sc, g0, d, c, acc),
+            2 => c = v_tiles::<S, GT, 8>(s, sc, g0, d, c, acc),
+            _ => c = v_tiles::<S, GT, 8>(s, sc, g0, d, c, acc),
+        }
+    } else if lanes == 8 {
+        match GT {
+            4 => c = v_tiles::<S, GT, 2>(s, sc, g0, d, c, acc),
+            _ => c = v_tiles::<S, GT, 4>(s, sc, g0, d, c, acc),
+        }
+    } else {
+        c = v_tiles::<S, GT, 8>(s, sc, g0, d, c, acc);
+    }
+    if c < chunks {
+        v_tiles::<S, GT, 1>(s, sc, g0, d, c, acc);
+    }
+    GT
+}
+
+/// [`accumulate_v`] over the vector chunks `c0..` of `head_dim`, `DT` at a
+/// time while `DT` fit; returns the first chunk left.
+#[inline(always)]
+fn v_tiles<S: Simd, const GT: usize, const DT: usize>(
+    s: S,
+    sc: &Scratch,
+    g0: usize,
+    d: usize,
+    c0: usize,
+    acc: &mut [f32],
+) -> usize {
+    let lanes = S::LANES;
+    let v = &sc.v[..BLOCK * d];
+    let p = &sc.p[g0 * BLOCK..(g0 + GT) * BLOCK];
+    let mut c = c0;
+    while (c + DT) * lanes <= d {
+        let base = c * lanes;
+        let mut r = [[s.splat(0.0); DT]; GT];
+        for (h, rh) in r.iter_mut().enumerate() {
+            let al = s.splat(sc.alpha[g0 + h]);
+            let row = &acc[(g0 + h) * d + base..];
+            for (j, x) in rh.iter_mut().enumerate() {
+                *x = s.mul(s.load(&row[j * lanes..]), al);
+            }
+        }
+        for t in 0..BLOCK {
+            // SAFETY: t < BLOCK and base + DT * lanes <= d (the loop
+            // condition), so every load ends within v[..BLOCK * d].
+            let vt: [S::F; DT] = std::array::from_fn(|j| unsafe {
+                s.load_ptr(v.as_ptr().add(t * d + base + j * lanes))
+            });
+            for (h, rh) in r.iter_mut().enumerate() {
+                let pt = s.splat(p[h * BLOCK + t]);
+                for (x, vj) in rh.iter_mut().zip(&vt) {
+                    *x = s.fma(pt, *vj, *x);
+                }
+            }
+        }
+        for (h, rh) in r.iter().enumerate() {
+            if sc.live[g0 + h] {
+                let row = &mut acc[(g0 + h) * d + base..];
+                for (j, x) in rh.iter().enumerate() {
+                    s.store(*x, &mut row[j * lanes..]);
+                }
+            }
+        }
+        c += DT;
+    }
+    c
 }
 
 // ----- scalar ---------------------------------------------------------------------------------
@@ -1043,6 +1157,18 @@ impl Simd for Scalar {
     #[inline(always)]
     fn sums(self, v: &[f32; BLOCK], out: &mut [f32]) {
         out[..BLOCK].copy_from_slice(v);
+    }
+    #[inline(always)]
+    fn pad(self, a: f32, valid: usize) -> f32 {
+        if valid > 0 {
+            a
+        } else {
+            f32::NEG_INFINITY
+        }
+    }
+    #[inline(always)]
+    fn has_nan(self, a: f32) -> bool {
+        a.is_nan()
     }
     #[inline(always)]
     fn exp2(self, x: f32) -> f32 {
@@ -1249,6 +1375,21 @@ mod x86 {
             unsafe { _mm512_reduce_max_ps(a) }
         }
         #[inline(always)]
+        fn pad(self, a: __m512, valid: usize) -> __m512 {
+            let keep = if valid >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << valid) - 1
+            };
+            // SAFETY: AVX-512F enabled; the blend takes `a` where `keep` is set.
+            unsafe { _mm512_mask_blend_ps(keep, _mm512_set1_ps(f32::NEG_INFINITY), a) }
+        }
+        #[inline(always)]
+        fn has_nan(self, a: __m512) -> bool {
+            // SAFETY: AVX-512F enabled.
+            unsafe { _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a) != 0 }
+        }
+        #[inline(always)]
         fn exp2(self, x: __m512) -> __m512 {
             // SAFETY: AVX-512F enabled. x = max(-200, x) keeps NaN (second
             // operand); scalef(p, n) = p * 2^n flushes 2^-200 to 0.
@@ -1264,6 +1405,35 @@ mod x86 {
         fn decode<const F: u8>(self, src: &[u8], dst: &mut [f32]) {
             let format = KvFormat::from_code(F);
             let e = format.element_bytes();
+            let mut done = 0;
+            if e == 1 {
+                // FP8, 32 codes at a time: one widen, shift and mask for
+                // two vectors of output.
+                let n = dst.len() / 32 * 32;
+                for (s, o) in src[..n].chunks_exact(32).zip(dst[..n].chunks_exact_mut(32)) {
+                    // SAFETY: `s` holds exactly the 32 codes loaded
+                    // (unaligned load); AVX-512F/BW and F16C are enabled.
+                    let (lo, hi) = unsafe {
+                        let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(s.as_ptr().cast()));
+                        let h = if format == KvFormat::E4m3 {
+                            _mm512_and_si512(
+                                _mm512_slli_epi16::<7>(x),
+                                _mm512_set1_epi16(0xBF80u16 as i16),
+                            )
+                        } else {
+                            _mm512_slli_epi16::<8>(x)
+                        };
+                        (
+                            _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
+                            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+                        )
+                    };
+                    self.store(lo, o);
+                    self.store(hi, &mut o[16..]);
+                }
+                done = n;
+            }
+            let (src, dst) = (&src[done * e..], &mut dst[done..]);
             for (s, o) in src.chunks_exact(16 * e).zip(dst.chunks_exact_mut(16)) {
                 // SAFETY: `s` holds exactly the 16 elements loaded (16 * e
                 // bytes, unaligned loads); AVX-512F/BW/VL, AVX2 and F16C are
@@ -1377,6 +1547,21 @@ mod x86 {
                     self.store(r, &mut out[half * 8..]);
                 }
             }
+        }
+        #[inline(always)]
+        fn pad(self, a: __m256, valid: usize) -> __m256 {
+            // SAFETY: AVX enabled; lane i is kept where i < valid (valid
+            // is at most BLOCK, exact in f32).
+            unsafe {
+                let lane = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+                let keep = _mm256_cmp_ps::<_CMP_LT_OQ>(lane, _mm256_set1_ps(valid.min(8) as f32));
+                _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), a, keep)
+            }
+        }
+        #[inline(always)]
+        fn has_nan(self, a: __m256) -> bool {
+            // SAFETY: AVX enabled.
+            unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(a, a)) != 0 }
         }
         #[inline(always)]
         fn max_lane(self, a: __m256) -> f32 {
@@ -1746,6 +1931,14 @@ mod tests {
     }
 
     #[test]
+    fn group_sizes_that_leave_partial_head_tiles() {
+        // Heads are tiled 4, 2, 1 at a time: 3 = 2 + 1, 7 = 4 + 2 + 1, 8 = 4 + 4.
+        check(KvFormat::E4m3, 16, 1, 7, 64, &[40, 300]);
+        check(KvFormat::F16, 16, 2, 3, 32, &[17, 90]);
+        check(KvFormat::E5m2, 1, 1, 8, 32, &[70]);
+    }
+
+    #[test]
     fn a_request_longer_than_a_chunk_spreads_over_items() {
         check(KvFormat::E4m3, 16, 1, 4, 32, &[CHUNK_TOKENS * 2 + 37, 3]);
     }
@@ -1890,6 +2083,157 @@ mod tests {
             err.contains("q holds 16 values; 1 requests x 3 heads x 16 dims need 48"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_poisoned_query_head_leaves_the_rest_of_its_tile() {
+        // Every K and V element is 1.0, so a finite head's output is 1.0.
+        // Query heads 1 (+inf score), 4 (NaN) and 5 (both) read NaN; the
+        // others share their tiles (4 + 2 + 1) and must be untouched.
+        let geo = PoolGeometry {
+            page_size: 16,
+            pages_per_segment: 4,
+            kv_heads: 1,
+            head_dim: 16,
+            format: KvFormat::E4m3,
+        };
+        let tokens = geo.tokens_per_segment();
+        let codes = vec![0x38u8; tokens * 16];
+        let scales: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+        let seg = SegmentLayer {
+            k: &codes,
+            v: &codes,
+            k_scale: &scales,
+            v_scale: &scales,
+        };
+        let mut q = vec![0.25f32; 7 * 16];
+        q[16 + 3] = f32::INFINITY;
+        q[4 * 16 + 9] = f32::NAN;
+        q[5 * 16] = f32::INFINITY;
+        q[5 * 16 + 1] = f32::NEG_INFINITY;
+        let batch = DecodeBatch {
+            q: &q,
+            q_heads: 7,
+            indptr: &[0, 3],
+            indices: &[2, 0, 1],
+            kv_lens: &[40],
+            sm_scale: 1.0,
+        };
+        for isa in Isa::available() {
+            let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+            for h in 0..7 {
+                let row = &got.out[h * 16..(h + 1) * 16];
+                if [1, 4, 5].contains(&h) {
+                    assert!(row.iter().all(|x| x.is_nan()), "{} head {h}", isa.name());
+                    assert!(got.lse[h].is_nan(), "{} head {h}", isa.name());
+                } else {
+                    assert!(
+                        row.iter().all(|x| (x - 1.0).abs() < 1e-6),
+                        "{} head {h}: {row:?}",
+                        isa.name()
+                    );
+                    // 40 equal scores of 0.25 * 16 = 4: lse = 4 + ln 40.
+                    let want = 4.0 + 40f32.ln();
+                    assert!((got.lse[h] - want).abs() < 1e-5, "{} head {h}", isa.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stale_nan_scale_does_not_leak_into_the_next_requests_tail() {
+        // Request 0 fills a block whose row 10 has a NaN V scale (its output
+        // is NaN); request 1, on the same thread next, has a 5-token block:
+        // rows 5.. of its scratch must not carry that scale over.
+        let geo = PoolGeometry {
+            page_size: 16,
+            pages_per_segment: 2,
+            kv_heads: 1,
+            head_dim: 16,
+            format: KvFormat::E4m3,
+        };
+        let tokens = geo.tokens_per_segment();
+        let codes = vec![0x38u8; tokens * 16];
+        let k_scale: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+        let mut v_scale = k_scale.clone();
+        v_scale[40..44].copy_from_slice(&f32::NAN.to_ne_bytes());
+        let seg = SegmentLayer {
+            k: &codes,
+            v: &codes,
+            k_scale: &k_scale,
+            v_scale: &v_scale,
+        };
+        let q = vec![0.25f32; 2 * 16];
+        let batch = DecodeBatch {
+            q: &q,
+            q_heads: 1,
+            indptr: &[0, 1, 2],
+            indices: &[0, 1],
+            kv_lens: &[16, 5],
+            sm_scale: 1.0,
+        };
+        for isa in Isa::available() {
+            let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+            assert!(got.out[..16].iter().all(|x| x.is_nan()), "{}", isa.name());
+            assert!(
+                got.out[16..].iter().all(|x| (x - 1.0).abs() < 1e-6),
+                "{}: {:?}",
+                isa.name(),
+                &got.out[16..]
+            );
+        }
+    }
+
+    #[test]
+    fn a_block_of_minus_inf_scores_adds_nothing() {
+        // An infinite K scale on the first block's tokens, with q . k < 0,
+        // scores them -inf: weight 0. The block after has finite scores, so
+        // the accumulator is rescaled by exp(-inf) = 0 and must hold 0 (not
+        // -inf * V) when that happens.
+        let geo = PoolGeometry {
+            page_size: 16,
+            pages_per_segment: 4,
+            kv_heads: 1,
+            head_dim: 16,
+            format: KvFormat::E4m3,
+        };
+        let tokens = geo.tokens_per_segment();
+        let codes = vec![0x38u8; tokens * 16];
+        let mut k_scale: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+        let v_scale = k_scale.clone();
+        for t in 0..16 {
+            k_scale[4 * t..4 * t + 4].copy_from_slice(&f32::INFINITY.to_ne_bytes());
+        }
+        let seg = SegmentLayer {
+            k: &codes,
+            v: &codes,
+            k_scale: &k_scale,
+            v_scale: &v_scale,
+        };
+        let q = vec![-0.25f32; 5 * 16];
+        let batch = DecodeBatch {
+            q: &q,
+            q_heads: 5,
+            indptr: &[0, 3],
+            indices: &[0, 1, 2],
+            kv_lens: &[40],
+            sm_scale: 1.0,
+        };
+        for isa in Isa::available() {
+            let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+            assert!(
+                got.out.iter().all(|x| (x - 1.0).abs() < 1e-6),
+                "{}: {:?}",
+                isa.name(),
+                &got.out[..16]
+            );
+            let want = -4.0 + 24f32.ln();
+            assert!(
+                got.lse.iter().all(|x| (x - want).abs() < 1e-5),
+                "{}",
+                isa.name()
+            );
+        }
     }
 
     #[test]
