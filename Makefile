@@ -7,7 +7,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-python test-rust lint loom ci bench fuzz-check fuzz-smoke
+.PHONY: install demo test test-python test-rust test-aarch64 lint loom ci bench fuzz-check fuzz-smoke
 
 # Create the venv and install what is missing; a no-op when all is present.
 # SGLang (the peer the SGLang adapter test and the benchmarks compare with) goes
@@ -48,6 +48,11 @@ lint: install
 
 loom:
 	bash scripts/loom.sh
+
+# The Rust core cross-built for AArch64 (the NEON decode path), its unit tests
+# run under qemu-user; installs the target, cross linker and qemu if missing.
+test-aarch64:
+	bash scripts/test-aarch64.sh
 
 # The fuzz crate is its own workspace (fuzz/Cargo.toml, target in fuzz/target).
 # fuzz-check builds, formats and lints it and replays its committed seeds plus

@@ -2,7 +2,7 @@
 
 Compared with a float64 reference written here (dequantize every page with
 ``gather_kv``, then plain softmax attention), in every storage format, with
-every instruction set this CPU has (AVX-512, AVX2, scalar), over requests
+every instruction set this CPU has (AVX-512, AVX2, NEON, scalar), over requests
 whose pages are shuffled across several segments, with a request longer than
 one 4,096-token work chunk. Needs no Triton.
 """
@@ -196,8 +196,11 @@ def test_bad_page_tables_are_refused_and_change_nothing() -> None:
         decode_cpu(*args, qf, 2, *table, np.array([40, 20]), 0.1)
     with pytest.raises(InvalidArgument, match="format must be"):
         decode_cpu(*args[:6], "int8", qf, 4, *table, np.array([40, 20]), 0.1)
-    with pytest.raises(InvalidArgument, match="isa must be auto, avx512, avx2 or scalar"):
-        decode_cpu(*args, qf, 4, *table, np.array([40, 20]), 0.1, 1, "neon")
+    with pytest.raises(InvalidArgument, match="isa must be auto, avx512, avx2, neon or scalar"):
+        decode_cpu(*args, qf, 4, *table, np.array([40, 20]), 0.1, 1, "sve")
+    missing = next(i for i in ("neon", "avx2", "avx512") if i not in ISAS)
+    with pytest.raises(InvalidArgument, match=f"instruction set {missing} is not available"):
+        decode_cpu(*args, qf, 4, *table, np.array([40, 20]), 0.1, 1, missing)
     offsets = list(pool._layer_offsets(LAYER))
     offsets[1] = host[1].size  # V past the end of the buffer
     with pytest.raises(InvalidArgument, match="segment 1: v bytes"):

@@ -435,7 +435,7 @@ def decode(
     backend : "auto", "triton", "torch" or "cpu"
         ``"auto"``: Triton on CUDA tensors (or on CPU tensors under
         ``TRITON_INTERPRET=1``), else the native CPU kernel ``"cpu"`` (Rust,
-        AVX-512 / AVX2 / scalar, ``torch.get_num_threads()`` threads, FP8
+        AVX-512 / AVX2 / NEON / scalar, ``torch.get_num_threads()`` threads, FP8
         decoded exactly). ``"torch"`` is the pure-torch implementation.
     check : bool
         Verify that every page is allocated (a refcount lookup per page).

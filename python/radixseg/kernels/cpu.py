@@ -2,10 +2,11 @@
 
 The kernel lives in the Rust core (``radixseg-core/src/cpu_attention.rs``):
 it reads each request's pages straight out of the segment buffers, decodes
-FP8/bf16/fp16 with AVX-512 or AVX2 where the CPU has them (a portable scalar
-path elsewhere), runs an online softmax per chunk of 4,096 tokens on
-``threads`` threads and merges the chunks by log-sum-exp. The arguments are
-validated by :mod:`radixseg.attention` first and again, cheaply, in Rust.
+FP8/bf16/fp16 with AVX-512 or AVX2 where the CPU has them, with NEON on
+AArch64 (a portable scalar path elsewhere), runs an online softmax per chunk
+of 4,096 tokens on ``threads`` threads and merges the chunks by log-sum-exp.
+The arguments are validated by :mod:`radixseg.attention` first and again,
+cheaply, in Rust.
 """
 
 from __future__ import annotations

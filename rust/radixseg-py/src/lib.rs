@@ -632,10 +632,11 @@ fn isa_named(name: &str) -> PyResult<cpu::Isa> {
         "auto" => cpu::Isa::Auto,
         "avx512" => cpu::Isa::Avx512,
         "avx2" => cpu::Isa::Avx2,
+        "neon" => cpu::Isa::Neon,
         "scalar" => cpu::Isa::Scalar,
         other => {
             return Err(InvalidArgument::new_err(format!(
-                "isa must be auto, avx512, avx2 or scalar, got {other:?}"
+                "isa must be auto, avx512, avx2, neon or scalar, got {other:?}"
             )))
         }
     })
