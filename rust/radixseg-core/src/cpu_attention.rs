@@ -570,7 +570,7 @@ fn merge(
 struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
-    /// `[group, BLOCK]` scores, then probabilities.
+    /// `[group, BLOCK]` scores, then probabilities times the V scales.
     p: Vec<f32>,
     ks: [f32; BLOCK],
     vs: [f32; BLOCK],
