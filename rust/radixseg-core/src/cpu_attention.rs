@@ -1014,28 +1014,17 @@ fn accumulate_v<S: Simd, const GT: usize>(
 ) -> usize {
     // Output vectors per head kept in registers while the block's tokens
     // stream by: GT heads x DT vectors, plus DT V vectors and a broadcast,
-    // must fit the register file (32 vector registers with AVX-512, 16
-    // with AVX2 and for the scalar path).
-    let lanes = S::LANES;
-    let chunks = d / lanes;
-    let mut c = 0;
-    if lanes == 16 {
-        match GT {
-            4 => c = v_tiles::<S, GT, 4>(s, sc, g0, d, c, acc),
-            2 => c = v_tiles::<S, GT, 8>(s, sc, g0, d, c, acc),
-            _ => c = v_tiles::<S, GT, 8>(s, sc, g0, d, c, acc),
-        }
-    } else if lanes == 8 {
-        match GT {
-            4 => c = v_tiles::<S, GT, 2>(s, sc, g0, d, c, acc),
-            _ => c = v_tiles::<S, GT, 4>(s, sc, g0, d, c, acc),
-        }
-    } else {
-        c = v_tiles::<S, GT, 8>(s, sc, g0, d, c, acc);
-    }
-    if c < chunks {
-        v_tiles::<S, GT, 1>(s, sc, g0, d, c, acc);
-    }
+    // must fit the register file (32 vector registers with AVX-512, 16 with
+    // AVX2). The scalar path takes 8 values at a time, which the compiler
+    // turns into vector code of its own. What is left of head_dim goes one
+    // vector at a time.
+    let c = match (S::LANES, GT) {
+        (16, 4) => v_tiles::<S, GT, 4>(s, sc, g0, d, 0, acc),
+        (8, 4) => v_tiles::<S, GT, 2>(s, sc, g0, d, 0, acc),
+        (8, _) => v_tiles::<S, GT, 4>(s, sc, g0, d, 0, acc),
+        _ => v_tiles::<S, GT, 8>(s, sc, g0, d, 0, acc),
+    };
+    v_tiles::<S, GT, 1>(s, sc, g0, d, c, acc);
     GT
 }
 
