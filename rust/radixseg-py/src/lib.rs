@@ -591,6 +591,27 @@ impl RadixTree {
         self.read(|t| t.metadata_bytes())
     }
 
+    /// Every root-to-leaf path, sorted by (namespace, tokens): a list of
+    /// `(namespace, tokens int64, page_ids int32)`. For tests and debugging:
+    /// O(total path length), recency is not refreshed.
+    #[allow(clippy::type_complexity)]
+    fn cached_sequences<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<(u64, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>)> {
+        self.read(|t| t.cached_sequences())
+            .into_iter()
+            .map(|s| {
+                let tokens = s.tokens.into_iter().map(i64::from).collect();
+                (
+                    s.namespace,
+                    PyArray1::from_vec(py, tokens),
+                    ids_array(py, s.page_ids),
+                )
+            })
+            .collect()
+    }
+
     /// Raise `InvariantViolation` describing the first breach found.
     fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
         self.with(py, usize::MAX, |t| t.check_invariants())
