@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from radixseg import InvalidArgument
 from radixseg.__main__ import main
@@ -85,3 +86,30 @@ def test_demo_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main([*args, "--chats", "2", "--turns", "1", "--plot", ""]) == 0
     assert main(["demo", "--tokens", "-5"]) == 2
     assert main(["demo", "--quick", "--turns", "-1"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--tokens", "1e5000"], "--tokens='1e5000' is past the limit"),
+        (["--budget", "1B"], "budget 1 B allows 0 more segment(s)"),
+        (["--device", "meta"], "cpu or cuda, not meta"),
+        (["--device", "xyz"], "device='xyz' is not a device name"),
+        pytest.param(
+            ["--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_demo_cli_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str):
+    """Bad sizes, a budget too small and unusable devices end in ``error:``, exit 2."""
+    assert main(["demo", "--quick", "--no-progress", "--plot", "", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radixseg demo: error:") and needle in err and "Traceback" not in err
+
+
+def test_demo_without_chats_skips_the_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--tokens", "20k", "--chunk", "4096", "--segment-bytes", "256KiB"]
+    assert main([*argv, "--chats", "0", "--no-progress", "--plot", ""]) == 0
+    assert "serve trace: 0 requests" in capsys.readouterr().out

@@ -290,6 +290,9 @@ def test_cli_fields_and_sizes(capsys):
         (["--tp", "0"], "tp=0"),
         (["--device-memory", "80 gigs"], "80 gigs"),
         (["--context", "-5"], "-5"),
+        (["--context", "1e5000"], "2^63 - 1"),
+        (["--device-memory", "1e5000"], "--device-memory='1e5000' is past the limit"),
+        (["--weights", "1e5000"], "--weights='1e5000' is past the limit"),
     ],
 )
 def test_cli_bad_input(capsys, argv, needle):
@@ -297,6 +300,35 @@ def test_cli_bad_input(capsys, argv, needle):
     assert main([*base, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("radixseg plan: error:") and needle in err
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"\xff\xfe{", "not UTF-8"),
+        (b"[" * 10_000 + b"]" * 10_000, "nests JSON too deeply"),
+        (
+            b'{"num_hidden_layers": 1000000000000, "num_attention_heads": 8, "hidden_size": 64}',
+            "layers=1000000000000 is out of range: it must be an integer in 1..=65,536",
+        ),
+    ],
+)
+def test_cli_bad_config_files(tmp_path, capsys, content, needle):
+    """A config that is not text, too deep or absurdly large ends in ``error:`` (exit 2)."""
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    assert main(["plan", "--config", str(path), "--device-memory", "80GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radixseg plan: error:") and needle in err and "Traceback" not in err
+
+
+def test_huge_values_are_refused_by_name():
+    with pytest.raises(InvalidArgument, match=r"layers=1000000000000 is out of range.*65,536"):
+        plan(num_layers=10**12, num_kv_heads=8, head_dim=128)
+    with pytest.raises(InvalidArgument, match="device_bytes='1e5000' is past the limit"):
+        plan(num_layers=2, num_kv_heads=8, head_dim=128, device_bytes="1e5000")
+    with pytest.raises(InvalidArgument, match=r"context=~2\^16609 is out of range"):
+        plan(num_layers=2, num_kv_heads=8, head_dim=128, context=10**5000)
 
 
 def test_cli_needs_a_model(capsys):

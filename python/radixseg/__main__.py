@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from radixseg import InvalidArgument
+from radixseg import InvalidArgument, RadixsegError
 from radixseg.demo import run_demo
 from radixseg.plan import parse_bytes, parse_count
 from radixseg.plan import plan as make_plan
@@ -53,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
             budget_bytes=None if args.budget is None else parse_bytes(args.budget, "--budget"),
             plot=args.plot or None,
         )
-    except InvalidArgument as e:
+    except RadixsegError as e:  # bad sizes, or a budget too small for the demo
         print(f"radixseg demo: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -155,6 +155,8 @@ def _serve_trace(
 ) -> tuple[int, int, int]:
     """Multi-turn chats over shared system prompts; returns (requests, prompt tokens, reused)."""
     pool = cache.pool
+    if chats == 0 or turns == 0:
+        return 0, 0, 0  # no trace asked for
     systems = [
         torch.randint(0, 128_000, (system_len,), generator=rng, dtype=torch.int32)
         for _ in range(system_prompts)

@@ -85,11 +85,28 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_int(name: str, v: object, lo: int, hi: int | None = None) -> int:
-    if isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi):
+# Every size and count is a signed 64-bit quantity somewhere (torch, the Rust
+# core): larger inputs are refused by name instead of overflowing later.
+MAX_VALUE = 2**63 - 1
+# More layers than any model has; a bound keeps a bogus config from building
+# per-layer tuples of 10**12 entries (MemoryError) before anything is checked.
+MAX_LAYERS = 1 << 16
+
+
+def _shown(v: object) -> str:
+    """``repr`` of a value for a message; huge ints as a power of two (repr would
+    take seconds, or refuse past 4,300 digits)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**30:
+        return f"{'-' if v < 0 else ''}~2^{abs(v).bit_length() - 1}"
+    return repr(v)
+
+
+def _check_int(name: str, v: object, lo: int, hi: int = MAX_VALUE) -> int:
+    if isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi:
         return int(v)
-    rng = f"an integer >= {lo:,}" if hi is None else f"an integer in {lo:,}..={hi:,}"
-    raise InvalidArgument(f"{name}={v!r} is out of range: it must be {rng}")
+    raise InvalidArgument(
+        f"{name}={_shown(v)} is out of range: it must be an integer in {lo:,}..={hi:,}"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,7 @@ class KVGeometry:
     model_type: str = ""
 
     def __post_init__(self) -> None:
-        _check_int("num_layers", self.num_layers, 1)
+        _check_int("num_layers", self.num_layers, 1, MAX_LAYERS)
         _check_int("num_kv_heads", self.num_kv_heads, 1)
         _check_int("head_dim", self.head_dim, 1)
         if self.mla and self.num_kv_heads != 1:
@@ -225,10 +242,18 @@ def _load(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str,
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidArgument(f"cannot read config {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(
+            f"config {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidArgument(f"config {str(path)!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidArgument(
+            f"config {str(path)!r} nests JSON too deeply to be a model config"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidArgument(
             f"config {str(path)!r} holds a JSON {type(data).__name__}, not an object"
@@ -249,8 +274,8 @@ def _field(cfg: Mapping[str, Any], keys: Sequence[str], where: str) -> int | Non
         return None
     key, v = found
     if not _is_int(v) or v < 1:
-        raise InvalidArgument(f"{where}: {key}={v!r} must be a positive integer")
-    return int(v)
+        raise InvalidArgument(f"{where}: {key}={_shown(v)} must be a positive integer")
+    return _check_int(f"{where}: {key}", v, 1)
 
 
 def _required(cfg: Mapping[str, Any], keys: Sequence[str], where: str, hint: str) -> int:
@@ -419,7 +444,7 @@ def kv_geometry(
                     break
     cfg.update(given)
     model_type = str(cfg.get("model_type") or "")
-    n = _required(cfg, _LAYERS, where, "num_layers")
+    n = _check_int(f"{where}: layers", _required(cfg, _LAYERS, where, "num_layers"), 1, MAX_LAYERS)
     windows = _layer_windows(cfg, n, where)
     if cfg.get("kv_lora_rank") is not None:
         rank = _required(cfg, ("kv_lora_rank",), where, "kv_lora_rank")
@@ -489,6 +514,8 @@ def _parse(text: str | int, what: str, units: Mapping[str, int], example: str) -
         value = Decimal(m.group(1).replace("_", "").replace(",", "")) * unit
     except InvalidOperation:
         raise InvalidArgument(f"{what}={text!r} is not a number") from None
+    if value > MAX_VALUE:
+        raise InvalidArgument(f"{what}={text!r} is past the limit of {MAX_VALUE:,} (2^63 - 1)")
     if value != value.to_integral_value():
         raise InvalidArgument(f"{what}={text!r} is not a whole number ({value})")
     return int(value)
