@@ -147,6 +147,32 @@ def _default_factory(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
+def _as_device(device: object) -> torch.device:
+    """A device the pool can hold segments on: ``cpu``, or ``cuda[:i]`` that exists."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidArgument(
+            f"device={device!r} is not a device name (cpu, cuda, cuda:0): {e}"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise InvalidArgument(
+            f"device={device!r}: a KVPool holds its segments on cpu or cuda, not {dev.type}"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise InvalidArgument(f"device={device!r}: CUDA is not available on this machine")
+    if dev.index is not None and not 0 <= dev.index < count:
+        raise InvalidArgument(
+            f"device={device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+        )
+    return dev
+
+
 def _round_up(x: int, to: int) -> int:
     return -(-x // to) * to
 
@@ -292,7 +318,7 @@ class KVPool:
         self.num_kv_heads = self._positive(num_kv_heads, "num_kv_heads", 1 << 16)
         self.head_dim = self._positive(head_dim, "head_dim", 1 << 16)
         self.dtype = _as_dtype(dtype)
-        self.device = torch.device(device)
+        self.device = _as_device(device)
         self.fp8 = self.dtype in FP8_MAX
         self._elem = torch.empty(0, dtype=self.dtype).element_size()
         ps = as_count(page_size, "page_size")
