@@ -53,6 +53,10 @@ _loaded = False
 
 def available() -> bool:
     """Whether the ``sglang`` distribution is installed (nothing is imported)."""
+    if "sglang" in sys.modules:
+        # Loaded already (maybe as this module's stand-in package, whose
+        # __spec__ is None: find_spec would raise ValueError on it).
+        return True
     return importlib.util.find_spec("sglang") is not None
 
 
