@@ -39,13 +39,17 @@ class _Growable:
     __slots__ = ("data", "n")
 
     def __init__(self, init: torch.Tensor) -> None:
-        self.data = init.to(torch.int32).clone()
+        # A normal tensor even under torch.inference_mode(): it is updated in
+        # place later, possibly outside inference mode (finish() after generate).
+        with torch.inference_mode(False):
+            self.data = init.to(torch.int32).clone()
         self.n = init.numel()
 
     def extend(self, x: torch.Tensor) -> None:
         end = self.n + x.numel()
         if end > self.data.numel():
-            grown = torch.empty(max(end, 2 * self.data.numel(), 16), dtype=torch.int32)
+            with torch.inference_mode(False):
+                grown = torch.empty(max(end, 2 * self.data.numel(), 16), dtype=torch.int32)
             grown[: self.n] = self.data[: self.n]
             self.data = grown
         self.data[self.n : end] = x

@@ -173,6 +173,13 @@ def _as_device(device: object) -> torch.device:
     return dev
 
 
+def _normal_tensors() -> torch.inference_mode:
+    """Context for tensors that persist across calls (segments, tables): made
+    under ``torch.inference_mode()`` they would be inference tensors, which
+    refuse in-place updates once the caller leaves inference mode."""
+    return torch.inference_mode(False)
+
+
 def _round_up(x: int, to: int) -> int:
     return -(-x // to) * to
 
@@ -398,7 +405,8 @@ class KVPool:
         self._next_new_id = 0
         self._lock = threading.RLock()
         self._cache: AttachedCache | None = None
-        self._table = torch.zeros((0, 4), dtype=torch.int64, device=self.device)
+        with _normal_tensors():
+            self._table = torch.zeros((0, 4), dtype=torch.int64, device=self.device)
         self._released_since_check = 0
         self._counters = {
             "segments_added": 0,
@@ -505,7 +513,8 @@ class KVPool:
         self._host = None
         if sid >= self._table.shape[0]:
             cap = max(16, 2 * self._table.shape[0], sid + 1)
-            table = torch.zeros((cap, 4), dtype=torch.int64, device=self.device)
+            with _normal_tensors():
+                table = torch.zeros((cap, 4), dtype=torch.int64, device=self.device)
             table[: self._table.shape[0]] = self._table
             self._table = table
         if seg is None:
@@ -524,9 +533,12 @@ class KVPool:
         """Add ``n_segments`` segments, all or none; returns their ids. Caller holds the lock."""
         buffers: list[torch.Tensor] = []
         try:
-            for _ in range(n_segments):
-                buffers.append(self._factory(self.segment_bytes, self.device))
-            segs = [self._make_segment(b) for b in buffers]
+            # Segments outlive the call: make them normal tensors (not inference
+            # tensors, not in any autograd graph) whatever mode the caller is in.
+            with _normal_tensors():
+                for _ in range(n_segments):
+                    buffers.append(self._factory(self.segment_bytes, self.device).detach())
+                segs = [self._make_segment(b) for b in buffers]
         except InvalidArgument:
             raise
         except Exception as e:
@@ -876,8 +888,11 @@ class KVPool:
         """
         layer = self._check_layer(layer)
         slots = self._check_slots(slots, check)
-        k = self._check_kv(k, slots.numel(), "k")
-        v = self._check_kv(v, slots.numel(), "v")
+        # The pool stores values, never autograd history: detach, so a write in
+        # grad mode neither gives the segments a grad_fn nor trips autograd's
+        # checks on views made in no_grad mode.
+        k = self._check_kv(k, slots.numel(), "k").detach()
+        v = self._check_kv(v, slots.numel(), "v").detach()
         if slots.numel() == 0:
             return
         if self.fp8:
