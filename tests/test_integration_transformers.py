@@ -312,8 +312,13 @@ def test_bad_options_are_typed_errors():
 
 
 def test_unsupported_layer_types_are_refused():
-    cfg = _qwen2_config(use_sliding_window=True, sliding_window=32, max_window_layers=1)
-    with pytest.raises(InvalidArgument, match="sliding_attention"):
+    cfg = _qwen2_config()
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(InvalidArgument, match="chunked_attention"):
+        rt.prefix_cache_for(cfg)
+    cfg = _qwen2_config()
+    cfg.attn_logit_softcapping = 30.0
+    with pytest.raises(InvalidArgument, match=r"attn_logit_softcapping=30\.0"):
         rt.prefix_cache_for(cfg)
 
 
@@ -362,3 +367,411 @@ def test_context_manager_aborts():
         assert prefix.pool.stats()["used_pages"] > 0
     assert prefix.pool.stats()["used_pages"] == 0
     assert "state" in cache.stats()
+
+
+# ----- many architectures, left padding, inference_mode / no_grad (issue 15) -----------------
+
+SMALL_VOCAB = 96
+_COMMON = dict(vocab_size=SMALL_VOCAB, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+
+
+def _arch_config(arch: str):
+    """Tiny configs: 2 layers, hidden 32, GQA where the architecture has it."""
+    t = transformers
+    dense = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **_COMMON,
+    )
+    if arch == "llama":
+        return t.LlamaConfig(**dense)
+    if arch == "mistral":  # the default sliding_window=4096: contexts here are far shorter
+        return t.MistralConfig(**dense)
+    if arch == "qwen3":
+        return t.Qwen3Config(head_dim=8, **dense)
+    if arch == "gemma":
+        return t.GemmaConfig(head_dim=8, **dense)
+    if arch == "phi3":
+        return t.Phi3Config(**dense)
+    if arch == "gpt_neox":
+        return t.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **_COMMON,
+        )
+    if arch == "gpt2":
+        return t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **_COMMON)
+    if arch == "mixtral":
+        return t.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **dense)
+    if arch == "qwen3_moe":
+        return t.Qwen3MoeConfig(
+            head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **dense
+        )
+    raise AssertionError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen3", "gemma", "phi3", "gpt_neox", "gpt2", "mixtral", "qwen3_moe"]
+
+
+def _arch_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(_arch_config(arch)).eval()
+
+
+def _left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the given real lengths, left-padded with token 0 to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros((len(lengths), n), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, m in enumerate(lengths):
+        ids[i, n - m :] = torch.randint(1, SMALL_VOCAB, (m,), generator=g)
+        mask[i, n - m :] = 1
+    return ids, mask
+
+
+def _gen_masked(model, ids, mask, new, **kw) -> torch.Tensor:
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kw)
+
+
+GRAD_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+
+
+@pytest.mark.parametrize("grad_mode", list(GRAD_MODES))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architectures_match_dynamic_cache_with_left_padding(arch, grad_mode):
+    """fp32 greedy tokens equal DynamicCache's token for token, for a left-padded
+    batch of three different lengths, with the radixseg attention and with
+    attention="gather" under sdpa; padding is never cached."""
+    model = _arch_model(arch)
+    ids, mask = _left_padded([13, 7, 4], seed=1)
+    new = 6
+    with GRAD_MODES[grad_mode]():
+        model.set_attn_implementation("sdpa")
+        ref = _gen_masked(model, ids, mask, new)
+        prefix = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, segment_bytes=1 << 16)
+        model.set_attn_implementation("radixseg")
+        seg = rt.RadixsegCache(prefix, ids, attention_mask=mask, backend="torch")
+        out_seg = _gen_masked(model, ids, mask, new, cache=seg)
+        model.set_attn_implementation("sdpa")
+        gat = rt.RadixsegCache(prefix, ids, attention_mask=mask, attention="gather")
+        out_gat = _gen_masked(model, ids, mask, new, cache=gat)
+    assert torch.equal(out_seg, ref)
+    assert torch.equal(out_gat, ref)
+    # Each request holds its row's real tokens only: 13 + 5, 7 + 5, 4 + 5.
+    assert [r.seq_len for r in seg.requests] == [18, 12, 9]
+    seg.finish(out_seg)
+    gat.abort()
+    prefix.check_invariants()
+    # Whole pages of real tokens were cached (4 + 3 + 2 pages), no padding:
+    assert prefix.tree.cached_tokens() == 4 * (4 + 3 + 2)
+    # ... so the unpadded short row, asked again with more tokens, reuses its
+    # two whole pages and gives DynamicCache's answer.
+    row = torch.cat([out_seg[2:, -(4 + new) :], _prompts(1, 3, seed=4) % SMALL_VOCAB], 1)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref2 = _generate(model, row, 3)
+    model.set_attn_implementation("radixseg")
+    again = rt.RadixsegCache(prefix, row, backend="torch")
+    assert again.reused_tokens == 8
+    with torch.no_grad():
+        assert torch.equal(_generate(model, row, 3, cache=again), ref2)
+    again.abort()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_left_padding_on_the_decode_kernels_and_bigger_pages(backend):
+    model = _llama()
+    ids = _prompts(3, 40, seed=2)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([17, 0, 33]):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = _gen_masked(model, ids, mask, 12)
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", segment_bytes=1 << 18)
+    model.set_attn_implementation("radixseg")
+    cache = rt.RadixsegCache(prefix, ids, attention_mask=mask, backend=backend)
+    with torch.no_grad():
+        out = _gen_masked(model, ids, mask, 12, cache=cache)
+    assert torch.equal(out, ref)
+    assert cache.reused_tokens == 0
+    assert cache.get_seq_length() == 40 + 11  # positions, as DynamicCache counts them
+    cache.finish(out)
+    # 23 + 11, 40 + 11, 7 + 11 real tokens -> 2 + 3 + 1 whole 16-token pages.
+    assert prefix.tree.cached_tokens() == 16 * 6
+    prefix.check_invariants()
+
+
+def test_padded_batch_mismatches_are_typed_errors():
+    model = _llama()
+    ids, mask = _left_padded([9, 5])
+    ids = ids % VOCAB
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", segment_bytes=1 << 18)
+    model.set_attn_implementation("radixseg")
+    # The model is given padding the cache was not told about ...
+    cache = rt.RadixsegCache(prefix, ids, backend="torch")
+    with pytest.raises(InvalidArgument, match=r"attention_mask=\) the mask generate gets"):
+        _gen_masked(model, ids, mask, 2, cache=cache)
+    cache.abort()
+    # ... or no mask although the cache was made with padding.
+    cache = rt.RadixsegCache(prefix, ids, attention_mask=mask, backend="torch")
+    with torch.no_grad(), pytest.raises(InvalidArgument, match="no padding"):
+        model(ids, cache=cache)
+    cache.abort()
+    # A prepared 4-D mask is refused rather than ignored.
+    cache = rt.RadixsegCache(prefix, ids[1:], backend="torch")
+    four_d = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    with torch.no_grad(), pytest.raises(InvalidArgument, match="4-D"):
+        model(ids[1:], attention_mask=four_d, cache=cache)
+    cache.abort()
+    assert prefix.pool.stats()["used_pages"] == 0
+    prefix.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("mask", "match"),
+    [
+        ([[1, 1, 0], [1, 1, 1]], "row 0 has padding at position 2"),  # right padding
+        ([[0, 1, 0], [1, 1, 1]], "row 0 has padding at position 2"),  # a hole
+        ([[1, 1, 1], [0, 0, 0]], "row 1 is all padding"),
+        ([[1, 1, 2], [1, 1, 1]], r"attention_mask\[0, 2\] = 2"),
+        ([[1, 1], [1, 1]], "must match"),
+    ],
+)
+def test_attention_mask_must_be_left_padding(mask, match):
+    model = _llama()
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", segment_bytes=1 << 18)
+    with pytest.raises(InvalidArgument, match=match):
+        rt.RadixsegCache(prefix, [[5, 6, 7], [8, 9, 10]], attention_mask=mask)
+    assert prefix.pool.stats()["running_requests"] == 0
+
+
+def test_fallback_without_a_radixseg_cache_handles_padding():
+    """attn_implementation="radixseg" with DynamicCache or no cache: the mask
+    function's info becomes transformers' own SDPA mask."""
+    model = _llama()
+    ids, mask = _left_padded([11, 6])
+    ids = ids % VOCAB
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref_logits = model(ids, attention_mask=mask, use_cache=False).logits
+        ref = _gen_masked(model, ids, mask, 5)
+    model.set_attn_implementation("radixseg")
+    with torch.no_grad():
+        got_logits = model(ids, attention_mask=mask, use_cache=False).logits
+        got = _gen_masked(model, ids, mask, 5)  # generate makes a DynamicCache
+    real = mask.bool()
+    torch.testing.assert_close(got_logits[real], ref_logits[real])
+    assert torch.equal(got, ref)
+
+
+def test_mask_probe_recognises_causal_and_windowed_patterns():
+    from transformers import masking_utils as mu
+
+    assert rt._pattern_is_causal(mu.causal_mask_function, None)
+    assert rt._pattern_is_causal(mu.sliding_window_causal_mask_function(5), 5)
+    assert not rt._pattern_is_causal(mu.sliding_window_causal_mask_function(5), None)
+    assert not rt._pattern_is_causal(mu.bidirectional_mask_function, None)
+    chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+    assert not rt._pattern_is_causal(chunked, 4)
+
+
+# ----- inference_mode and grad mode ---------------------------------------------------------
+
+
+def _all_pool_tensors(pool):
+    for seg in pool._segments:
+        if seg is not None:
+            yield from (seg.buffer, seg.k_store, seg.v_store)
+    yield pool.segment_table
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_inference_mode_and_normal_mode_in_any_order(first):
+    """Generate under one mode, finish under the other, generate again under
+    each: the pool and requests hold normal tensors throughout."""
+    model = _llama()
+    prefix = rt.prefix_cache_for(
+        model.config, dtype="fp32", page_size=4, pages_per_segment=4
+    )  # small segments: every call grows the pool
+    prompt = _prompts(1, 30, seed=11)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = _generate(model, prompt, 6)
+    order = [first, "no_grad" if first == "inference_mode" else "inference_mode"]
+    model.set_attn_implementation("radixseg")
+    for i, mode in enumerate(order + order):
+        with GRAD_MODES[mode]():
+            cache = rt.RadixsegCache(prefix, prompt, backend="torch")
+            out = _generate(model, prompt, 6, cache=cache)
+        assert torch.equal(out, ref)
+        assert cache.reused_tokens == (0 if i == 0 else 28)
+        # finish() outside the mode the generate ran in
+        cache.finish(out)
+        assert not any(t.is_inference() for t in _all_pool_tensors(prefix.pool))
+        assert not any(r.tokens.is_inference() for r in cache.requests)
+    prefix.check_invariants()
+
+
+def test_grad_mode_forward_keeps_the_pool_out_of_autograd():
+    model = _llama()
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, pages_per_segment=2)
+    model.set_attn_implementation("sdpa")
+    prompt = _prompts(1, 20, seed=12)
+    ref = model(prompt, use_cache=False).logits.detach()
+    model.set_attn_implementation("radixseg")
+    for _ in range(2):  # the second time the pool has grown and holds cached pages
+        cache = rt.RadixsegCache(prefix, prompt, backend="torch")
+        got = model(prompt[:, cache.get_seq_length() :], cache=cache, use_cache=True).logits
+        for t in _all_pool_tensors(prefix.pool):
+            assert not t.requires_grad and t.grad_fn is None
+        torch.testing.assert_close(got[0, -1].detach(), ref[0, -1])
+        # decode one more token in grad mode over the grown pool
+        nxt = got[:, -1:].argmax(-1)
+        model(nxt, cache=cache, use_cache=True)
+        cache.finish(torch.cat([prompt, nxt], 1))
+    assert prefix.pool.stats()["segments"] >= 2
+    prefix.check_invariants()
+
+
+# ----- errors that point the right way ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}])
+def test_beam_search_and_repeated_sequences_say_so(kw):
+    model = _llama()
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", segment_bytes=1 << 18)
+    model.set_attn_implementation("radixseg")
+    prompt = _prompts(1, 20)
+    cache = rt.RadixsegCache(prefix, prompt, backend="torch")
+    args = {"max_new_tokens": 3, "do_sample": False, **kw}
+    expect = r"beam search.*num_return_sequences.*not support"
+    with torch.no_grad(), pytest.raises(InvalidArgument, match=expect):
+        model.generate(prompt, cache=cache, **args)
+    assert prefix.pool.stats()["used_pages"] == 0  # nothing was stored
+    cache.abort()
+
+
+@pytest.mark.parametrize(
+    ("falcon", "kv_heads"),
+    [
+        ({"multi_query": True}, 1),
+        ({"multi_query": False}, 4),
+        ({"new_decoder_architecture": True, "num_kv_heads": 2}, 4),
+    ],
+)
+def test_falcon_geometry_matches_what_its_attention_stores(falcon, kv_heads):
+    cfg = transformers.FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        **{"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0},
+        **falcon,
+    )
+    assert rt.model_geometry(cfg) == (2, kv_heads, 8)
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    prompt = _prompts(1, 12)
+    ref = _reference(model, prompt, 4)
+    prefix = rt.prefix_cache_for(cfg, dtype="fp32", segment_bytes=1 << 16)
+    cache = rt.RadixsegCache(prefix, prompt, attention="gather")
+    assert torch.equal(_generate(model, prompt, 4, cache=cache), ref)
+    cache.abort()
+
+
+def test_whole_prompt_after_a_reused_prefix_is_refused():
+    model = _llama()
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", segment_bytes=1 << 18)
+    prompt = _prompts(1, 40, seed=13)
+    model.set_attn_implementation("radixseg")
+    out, first = _radixseg(model, prefix, prompt, 2)
+    first.finish(out)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = model(prompt, use_cache=False).logits[:, -1]
+    model.set_attn_implementation("radixseg")
+    cache = rt.RadixsegCache(prefix, prompt, backend="torch")
+    assert cache.reused_tokens == 32
+    with torch.no_grad(), pytest.raises(InvalidArgument, match="past the end of the 40-token"):
+        model(prompt, cache=cache)
+    assert cache.get_seq_length() == 32  # nothing was stored
+    with torch.no_grad():
+        got = model(prompt[:, cache.get_seq_length() :], cache=cache).logits[:, -1]
+    torch.testing.assert_close(got, ref)
+    cache.abort()
+    prefix.check_invariants()
+
+
+# ----- sliding windows ----------------------------------------------------------------------
+
+
+def _mistral(window: int | None) -> torch.nn.Module:
+    torch.manual_seed(3)
+    cfg = transformers.MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=window,
+        **_COMMON,
+    )
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("attention", ["segments", "gather"])
+def test_sliding_window_smaller_than_the_context_is_exact(attention):
+    """sliding_window=8 over a 30-token context (prefill and decode both cross
+    the window), a left-padded batch, reused pages on the second call."""
+    model = _mistral(8)
+    ids, mask = _left_padded([21, 14], seed=5)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = _gen_masked(model, ids, mask, 9)
+        no_window = _mistral(None)
+        other = _gen_masked(no_window, ids, mask, 9)
+    assert not torch.equal(ref, other)  # the window changes the answer: the test can fail
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, segment_bytes=1 << 16)
+    model.set_attn_implementation("radixseg" if attention == "segments" else "sdpa")
+    cache = rt.RadixsegCache(prefix, ids, attention_mask=mask, attention=attention, backend="torch")
+    with torch.no_grad():
+        out = _gen_masked(model, ids, mask, 9, cache=cache)
+    assert torch.equal(out, ref)
+    cache.finish(out)
+    # Row 0 (unpadded) again, reusing its cached pages; the window still applies.
+    row = out[:1, :26]
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref2 = _generate(model, row, 5)
+    model.set_attn_implementation("radixseg" if attention == "segments" else "sdpa")
+    again = rt.RadixsegCache(prefix, row, attention=attention, backend="torch")
+    assert again.reused_tokens == 24
+    with torch.no_grad():
+        assert torch.equal(_generate(model, row, 5, cache=again), ref2)
+    again.abort()
+    prefix.check_invariants()
+
+
+def test_hybrid_sliding_and_full_layers():
+    """Qwen2 with layer_types: layer 0 full attention, layer 1 a window of 6."""
+    torch.manual_seed(4)
+    cfg = _qwen2_config(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    prompt = _prompts(2, 19, seed=6)
+    ref = _reference(model, prompt, 8)
+    prefix = rt.prefix_cache_for(cfg, dtype="fp32", segment_bytes=1 << 18)
+    out, cache = _radixseg(model, prefix, prompt, 8)
+    assert torch.equal(out, ref)
+    cache.finish(out)

@@ -10,13 +10,15 @@ Two pieces, used together:
   the suffix, and :attr:`RadixsegCache.reused_tokens` says how many tokens
   were skipped.
 * ``attn_implementation="radixseg"``: registered in transformers'
-  ``AttentionInterface`` when this module is imported. The model's attention
-  then reads K/V straight from the segments through :mod:`radixseg.attention`
-  (:func:`~radixseg.attention.extend` for prefill, :func:`~radixseg.attention.decode`
-  for one new token), so no contiguous copy of the context is gathered per
-  token. Any other attention implementation works too, with
-  ``RadixsegCache(..., attention="gather")``, which hands the layer a gathered
-  ``[batch, kv_heads, seq, head_dim]`` copy the way ``DynamicCache`` does.
+  ``AttentionInterface`` (and a matching mask function in its
+  ``AttentionMaskInterface``) when this module is imported. The model's
+  attention then reads K/V straight from the segments through
+  :mod:`radixseg.attention` (:func:`~radixseg.attention.extend` for prefill,
+  :func:`~radixseg.attention.decode` for one new token), so no contiguous
+  copy of the context is gathered per token. Any other attention
+  implementation works too, with ``RadixsegCache(..., attention="gather")``,
+  which hands the layer a gathered ``[batch, kv_heads, seq, head_dim]`` copy
+  the way ``DynamicCache`` does.
 
 Example (a tiny random model; real models load the same way)::
 
@@ -36,20 +38,40 @@ Example (a tiny random model; real models load the same way)::
     cache2 = RadixsegCache(prefix, out)   # a follow-up turn: reuses the whole first turn
     cache2.reused_tokens                  # 304: whole 16-token pages of prompt + answer
 
-(``transformers`` releases before 5.2x name the ``cache`` argument
-``past_key_values``; both work.)
+Left-padded batches (what a tokenizer with ``padding_side="left"`` returns)
+work: give the cache the same ``attention_mask`` as ``generate``
+(``RadixsegCache(prefix, batch.input_ids, attention_mask=batch.attention_mask)``).
+Each row's request then holds only its real tokens: padding takes no part in
+attention and is never cached. With ``attention="segments"`` the cache checks
+at every step that the mask the model was given matches the padding it was
+told about. Rows of a padded batch reuse no cached prefix (their real tokens
+start at different positions); an unpadded batch reuses the longest prefix
+all rows share.
+
+Calling the model yourself (no ``generate``): after the cache reused a
+prefix, feed only the rest of the prompt, ``input_ids[:, cache.get_seq_length():]``;
+feeding the whole prompt again runs past the prompt the cache was given and
+raises :class:`~radixseg.InvalidArgument`.
+
+Sliding-window layers (Mistral's ``sliding_window``, Qwen/Gemma-style
+``layer_types`` with ``"sliding_attention"``) are supported: the cache keeps
+every token (a windowed layer group that keeps only its window is future
+work), ``attention="gather"`` lets the model mask the window, and the
+``"radixseg"`` attention computes windowed attention exactly (a context
+within the window is plain causal attention and takes the usual path).
 
 What is not supported, and raises :class:`~radixseg.InvalidArgument` rather
-than computing something wrong: padded batches (rows of a batch must have the
-same length with no padding), sliding-window, chunked and soft-capped
-attention layers, beam search and other cache reordering, cropping (assisted
-decoding), and attention masks other than causal.
+than computing something wrong: right padding or holes in ``attention_mask``,
+chunked, linear-attention and soft-capped attention layers, beam search,
+``num_return_sequences > 1`` and other cache reordering or batch expansion,
+cropping (assisted decoding), prepared 4-D attention masks and mask patterns
+other than (sliding-window) causal with left padding.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -58,11 +80,12 @@ import torch
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError(
-        "radixseg.integrations.transformers needs transformers>=5.5: "
-        "pip install 'transformers>=5.5'"
+        "radixseg.integrations.transformers needs transformers>=5.20: "
+        "pip install 'transformers>=5.20'"
     ) from e
 
 from radixseg import attention as _attn
@@ -77,6 +100,7 @@ __all__ = [
     "model_geometry",
     "prefix_cache_for",
     "radixseg_attention",
+    "radixseg_mask",
 ]
 
 ATTENTION_NAME = "radixseg"
@@ -85,18 +109,38 @@ ATTENTION_NAME = "radixseg"
 _HANDLE = "_radixseg_step"
 AttentionMode = Literal["segments", "gather"]
 Backend = Literal["auto", "triton", "torch", "cpu"]
+_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 # ----- model geometry -------------------------------------------------------------------
+
+
+def _kv_heads(text: Any, q_heads: int) -> int:
+    """KV heads per layer as the model's attention hands them to the cache."""
+    if getattr(text, "model_type", None) == "falcon":
+        # FalconAttention: the new (40B) architecture broadcasts K/V to every
+        # query head before the cache sees them; the old one with multi_query
+        # has one K/V head; otherwise num_kv_heads.
+        if getattr(text, "new_decoder_architecture", False):
+            return q_heads
+        if getattr(text, "multi_query", True):
+            return 1
+        return int(getattr(text, "num_kv_heads", None) or q_heads)
+    if getattr(text, "multi_query", False) and getattr(text, "num_key_value_heads", None) is None:
+        return 1  # GPTBigCode-style multi-query attention
+    return int(getattr(text, "num_key_value_heads", None) or q_heads)
 
 
 def model_geometry(config: Any) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder config.
 
     Reads ``num_hidden_layers``, ``num_key_value_heads`` (default
-    ``num_attention_heads``) and ``head_dim`` (default ``hidden_size //
+    ``num_attention_heads``; Falcon's ``new_decoder_architecture`` /
+    ``multi_query`` / ``num_kv_heads`` and multi-query configs are read the
+    way their attention shapes K/V) and ``head_dim`` (default ``hidden_size //
     num_attention_heads``), from the text config of multimodal models. Raises
-    :class:`InvalidArgument` for layer types other than full attention.
+    :class:`InvalidArgument` for layer types other than full and
+    sliding-window attention, and for attention logit soft-capping.
     """
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     try:
@@ -107,17 +151,21 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
             f"config {type(config).__name__} lacks num_hidden_layers / num_attention_heads; "
             f"radixseg supports decoder-only attention models"
         ) from e
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or q_heads)
+    kv_heads = _kv_heads(text, q_heads)
     head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // q_heads
     types = getattr(text, "layer_types", None) or []
-    other = sorted({t for t in types if t != "full_attention"})
+    other = sorted({t for t in types if t not in _SUPPORTED_LAYER_TYPES})
     if other:
         raise InvalidArgument(
-            f"config has layer types {other}; RadixsegCache supports full-attention layers only "
-            f"(sliding, chunked and linear-attention layers are not implemented)"
+            f"config has layer types {other}; RadixsegCache supports "
+            f"{' and '.join(_SUPPORTED_LAYER_TYPES)} layers only (chunked and "
+            f"linear-attention layers are not implemented)"
         )
     if getattr(text, "attn_logit_softcapping", None):
-        raise InvalidArgument("attention logit soft-capping is not supported by radixseg attention")
+        raise InvalidArgument(
+            f"config sets attn_logit_softcapping={text.attn_logit_softcapping}; attention logit "
+            f"soft-capping is not supported by radixseg"
+        )
     return layers, kv_heads, int(head_dim)
 
 
@@ -154,24 +202,152 @@ def prefix_cache_for(
     return PrefixCache(pool)
 
 
+# ----- the mask the "radixseg" attention receives ----------------------------------------
+
+
+def _causal(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+    return kv_idx <= q_idx
+
+
+def _pattern_is_causal(mask_function: Callable[..., Any], window: int | None) -> bool:
+    """Whether ``mask_function`` (before padding) is causal, windowed by ``window``.
+
+    Probes one query position against keys around its window's edges; mask
+    functions are index-based and accept broadcast tensors.
+    """
+    q = (window or 0) + 8
+    kv = torch.arange(q + 3)
+    want = kv <= q
+    if window is not None:
+        want &= kv > q - window
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = mask_function(zero, zero, torch.tensor(q), kv)
+    except Exception:
+        return False
+    return isinstance(got, torch.Tensor) and bool(torch.equal(got.expand_as(want), want))
+
+
+class _MaskInfo:
+    """What ``create_causal_mask`` & co. give the ``"radixseg"`` attention.
+
+    Not a 4-D tensor: the radixseg path needs only each row's padding
+    (``padding``, bool ``[batch, >= q_offset + q_length]`` or ``None``), the
+    window (``local_size``) and whether the pattern is the (sliding-window)
+    causal one it computes. Without a :class:`RadixsegCache` the attention
+    falls back to SDPA with the mask ``sdpa_mask`` would have built from the
+    same arguments (:meth:`materialize`).
+    """
+
+    __slots__ = (
+        "_dense",
+        "_kwargs",
+        "batch_size",
+        "causal",
+        "checked",
+        "local_size",
+        "padding",
+        "q_length",
+        "q_offset",
+    )
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self._kwargs = kwargs
+        self._dense: torch.Tensor | None = None
+        self.batch_size = int(kwargs["batch_size"])
+        self.q_length = int(kwargs["q_length"])
+        self.q_offset = int(kwargs.get("q_offset", 0))
+        window = kwargs.get("local_size")
+        self.local_size: int | None = None if window is None else int(window)
+        padding = kwargs.get("attention_mask")
+        self.padding: torch.Tensor | None = padding
+        custom = bool(kwargs.get("use_vmap")) or not kwargs.get("allow_is_causal_skip", True)
+        self.causal = (
+            not custom
+            and int(kwargs.get("kv_offset", 0)) == 0
+            and _pattern_is_causal(kwargs.get("mask_function", _causal), self.local_size)
+        )
+        self.checked: object = None  # the _Step this mask was last verified against
+
+    def materialize(self) -> torch.Tensor | None:
+        """The SDPA mask (``[batch, 1, q, kv]`` bool, or ``None`` for plain causal)."""
+        if self._dense is None:
+            self._dense = sdpa_mask(**self._kwargs)
+        return self._dense
+
+
+def radixseg_mask(**kwargs: Any) -> _MaskInfo:
+    """``AttentionMaskInterface`` entry for ``attn_implementation="radixseg"``.
+
+    Takes the arguments transformers gives every mask function
+    (``batch_size``, ``q_length``, ``kv_length``, ``q_offset``, ``kv_offset``,
+    ``mask_function``, the 2-D ``attention_mask``, ``local_size``, ...) and
+    builds nothing ``[q, kv]``-sized: :func:`radixseg_attention` checks the
+    padding against its :class:`RadixsegCache` and computes only real rows.
+    """
+    return _MaskInfo(kwargs)
+
+
 # ----- the cache ------------------------------------------------------------------------
 
 
 class _Step:
-    """What one forward pass added: read by every layer and by the attention function."""
+    """What one forward pass added: read by every layer and by the attention function.
 
-    __slots__ = ("consumed", "kv_indices", "kv_indptr", "kv_last_page_len", "qo_indptr", "slots")
+    ``counts[b]`` new real tokens of row ``b`` (fewer than ``t`` where the step
+    covers its left padding); ``rows`` indexes the real ones in the
+    ``[batch * t]`` flattening of the step's tokens (``None``: all are real);
+    ``active`` the rows with new tokens, which the CSR tables cover.
+    """
+
+    __slots__ = (
+        "active",
+        "consumed",
+        "counts",
+        "kv_indices",
+        "kv_indptr",
+        "kv_last_page_len",
+        "kv_lens",
+        "qo_indptr",
+        "rows",
+        "slots",
+        "start",
+        "t",
+        "windows",
+    )
 
     def __init__(
         self,
+        start: int,
+        t: int,
+        counts: list[int],
+        kv_lens: list[int],
         slots: torch.Tensor,
-        qo_indptr: torch.Tensor,
         table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> None:
+        self.start = start
+        self.t = t
+        self.counts = counts
+        self.kv_lens = kv_lens
+        self.active = [b for b, n in enumerate(counts) if n > 0]
         self.slots = slots
-        self.qo_indptr = qo_indptr
+        full = all(n == t for n in counts)
+        self.rows: torch.Tensor | None = None
+        if not full:
+            self.rows = torch.cat(
+                [
+                    torch.arange(b * t + t - n, b * t + t, dtype=torch.int64)
+                    for b, n in enumerate(counts)
+                ]
+            )
+        qo = torch.zeros(len(self.active) + 1, dtype=torch.int32)
+        torch.cumsum(
+            torch.tensor([counts[b] for b in self.active], dtype=torch.int32), 0, out=qo[1:]
+        )
+        self.qo_indptr = qo
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = table
         self.consumed = True
+        self.windows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 class _Handle:
@@ -189,10 +365,12 @@ class RadixsegLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     """One model layer's view of a :class:`RadixsegCache` (``transformers`` layer API).
 
     ``update(key_states, value_states)`` takes ``[batch, kv_heads, new, head_dim]``
-    tensors, writes them at the slots the cache allocated for this step, and
-    returns either the new states tagged for ``attn_implementation="radixseg"``
-    (``attention="segments"``) or the gathered ``[batch, kv_heads, seq,
-    head_dim]`` context (``attention="gather"``).
+    tensors, writes the real (non-padding) tokens at the slots the cache
+    allocated for this step, and returns either the new states tagged for
+    ``attn_implementation="radixseg"`` (``attention="segments"``) or the
+    gathered ``[batch, kv_heads, seq, head_dim]`` context, each row's KV
+    right-aligned and zeros at its left padding (``attention="gather"``).
+    Lengths are in the padded batch's positions, as ``DynamicCache`` counts.
     """
 
     is_compileable = False
@@ -251,31 +429,71 @@ class RadixsegLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         raise InvalidArgument("RadixsegCache does not support offloading; the pool owns the KV")
 
 
-def _as_rows(input_ids: Any) -> list[torch.Tensor]:
-    if isinstance(input_ids, torch.Tensor):
-        t = input_ids
-    elif isinstance(input_ids, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(input_ids))
-    elif isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], Sequence):
-        rows = [torch.as_tensor(list(r), dtype=torch.int64) for r in input_ids]
+def _as_matrix(x: Any, what: str, *, bools: bool = False) -> torch.Tensor:
+    """``x`` (tensor, array or nested lists; ``[seq]`` for one row) as an int64 ``[batch, seq]``."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, Sequence) and x and isinstance(x[0], Sequence):
+        rows = [torch.as_tensor(list(r), dtype=torch.int64) for r in x]
         lens = {r.numel() for r in rows}
         if len(lens) != 1:
             raise InvalidArgument(
-                f"rows of input_ids have different lengths {sorted(lens)}; RadixsegCache needs "
-                f"unpadded rows of one length (make one cache per length)"
+                f"rows of {what} have different lengths {sorted(lens)}; pad them on the left and "
+                f"pass attention_mask= (or make one cache per length)"
             )
         t = torch.stack(rows)
     else:
-        t = torch.as_tensor(input_ids)
-    if t.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-        raise InvalidArgument(f"input_ids must hold integers, got {t.dtype}")
+        t = torch.as_tensor(x)
+    ints = (torch.int32, torch.int64, torch.int16, torch.uint8)
+    if t.dtype not in ints and not (bools and t.dtype == torch.bool):
+        raise InvalidArgument(f"{what} must hold integers, got {t.dtype}")
     if t.dim() == 1:
         t = t.unsqueeze(0)
     if t.dim() != 2:
-        raise InvalidArgument(f"input_ids must be [batch, seq], got shape {tuple(t.shape)}")
+        raise InvalidArgument(f"{what} must be [batch, seq], got shape {tuple(t.shape)}")
     if t.shape[0] < 1 or t.shape[1] < 1:
-        raise InvalidArgument(f"input_ids must be non-empty, got shape {tuple(t.shape)}")
-    return [t[i].detach().to("cpu", torch.int64) for i in range(t.shape[0])]
+        raise InvalidArgument(f"{what} must be non-empty, got shape {tuple(t.shape)}")
+    return t.detach().to("cpu", torch.int64)
+
+
+def _as_rows(input_ids: Any) -> list[torch.Tensor]:
+    t = _as_matrix(input_ids, "input_ids")
+    return [t[i] for i in range(t.shape[0])]
+
+
+def _left_padding(attention_mask: Any, shape: tuple[int, int]) -> list[int]:
+    """Pad tokens at the start of each row of a 2-D 0/1 ``attention_mask``.
+
+    Raises :class:`InvalidArgument` unless the mask has ``shape`` and every
+    row is zeros followed by at least one one (left padding).
+    """
+    m = _as_matrix(attention_mask, "attention_mask", bools=True)
+    if tuple(m.shape) != shape:
+        raise InvalidArgument(
+            f"attention_mask has shape {tuple(m.shape)}; input_ids has {shape} (they must match)"
+        )
+    bad = (m != 0) & (m != 1)
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise InvalidArgument(f"attention_mask[{b}, {j}] = {int(m[b, j])}; it must hold 0 or 1")
+    pads = []
+    n = shape[1]
+    for b in range(shape[0]):
+        real = int(m[b].sum())
+        if real == 0:
+            raise InvalidArgument(f"attention_mask row {b} is all padding; each row needs a token")
+        pad = n - real
+        if not bool((m[b, pad:] == 1).all()):
+            hole = pad + int((m[b, pad:] == 0).nonzero()[0])
+            raise InvalidArgument(
+                f"attention_mask row {b} has padding at position {hole} after real tokens; "
+                f"RadixsegCache supports left padding only (zeros before the first 1, as "
+                f"tokenizers give with padding_side='left'), not right padding or holes"
+            )
+        pads.append(pad)
+    return pads
 
 
 class RadixsegCache(Cache):
@@ -290,7 +508,11 @@ class RadixsegCache(Cache):
         The prompts ``generate`` will see. Each row begins a request whose
         longest cached prefix (whole pages, never the last token) is reused;
         for a batch the common reused length is the smallest over the rows.
-        Rows must not be padded.
+    attention_mask : 0/1 ``[batch, seq]``, optional
+        The mask ``generate`` gets, for left-padded batches: row ``b``'s
+        leading zeros are padding, which is neither attended to nor stored.
+        Right padding and holes raise :class:`InvalidArgument`. A batch with
+        padding reuses no cached prefix.
     namespace : int
         Prefixes are shared only within a namespace (a tenant).
     attention : "segments" or "gather"
@@ -298,7 +520,9 @@ class RadixsegCache(Cache):
         ``attn_implementation="radixseg"``, which reads the pool in place;
         the cache raises if another attention implementation received its
         states. ``"gather"``: any attention implementation; each layer gets a
-        gathered copy of its whole context every step (dequantized).
+        gathered copy of its whole context every step (dequantized). In this
+        mode the cache cannot see the model's mask: pass ``attention_mask``
+        for padded batches.
     backend : "auto", "triton", "torch" or "cpu"
         :mod:`radixseg.attention` backend (``"auto"``: Triton on CUDA, the
         native kernel for decode steps and torch for prefill on CPU).
@@ -306,6 +530,8 @@ class RadixsegCache(Cache):
     Call :meth:`finish` with ``generate``'s output to keep the prompt and the
     generated tokens cached for later prompts, or :meth:`abort` to drop them;
     the cache is a context manager that aborts on exit if neither was called.
+    Works inside and outside ``torch.inference_mode()`` and ``torch.no_grad()``;
+    the pool never joins an autograd graph.
     """
 
     def __init__(
@@ -313,6 +539,7 @@ class RadixsegCache(Cache):
         prefix_cache: PrefixCache,
         input_ids: Any,
         *,
+        attention_mask: Any = None,
         namespace: int = 0,
         attention: AttentionMode = "segments",
         backend: Backend = "auto",
@@ -328,28 +555,39 @@ class RadixsegCache(Cache):
                 f"backend must be 'auto', 'triton', 'torch' or 'cpu', got {backend!r}"
             )
         rows = _as_rows(input_ids)
+        shape = (len(rows), rows[0].numel())
+        pads = [0] * len(rows) if attention_mask is None else _left_padding(attention_mask, shape)
         self.prefix_cache = prefix_cache
         self.pool = prefix_cache.pool
         self.attention = attention
         self.backend = backend
         self.namespace = namespace
         self._prompts = rows
-        self.requests: list[Request] = self._begin(rows, namespace)
+        self.padding: list[int] = pads
+        """Left-padding tokens of each row (0 for an unpadded row)."""
+        self.requests: list[Request] = self._begin(rows, pads, namespace)
         reused = self.requests[0].cached_len
         self.reused_tokens = reused
         """Prompt tokens per row whose KV came from the cache (not prefilled)."""
         self.computed_tokens = 0
-        """Tokens per row whose K/V this cache stored (prefill of the suffix + decode)."""
+        """Positions per row (padding included) this cache stored or skipped: prefill
+        of the suffix + decode."""
         self._length = reused
         self._step: _Step | None = None
         self._state = "running"
         self._layers = [RadixsegLayer(self, i, reused) for i in range(self.pool.num_layers)]
         super().__init__(layers=list(self._layers))
 
-    def _begin(self, rows: list[torch.Tensor], namespace: int) -> list[Request]:
+    def _begin(self, rows: list[torch.Tensor], pads: list[int], namespace: int) -> list[Request]:
         pc = self.prefix_cache
         reqs: list[Request] = []
         try:
+            if any(pads):
+                # Real tokens start at different positions per row: no common
+                # reusable prefix in the batch's positions. Match nothing.
+                for r, p in zip(rows, pads, strict=True):
+                    reqs.append(pc.begin(r[p : p + 1], namespace))
+                return reqs
             for r in rows:
                 reqs.append(pc.begin(r, namespace))
             common = min(q.cached_len for q in reqs)
@@ -369,7 +607,7 @@ class RadixsegCache(Cache):
     # ----- transformers' Cache API ----------------------------------------------------
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens cached per row (reused prefix + everything stored since)."""
+        """Positions cached per row (reused prefix + everything stored since, padding included)."""
         if layer_idx >= len(self._layers):
             return self._length
         return self._layers[layer_idx].length
@@ -385,10 +623,19 @@ class RadixsegCache(Cache):
             raise InvalidArgument(f"this RadixsegCache is {self._state}; make a new one")
         b, h, t, d = k.shape
         pool = self.pool
-        if b != len(self.requests) or h != pool.num_kv_heads or d != pool.head_dim:
+        rows = len(self.requests)
+        if b != rows and b > rows and b % rows == 0:
+            raise InvalidArgument(
+                f"layer {layer.layer_idx} got a batch of {b} rows for a cache of {rows}: "
+                f"transformers repeats each prompt {b // rows}x for beam search (num_beams) or "
+                f"num_return_sequences, which RadixsegCache does not support; use greedy or "
+                f"sampling with one sequence per prompt (pass the prompt repeated to sample "
+                f"several). Nothing was stored."
+            )
+        if b != rows or h != pool.num_kv_heads or d != pool.head_dim:
             raise InvalidArgument(
                 f"layer {layer.layer_idx} got K of shape {tuple(k.shape)}; this cache holds "
-                f"[{len(self.requests)}, {pool.num_kv_heads}, seq, {pool.head_dim}] "
+                f"[{rows}, {pool.num_kv_heads}, seq, {pool.head_dim}] "
                 f"(batch, kv_heads, seq, head_dim)"
             )
         if v.shape != k.shape:
@@ -409,9 +656,13 @@ class RadixsegCache(Cache):
                 "another attention implementation received only the new K/V. Use "
                 "attention='gather' for other implementations."
             )
-        # [B, H, T, D] -> [B * T, H, D], rows in the slot order of the step.
+        # [B, H, T, D] -> [B * T, H, D], rows in the slot order of the step;
+        # padding positions are dropped.
         kk = k.transpose(1, 2).reshape(b * t, h, d)
         vv = v.transpose(1, 2).reshape(b * t, h, d)
+        if step.rows is not None:
+            kk = kk.index_select(0, step.rows.to(kk.device))
+            vv = vv.index_select(0, step.rows.to(vv.device))
         pool.write(layer.layer_idx, step.slots, kk, vv, check=False)
         layer.length += t
         if self.attention == "gather":
@@ -421,57 +672,147 @@ class RadixsegCache(Cache):
         return k, v
 
     def _new_step(self, t: int) -> None:
-        """Allocate slots for ``t`` new tokens per row (before the first layer writes)."""
+        """Allocate slots for ``t`` new positions per row (before the first layer writes)."""
         pc = self.prefix_cache
         start = self._length
-        grown: list[tuple[Request, int]] = []
+        prompt_len = self._prompts[0].numel()
+        if start < prompt_len < start + t:
+            raise InvalidArgument(
+                f"this forward feeds {t} tokens per row after the {start} the cache holds, past "
+                f"the end of the {prompt_len}-token prompt it was made for: after a reused "
+                f"prefix, call the model with input_ids[:, cache.get_seq_length():] (generate "
+                f"does this itself); nothing was stored"
+            )
+        grown: list[tuple[Request, int, int]] = []
         slots = []
+        counts = []
         try:
-            for req, prompt in zip(self.requests, self._prompts, strict=True):
-                toks = prompt[start : start + t]
-                if toks.numel() < t:
+            for req, prompt, pad in zip(self.requests, self._prompts, self.padding, strict=True):
+                lo = max(start, pad)
+                n = max(0, start + t - lo)
+                counts.append(n)
+                if n == 0:
+                    continue
+                toks = prompt[lo : start + t]
+                if toks.numel() < n:
                     # Generated tokens are not known to the cache yet: placeholders,
                     # replaced by finish() with the real ones.
-                    toks = torch.cat([toks, torch.zeros(t - toks.numel(), dtype=torch.int64)])
+                    toks = torch.cat([toks, torch.zeros(n - toks.numel(), dtype=torch.int64)])
                 before = (req.seq_len, req.num_pages)
                 slots.append(pc.extend(req, toks))
-                grown.append((req, before[1]))
+                grown.append((req, *before))
         except BaseException:
-            for req, pages in grown:
-                _truncate(pc, req, start, pages)
+            for req, seq_len, pages in grown:
+                _truncate(pc, req, seq_len, pages)
             raise
-        b = len(self.requests)
-        dev = self.pool.device
+        active = [self.requests[i] for i, n in enumerate(counts) if n > 0]
         self._length = start + t
         self.computed_tokens += t
         self._step = _Step(
-            torch.cat(slots).to(dev),
-            torch.arange(0, (b + 1) * t, t, dtype=torch.int32),
-            pc.page_table(self.requests),
+            start,
+            t,
+            counts,
+            [r.seq_len for r in self.requests],
+            torch.cat(slots).to(self.pool.device) if slots else torch.zeros(0, dtype=torch.int64),
+            pc.page_table(active),
         )
 
     def _gather(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, H, length, D]`` K and V: row ``b``'s KV right-aligned, zeros at its padding."""
         pc = self.prefix_cache
-        ks, vs = [], []
-        for req in self.requests:
-            k, v = self.pool.read(layer, pc.slots(req), check=False)
-            ks.append(k)
-            vs.append(v)
+        n = self._length
+        all_slots = torch.cat([pc.slots(req) for req in self.requests])
+        k, v = self.pool.read(layer, all_slots, check=False)
+        b, h, d = len(self.requests), self.pool.num_kv_heads, self.pool.head_dim
+        if any(self.padding):
+            dest = torch.cat(
+                [
+                    torch.arange(i * n + n - req.seq_len, (i + 1) * n, dtype=torch.int64)
+                    for i, req in enumerate(self.requests)
+                ]
+            ).to(k.device)
+            kk = torch.zeros((b * n, h, d), dtype=k.dtype, device=k.device)
+            vv = torch.zeros((b * n, h, d), dtype=v.dtype, device=v.device)
+            k, v = kk.index_copy_(0, dest, k), vv.index_copy_(0, dest, v)
         # [B, S, H, D] -> [B, H, S, D]
-        k = torch.stack(ks).transpose(1, 2).to(dtype)
-        v = torch.stack(vs).transpose(1, 2).to(dtype)
-        return k, v
+        return (
+            k.view(b, n, h, d).transpose(1, 2).to(dtype),
+            v.view(b, n, h, d).transpose(1, 2).to(dtype),
+        )
+
+    def _check_mask(self, mask: Any, step: _Step, layer: int) -> int | None:
+        """Verify what the model was given for this step; returns the layer's window."""
+        if mask is None:
+            if any(self.padding):
+                raise InvalidArgument(
+                    "the model was given no attention mask, but this RadixsegCache was made with "
+                    f"left padding {self.padding}: pass the same attention_mask to generate / "
+                    "the model"
+                )
+            return None
+        if not isinstance(mask, _MaskInfo):
+            raise InvalidArgument(
+                f"radixseg attention got an attention mask of type {type(mask).__name__} "
+                f"{tuple(getattr(mask, 'shape', ()))}; it supports the masks transformers builds "
+                f"from a 2-D attention_mask (left padding, causal or sliding-window causal), not "
+                f"prepared 4-D masks. Use attention='gather' with another implementation."
+            )
+        if mask.checked is step:
+            return mask.local_size
+        if not mask.causal:
+            raise InvalidArgument(
+                f"layer {layer}'s attention mask is not (sliding-window) causal with left "
+                f"padding (custom mask functions, bidirectional or chunked attention, token-type "
+                f"or packed-sequence masks); radixseg attention cannot compute it. Use "
+                f"attention='gather' with attn_implementation='sdpa' or 'eager'."
+            )
+        if (mask.batch_size, mask.q_offset, mask.q_length) != (
+            len(self.requests),
+            step.start,
+            step.t,
+        ):
+            raise InvalidArgument(
+                f"the model's mask covers batch {mask.batch_size}, positions "
+                f"{mask.q_offset}..{mask.q_offset + mask.q_length}; this cache's step holds batch "
+                f"{len(self.requests)}, positions {step.start}..{step.start + step.t}"
+            )
+        end = step.start + step.t
+        pad = mask.padding
+        if pad is None:
+            if any(self.padding):
+                raise InvalidArgument(
+                    f"the model's attention mask has no padding, but this RadixsegCache was made "
+                    f"with left padding {self.padding} per row: pass the same attention_mask to "
+                    f"generate / the model"
+                )
+        else:
+            want = torch.arange(end, device=pad.device).unsqueeze(0) >= torch.tensor(
+                self.padding, device=pad.device
+            ).unsqueeze(1)
+            got = pad[:, :end].to(torch.bool)
+            if got.shape != want.shape or not torch.equal(got, want):
+                seen = [int(r.shape[0] - r.sum()) for r in got] if got.shape == want.shape else None
+                raise InvalidArgument(
+                    f"the model's attention mask disagrees with the padding this RadixsegCache "
+                    f"was made with ({self.padding} left-padding tokens per row; the mask holds "
+                    f"{seen if seen is not None else tuple(pad.shape)} zeros over the {end} "
+                    f"positions so far, or padding after real tokens): pass "
+                    f"RadixsegCache(..., attention_mask=) the mask generate gets"
+                )
+        mask.checked = step
+        return mask.local_size
 
     # ----- lifecycle --------------------------------------------------------------------
 
     def finish(self, sequences: Any) -> None:
-        """Cache every row's tokens for later prompts, and release the requests.
+        """Cache every row's real tokens for later prompts, and release the requests.
 
         ``sequences``: ``generate``'s output ``[batch, prompt + new]`` (or the
-        ``.sequences`` of its dict output). The cache holds KV for all but the
-        last generated token; those tokens (whole pages) enter the prefix
-        cache. Raises :class:`InvalidArgument`, changing nothing, when a row
-        does not continue its prompt.
+        ``.sequences`` of its dict output), padding included. The cache holds
+        KV for all but the last generated token; those tokens (whole pages,
+        never padding) enter the prefix cache. Raises
+        :class:`InvalidArgument`, changing nothing, when a row does not
+        continue its prompt.
         """
         self._check_running()
         if hasattr(sequences, "sequences"):
@@ -501,7 +842,8 @@ class RadixsegCache(Cache):
             if lo < 0 or hi >= 2**31:
                 raise InvalidArgument(f"sequences row {i} holds token {lo if lo < 0 else hi}")
         for row, req in zip(rows, self.requests, strict=True):
-            req.tokens.copy_(row[:n].to(torch.int32))
+            # The request holds the row's last seq_len positions: never its padding.
+            req.tokens.copy_(row[n - req.seq_len : n].to(torch.int32))
             self.prefix_cache.finish(req)
         self._state = "finished"
 
@@ -530,6 +872,7 @@ class RadixsegCache(Cache):
         out.update(
             batch=len(self.requests),
             seq_len=self._length,
+            padding=list(self.padding),
             reused_tokens_per_row=self.reused_tokens,
             computed_tokens_per_row=self.computed_tokens,
             state=self._state,
@@ -555,12 +898,59 @@ def _truncate(pc: PrefixCache, req: Request, seq_len: int, pages: int) -> None:
 # ----- the attention function -----------------------------------------------------------
 
 
+def _window_keys(
+    cache: RadixsegCache, step: _Step, window: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per active row: the slots of the keys its new queries can see, and the
+    ``[q, keys]`` bool mask (causal, at most ``window`` keys per query)."""
+    got = step.windows.get(window)
+    if got is not None:
+        return got
+    out = []
+    pc = cache.prefix_cache
+    for b in step.active:
+        n, q = step.kv_lens[b], step.counts[b]
+        lo = max(0, n - q + 1 - window)
+        qpos = torch.arange(n - q, n).unsqueeze(1)
+        kpos = torch.arange(lo, n).unsqueeze(0)
+        allowed = (kpos <= qpos) & (kpos > qpos - window)
+        out.append((pc.slots(cache.requests[b], lo, n), allowed.to(cache.pool.device)))
+    step.windows[window] = out
+    return out
+
+
+def _windowed(
+    q: torch.Tensor, cache: RadixsegCache, layer: int, step: _Step, window: int, scale: float
+) -> torch.Tensor:
+    """Sliding-window attention of the step's real queries ``q [N, Hq, D]`` -> ``[N, Hq, D]``.
+
+    Reads each row's window of keys from the pool (float32) and applies SDPA
+    with the window mask: exact, and O(queries x window) per row.
+    """
+    outs = []
+    at = 0
+    hq = q.shape[1]
+    for (slots, allowed), b in zip(_window_keys(cache, step, window), step.active, strict=True):
+        n = step.counts[b]
+        k, v = cache.pool.read(layer, slots, check=False)  # [m, Hkv, D] float32
+        group = hq // k.shape[1]
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, m, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        qq = q[at : at + n].transpose(0, 1).float()  # [Hq, n, D]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qq, k, v, attn_mask=allowed, scale=scale
+        )
+        outs.append(o.transpose(0, 1).to(q.dtype))
+        at += n
+    return torch.cat(outs)
+
+
 def radixseg_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: Any,
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: Any,
@@ -569,56 +959,61 @@ def radixseg_attention(
 
     ``query``: ``[batch, q_heads, new, head_dim]``; ``key``/``value`` are what
     :class:`RadixsegLayer` returned (the new states, tagged with where the
-    step's KV lives). Returns ``([batch, new, q_heads, head_dim], None)``.
-    Without a ``RadixsegCache`` (``use_cache=False``) it falls back to SDPA
-    with a causal mask.
+    step's KV lives); ``attention_mask`` is what :func:`radixseg_mask` built.
+    Only real (non-padding) query rows are computed; padding rows of the
+    output are zeros. Returns ``([batch, new, q_heads, head_dim], None)``.
+    Without a ``RadixsegCache`` (``use_cache=False``, or another cache) it
+    falls back to SDPA with the mask transformers' SDPA path would use.
     """
     handle: _Handle | None = getattr(key, _HANDLE, None)
     if handle is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        mask = (
+            attention_mask.materialize()
+            if isinstance(attention_mask, _MaskInfo)
+            else attention_mask
         )
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None:
         raise InvalidArgument(
-            "radixseg attention supports full causal attention only (this layer asks for a "
-            "sliding window or soft-capping)"
+            f"radixseg attention does not support logit soft-capping (softcap={kwargs['softcap']})"
         )
     if dropout:
         raise InvalidArgument(f"radixseg attention is for inference; dropout={dropout} given")
     step = handle.step
     step.consumed = True
     cache = handle.cache
+    window = cache._check_mask(attention_mask, step, handle.layer)
+    if attention_mask is None and kwargs.get("sliding_window") is not None:
+        window = int(kwargs["sliding_window"])
     b, hq, t, d = query.shape
     q = query.transpose(1, 2).reshape(b * t, hq, d)
+    if step.rows is not None:
+        q = q.index_select(0, step.rows.to(q.device))
     scale = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
-    common: dict[str, Any] = {"sm_scale": scale, "backend": cache.backend, "check": False}
-    if t == 1:
-        out = _attn.decode(
-            q,
-            cache.pool,
-            handle.layer,
-            step.kv_indptr,
-            step.kv_indices,
-            step.kv_last_page_len,
-            **common,
-        )
+    if not step.active:
+        out = q.new_zeros((0, hq, d))
+    elif window is not None and max(step.kv_lens) > window:
+        out = _windowed(q, cache, handle.layer, step, window, scale)
     else:
-        out = _attn.extend(
-            q,
-            cache.pool,
-            handle.layer,
-            step.qo_indptr,
-            step.kv_indptr,
-            step.kv_indices,
-            step.kv_last_page_len,
-            causal=True,
-            **common,
-        )
+        common: dict[str, Any] = {"sm_scale": scale, "backend": cache.backend, "check": False}
+        table = (step.kv_indptr, step.kv_indices, step.kv_last_page_len)
+        if all(step.counts[i] == 1 for i in step.active):
+            out = _attn.decode(q, cache.pool, handle.layer, *table, **common)
+        else:
+            out = _attn.extend(
+                q, cache.pool, handle.layer, step.qo_indptr, *table, causal=True, **common
+            )
+    if step.rows is not None:
+        full = out.new_zeros((b * t, hq, d))
+        out = full.index_copy_(0, step.rows.to(out.device), out)
     return out.view(b, t, hq, d), None
 
 
 def _register() -> None:
     AttentionInterface.register(ATTENTION_NAME, radixseg_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, radixseg_mask)
 
 
 _register()
