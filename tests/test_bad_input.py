@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -291,6 +293,47 @@ CASES: list[Case] = [
         InvalidArgument,
         "num_hidden_layers",
     ),
+    # --- issue 16, item 11: inputs that used to be accepted silently ------------------
+    (
+        "Decimal tokens",
+        lambda w: w.cache.begin([Decimal("1.7"), Decimal(2)]),
+        TypeError,
+        "Decimal Decimal('1.7') at index 0",
+    ),
+    ("Fraction tokens", lambda w: w.cache.begin([Fraction(7, 2)]), TypeError, "Fraction"),
+    ("2-D prompt", lambda w: w.cache.begin([[1, 2], [3, 4]]), InvalidArgument, "(2, 2)"),
+    (
+        "2-D tensor extend",
+        lambda w: w.cache.extend(w.req, torch.ones(2, 2, dtype=torch.int64)),
+        InvalidArgument,
+        "shape (2, 2)",
+    ),
+    ("2-D release", lambda w: w.pool.release([[int(w.held[0])]]), InvalidArgument, "(1, 1)"),
+    ("alloc bool tensor", lambda w: w.pool.alloc(torch.tensor(True)), TypeError, "Tensor"),
+    ("SegmentAllocator bool", lambda w: SegmentAllocator(True, 8), TypeError, "bool"),
+    ("slots float start", lambda w: w.cache.slots(w.req, 0.5, 2), TypeError, "start"),
+    ("budget_fraction str", lambda w: KVPool(1, 1, 8, budget_fraction="0.5"), TypeError, "str"),
+    ("budget_fraction bool", lambda w: KVPool(1, 1, 8, budget_fraction=True), TypeError, "bool"),
+    ("budget_fraction None", lambda w: KVPool(1, 1, 8, budget_fraction=None), TypeError, "None"),
+    ("KVPool meta", lambda w: KVPool(1, 1, 8, device="meta"), InvalidArgument, "not meta"),
+    ("KVPool bad device", lambda w: KVPool(1, 1, 8, device="xyz"), InvalidArgument, "'xyz'"),
+    (
+        "max_context_len str",
+        lambda w: PrefixCache(KVPool(1, 1, 8), max_context_len="10"),
+        TypeError,
+        "max_context_len",
+    ),
+    # --- issue 16, item 12: ints past 64 bits name the argument -----------------------
+    ("alloc 2^63", lambda w: w.pool.alloc(2**63), InvalidArgument, "n_pages=9223372036854775808"),
+    ("evict 2^64", lambda w: w.cache.evict(2**64), InvalidArgument, "n_pages=18446744073709551616"),
+    ("retire 2^64", lambda w: w.a.retire_segment(2**64), InvalidArgument, "segment=1844674407"),
+    ("SegmentAllocator 2^64", lambda w: SegmentAllocator(2**64, 8), InvalidArgument, "page_size"),
+    (
+        "finish node 2^63",
+        lambda w: w.t.finish([1], [0], 0, 2**63, True, 0),
+        InvalidHandle,
+        "9223372036854775808",
+    ),
 ]
 
 LLAMA_8B = {
@@ -363,3 +406,28 @@ def test_no_python_input_panics_the_core() -> None:
             except (RadixsegError, TypeError, ValueError):
                 pass
             w.check()
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_copies_are_refused(how: str) -> None:
+    """Issue 16, item 10: a copy of anything that owns pages would corrupt the original."""
+    import copy
+    import pickle
+
+    w = make_world()
+    before = w.snapshot()
+    do = {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how]
+    for obj in (w.a, w.t, w.pool, w.cache, w.req):
+        with pytest.raises(TypeError, match=f"a {type(obj).__name__} cannot be (copied|pickled)"):
+            do(obj)
+    w.check()
+    assert w.snapshot() == before
+
+
+def test_numpy_layer_is_accepted_everywhere() -> None:
+    """Issue 16, item 12: ``write`` takes the numpy layer index that ``decode`` takes."""
+    w = make_world()
+    x = torch.full((w.slots.numel(), 2, 4), 3.0)
+    w.pool.write(np.int64(1), w.slots, x, x)
+    k, _ = w.pool.read(np.int32(1), w.slots)
+    assert torch.equal(k, x)

@@ -16,25 +16,75 @@ import torch
 
 from radixseg._core import InvalidArgument
 
-__all__ = ["as_count", "as_id_array", "as_namespace", "to_tensor"]
+__all__ = ["COUNT_LIMIT", "Uncopyable", "as_count", "as_id_array", "as_namespace", "to_tensor"]
 
 _INT_KINDS = ("i", "u")
 _NP_FAST_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
+#: The largest count any call takes: the core stores counts in 64-bit integers.
+COUNT_LIMIT = 2**63 - 1
 
-def as_count(n: Any, what: str = "n") -> int:
-    """A non-negative Python int from an int-like, else ``TypeError``/``InvalidArgument``."""
-    if type(n) is int and n >= 0:
+
+def as_count(n: Any, what: str = "n", limit: int = COUNT_LIMIT) -> int:
+    """A Python int in ``0..=limit`` from an int-like, else ``TypeError``/``InvalidArgument``.
+
+    Accepts ``int``, numpy integers and one-element integer tensors; refuses
+    ``bool`` (also as a tensor), floats, strings and anything else by name.
+    """
+    if type(n) is int and 0 <= n <= limit:
         return n
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_floating_point():
+        if (
+            isinstance(n, torch.Tensor)
+            and n.numel() == 1
+            and not (n.is_floating_point() or n.is_complex() or n.dtype == torch.bool)
+        ):
             n = n.item()
         else:
-            raise TypeError(f"{what} must be an int, got {type(n).__name__}: {n!r}")
+            raise TypeError(f"{what} must be an int, got {type(n).__name__}: {_short(n)}")
     count = int(n)
     if count < 0:
         raise InvalidArgument(f"{what} must be non-negative, got {count}")
+    if count > limit:
+        raise InvalidArgument(f"{what}={count} is past the limit of {limit:,}")
     return count
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Uncopyable:
+    """Refuses ``copy``, ``deepcopy`` and ``pickle`` with one clear message.
+
+    Pools, caches, trees, allocators and requests own pages through refcounts
+    and (for pools) device memory: a copy would share the segments while
+    believing it owns them, and the first growth or end of either copy would
+    corrupt the other. Share the object itself instead.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, how: str) -> Any:
+        name = type(self).__name__
+        raise TypeError(
+            f"a {name} cannot be {how}: it owns KV pages by reference count (and a pool its "
+            f"device memory), so a copy would free or reuse what the original still holds; "
+            f"share the {name} itself"
+        )
+
+    def __copy__(self) -> Any:
+        return self._refuse("copied")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self._refuse("copied")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self._refuse("pickled")
+
+    def __getstate__(self) -> Any:
+        return self._refuse("pickled")
 
 
 def as_namespace(namespace: Any) -> int:
@@ -85,6 +135,11 @@ def as_id_array(ids: Any, what: str = "page ids") -> npt.NDArray[np.int32] | npt
             )
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{what} must have an integer dtype, got {ids.dtype}")
+        if ids.dim() > 1:
+            raise InvalidArgument(
+                f"{what} must be 1-D, got a tensor of shape {tuple(ids.shape)} (a batch "
+                f"is not flattened into one sequence: pass one row at a time)"
+            )
         t = ids.detach().reshape(-1)
         if t.dtype not in (torch.int32, torch.int64):
             t = t.to(torch.int64)
@@ -95,7 +150,18 @@ def as_id_array(ids: Any, what: str = "page ids") -> npt.NDArray[np.int32] | npt
         arr = np.asarray(ids)
     except (OverflowError, ValueError) as e:
         raise InvalidArgument(f"{what} must be integers below 2^63: {e}") from None
+    if arr.ndim > 1:
+        raise InvalidArgument(
+            f"{what} must be 1-D, got shape {arr.shape} (a batch is not flattened into "
+            f"one sequence: pass one row at a time)"
+        )
     if arr.dtype == object:
+        for i, x in enumerate(arr.reshape(-1)):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+                # Decimal, Fraction, float... would be truncated silently by the cast.
+                raise TypeError(
+                    f"{what} must be integers, got {type(x).__name__} {_short(x)} at index {i}"
+                )
         try:
             arr = np.asarray(ids, dtype=np.int64)
         except OverflowError as e:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from radixseg import _core
-from radixseg._convert import as_count, as_id_array, to_tensor
+from radixseg._convert import Uncopyable, as_count, as_id_array, to_tensor
 
 __all__ = ["SegmentAllocator"]
 
 
-class SegmentAllocator(_core.SegmentAllocator):
+class SegmentAllocator(Uncopyable, _core.SegmentAllocator):
     """Refcounted KV pages grouped in segments; page ids never move.
 
     Parameters
@@ -47,6 +47,25 @@ class SegmentAllocator(_core.SegmentAllocator):
     1023
     """
 
+    def __new__(
+        cls, page_size: Any, pages_per_segment: Any, max_segments: Any = None
+    ) -> SegmentAllocator:
+        return super().__new__(
+            cls,
+            as_count(page_size, "page_size"),
+            as_count(pages_per_segment, "pages_per_segment"),
+            None if max_segments is None else as_count(max_segments, "max_segments"),
+        )
+
+    def retire_segment(self, segment: Any) -> None:
+        """Retire an empty segment (every page free); its id may be reused later.
+
+        Raises :class:`radixseg.SegmentBusy` (with ``used_pages``) while any
+        page of it is referenced, :class:`radixseg.InvalidHandle` for a
+        segment that is not live.
+        """
+        super().retire_segment(as_count(segment, "segment"))
+
     def alloc(self, n: Any) -> torch.Tensor:  # type: ignore[override]
         """Allocate ``n`` pages, all or none.
 
@@ -54,7 +73,7 @@ class SegmentAllocator(_core.SegmentAllocator):
         Raises :class:`radixseg.OutOfPages` (with ``requested`` and
         ``available``) when fewer than ``n`` pages are free; nothing changes then.
         """
-        return to_tensor(super().alloc(as_count(n)))
+        return to_tensor(super().alloc(as_count(n, "n")))
 
     def retain(self, ids: Any) -> None:
         """Add one reference to each page in ``ids`` (shape ``[k]``); all or none."""

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radixseg._convert import as_id_array, as_namespace
+from radixseg._convert import Uncopyable, as_count, as_id_array, as_namespace
 from radixseg._core import TOKEN_LIMIT, InvalidArgument
 from radixseg.pool import KVPool
 from radixseg.tree import RadixTree
@@ -59,7 +59,7 @@ class _Growable:
         return self.data[: self.n]
 
 
-class Request:
+class Request(Uncopyable):
     """One sequence's place in the cache; made by :meth:`PrefixCache.begin`.
 
     Attributes
@@ -147,7 +147,7 @@ def _as_tokens(tokens: Any, what: str = "tokens") -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int32, copy=False))
 
 
-class PrefixCache:
+class PrefixCache(Uncopyable):
     """Requests over a :class:`KVPool`, sharing prefixes through a :class:`RadixTree`.
 
     Parameters
@@ -183,7 +183,9 @@ class PrefixCache:
         self.pool = pool
         self.page_size = pool.page_size
         self.tree = RadixTree(pool.allocator)
-        self.max_context_len = max_context_len
+        self.max_context_len = (
+            None if max_context_len is None else as_count(max_context_len, "max_context_len")
+        )
         self._lock = threading.Lock()
         self._requests = 0
         self._running = 0
@@ -237,8 +239,9 @@ class PrefixCache:
 
     def slots(self, req: Request, start: int = 0, end: int | None = None) -> torch.Tensor:
         """``int64`` slots of the request's tokens ``start..end`` (default: all)."""
-        end = req.seq_len if end is None else end
-        if not 0 <= start <= end <= req.seq_len:
+        start = as_count(start, "start")
+        end = req.seq_len if end is None else as_count(end, "end")
+        if not start <= end <= req.seq_len:
             raise InvalidArgument(f"slot range {start}..{end} is outside 0..{req.seq_len}")
         pos = torch.arange(start, end, dtype=torch.int64)
         ps = self.page_size

@@ -34,9 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 
-from radixseg._convert import as_count
+from radixseg._convert import Uncopyable, as_count
 from radixseg._core import (
     BudgetExhausted,
     InvalidArgument,
@@ -147,6 +148,13 @@ def _default_factory(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
+def _normal_tensors() -> torch.inference_mode:
+    """Context for tensors that persist across calls (segments, tables): made
+    under ``torch.inference_mode()`` they would be inference tensors, which
+    refuse in-place updates once the caller leaves inference mode."""
+    return torch.inference_mode(False)
+
+
 def _as_device(device: object) -> torch.device:
     """A device the pool can hold segments on: ``cpu``, or ``cuda[:i]`` that exists."""
     if not isinstance(device, (str, torch.device)):
@@ -171,13 +179,6 @@ def _as_device(device: object) -> torch.device:
             f"device={device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
         )
     return dev
-
-
-def _normal_tensors() -> torch.inference_mode:
-    """Context for tensors that persist across calls (segments, tables): made
-    under ``torch.inference_mode()`` they would be inference tensors, which
-    refuse in-place updates once the caller leaves inference mode."""
-    return torch.inference_mode(False)
 
 
 def _round_up(x: int, to: int) -> int:
@@ -246,7 +247,7 @@ def _device_free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
 
 
-class KVPool:
+class KVPool(Uncopyable):
     """Paged KV storage that grows and shrinks by whole segments.
 
     Parameters
@@ -387,6 +388,13 @@ class KVPool:
             )
         if budget_bytes is not None and budget_bytes != "auto":
             budget_bytes = as_count(budget_bytes, "budget_bytes")
+        if isinstance(budget_fraction, bool) or not isinstance(
+            budget_fraction, (int, float, np.floating, np.integer)
+        ):
+            raise TypeError(
+                f"budget_fraction must be a number in (0, 1], got "
+                f"{type(budget_fraction).__name__}: {budget_fraction!r}"
+            )
         if not 0.0 < float(budget_fraction) <= 1.0:
             raise InvalidArgument(f"budget_fraction must be in (0, 1], got {budget_fraction}")
         self.budget_bytes: int | str | None = budget_bytes
@@ -797,8 +805,9 @@ class KVPool:
     # ----- bytes ------------------------------------------------------------------
 
     def _check_layer(self, layer: Any) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int):
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        layer = int(layer)
         if not 0 <= layer < self.num_layers:
             raise InvalidArgument(f"layer {layer} is out of range 0..{self.num_layers - 1}")
         return layer

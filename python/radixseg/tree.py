@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from radixseg import _core
-from radixseg._convert import as_count, as_id_array, as_namespace, to_tensor
+from radixseg._convert import Uncopyable, as_count, as_id_array, as_namespace, to_tensor
 from radixseg._core import InvalidHandle
 
 __all__ = ["MatchResult", "RadixTree"]
@@ -36,7 +36,7 @@ class MatchResult(NamedTuple):
     node: int
 
 
-class RadixTree(_core.RadixTree):
+class RadixTree(Uncopyable, _core.RadixTree):
     """Page-aligned prefix sharing over refcounted pages.
 
     Parameters
@@ -126,8 +126,8 @@ class RadixTree(_core.RadixTree):
             as_id_array(tokens, "tokens"),
             as_id_array(page_ids, "page ids"),
             as_namespace(namespace),
-            node,
-            cache,
+            None if node is None else _node(node),
+            bool(cache),
             as_count(owned_from, "owned_from"),
         )
 
