@@ -4,7 +4,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import disjoint_base
+from typing_extensions import Self, disjoint_base
 
 __all__ = [
     "PAGE_ID_LIMIT",
@@ -56,7 +56,7 @@ _Ids = npt.NDArray[np.int64] | npt.NDArray[np.int32]
 class SegmentAllocator:
     def __new__(
         cls, page_size: int, pages_per_segment: int, max_segments: int | None = None
-    ) -> SegmentAllocator: ...
+    ) -> Self: ...
     @property
     def page_size(self) -> int: ...
     @property
@@ -79,7 +79,7 @@ class SegmentAllocator:
 
 @disjoint_base
 class RadixTree:
-    def __new__(cls, allocator: SegmentAllocator) -> RadixTree: ...
+    def __new__(cls, allocator: SegmentAllocator) -> Self: ...
     @property
     def allocator(self) -> SegmentAllocator: ...
     @property

@@ -807,10 +807,10 @@ class KVPool(Uncopyable):
     def _check_layer(self, layer: Any) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        layer = int(layer)
-        if not 0 <= layer < self.num_layers:
-            raise InvalidArgument(f"layer {layer} is out of range 0..{self.num_layers - 1}")
-        return layer
+        index = int(layer)
+        if not 0 <= index < self.num_layers:
+            raise InvalidArgument(f"layer {index} is out of range 0..{self.num_layers - 1}")
+        return index
 
     def _check_slots(self, given: Any, check: bool) -> torch.Tensor:
         slots: torch.Tensor
