@@ -73,7 +73,9 @@ def sg() -> SimpleNamespace:
 # ----- helpers -------------------------------------------------------------------------
 
 
-def _pool(page_size: int, pps: int = 8, segments: int | None = None) -> KVPool:
+def _pool(page_size: int, pps: int = 8, segments: int | None = 64) -> KVPool:
+    """A pool with an integer budget of ``segments`` segments (None: unbounded),
+    so that no test depends on how much memory the machine has free."""
     pool = KVPool(1, 1, 8, page_size=page_size, pages_per_segment=pps, dtype="fp32")
     if segments is not None:
         pool.budget_bytes = segments * pool.segment_bytes
@@ -367,7 +369,7 @@ def _radixseg_side(sg: Any, ps: int, capacity: str, api: str) -> _Engine:
     if capacity == "budget":  # whole segments of 8 pages: page 0 + SGLang's size
         pool = _pool(ps, pps=8, segments=_POOL_TOKENS // ps // 8)
         alloc = rs.RadixsegTokenToKVPoolAllocator(pool)
-    else:  # an unbounded pool capped at SGLang's size
+    else:  # a larger pool capped at SGLang's size
         pool = _pool(ps, pps=8)
         alloc = rs.RadixsegTokenToKVPoolAllocator(pool, size=_capacity(ps))
     cache = rs.RadixsegRadixCache(alloc, rs.ReqToTokenTable(8, 512))
@@ -611,7 +613,7 @@ def test_double_free_is_detected(page_size):
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_free_group_defers_until_end(page_size):
     ps = page_size
-    _, alloc, _ = _ours(ps)
+    _, alloc, _ = _ours(ps, segments=4)  # an integer budget: no free-memory dependence
     xs = [alloc.alloc(ps) for _ in range(3)]
     avail = alloc.available_size()
     alloc.free_group_begin()
@@ -829,3 +831,67 @@ def test_from_init_params_and_bad_arguments():
     assert alloc.get_all_free_pages().numel() == pool.allocator.free_pages()
     assert alloc.evict_to_free_tokens(cache, 2) is None
     assert alloc.check_decode_capacity(num_tokens=2, tree_cache=cache)
+
+
+# ----- capacity under budget_bytes="auto" (issue 15, item 13) ----------------------------------
+
+
+@pytest.mark.parametrize("budget", ["auto", None])
+def test_available_size_moves_only_at_events(monkeypatch, budget):
+    """Under a budget that follows free memory, available_size() and size are
+    measured at construction, growth, shrink and a failed allocation, and do
+    not move by themselves in between while other processes take or return
+    memory (the probe is faked here, so the test does not depend on the host)."""
+    import radixseg.pool
+
+    free = {"bytes": 0}
+
+    def probe(device: torch.device) -> int:
+        return free["bytes"]
+
+    monkeypatch.setattr(radixseg.pool, "_device_free_bytes", probe)
+    monkeypatch.setattr(rs, "_device_free_bytes", probe)
+    ps, pps = 2, 8
+    pool = _pool(ps, pps=pps, segments=None)
+    pool.budget_bytes = budget
+    seg = pool.segment_bytes
+
+    def expected(live: int) -> tuple[int, int]:
+        """(available, size) in tokens with `live` segments, all pages but page 0 free."""
+        if budget == "auto":
+            room = (int(pool.budget_fraction * (free["bytes"] + live * seg)) - live * seg) // seg
+        else:
+            room = free["bytes"] // seg
+        total = live * pps - 1 + room * pps
+        return total * ps, total * ps
+
+    free["bytes"] = 10 * seg
+    alloc = rs.RadixsegTokenToKVPoolAllocator(pool)  # builds segment 0 for page 0
+    start = expected(1)
+    assert (alloc.available_size(), alloc.size) == start
+    for now in (3 * seg, 50 * seg, 0):  # other processes take and return memory
+        free["bytes"] = now
+        assert (alloc.available_size(), alloc.size) == start
+    free["bytes"] = 10 * seg
+    x = alloc.alloc(3 * ps)  # within segment 0: exactly what was taken
+    free["bytes"] = 2 * seg
+    assert (alloc.available_size(), alloc.size) == (start[0] - 3 * ps, start[1])
+    y = alloc.alloc(6 * ps)  # grows a segment: measured again, with 2 segments free now
+    assert y is not None and pool.stats()["segments"] == 2
+    avail, size = expected(2)
+    assert (alloc.available_size(), alloc.size) == (avail - 9 * ps, size)
+    free["bytes"] = 40 * seg
+    assert (alloc.available_size(), alloc.size) == (avail - 9 * ps, size)
+    alloc.free(y)
+    pool.shrink(keep=0)  # retires segment 1: measured again
+    assert pool.stats()["segments"] == 1
+    avail, size = expected(1)
+    assert (alloc.available_size(), alloc.size) == (avail - 3 * ps, size)
+    free["bytes"] = 0
+    assert alloc.available_size() == avail - 3 * ps  # still the figure of the shrink
+    if budget == "auto":  # (an unbounded pool checks free memory only for big growth)
+        assert alloc.alloc(6 * ps) is None  # the pool's growth is refused ...
+        # ... and the failure measured again: only segment 0's 4 free pages are left.
+        assert (alloc.available_size(), alloc.size) == (4 * ps, 7 * ps)
+        alloc.free(x)
+        assert alloc.available_size() == 7 * ps

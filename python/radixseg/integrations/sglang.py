@@ -70,9 +70,17 @@ Where radixseg differs, and why
 * **Capacity grows.** ``size`` and ``available_size()`` count the pages the
   pool can still add under its budget, not only those it holds: with an
   integer ``budget_bytes`` (or the ``size=`` cap) they are fixed as in SGLang;
-  with ``budget_bytes="auto"`` or ``None`` they follow free device memory. An
-  engine whose leak check compares against a startup constant should give an
-  integer budget or ``size``.
+  with ``budget_bytes="auto"`` or ``None`` they follow free device memory, but
+  only at events: the room left is measured when the allocator is built, when
+  the pool's segments change (a growth or a shrink) and after an allocation
+  fails, and is kept in between. So ``available_size()`` and ``size`` do not
+  move by themselves while other processes take or return memory: two reads
+  in one scheduling step agree, and they change only by what the engine
+  allocates and frees until the pool next grows or shrinks. The pool's own
+  growth still checks free memory at that moment, so an ``alloc`` the stale
+  figure promised can fail (``None``) when the device filled up meanwhile;
+  the failure re-measures. An engine whose leak check compares against a
+  startup constant should give an integer budget or ``size``.
 * **alloc evicts on its own** when the budget refuses growth (SGLang's
   allocator never evicts; its scheduler evicts first). An engine that evicts
   first, as SGLang's does, sees the same results; without eviction the
@@ -466,6 +474,8 @@ class RadixsegTokenToKVPoolAllocator:
         self._journal: list[tuple[bool, torch.Tensor]] = []
         self._epoch = 0
         self._states: weakref.WeakSet[AllocatorState] = weakref.WeakSet()
+        #: (what the room depends on, the room in pages) at its last measurement.
+        self._room_memo: tuple[tuple[Any, ...], int] | None = None
         self._reserve_padding_page()
 
     def _reserve_padding_page(self) -> None:
@@ -483,8 +493,32 @@ class RadixsegTokenToKVPoolAllocator:
 
     # ----- capacity ---------------------------------------------------------------------
 
+    def _room_stamp(self) -> tuple[Any, ...]:
+        """What the room depends on besides free memory: the pool's segments
+        (count, and every growth or shrink since it was built) and its budget."""
+        pool = self.pool
+        counters = pool._counters
+        return (
+            pool.allocator.segment_count(),
+            counters["segments_added"],
+            counters["segments_retired"],
+            pool.budget_bytes,
+            pool.budget_fraction,
+            pool.allocator.max_segments,
+        )
+
     def _room_pages(self) -> int:
-        """Pages the pool can still add under its budget (whole segments)."""
+        """Pages the pool can still add under its budget (whole segments).
+
+        Under ``budget_bytes="auto"`` or ``None`` the room depends on free
+        device memory; it is measured when the pool's segments change (growth,
+        shrink, construction) or an allocation fails, and kept in between, so
+        two reads in one scheduling step agree.
+        """
+        stamp = self._room_stamp()
+        memo = self._room_memo
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
         pool, a = self.pool, self.pool.allocator
         live = a.segment_count()
         room = a.max_segments - live
@@ -494,7 +528,9 @@ class RadixsegTokenToKVPoolAllocator:
             room = min(room, _device_free_bytes(pool.device) // pool.segment_bytes)
         else:
             room = min(room, max(0, (budget - reserved) // pool.segment_bytes))
-        return room * pool.pages_per_segment
+        pages = room * pool.pages_per_segment
+        self._room_memo = (stamp, pages)
+        return pages
 
     def _held_pages(self) -> int:
         """Pages held by the engine and the tree (page 0 not counted)."""
@@ -552,6 +588,7 @@ class RadixsegTokenToKVPoolAllocator:
         try:
             pages = self.pool.alloc(n)
         except OutOfPages:
+            self._room_memo = None  # growth was refused: measure the room again
             return None
         self._note(True, pages)
         return pages
