@@ -833,6 +833,121 @@ def test_from_init_params_and_bad_arguments():
     assert alloc.check_decode_capacity(num_tokens=2, tree_cache=cache)
 
 
+# ----- the look-alike types (issue 15, item 4) ----------------------------------------------
+
+
+def _key_view(key: Any) -> tuple[Any, ...]:
+    """What an engine can observe of a RadixKey."""
+    return (len(key), list(key), key.extra_key, key.cache_salt, key.is_bigram)
+
+
+@pytest.mark.parametrize("container", [list, lambda t: array("q", t)])
+@pytest.mark.parametrize("limit", [None, 0, 3, 9])
+@pytest.mark.parametrize("is_bigram", [False, True])
+def test_radix_key_matches_sglang(sg, container, limit, is_bigram):
+    """len, iteration, int indexing (a one-token key; IndexError out of range),
+    slicing (a key of the same tags; step 1 only), limit, page_aligned: as
+    SGLang 0.5.23's own RadixKey."""
+    tokens = [11, 12, 13, 14, 15, 16]
+    keys = [
+        cls(container(tokens), "lora-1", is_bigram=is_bigram, limit=limit, cache_salt="s")
+        for cls in (sg.RadixKey, rs.RadixKey)
+    ]
+    views = [_key_view(k) for k in keys]
+    assert views[0] == views[1]
+    n = len(keys[0])
+    assert n == (max(min(6, 9 if limit is None else limit) - is_bigram, 0))
+    for i in range(-n - 2, n + 2):
+        outcomes = []
+        for k in keys:
+            try:
+                sub = k[i]
+                outcomes.append((_key_view(sub), sub.token_ids))
+            except IndexError:
+                outcomes.append("IndexError")
+        assert outcomes[0] == outcomes[1], i
+        assert (outcomes[1] == "IndexError") == (not -n <= i < n)
+    for start in (None, -2, 0, 1, 3, 7):
+        for stop in (None, -1, 0, 2, 5, 8):
+            subs = [k[start:stop] for k in keys]
+            assert isinstance(subs[1], rs.RadixKey)
+            assert _key_view(subs[0]) == _key_view(subs[1]), (start, stop)
+            assert list(subs[0].token_ids) == list(subs[1].token_ids)
+            if not is_bigram:  # a slice of the same container (SGLang's empty bigram
+                assert type(subs[0].token_ids) is type(subs[1].token_ids)  # is an array)
+    for k in keys:
+        with pytest.raises(ValueError):
+            k[::2]
+    for ps in (1, 2, 4):
+        assert _key_view(keys[0].page_aligned(ps)) == _key_view(keys[1].page_aligned(ps))
+
+
+def test_radix_key_over_tensors():
+    """Token ids in a tensor or a numpy array iterate as ints and slice to the same type."""
+    import numpy as np
+
+    for ids in (torch.arange(3, 9), np.arange(3, 9)):
+        key = rs.RadixKey(ids, limit=4)
+        assert list(key) == [3, 4, 5, 6] and len(key) == 4
+        assert type(key[1:3].token_ids) is type(ids) and key[1:3].token_ids.tolist() == [4, 5]
+        with pytest.raises(IndexError, match="index 4 is out of range for a key of 4"):
+            key[4]
+
+
+def test_insert_without_value_is_refused():
+    """SGLang's debug fallback (value=None: the token ids become the values)
+    would cache pages nobody allocated; the adapter refuses it (a documented
+    difference) and changes nothing."""
+    pool, alloc, cache = _ours(1)
+    with pytest.raises(InvalidArgument, match=r"needs params\.value.*3 page-aligned tokens"):
+        cache.insert(rs.InsertParams(key=_key([1, 2, 3]), value=None))
+    assert cache.total_size() == 0 and alloc.available_size() == alloc.size
+    assert "insert needs its slots" in rs.__doc__
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_all_values_flatten_matches_sglang(sg, page_size):
+    """The census of cached slots, as SGLang's: every slot on every cached
+    path (shared prefixes, a split, two namespaces), each once, and after a
+    partial eviction too. The two allocators reuse freed slots in different
+    orders, so each side is checked against its own paths, and the sizes
+    against each other."""
+    ps = page_size
+    theirs = _sglang_side(sg, ps)
+    ours = _radixseg_side(sg, ps, "budget", "0.5.23")
+    base = list(range(1, 1 + 4 * ps))
+    seqs = [
+        (base, None),
+        (base[: 2 * ps] + [99] * 3 * ps, None),  # splits the first path
+        (base + [7] * ps, None),
+        (base[:ps] + [5] * ps, "lora-1"),
+    ]
+    got = []
+    for e in (theirs, ours):
+        c, a, k = e.cache, e.alloc, e.keys
+        params = rs.InsertParams if e is ours else k.InsertParams
+        for tokens, extra in seqs:
+            slots = a.alloc(len(tokens))
+            r = c.insert(params(key=k.RadixKey(array("q", tokens), extra), value=slots))
+            a.free(slots[: r.prefix_len])  # the duplicates stay the engine's
+        sizes = []
+        for evict in (0, 1):
+            c.evict(k.EvictParams(num_tokens=evict))
+            census = c.all_values_flatten()
+            assert census.dtype == torch.int64 and census.numel() == c.total_size()
+            paths: set[int] = set()
+            for tokens, extra in seqs:
+                key = k.RadixKey(array("q", tokens), extra)
+                m = c.match_prefix(k.MatchPrefixParams(key=key))
+                paths.update(c.path_device_indices(m.last_device_node).tolist())
+            assert sorted(census.tolist()) == sorted(paths)  # each slot once
+            sizes.append(census.numel())
+        got.append(sizes)
+    assert got[0] == got[1]
+    assert got[1][0] == 4 * ps + 3 * ps + ps + 2 * ps
+
+
 # ----- capacity under budget_bytes="auto" (issue 15, item 13) ----------------------------------
 
 

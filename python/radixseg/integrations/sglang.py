@@ -13,7 +13,8 @@ contract of SGLang 0.5.23) can swap in:
 * :class:`RadixsegRadixCache`: ``match_prefix``, ``insert``, ``evict``,
   ``inc_lock_ref``, ``dec_lock_ref``, ``lock``/``unlock``, ``checkpoint``,
   ``cache_unfinished_req``, ``cache_finished_req``, ``evictable_size``,
-  ``protected_size``, ``total_size``, ``reset``, ``pretty_print``, ... over a
+  ``protected_size``, ``total_size``, ``all_values_flatten``, ``reset``,
+  ``pretty_print``, ... over a
   :class:`radixseg.RadixTree` sharing the pool's page refcounts.
 
 No SGLang install is needed: the parameter and result types SGLang passes
@@ -114,6 +115,12 @@ Where radixseg differs, and why
   cache remembers the keys it has seen and raises ``InvalidArgument`` on a
   collision instead (about n**2 / 2**65 for n distinct keys); that table grows
   with the number of distinct keys.
+* **insert needs its slots.** ``InsertParams(value=None)`` raises
+  ``InvalidArgument``: SGLang's debug fallback stores the token ids as the
+  values, but here values are slots naming real pages of the pool, and token
+  ids as slots would hand the tree (and later the free list, on eviction)
+  pages that nobody allocated or that other requests hold. A value slot in
+  the padding page 0 is refused the same way, naming the slot.
 * **Node handles are ints** (radixseg's generation-checked handles; a stale
   one raises ``InvalidHandle`` instead of naming another node), and
   ``root_node`` is the sentinel ``-1`` for every namespace. ``dec_lock_ref`` of
@@ -164,10 +171,12 @@ give :class:`ReqToTokenTable` ``dtype=torch.int64`` for pools that large.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import operator
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -215,7 +224,19 @@ class RadixKey:
 
     ``token_ids`` is any sequence of ints (``array('q')`` as SGLang uses, a
     list, a numpy array or a tensor); ``limit`` caps the tokens used without a
-    copy. SGLang's own ``RadixKey`` objects are accepted everywhere this one is.
+    copy. As SGLang's, a key has a length, iterates over its tokens, and
+    indexes to a key: ``key[i]`` is the one-token key at ``i`` (``IndexError``
+    out of range), ``key[a:b]`` the key of those tokens (step 1 only), with the
+    same ``extra_key`` and ``cache_salt``; ``token_ids`` of a slice is a slice
+    of the same type. ``is_bigram`` (EAGLE) views the tokens as overlapping
+    pairs, as SGLang's does, though :class:`RadixsegRadixCache` refuses such
+    keys. SGLang's own ``RadixKey`` objects are accepted everywhere this one is.
+
+    >>> key = RadixKey([5, 6, 7, 8], "lora-1", limit=3)
+    >>> len(key), list(key), key[1].token_ids, key[-1].token_ids
+    (3, [5, 6, 7], [6], [7])
+    >>> key[1:].token_ids, key[1:].extra_key
+    ([6, 7], 'lora-1')
     """
 
     __slots__ = ("cache_salt", "extra_key", "is_bigram", "limit", "token_ids")
@@ -234,12 +255,65 @@ class RadixKey:
         self.limit = limit
         self.cache_salt = cache_salt or None
 
-    def __len__(self) -> int:
+    def _raw_len(self) -> int:
+        """Tokens in use: ``len(token_ids)`` capped by ``limit``."""
         n = len(self.token_ids)
-        return n if self.limit is None else min(n, self.limit)
+        return n if self.limit is None else max(0, min(n, int(self.limit)))
+
+    def raw_token_ids(self) -> Any:
+        """``token_ids`` with ``limit`` applied (a slice only when it cuts)."""
+        n = self._raw_len()
+        return self.token_ids if n == len(self.token_ids) else self.token_ids[:n]
+
+    def __len__(self) -> int:
+        n = self._raw_len()
+        return max(n - 1, 0) if self.is_bigram else n
+
+    def __iter__(self) -> Iterator[Any]:
+        raw = self.raw_token_ids()
+        if isinstance(raw, (torch.Tensor, np.ndarray)):
+            raw = raw.tolist()
+        if self.is_bigram:
+            return itertools.pairwise(raw)
+        return iter(raw)
+
+    def __getitem__(self, idx: int | slice) -> RadixKey:
+        n = len(self)
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            if step != 1:
+                raise ValueError(f"a RadixKey slices with step 1 only, got step {step}")
+            stop = max(start, stop)
+        else:
+            i = operator.index(idx)
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise IndexError(f"RadixKey index {i} is out of range for a key of {n} tokens")
+            start, stop = j, j + 1
+        if self.is_bigram:  # pairs start..stop-1 span tokens start..stop
+            raw_stop = stop + 1 if stop > start else start
+            return RadixKey(
+                self.token_ids[start:raw_stop],
+                self.extra_key,
+                is_bigram=True,
+                cache_salt=self.cache_salt,
+            )
+        return RadixKey(self.token_ids[start:stop], self.extra_key, cache_salt=self.cache_salt)
+
+    def page_aligned(self, page_size: int) -> RadixKey:
+        """The key cut to whole pages of ``page_size`` tokens (itself at page size 1)."""
+        ps = as_count(page_size, "page_size")
+        if ps == 1:
+            return self
+        if ps == 0:
+            raise InvalidArgument("page_size must be at least 1, got 0")
+        return self[: len(self) // ps * ps]
 
     def __repr__(self) -> str:
-        return f"RadixKey(len={len(self)}, extra_key={self.extra_key!r})"
+        return (
+            f"RadixKey(len={len(self)}, extra_key={self.extra_key!r}, "
+            f"cache_salt={self.cache_salt!r}, is_bigram={self.is_bigram})"
+        )
 
 
 @dataclass
@@ -1212,12 +1286,18 @@ class RadixsegRadixCache:
         Returns ``prefix_len``, the tokens that were already cached: their
         slots in ``value`` stay the caller's (free the duplicates past the
         protected prefix). The tree takes over the caller's reference to the
-        rest. ``last_device_node`` is the node ending the key.
+        rest. ``last_device_node`` is the node ending the key. A slot of the
+        padding page 0 in ``value``, or no ``value`` at all, raises
+        ``InvalidArgument`` and changes nothing.
         """
         key, value = params.key, params.value
-        if value is None:
-            raise InvalidArgument("insert needs params.value: the key's slots")
         toks, ns = self._key(key)
+        if value is None:
+            raise InvalidArgument(
+                f"insert needs params.value, the int64 slots holding the KV of the key's "
+                f"{len(toks)} page-aligned tokens; SGLang's debug fallback of using the token "
+                f"ids as slots would hand the tree pages nobody allocated"
+            )
         slots = _as_slots(value, "value")
         if slots.numel() < len(toks):
             raise InvalidArgument(f"value holds {slots.numel()} slots for {len(toks)} tokens")
@@ -1379,6 +1459,20 @@ class RadixsegRadixCache:
         self.tree.reset()
         self._paths.clear()
         self._pinned.clear()
+
+    def all_values_flatten(self) -> torch.Tensor:
+        """``int64`` slots of every cached page, each page once (SGLang's census
+        of the tree's values), every namespace included.
+
+        Pages come in a preorder walk of each namespace's tree (children in
+        token order; SGLang's order is its children's insertion order). An
+        empty tree gives an empty tensor (SGLang's raises). For tests and
+        debugging: O(total path length), recency is not refreshed.
+        """
+        seen: dict[int, None] = {}
+        for _ns, _tokens, pages in self.tree.cached_sequences():
+            seen.update(dict.fromkeys(pages.tolist()))
+        return self._slots(torch.tensor(list(seen), dtype=torch.int64))
 
     def pretty_print(self) -> None:
         """Print the tree's counters (the tree is not walked node by node)."""
