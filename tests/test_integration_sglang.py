@@ -833,6 +833,367 @@ def test_from_init_params_and_bad_arguments():
     assert alloc.check_decode_capacity(num_tokens=2, tree_cache=cache)
 
 
+# ----- a request through chunked prefill and release (issue 15, items 1 and 2) ----------------
+
+
+class _KVRecord(_KV):
+    """SGLang 0.5.23's ``ReqKvInfo`` as ``common.release_kv_cache`` reads it."""
+
+    def __init__(self, row: int, protected: int, committed: int) -> None:
+        super().__init__(row, protected)
+        self.kv_committed_len = committed
+        self.kv_allocated_len = committed
+
+    @property
+    def holds_kv(self) -> bool:
+        return self.req_pool_idx is not None
+
+    @property
+    def is_kv_released(self) -> bool:
+        return self.kv_allocated_len == 0
+
+    def get_evicted_seqlen(self, component: Any) -> int:
+        return 0
+
+    def swa_dead_lo(self, page_size: int) -> int:
+        return self.cache_protected_len
+
+    def mark_kv_released(self) -> None:
+        self.kv_allocated_len = 0
+
+
+class _FinishedReq(_Req):
+    """SGLang 0.5.23's finished ``Req``, as its ``checkpoint`` and
+    ``common.release_kv_cache`` read it: every token's KV is committed."""
+
+    def __init__(self, prompt: list[int], output: list[int], kv: _KVRecord) -> None:
+        super().__init__(prompt, None)
+        self.output_ids = array("q", output)
+        self.kv = kv
+        self.rid = "r0"
+        self.finished_len: int | None = len(output)
+        self.skip_radix_cache_insert = False
+
+    def finished(self) -> bool:
+        return True
+
+    def refresh_fill_ids(self) -> None:
+        pass
+
+    def owned_kv_len(self) -> int:
+        assert self.kv is not None and self.finished_len is not None
+        return min(self.kv.kv_committed_len, len(self.origin_input_ids) + self.finished_len)
+
+
+def _release_kv_cache(sg: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """SGLang 0.5.23's own ``common.release_kv_cache``, with the scheduler's
+    runtime config (no speculative decoding, no thinking-strip) stubbed."""
+    common = sg.loader.cache_module("common")
+    monkeypatch.setattr(common, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None))
+    monkeypatch.setattr(common, "get_serving", lambda: SimpleNamespace(strip_thinking_cache=False))
+    return common.release_kv_cache
+
+
+def _finish_after_chunk(
+    cache: Any,
+    alloc: Any,
+    route: str,
+    prompt: list[int],
+    output: list[int],
+    *,
+    chunked: bool,
+    insert: bool,
+    release: Any = None,
+) -> list[tuple[Any, ...]]:
+    """One request whose KV covers all of ``prompt + output``: optionally
+    checkpointed (chunked prefill), then released, caching it or not.
+
+    ``route`` is how the engine calls the cache: ``"0.5.23"`` (``checkpoint``,
+    then SGLang 0.5.23's ``common.release_kv_cache``), ``"release"`` (the
+    adapter's ``release_kv_cache``) or ``"legacy"`` (older SGLang's
+    ``cache_unfinished_req`` / ``cache_finished_req`` on a bare request that
+    has no committed length). Returns what the engine observes.
+    """
+    ps, table = alloc.page_size, cache.req_to_token_pool
+    tokens = prompt + output
+    n = len(tokens)
+    log: list[tuple[Any, ...]] = []
+
+    def observe(what: str) -> None:
+        log.append(
+            (
+                what,
+                cache.evictable_size(),
+                cache.protected_size(),
+                cache.total_size(),
+                alloc.available_size(),
+                table.available_size(),
+            )
+        )
+
+    observe("start")
+    (row,) = table.alloc_rows(1)
+    slots = alloc.alloc(-(-n // ps) * ps)
+    table.req_to_token[row, :n] = slots[:n].to(table.req_to_token.dtype)
+    req: Any
+    if route == "legacy":
+        req = SimpleNamespace(
+            req_pool_idx=row,
+            fill_ids=tokens,
+            origin_input_ids=prompt,
+            output_ids=output,
+            prefix_indices=torch.zeros(0, dtype=torch.int64),
+            last_node=cache.root_node,
+            extra_key=None,
+        )
+    else:
+        req = _FinishedReq(prompt, output, _KVRecord(row, 0, n))
+        req.lock = cache.lock(cache.root_node)
+    observe("extended")
+    if chunked:
+        if route == "legacy":
+            cache.cache_unfinished_req(req)
+        else:
+            cache.checkpoint(req, up_to=n)
+        observe("checkpoint")
+    if route == "legacy":
+        cache.cache_finished_req(req, is_insert=insert)
+        assert req.req_pool_idx is None
+    elif route == "release":
+        cache.release_kv_cache(req, checkpoint=insert)
+        assert req.lock is None and req.kv.req_pool_idx is None
+    else:
+        release(req, cache, checkpoint=insert)
+        assert req.lock is None and req.kv.req_pool_idx is None
+    observe("released")
+    m = cache.match_prefix(_key_for(cache, tokens))
+    log.append(("match", m.device_prefix_len))
+    if cache.total_size():  # SGLang's census of an empty tree raises
+        log.append(("census", sorted(cache.all_values_flatten().tolist())))
+    evicted = cache.evict(_evict_params(cache, 10**6)).num_tokens_evicted
+    log.append(("evict all", evicted))
+    observe("end")
+    return log
+
+
+def _key_for(cache: Any, tokens: list[int]) -> Any:
+    """A ``MatchPrefixParams`` of the cache's own kind."""
+    if isinstance(cache, rs.RadixsegRadixCache):
+        return rs.MatchPrefixParams(key=rs.RadixKey(array("q", tokens)))
+    mod = sys.modules[type(cache).__module__]
+    base = sys.modules["sglang.srt.mem_cache.base_prefix_cache"]
+    return base.MatchPrefixParams(key=mod.RadixKey(array("q", tokens)))
+
+
+def _evict_params(cache: Any, n: int) -> Any:
+    if isinstance(cache, rs.RadixsegRadixCache):
+        return rs.EvictParams(num_tokens=n)
+    return sys.modules["sglang.srt.mem_cache.base_prefix_cache"].EvictParams(num_tokens=n)
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 4])
+@pytest.mark.parametrize(("n_prompt", "n_output"), [(2, 1), (4, 1), (3, 2), (5, 3), (8, 1)])
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("insert", [True, False])
+def test_chunk_then_release_matches_sglang(
+    sg, monkeypatch, page_size, n_prompt, n_output, chunked, insert
+):
+    """Issue 15 items 1 and 2: a checkpoint (chunked prefill) then a release,
+    cached or not, leaves the same sizes, cached slots and free memory as
+    SGLang 0.5.23's own RadixCache and release_kv_cache, by every route; and
+    every slot comes back (nothing leaks, nothing stays locked)."""
+    ps = page_size
+    release = _release_kv_cache(sg, monkeypatch)
+    prompt = list(range(7, 7 + n_prompt))
+    output = list(range(100, 100 + n_output))
+    theirs = _sglang_side(sg, ps)
+    runs: dict[str, list[tuple[Any, ...]]] = {}
+    runs["sglang"] = _finish_after_chunk(
+        theirs.cache,
+        theirs.alloc,
+        "0.5.23",
+        prompt,
+        output,
+        chunked=chunked,
+        insert=insert,
+        release=release,
+    )
+    for route in ("0.5.23", "release", "legacy"):
+        ours = _radixseg_side(sg, ps, "budget", "0.5.23")
+        runs[route] = _finish_after_chunk(
+            ours.cache,
+            ours.alloc,
+            route,
+            prompt,
+            output,
+            chunked=chunked,
+            insert=insert,
+            release=release,
+        )
+        ours.alloc.pool.check_invariants()
+        ours.cache.sanity_check()
+        assert ours.alloc.pool.allocator.refcount([0]).tolist() == [1]
+    for route, log in runs.items():
+        assert log == runs["sglang"], f"{route}: {log}\n!= SGLang {runs['sglang']}"
+    log = runs["sglang"]
+    n = n_prompt + n_output
+    cached = n // ps * ps if (chunked or insert) else 0
+    assert ("match", cached) in log
+    assert log[-1][1:] == (0, 0, 0, _capacity(ps), 8)  # every slot and row came back
+
+
+def _bare_req(cache: rs.RadixsegRadixCache, tokens: list[int], n_prompt: int) -> SimpleNamespace:
+    """An older SGLang ``Req`` as the issue built it: a row, ids, no committed length."""
+    (row,) = cache.req_to_token_pool.alloc_rows(1)
+    return SimpleNamespace(
+        req_pool_idx=row,
+        fill_ids=list(tokens),
+        origin_input_ids=list(tokens[:n_prompt]),
+        output_ids=list(tokens[n_prompt:]),
+        prefix_indices=torch.zeros(0, dtype=torch.int64),
+        last_node=cache.root_node,
+        extra_key=None,
+    )
+
+
+@pytest.mark.parametrize(("page_size", "n_prompt", "n_output"), [(1, 2, 1), (1, 4, 1), (2, 3, 2)])
+def test_unfinished_then_finished_req(page_size, n_prompt, n_output):
+    """Issue 15 item 1, as reported: fill_ids=[7, 8, 9], origin_input_ids=[7, 8],
+    output_ids=[9] and three slots; cache_unfinished_req then cache_finished_req
+    cached the output token's KV first and then refused (the KV was taken to end
+    one token short), leaving the node locked and the row held."""
+    ps = page_size
+    pool, alloc, cache = _ours(ps)
+    table = cache.req_to_token_pool
+    start, rows = alloc.available_size(), table.available_size()
+    tokens = list(range(7, 7 + n_prompt + n_output))
+    n = len(tokens)
+    req = _bare_req(cache, tokens, n_prompt)
+    slots = alloc.alloc(-(-n // ps) * ps)
+    table.req_to_token[req.req_pool_idx, :n] = slots[:n].to(torch.int32)
+    cache.cache_unfinished_req(req)
+    assert cache.protected_size() == n // ps * ps
+    cache.cache_finished_req(req)
+    assert (cache.total_size(), cache.protected_size()) == (n // ps * ps, 0)
+    assert req.req_pool_idx is None and table.available_size() == rows
+    assert alloc.available_size() == start - n // ps * ps  # only the cached pages are held
+    assert _match(cache, tokens).device_prefix_len == n // ps * ps
+    cache.evict(10**6)
+    assert alloc.available_size() == start
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("page_size", [1, 2])
+def test_finished_req_without_insert_frees_every_slot(page_size):
+    """Issue 15 item 2: cache_finished_req(req, is_insert=False) freed one of two slots."""
+    ps = page_size
+    _, alloc, cache = _ours(ps)
+    start = alloc.available_size()
+    for tokens, n_prompt in (([7, 9], 1), ([7, 8, 9], 2), (list(range(5)), 4)):
+        req = _bare_req(cache, tokens, n_prompt)
+        n = len(tokens)
+        slots = alloc.alloc(-(-n // ps) * ps)
+        cache.req_to_token_pool.req_to_token[req.req_pool_idx, :n] = slots[:n].to(torch.int32)
+        cache.cache_finished_req(req, is_insert=False)
+        assert alloc.available_size() == start, tokens
+        assert cache.total_size() == 0 and req.req_pool_idx is None
+
+
+def test_refused_release_changes_nothing():
+    """Issue 15 item 1: a release that must be refused is refused before it
+    changes anything: no insert, no free, the lock and the row stay."""
+    ps = 2
+    pool, alloc, cache = _ours(ps)
+    table = cache.req_to_token_pool
+    tokens = list(range(7, 14))  # 7 tokens: 3 whole pages and a partial one
+    req = _bare_req(cache, tokens[:4], 4)
+    slots = alloc.alloc(2 * ps)
+    table.req_to_token[req.req_pool_idx, :4] = slots.to(torch.int32)
+    cache.cache_unfinished_req(req)  # 2 pages cached, the request locks them
+
+    def state() -> tuple[Any, ...]:
+        return (
+            cache.total_size(),
+            cache.protected_size(),
+            alloc.available_size(),
+            table.available_size(),
+            req.req_pool_idx,
+            req.last_node,
+            table.req_to_token[req.req_pool_idx].clone().tolist(),
+            pool.allocator.free_pages(),
+        )
+
+    # The request claims KV for 7 tokens, but slots 4..6 were never allocated.
+    req.fill_ids, req.output_ids = tokens, tokens[4:]
+    before = state()
+    with pytest.raises(InvalidArgument, match="slot 0 at position 4"):
+        cache.cache_finished_req(req)
+    assert state() == before
+    # They are allocated now, but the engine freed the last page already.
+    more = alloc.alloc(2 * ps)
+    table.req_to_token[req.req_pool_idx, 4:7] = more[:3].to(torch.int32)
+    alloc.free(more[ps:])
+    before = state()
+    with pytest.raises(InvalidArgument, match=f"page {int(more[ps]) // ps} at position 6"):
+        cache.cache_finished_req(req)
+    with pytest.raises(InvalidArgument, match="free"):
+        cache.release_kv_cache(req, checkpoint=False)
+    assert state() == before
+    # A lock that is not held (released twice) is refused before the insert.
+    table.req_to_token[req.req_pool_idx, 6] = int(alloc.alloc(ps)[0])
+    cache.dec_lock_ref(req.last_node)
+    before = state()
+    with pytest.raises(InvalidArgument, match="not held"):
+        cache.cache_finished_req(req)
+    assert state() == before
+    cache.inc_lock_ref(req.last_node)
+    cache.cache_finished_req(req)  # all in order now
+    assert (cache.total_size(), cache.protected_size()) == (6, 0)
+    cache.evict(10**6)
+    assert alloc.available_size() == alloc.size
+    pool.check_invariants()
+
+
+# ----- insert and the padding page (issue 15, item 3) -----------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_insert_refuses_padding_slots(page_size):
+    """Slot 0 (page 0) is the padding target: insert refuses any slot of page 0,
+    naming it, and changes nothing; page 0 is never freed or handed out."""
+    ps = page_size
+    pool, alloc, cache = _ours(ps, segments=1)  # 8 pages: page 0 + 7
+    held = alloc.alloc(ps)  # page 1
+    for value, pos in (
+        (torch.arange(0, 2 * ps), 0),  # the issue's case: key [0, 1], value [0, 1] at ps 1
+        (torch.cat([held, torch.arange(0, ps)]), ps),  # page 0 after a real page
+    ):
+        tokens = list(range(value.numel()))
+        with pytest.raises(InvalidArgument, match=rf"slot 0 at position {pos}.*padding page 0"):
+            _insert(cache, tokens, value)
+        assert cache.total_size() == 0 and pool.allocator.refcount([0]).tolist() == [1]
+    _insert(cache, list(range(ps)), held)  # a real page is cached
+    assert cache.evict(10**6).num_tokens_evicted == ps
+    assert pool.allocator.refcount([0]).tolist() == [1]
+    got = alloc.alloc(7 * ps)
+    assert got is not None and int(got.min()) == ps  # slot 0 is never handed out
+    assert alloc.alloc(ps) is None
+    pool.check_invariants()
+
+
+def test_checkpoint_and_insert_share_the_padding_check():
+    """The same check guards the request row in checkpoint: a row position
+    never allocated (still slot 0) is named and nothing changes."""
+    ps = 2
+    _, alloc, cache = _ours(ps)
+    req = _bare_req(cache, [5, 6, 7, 8], 4)
+    row = cache.req_to_token_pool.req_to_token[req.req_pool_idx]
+    row[:2] = alloc.alloc(ps).to(torch.int32)  # positions 2..3 never allocated
+    with pytest.raises(InvalidArgument, match=r"slot 0 at position 2.*padding page 0"):
+        cache.cache_unfinished_req(req)
+    assert cache.total_size() == 0 and req.last_node == cache.root_node
+
+
 # ----- the look-alike types (issue 15, item 4) ----------------------------------------------
 
 

@@ -155,8 +155,24 @@ Requests and the request-to-token table
 * ``req.extra_key`` / ``req.cache_salt`` (optional), ``req.last_node``, and
   ``req.lock`` (0.5.23's tree lock; without it ``last_node`` is locked with
   ``inc_lock_ref`` / ``dec_lock_ref`` as older SGLang did);
+* the KV a release covers, as SGLang 0.5.23 derives it: ``req.owned_kv_len()``;
+  else ``kv_committed_len`` (``req.kv`` or ``req``, the 0.5.x fields; the
+  ``req.pop_committed_kv_cache()`` of those versions is called when present);
+  else the longest of ``len(req.fill_ids)``, ``len(origin_input_ids) +
+  len(output_ids) - 1`` and ``cache_protected_len``. It is never taken below
+  ``cache_protected_len``: the tree holds that KV. ``release_kv_cache`` also
+  frees what was allocated past it up to ``kv_allocated_len``, as 0.5.23's
+  does; ``cache_finished_req`` leaves that to the caller, as the older
+  schedulers that call it free it themselves;
 * written back: ``cache_protected_len``, ``cache_inserted_len`` (when present),
   ``prefix_indices`` (when present), ``last_node`` and ``lock``.
+
+``checkpoint``, ``release_kv_cache`` and ``cache_*_req`` are all or nothing:
+the row (slots of the padding page mean KV never allocated), the protected
+length, the request's pages (each held, none listed twice) and its lock are
+checked before the tree, the lock or the row change. ``free_kv_row``,
+``claim_kv_row`` and ``on_release`` are the hooks SGLang 0.5.23's own
+``common.release_kv_cache`` calls, so that function works on this cache too.
 
 The cache reads and repoints rows of ``req_to_token_pool.req_to_token``, a
 dense ``[rows, max_context_len]`` table like SGLang's ``ReqToTokenPool``
@@ -801,6 +817,14 @@ class RadixsegTokenToKVPoolAllocator:
         """Free exactly these pages; a page listed twice is a double free."""
         self._release(_as_slots(page_ids, "page_ids"))
 
+    def _segment_pages(self, free_index: Any, start_pos: int) -> torch.Tensor:
+        """Page ids (int64) of the kv-row segment starting at ``start_pos``."""
+        ps = self.page_size
+        if start_pos % ps:
+            raise InvalidArgument(f"segment start {start_pos} is not page-aligned ({ps})")
+        slots = _as_slots(free_index, "free_index")
+        return slots[::ps] // ps if ps > 1 else slots
+
     def free_segment(self, free_index: Any, *, start_pos: int) -> None:
         """Free a request's kv-row segment ``row[start_pos : start_pos + n]``.
 
@@ -808,11 +832,7 @@ class RadixsegTokenToKVPoolAllocator:
         ``free_index[::page_size] // page_size`` (the last one may be partly
         filled); each is freed once.
         """
-        ps = self.page_size
-        if start_pos % ps:
-            raise InvalidArgument(f"segment start {start_pos} is not page-aligned ({ps})")
-        slots = _as_slots(free_index, "free_index")
-        self._release(slots[::ps] // ps if ps > 1 else slots)
+        self._release(self._segment_pages(free_index, start_pos))
 
     def free_full_segment(self, free_index: Any, *, start_pos: int) -> None:
         """:meth:`free_segment` (the full-attention side)."""
@@ -820,9 +840,10 @@ class RadixsegTokenToKVPoolAllocator:
 
     def free_segments(self, segments: Iterable[tuple[Any, int]]) -> None:
         """Free several ``(free_index, start_pos)`` segments of one kv row; their
-        page ranges must not overlap."""
-        for free_index, start_pos in self._page_disjoint(segments):
-            self.free_segment(free_index, start_pos=start_pos)
+        page ranges must not overlap. All or nothing, as one :meth:`free`."""
+        pages = [self._segment_pages(i, start) for i, start in self._page_disjoint(segments)]
+        if pages:
+            self._release(torch.cat(pages))
 
     def free_full_segments(self, segments: Iterable[tuple[Any, int]]) -> None:
         """:meth:`free_segments` (the full-attention side)."""
@@ -1082,6 +1103,19 @@ class ReqToTokenTable:
 # ----- the radix cache -------------------------------------------------------------------
 
 
+@dataclass
+class _Checkpoint:
+    """A checkpoint validated by ``_plan_checkpoint``, for ``_commit_checkpoint``."""
+
+    rec: Any  #: the request's KV record (``req.kv`` or ``req``)
+    toks: npt.NDArray[Any]  #: the page-aligned tokens to cache
+    ns: int  #: their namespace
+    protected: int  #: ``cache_protected_len`` before the checkpoint
+    slots: torch.Tensor  #: the row's ``int64`` slots of ``toks``
+    pages: torch.Tensor  #: their page ids
+    cut: int  #: the prompt boundary to split the leaf at (0: none)
+
+
 class _PoolEvictor:
     """What the KVPool calls to evict under budget pressure."""
 
@@ -1301,7 +1335,9 @@ class RadixsegRadixCache:
         slots = _as_slots(value, "value")
         if slots.numel() < len(toks):
             raise InvalidArgument(f"value holds {slots.numel()} slots for {len(toks)} tokens")
-        pages = self._pages_of_slots(slots[: len(toks)], "value")
+        slots = slots[: len(toks)]
+        self._reject_padding(slots, "value")
+        pages = self._pages_of_slots(slots, "value")
         prefix, _ = self._insert(toks, pages, ns)
         length, node, _ = self._match(toks, ns)
         return InsertResult(prefix_len=prefix, total_len=length, last_device_node=node)
@@ -1513,6 +1549,85 @@ class RadixsegRadixCache:
                 return ids
         return list(req.origin_input_ids) + list(req.output_ids)
 
+    def _committed_len(self, req: Any, rec: Any, protected: int) -> int:
+        """Tokens of ``req`` whose KV is computed: what a release caches and frees up to.
+
+        SGLang 0.5.23's ``req.owned_kv_len()``; else ``kv_committed_len`` (on
+        ``req.kv`` or, in SGLang 0.5.0-0.5.22, on ``req``); else, for older
+        SGLang and duck types, the longest of ``len(fill_ids)``,
+        ``len(origin_input_ids) + len(output_ids) - 1`` (the newest output
+        token has no KV yet) and ``cache_protected_len`` (the tree holds that
+        KV, so it was computed).
+        """
+        owned = getattr(req, "owned_kv_len", None)
+        if callable(owned):
+            return as_count(owned(), "req.owned_kv_len()")
+        for holder in (rec, req):
+            n = getattr(holder, "kv_committed_len", None)
+            if n is not None:
+                return as_count(n, "kv_committed_len")
+        n = protected
+        fill = getattr(req, "fill_ids", None)
+        if fill is not None:
+            n = max(n, len(fill))
+        origin, output = getattr(req, "origin_input_ids", None), getattr(req, "output_ids", None)
+        if origin is not None and output is not None:
+            n = max(n, len(origin) + max(len(output) - 1, 0))
+        elif fill is None:
+            n = max(n, len(self._fill_ids(req)))
+        return n
+
+    def _reject_padding(self, slots: torch.Tensor, what: str, first_pos: int = 0) -> None:
+        """Raise ``InvalidArgument`` naming the first of ``slots`` in the padding page 0.
+
+        No slot of page 0 is ever handed out, so one there was never allocated:
+        caching or freeing it would give the padding page away.
+        """
+        ps = self.page_size
+        bad = (slots < ps).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise InvalidArgument(
+                f"{what} holds slot {int(slots[i])} at position {first_pos + i}, in the "
+                f"reserved padding page 0 (slots 0..{ps - 1}), which is never handed out: "
+                f"that KV was never allocated"
+            )
+
+    def _check_owned(self, pages: torch.Tensor, what: str, first_pos: int) -> None:
+        """The request's own pages (int64 ids): distinct and referenced, so that
+        freeing each once cannot fail halfway."""
+        if pages.numel() == 0:
+            return
+        uniq, counts = torch.unique(pages, return_counts=True)
+        if int(counts.max()) > 1:
+            dup = int(uniq[counts > 1][0])
+            raise InvalidArgument(f"{what} from position {first_pos} lists page {dup} twice")
+        rc = self.token_to_kv_pool_allocator.pool.allocator.refcount(pages)
+        free = (torch.as_tensor(rc) == 0).nonzero()
+        if free.numel():
+            i = int(free[0, 0])
+            raise InvalidArgument(
+                f"{what} holds page {int(pages[i])} at position {first_pos + i * self.page_size},"
+                f" which is free: the request does not hold it (freed already?)"
+            )
+
+    def _lock_node(self, req: Any) -> Any:
+        """The node the request's lock holds (None or the root: nothing held)."""
+        if hasattr(req, "lock"):
+            return None if req.lock is None else req.lock.node
+        return getattr(req, "last_node", None)
+
+    def _check_unlockable(self, req: Any) -> None:
+        """The request's lock can be released (so a release cannot fail after changes)."""
+        node = self._lock_node(req)
+        if node is None or node == ROOT_NODE:
+            return
+        self.tree.lock_count(node)  # raises InvalidHandle for a stale or foreign handle
+        if self._pinned.get(node, (0, None))[0] < 1:
+            raise InvalidArgument(
+                f"the request's lock on node {node} is not held (unlocked already?)"
+            )
+
     def _relock(self, req: Any, node: int) -> None:
         if hasattr(req, "lock"):
             new = self.lock(node)
@@ -1532,17 +1647,15 @@ class RadixsegRadixCache:
         elif getattr(req, "last_node", None) is not None:
             self.dec_lock_ref(req.last_node)
 
-    def checkpoint(self, req: Any, *, up_to: int) -> None:
-        """Cache the request's KV up to row position ``up_to`` (SGLang 0.5.23).
-
-        Inserts the page-aligned part of its tokens with the slots of its row,
-        frees the row's duplicates of pages that were already cached, points
-        the row at the tree's pages, advances ``cache_protected_len`` to the
-        cached length, and moves the request's lock to the node ending it.
-        The partial last page stays the request's.
-        """
+    def _plan_checkpoint(self, req: Any, up_to: int) -> _Checkpoint:
+        """Validate a checkpoint of ``req`` up to ``up_to``; changes nothing."""
         rec, row = self._row(req)
         ps = self.page_size
+        up_to = as_count(up_to, "up_to")
+        if up_to > row.numel():
+            raise InvalidArgument(
+                f"up_to={up_to} is past the request's req_to_token row of {row.numel()} slots"
+            )
         ids = self._fill_ids(req)
         protected = self._protected_len(req, rec)
         key = RadixKey(
@@ -1559,28 +1672,33 @@ class RadixsegRadixCache:
                 f"{n} page-aligned tokens up to {up_to}"
             )
         slots = _as_slots(row[:n], "req_to_token row")
+        self._reject_padding(slots, "the request's req_to_token row")
         pages = self._pages_of_slots(slots, "req_to_token row")
-        if pages.numel() and int(pages.min()) == 0:
-            raise InvalidArgument(
-                f"the request's row holds a slot of the padding page below position {n}: "
-                f"its KV up to {up_to} was never allocated"
-            )
-        prefix, _ = self._insert(toks, pages, ns)
+        self._check_owned(pages[protected // ps :], "the request's req_to_token row", protected)
+        self._check_unlockable(req)
         origin = getattr(req, "origin_input_ids", None)
-        if origin is not None:
+        cut = 0 if origin is None else len(origin) // ps * ps
+        return _Checkpoint(rec, toks, ns, protected, slots, pages, cut if 0 < cut < n else 0)
+
+    def _commit_checkpoint(self, req: Any, plan: _Checkpoint) -> None:
+        """Carry out a validated checkpoint."""
+        rec, toks, ns, protected = plan.rec, plan.toks, plan.ns, plan.protected
+        slots, pages = plan.slots, plan.pages
+        n = len(toks)
+        prefix, _ = self._insert(toks, pages, ns)
+        if plan.cut:
             # As SGLang: split the leaf at the prompt so the output can go alone.
-            cut = len(origin) // ps * ps
-            if 0 < cut < n:
-                self.tree.insert(toks[:cut], pages[: cut // ps], ns)
+            self.tree.insert(toks[: plan.cut], pages[: plan.cut // self.page_size], ns)
         if prefix > protected:
             self.token_to_kv_pool_allocator.free_segment(
                 slots[protected:prefix], start_pos=protected
             )
         length, node, path = self._match(toks, ns)
-        if length != n:
+        if length != n:  # pragma: no cover - the insert above cached all n
             raise InvalidArgument(f"checkpoint cached {length} of {n} tokens")
         new_slots = self._slots(path).to(torch.int64)
         if n > protected:
+            row = self.req_to_token_pool.req_to_token[rec.req_pool_idx]
             where = (rec.req_pool_idx, slice(protected, n))
             values = new_slots[protected:].to(row.device)
             write = getattr(self.req_to_token_pool, "write", None)
@@ -1596,6 +1714,18 @@ class RadixsegRadixCache:
             req.prefix_indices = new_slots
         self._relock(req, node)
 
+    def checkpoint(self, req: Any, *, up_to: int) -> None:
+        """Cache the request's KV up to row position ``up_to`` (SGLang 0.5.23).
+
+        Inserts the page-aligned part of its tokens with the slots of its row,
+        frees the row's duplicates of pages that were already cached, points
+        the row at the tree's pages, advances ``cache_protected_len`` to the
+        cached length, and moves the request's lock to the node ending it.
+        The partial last page stays the request's. All or nothing: the row,
+        the protected length and the lock are checked before anything changes.
+        """
+        self._commit_checkpoint(req, self._plan_checkpoint(req, up_to))
+
     def cache_unfinished_req(self, req: Any, chunked: bool = False) -> None:
         """Cache a running request's KV so far: ``checkpoint(req,
         up_to=len(req.fill_ids))`` (the tokens computed so far; without
@@ -1609,37 +1739,117 @@ class RadixsegRadixCache:
     ) -> None:
         """SGLang 0.5.23's ``release_kv_cache(req, tree_cache, checkpoint=...)``.
 
-        With ``checkpoint`` the first ``kv_len`` tokens are cached first. Then
-        the row's slots past ``cache_protected_len`` up to ``kv_len`` (the
-        unaligned tail, or the whole uncached part) are freed, the request's
-        lock is dropped and its row is freed. ``kv_len`` defaults to
-        ``req.owned_kv_len()``, else ``len(origin_input_ids) + len(output_ids)
-        - 1`` (the last output token has no KV yet), else the fill ids' length.
+        ``kv_len`` (the request's computed KV; default as SGLang 0.5.23:
+        ``req.owned_kv_len()``, else ``kv_committed_len``, else for older
+        requests the longest of ``len(fill_ids)``, ``len(origin_input_ids) +
+        len(output_ids) - 1`` and ``cache_protected_len``) is never taken
+        below ``cache_protected_len``. With ``checkpoint`` the first
+        ``kv_len`` tokens are cached first. Then the row's slots from
+        ``cache_protected_len`` up to ``kv_len`` (the unaligned tail, or the
+        whole uncached part) are freed, and so are the pages over-allocated
+        past ``kv_len`` up to ``kv_allocated_len`` (when the request has one),
+        the request's lock is dropped and its row is freed.
+
+        All or nothing: every check (row, lengths, slots, held pages, lock)
+        runs before anything changes, so a refused release leaves the tree,
+        the lock and the row as they were.
         """
-        if kv_len is None:
-            owned = getattr(req, "owned_kv_len", None)
-            if callable(owned):
-                kv_len = int(owned())
-            elif hasattr(req, "origin_input_ids") and hasattr(req, "output_ids"):
-                kv_len = len(req.origin_input_ids) + max(len(req.output_ids) - 1, 0)
+        self._release_request(req, checkpoint=checkpoint, kv_len=kv_len, overallocated=True)
+
+    def cache_finished_req(self, req: Any, is_insert: bool = True) -> None:
+        """Cache a finished request, free its duplicates and unaligned tail,
+        unlock, and free its row (older SGLang's name; 0.5.23 calls
+        ``release_kv_cache``): :meth:`release_kv_cache` with ``checkpoint=is_insert``,
+        except that over-allocated slots past ``kv_committed_len`` are left
+        to the caller, whose scheduler frees them after this call in the SGLang
+        versions that use this name; ``req.pop_committed_kv_cache()`` is
+        called when the request has it, as those versions do.
+        """
+        self._release_request(req, checkpoint=is_insert, kv_len=None, overallocated=False)
+
+    def free_kv_row(self, kv: Any, ranges: Iterable[tuple[int, int]]) -> None:
+        """Free ascending, disjoint, half-open position ranges of the row of the
+        KV record ``kv`` (``req.kv``), all or nothing (SGLang 0.5.23's hook, which
+        its ``common.release_kv_cache`` calls). Adjacent ranges are merged first,
+        so a page split between them is freed once; empty ranges are skipped."""
+        pool = self.req_to_token_pool
+        if pool is None:
+            raise InvalidArgument("free_kv_row needs a req_to_token_pool")
+        if kv.req_pool_idx is None:
+            raise InvalidArgument("the KV record holds no row (req_pool_idx is None)")
+        row = pool.req_to_token[kv.req_pool_idx]
+        merged: list[list[int]] = []
+        for start, end in ranges:
+            start, end = int(start), int(end)
+            if end <= start:
+                continue
+            if end > row.numel():
+                raise InvalidArgument(
+                    f"range [{start}, {end}) runs past the row's {row.numel()} slots"
+                )
+            if merged and start == merged[-1][1]:
+                merged[-1][1] = end
             else:
-                kv_len = len(self._fill_ids(req))
-        if checkpoint:
-            self.checkpoint(req, up_to=kv_len)
+                merged.append([start, end])
+        self.token_to_kv_pool_allocator.free_segments(
+            [(row[start:end], start) for start, end in merged]
+        )
+
+    def claim_kv_row(self, req: Any) -> bool:
+        """SGLang 0.5.23's hook for streaming sessions that keep a row: never here."""
+        return False
+
+    def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        """SGLang 0.5.23's hook after a release: this cache keeps no per-request state."""
+
+    def _release_request(
+        self, req: Any, *, checkpoint: bool, kv_len: int | None, overallocated: bool
+    ) -> None:
         rec, row = self._row(req)
+        ps = self.page_size
         protected = self._protected_len(req, rec)
-        if kv_len > protected:
-            self.token_to_kv_pool_allocator.free_segment(row[protected:kv_len], start_pos=protected)
+        if protected % ps:
+            raise InvalidArgument(
+                f"cache_protected_len={protected} is not page-aligned (page_size={ps})"
+            )
+        pop = getattr(req, "pop_committed_kv_cache", None)
+        if kv_len is not None:
+            kv_len = as_count(kv_len, "kv_len")
+        elif callable(pop) and not callable(getattr(req, "owned_kv_len", None)):
+            has_len = any(getattr(h, "kv_committed_len", None) is not None for h in (rec, req))
+            if not has_len:  # nothing to read it from: pop it now
+                kv_len, pop = as_count(pop(), "req.pop_committed_kv_cache()"), None
+        if kv_len is None:
+            kv_len = self._committed_len(req, rec, protected)
+        kv_len = max(kv_len, protected)
+        end = kv_len
+        if overallocated:
+            end = max(end, int(getattr(rec, "kv_allocated_len", 0) or 0))
+        if end > row.numel():
+            raise InvalidArgument(
+                f"the request's KV runs to position {end} but its req_to_token row holds "
+                f"{row.numel()} slots"
+            )
+        plan = self._plan_checkpoint(req, kv_len) if checkpoint else None
+        own = _as_slots(row[protected:end], "req_to_token row")
+        self._reject_padding(own, "the request's req_to_token row", protected)
+        self._check_owned(own[::ps] // ps, "the request's req_to_token row", protected)
+        self._check_unlockable(req)
+        # Everything is checked: from here on nothing fails halfway.
+        if callable(pop):
+            pop()
+        start = protected
+        if plan is not None:
+            self._commit_checkpoint(req, plan)
+            start = len(plan.toks)
+        over = -(-kv_len // ps) * ps  # over-allocated pages start past kv_len's page
+        self.token_to_kv_pool_allocator.free_segments(
+            [(row[start:kv_len], start), (row[over:end], over)]
+        )
         self._unlock_req(req)
         free = getattr(self.req_to_token_pool, "free", None)
         if free is not None:
             free(req)
-
-    def cache_finished_req(self, req: Any, is_insert: bool = True) -> None:
-        """Cache a finished request, free its duplicates and unaligned tail,
-        unlock, and free its row: ``release_kv_cache(req, checkpoint=is_insert)``.
-        Older SGLang's name; 0.5.23 calls ``release_kv_cache``."""
-        self.release_kv_cache(req, checkpoint=is_insert)
 
     def __repr__(self) -> str:
         return (
