@@ -775,3 +775,23 @@ def test_hybrid_sliding_and_full_layers():
     out, cache = _radixseg(model, prefix, prompt, 8)
     assert torch.equal(out, ref)
     cache.finish(out)
+
+
+@pytest.mark.parametrize("attention", ["segments", "gather"])
+def test_chunked_prefill_over_padding(attention):
+    """prefill_chunk_size=4 over rows padded by 9 and 3: some chunks hold no
+    real token of a row (an empty row in the step's CSR); window 6 < context."""
+    model = _mistral(6)
+    ids, mask = _left_padded([6, 15, 12], seed=8)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = _gen_masked(model, ids, mask, 8)
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, segment_bytes=1 << 16)
+    model.set_attn_implementation("radixseg" if attention == "segments" else "sdpa")
+    cache = rt.RadixsegCache(prefix, ids, attention_mask=mask, attention=attention, backend="torch")
+    with torch.no_grad():
+        out = _gen_masked(model, ids, mask, 8, cache=cache, prefill_chunk_size=4)
+    assert torch.equal(out, ref)
+    assert [r.seq_len for r in cache.requests] == [13, 22, 19]
+    cache.finish(out)
+    prefix.check_invariants()
