@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -305,3 +307,27 @@ def test_bad_write_and_read_change_nothing() -> None:
         pool.alloc(-1)
     with pytest.raises(InvalidArgument, match="not live"):
         pool.segment(7)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e5])
+def test_every_storage_type_refuses_what_it_cannot_store(dtype: str, value: float) -> None:
+    """Issue 16, item 4: non-finite input, or a value past the storage type's range
+    (fp16 turns 1e5 into inf), is refused naming layer and token; nothing is written."""
+    pool = KVPool(2, 1, 4, page_size=2, pages_per_segment=4, dtype=dtype)
+    slots = pool.alloc(1).long() * 2 + torch.arange(2)
+    pool.write(1, slots, torch.ones(2, 1, 4), torch.ones(2, 1, 4))
+    k = torch.full((2, 1, 4), 2.0)
+    k[1, 0, 2] = value
+    representable = math.isfinite(value) and (dtype != "fp16" or abs(value) <= 65504)
+    if representable:  # finite and in range: stored (FP8 scales it)
+        pool.write(1, slots, k, k)
+        # FP8 scales per token: small entries beside 1e5 lose precision, not range.
+        assert torch.allclose(pool.read(1, slots)[0], k, rtol=0.07, atol=0.01 * abs(value))
+        return
+    needle = "inf or NaN" if not math.isfinite(value) else "past what torch.float16 can store"
+    for args in ((k, torch.ones_like(k)), (torch.ones_like(k), k)):
+        with pytest.raises(InvalidArgument, match=r"layer 1: [kv]\[1\] \(slot \d+\) .*" + needle):
+            pool.write(1, slots, *args)
+        assert torch.equal(pool.read(1, slots)[0], torch.ones(2, 1, 4))
+    pool.check_invariants()

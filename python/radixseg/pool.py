@@ -862,6 +862,25 @@ class KVPool(Uncopyable):
             raise InvalidArgument(f"{what} is on {x.device}, the pool on {self.device}")
         return x
 
+    def _check_finite(
+        self, layer: int, slots: torch.Tensor, what: str, x: torch.Tensor, stored: torch.Tensor
+    ) -> None:
+        """Refuse ``x`` (``[T, H, D]``) when a token holds inf/NaN, or when ``stored``
+        (what the storage type makes of it: the values, or FP8's scales) does."""
+        given_ok = torch.isfinite(x).flatten(1).all(1)
+        stored_ok = torch.isfinite(stored).flatten(1).all(1)
+        if bool((given_ok & stored_ok).all()):
+            return
+        bad = int((~(given_ok & stored_ok)).nonzero()[0, 0])
+        where = f"layer {layer}: {what}[{bad}] (slot {int(slots[bad])})"
+        if not bool(given_ok[bad]):
+            raise InvalidArgument(f"{where} holds inf or NaN; the pool stores finite values only")
+        top = torch.finfo(self.dtype).max
+        raise InvalidArgument(
+            f"{where} holds {float(x[bad].abs().max()):.6g}, past what {self.dtype} can store "
+            f"(largest finite {top:.6g}); nothing was written"
+        )
+
     def _groups(
         self, slots: torch.Tensor
     ) -> list[tuple[_Segment, torch.Tensor, torch.Tensor | None]]:
@@ -907,11 +926,15 @@ class KVPool(Uncopyable):
         if self.fp8:
             kq, ks = quantize_fp8(k, self.dtype)
             vq, vs = quantize_fp8(v, self.dtype)
-            if check and not bool(torch.isfinite(ks).all() & torch.isfinite(vs).all()):
-                raise InvalidArgument("k/v hold inf or NaN, which FP8 with a scale cannot store")
+            if check:
+                self._check_finite(layer, slots, "k", k, ks)
+                self._check_finite(layer, slots, "v", v, vs)
             kq, vq = kq.view(torch.uint8), vq.view(torch.uint8)
         else:
             kq, vq, ks, vs = k.to(self.dtype), v.to(self.dtype), k, v
+            if check:
+                self._check_finite(layer, slots, "k", k, kq)
+                self._check_finite(layer, slots, "v", v, vq)
         slots = slots.to(self.device)
         for seg, at, pos in self._groups(slots):
 
