@@ -326,9 +326,13 @@ class RadixKey:
         return self[: len(self) // ps * ps]
 
     def __repr__(self) -> str:
+        raw = self.raw_token_ids()
+        head = raw[:10]
+        shown = head.tolist() if hasattr(head, "tolist") else list(head)
+        more = "..." if len(raw) > 10 else ""
         return (
-            f"RadixKey(len={len(self)}, extra_key={self.extra_key!r}, "
-            f"cache_salt={self.cache_salt!r}, is_bigram={self.is_bigram})"
+            f"RadixKey(extra_key={self.extra_key!r}, cache_salt={self.cache_salt!r}, "
+            f"token_ids={shown}{more}, len={len(self)}, is_bigram={self.is_bigram})"
         )
 
 
