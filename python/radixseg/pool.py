@@ -617,10 +617,16 @@ class KVPool(Uncopyable):
     def _host_buffers(self) -> list[Any]:
         """Per segment id, a ``uint8`` numpy view of the segment's whole buffer
         (``None`` for a free slot): what the native CPU kernels read. CPU pools only."""
-        host = self._host
+        host = self._host  # one read: the list of the segments live at this launch
         if host is None:
-            host = [None if s is None else s.buffer.numpy() for s in self._segments]
-            self._host = host
+            # Built and published under the growth lock, so a segment retired and
+            # re-added meanwhile (same id, new buffer) cannot leave a stale list
+            # published after _install cleared it.
+            with self._lock:
+                host = self._host
+                if host is None:
+                    host = [None if s is None else s.buffer.numpy() for s in self._segments]
+                    self._host = host
         return host
 
     def _layer_offsets(self, layer: int) -> tuple[int, int, int, int]:
