@@ -7,7 +7,6 @@ there (see :func:`pause_at`), so the interleaving is forced, not hoped for.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
