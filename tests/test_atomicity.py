@@ -7,6 +7,7 @@ there (see :func:`pause_at`), so the interleaving is forced, not hoped for.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,3 +93,59 @@ def test_cpu_decode_never_publishes_the_buffers_of_a_retired_segment() -> None:
     out = _decode_one(pool, int(page[0]))
     assert float(out[0, 0, 0]) == 222.0, "decode read the retired segment's buffer"
     pool.check_invariants()
+
+
+def test_stats_is_one_snapshot_while_another_thread_grows() -> None:
+    """Item 14: ``stats()`` paused between its reads while another thread grows
+    the pool still reports one consistent snapshot."""
+    pool = KVPool(1, 1, 8, page_size=1, pages_per_segment=4, dtype="fp32")
+    pool.release(pool.alloc(1))
+    got: list[dict[str, Any]] = []
+    with pause_at("stats", "free = self.allocator.free_pages()") as (reached, go):
+        reader = threading.Thread(target=lambda: got.append(pool.stats()))
+        reader.start()
+        assert reached.wait(10)
+        grower = threading.Thread(target=pool.alloc, args=(12,))  # two more segments
+        grower.start()
+        grower.join(0.5)
+        go.set()
+        reader.join(10)
+        grower.join(10)
+    assert not reader.is_alive() and not grower.is_alive()
+    (s,) = got
+    assert s["total_pages"] == s["segments"] * s["pages_per_segment"], s
+    assert 0 <= s["used_pages"] <= s["total_pages"], s
+    assert s["reserved_bytes"] == s["segments"] * s["segment_bytes"], s
+
+
+def test_stats_stays_consistent_under_churn() -> None:
+    """The same under real thread switching (bounded: 2,000 snapshots)."""
+    pool = KVPool(1, 1, 8, page_size=1, pages_per_segment=4, dtype="fp32")
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            ids = pool.alloc(12)  # three segments
+            pool.release(ids)
+            pool.shrink(keep=0)
+
+    worker = threading.Thread(target=churn)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    worker.start()
+    bad: list[dict[str, Any]] = []
+    try:
+        for _ in range(2000):
+            s = pool.stats()
+            if (
+                s["total_pages"] != s["segments"] * s["pages_per_segment"]
+                or not 0 <= s["used_pages"] <= s["total_pages"]
+                or s["reserved_bytes"] != s["segments"] * s["segment_bytes"]
+            ):
+                bad.append(s)
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        worker.join(10)
+    assert not worker.is_alive()
+    assert not bad, f"{len(bad)} inconsistent snapshots, first: {bad[0]}"

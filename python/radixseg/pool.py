@@ -993,12 +993,19 @@ class KVPool(Uncopyable):
         referenced pages occupy; after :meth:`shrink`, reserved exceeds used by
         at most the partly filled segments plus ``reserve_segments``.
         """
-        total = self.allocator.total_pages()
-        free = self.allocator.free_pages()
-        reserved = self.reserved_bytes()
+        # Growth and shrink hold this lock: under it the segment set is one
+        # snapshot (total_pages == segments * pages_per_segment, free <= total)
+        # while other threads grow or shrink the pool.
+        with self._lock:
+            segments = self.allocator.segment_count()
+            total = self.allocator.total_pages()
+            free = self.allocator.free_pages()
+            reserved = self.reserved_bytes()
+            metadata = self.allocator.metadata_bytes() + self._table.numel() * 8
+            counters = dict(self._counters)
         budget = self.resolved_budget(reserved)
         out: dict[str, Any] = {
-            "segments": self.allocator.segment_count(),
+            "segments": segments,
             "pages_per_segment": self.pages_per_segment,
             "page_size": self.page_size,
             "segment_bytes": self.segment_bytes,
@@ -1009,8 +1016,8 @@ class KVPool(Uncopyable):
             "used_pages": total - free,
             "budget_bytes": budget,
             "bytes_per_token": self.bytes_per_token,
-            "metadata_bytes": self.allocator.metadata_bytes() + self._table.numel() * 8,
-            **self._counters,
+            "metadata_bytes": metadata,
+            **counters,
         }
         if self._cache is not None:
             out.update(self._cache.cache_stats())
