@@ -11,12 +11,17 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import pytest
 import torch
 
-from radixseg import KVPool, attention
+import radixseg
+from radixseg import InvalidArgument, InvariantViolation, KVPool, PrefixCache, attention
+from radixseg.cache import Request
 
 
 @contextmanager
@@ -149,3 +154,203 @@ def test_stats_stays_consistent_under_churn() -> None:
         worker.join(10)
     assert not worker.is_alive()
     assert not bad, f"{len(bad)} inconsistent snapshots, first: {bad[0]}"
+
+
+# ----- a request ends exactly once, extend and abort never leak -------------------------
+
+
+def _cache(page_size: int = 2, pps: int = 4) -> tuple[KVPool, PrefixCache]:
+    pool = KVPool(1, 1, 8, page_size=page_size, pages_per_segment=pps, dtype="fp32")
+    return pool, PrefixCache(pool)
+
+
+def _run_pair(first: Any, second: Any) -> list[BaseException | None]:
+    """Run two callables on two threads released together; their outcomes."""
+    out: list[BaseException | None] = [None, None]
+    start = threading.Barrier(2)
+
+    def run(i: int, f: Any) -> None:
+        start.wait()
+        try:
+            f()
+        except BaseException as e:  # recorded for the test to judge
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, f)) for i, f in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    return out
+
+
+def test_a_request_ends_exactly_once_across_threads() -> None:
+    """Item 1: two threads ending one request (a running request shares its
+    prefix): one succeeds, the other is told the request already ended."""
+    _pool, cache = _cache()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for trial in range(150):
+            shared = [7, 7, 7, 7, trial, trial + 1]
+            first = cache.begin(shared)
+            cache.extend(first, first.uncached)
+            cache.finish(first)
+            other = cache.begin(shared)  # holds the prefix's lock too
+            req = cache.begin(shared)
+            cache.extend(req, req.uncached)
+            second = cache.finish if trial % 2 else cache.abort
+            outcomes = _run_pair(partial(cache.finish, req), partial(second, req))
+            assert sum(o is None for o in outcomes) == 1, outcomes
+            (err,) = [o for o in outcomes if o is not None]
+            assert isinstance(err, InvalidArgument) and "already" in str(err), err
+            cache.check_invariants(exclusive=True)
+            cache.abort(other)
+    finally:
+        sys.setswitchinterval(interval)
+    cache.check_invariants(exclusive=True)
+
+
+def test_abort_racing_extend_leaks_nothing() -> None:
+    """Item 3: an engine thread aborts while the scheduler extends: whichever
+    wins, every page is accounted for afterwards."""
+    pool, cache = _cache(page_size=1, pps=8)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for trial in range(50):
+            req = cache.begin([1, 2, 3, trial])
+            outcomes = _run_pair(
+                lambda r=req: [cache.extend(r, [5] * 9) for _ in range(6)],
+                lambda r=req: cache.abort(r),
+            )
+            for o in outcomes:
+                assert o is None or isinstance(o, InvalidArgument), o
+            if req.state == "running":
+                cache.abort(req)
+            cache.check_invariants(exclusive=True)
+    finally:
+        sys.setswitchinterval(interval)
+    cache.reset()
+    pool.shrink(keep=0)
+    assert pool.stats()["segments"] == 0
+
+
+def test_the_invariant_check_sees_leaked_pages() -> None:
+    """Item 3: pages nobody accounts for are reported (when the cache is the
+    pool's only user)."""
+    pool, cache = _cache()
+    req = cache.begin([1, 2, 3])
+    cache.extend(req, req.uncached)
+    cache.check_invariants(exclusive=True)
+    stray = pool.alloc(1)  # what an interrupted call used to leave behind
+    cache.check_invariants()  # a caller may hold pages of its own ...
+    with pytest.raises(InvariantViolation, match="account for"):
+        cache.check_invariants(exclusive=True)  # ... unless the cache is the only user
+    pool.release(stray)
+    cache.abort(req)
+    cache.check_invariants(exclusive=True)
+
+
+def test_a_dropped_running_request_gives_its_pages_back() -> None:
+    _pool, cache = _cache()
+    done = cache.begin([1, 2, 3, 4, 5])
+    cache.extend(done, done.uncached)
+    cache.finish(done)
+    req = cache.begin([1, 2, 3, 4, 9])
+    cache.extend(req, req.uncached)
+    assert cache.stats()["running_requests"] == 1 and cache.stats()["locked_pages"] == 2
+    del req
+    assert cache.stats()["running_requests"] == 0 and cache.stats()["locked_pages"] == 0
+    cache.check_invariants(exclusive=True)
+
+
+# ----- interrupts between any two lines --------------------------------------------------
+
+_PACKAGE = str(Path(radixseg.__file__).resolve().parent)
+
+
+class _Injector:
+    """``sys.settrace`` hook raising ``KeyboardInterrupt`` at the ``at``-th line
+    executed inside the radixseg package (``at=None``: count only)."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+        self.lines = 0
+        self.where: str | None = None
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if not frame.f_code.co_filename.startswith(_PACKAGE):
+            return None
+        return self.local
+
+    def local(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.lines += 1
+            if self.lines == self.at:
+                self.where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+                raise KeyboardInterrupt(self.where)
+        return self.local
+
+
+def _lifecycle(pool: KVPool, cache: PrefixCache, seed: int, running: list[Request]) -> None:
+    """What a serving loop does with one request: match, prefill, decode, finish."""
+    prompt = [1, 2, 3, 4, 5, 6, seed % 3, seed % 5, 9]
+    req = cache.begin(prompt)
+    running.append(req)
+    slots = cache.extend(req, req.uncached)
+    kv = torch.full((slots.numel(), 1, 8), float(seed))
+    pool.write(0, slots, kv, kv)
+    for token in (seed % 7, 3, 4):
+        slot = cache.extend(req, [token])
+        pool.write(0, slot, kv[:1], kv[:1])
+    cache.finish(req)
+
+
+def _drain(pool: KVPool, cache: PrefixCache, running: list[Request]) -> None:
+    for r in running:
+        if r.state == "running":
+            cache.abort(r)
+    running.clear()
+    cache.check_invariants(exclusive=True)
+
+
+def test_keyboard_interrupt_at_every_line_of_the_lifecycle() -> None:
+    """Items 5-7: a KeyboardInterrupt between any two lines of begin, extend
+    (growth included), write and finish leaves nothing stuck: every running
+    request can still be aborted, every page is accounted for, and the pool
+    drains to zero segments."""
+    pool = KVPool(1, 1, 8, page_size=2, pages_per_segment=2, dtype="fp32")
+    cache = PrefixCache(pool)
+    running: list[Request] = []
+    counter = _Injector(None)
+    sys.settrace(counter)
+    try:
+        _lifecycle(pool, cache, 0, running)
+    finally:
+        sys.settrace(None)
+    _drain(pool, cache, running)
+    assert counter.lines > 50
+    interrupted = 0
+    for at in range(1, counter.lines + 1):
+        if at % 3 == 0:
+            pool.shrink(keep=0)  # so that later lifecycles grow the pool again
+        inject = _Injector(at)
+        sys.settrace(inject)
+        try:
+            _lifecycle(pool, cache, at, running)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        try:
+            _drain(pool, cache, running)
+        except Exception as e:
+            raise AssertionError(f"after an interrupt at {inject.where}: {e}") from e
+    assert interrupted > 50
+    cache.reset()
+    pool.shrink(keep=0)
+    s = pool.stats()
+    assert (s["segments"], s["used_pages"], s["running_requests"]) == (0, 0, 0), s
+    cache.check_invariants(exclusive=True)

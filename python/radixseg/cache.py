@@ -19,48 +19,27 @@ to the allocator. ``abort`` does the same without inserting.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 import torch
 
 from radixseg._convert import Uncopyable, as_count, as_id_array, as_namespace
-from radixseg._core import TOKEN_LIMIT, InvalidArgument
+from radixseg._core import TOKEN_LIMIT, InvalidArgument, OutOfPages, RequestRecord
 from radixseg.pool import KVPool
 from radixseg.tree import RadixTree
 
 __all__ = ["PrefixCache", "Request"]
 
 
-class _Growable:
-    """A 1-D ``int32`` tensor that grows by doubling; ``view()`` is the filled part."""
-
-    __slots__ = ("data", "n")
-
-    def __init__(self, init: torch.Tensor) -> None:
-        # A normal tensor even under torch.inference_mode(): it is updated in
-        # place later, possibly outside inference mode (finish() after generate).
-        with torch.inference_mode(False):
-            self.data = init.to(torch.int32).clone()
-        self.n = init.numel()
-
-    def extend(self, x: torch.Tensor) -> None:
-        end = self.n + x.numel()
-        if end > self.data.numel():
-            with torch.inference_mode(False):
-                grown = torch.empty(max(end, 2 * self.data.numel(), 16), dtype=torch.int32)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
-        self.data[self.n : end] = x
-        self.n = end
-
-    def view(self) -> torch.Tensor:
-        return self.data[: self.n]
-
-
 class Request(Uncopyable):
     """One sequence's place in the cache; made by :meth:`PrefixCache.begin`.
+
+    Its tokens, pages and prefix lock live in the Rust core (a
+    ``RequestRecord``), where each change is one call: an exception or a
+    thread switch between two of the cache's steps cannot leave pages nobody
+    accounts for, and the request ends exactly once. A request dropped while
+    running is aborted (its lock and pages go back).
 
     Attributes
     ----------
@@ -70,58 +49,46 @@ class Request(Uncopyable):
         Prompt tokens reused from the cache (a multiple of ``page_size``).
     prompt : torch.Tensor
         ``int32 [prompt_len]``, the tokens given to ``begin``.
-    state : str
-        ``"running"``, ``"finished"`` or ``"aborted"``.
     """
 
-    __slots__ = (
-        "_cache",
-        "_pages",
-        "_tokens",
-        "cached_len",
-        "namespace",
-        "node",
-        "prompt",
-        "state",
-    )
+    __slots__ = ("_cache", "_record", "cached_len", "namespace", "prompt")
 
-    def __init__(
-        self,
-        cache: PrefixCache,
-        prompt: torch.Tensor,
-        namespace: int,
-        pages: torch.Tensor,
-        cached_len: int,
-        node: int,
-    ) -> None:
+    def __init__(self, cache: PrefixCache, prompt: torch.Tensor, record: RequestRecord) -> None:
         self._cache = cache
+        self._record = record
         self.prompt = prompt
-        self.namespace = namespace
-        self.cached_len = cached_len
-        self.node: int | None = node
-        self._pages = _Growable(pages)
-        self._tokens = _Growable(prompt[:cached_len])
-        self.state = "running"
+        self.namespace = record.namespace
+        self.cached_len = record.seq_len
+
+    @property
+    def state(self) -> str:
+        """``"running"``, ``"finished"`` or ``"aborted"``."""
+        return self._record.state
+
+    @property
+    def node(self) -> int | None:
+        """Handle of the node whose lock the request holds (None once it ended)."""
+        return self._record.node
 
     @property
     def seq_len(self) -> int:
         """Tokens whose KV the request holds (cached prefix + extended)."""
-        return self._tokens.n
+        return self._record.seq_len
 
     @property
     def num_pages(self) -> int:
         """Pages in the request's page list."""
-        return self._pages.n
+        return self._record.num_pages
 
     @property
     def tokens(self) -> torch.Tensor:
-        """``int32 [seq_len]``: the tokens whose KV the request holds (a view)."""
-        return self._tokens.view()
+        """``int32 [seq_len]``: the tokens whose KV the request holds (a copy)."""
+        return torch.from_numpy(self._record.tokens())
 
     @property
     def page_ids(self) -> torch.Tensor:
-        """``int32 [num_pages]``: the request's pages in order (a view)."""
-        return self._pages.view()
+        """``int32 [num_pages]``: the request's pages in order (a copy)."""
+        return torch.from_numpy(self._record.page_ids())
 
     @property
     def uncached(self) -> torch.Tensor:
@@ -186,11 +153,6 @@ class PrefixCache(Uncopyable):
         self.max_context_len = (
             None if max_context_len is None else as_count(max_context_len, "max_context_len")
         )
-        self._lock = threading.Lock()
-        self._requests = 0
-        self._running = 0
-        self._requested_tokens = 0
-        self._hit_tokens = 0
         pool.attach_cache(self)
 
     # ----- lifecycle ---------------------------------------------------------------
@@ -207,14 +169,9 @@ class PrefixCache(Uncopyable):
         self._check_len(prompt.numel())
         ns = as_namespace(namespace)
         query = prompt[:-1] if leave_last and prompt.numel() else prompt
-        ids, length, node = self.tree.acquire(query, ns)
-        req = Request(self, prompt, ns, ids, length, node)
-        with self._lock:
-            self._requests += 1
-            self._running += 1
-            self._requested_tokens += prompt.numel()
-            self._hit_tokens += length
-        return req
+        # One core call matches, locks and records the request; if anything
+        # interrupts us after it, the dropped record aborts itself.
+        return Request(self, prompt, self.tree.begin_request(query.numpy(), ns, prompt.numel()))
 
     def extend(self, req: Request, new_tokens: Any) -> torch.Tensor:
         """Append ``new_tokens`` to ``req``; returns their ``int64 [T]`` slots.
@@ -224,18 +181,23 @@ class PrefixCache(Uncopyable):
         the pool cannot supply the pages the request is unchanged.
         """
         self._running_req(req)
-        new = _as_tokens(new_tokens, "new_tokens")
-        t = new.numel()
-        start = req.seq_len
-        self._check_len(start + t)
-        ps = self.page_size
-        need = -(-(start + t) // ps) - req.num_pages
-        if need > 0:
-            req._pages.extend(self.pool.alloc(need))
-        req._tokens.extend(new)
-        pos = torch.arange(start, start + t, dtype=torch.int64)
-        pages = req.page_ids.index_select(0, pos // ps).to(torch.int64)
-        return pages * ps + pos % ps
+        new = _as_tokens(new_tokens, "new_tokens").numpy()
+        self._check_len(req.seq_len + new.size)
+        record = req._record
+        try:
+            # Tokens and the pages they need are taken and recorded in one
+            # core call, all or nothing: nothing to undo if we are interrupted.
+            return torch.from_numpy(record.extend(new))
+        except OutOfPages as short:
+            need = int(short.requested)
+        # Grow the pool (or evict) until the allocation fits, then take it.
+        return torch.from_numpy(self.pool._alloc_with(need, lambda: record.extend(new)))
+
+    def truncate(self, req: Request, seq_len: int) -> None:
+        """Undo :meth:`extend` calls: keep the first ``seq_len`` tokens and release
+        the pages past them. The reused prefix (``cached_len``) cannot be dropped."""
+        self._running_req(req)
+        req._record.truncate(as_count(seq_len, "seq_len"))
 
     def slots(self, req: Request, start: int = 0, end: int | None = None) -> torch.Tensor:
         """``int64`` slots of the request's tokens ``start..end`` (default: all)."""
@@ -247,22 +209,24 @@ class PrefixCache(Uncopyable):
         ps = self.page_size
         return req.page_ids.index_select(0, pos // ps).to(torch.int64) * ps + pos % ps
 
-    def finish(self, req: Request) -> None:
-        """Cache the request's whole pages, unlock, and drop its references."""
-        self._end(req, cache=True)
+    def finish(self, req: Request, tokens: Any = None) -> None:
+        """Cache the request's whole pages, unlock, and drop its references.
+
+        ``tokens`` (``[seq_len]`` ints, optional) replaces the tokens the
+        request was extended with, for callers that extend with placeholders
+        before the sampled tokens are known. A request ends exactly once: a
+        second ``finish`` or ``abort`` raises :class:`InvalidArgument` and
+        changes nothing, whatever thread or copy calls it.
+        """
+        self._running_req(req)
+        if tokens is not None:
+            req._record.set_tokens(_as_tokens(tokens).numpy())
+        req._record.end(True)
 
     def abort(self, req: Request) -> None:
         """Drop the request's references and lock without caching anything."""
-        self._end(req, cache=False)
-
-    def _end(self, req: Request, cache: bool) -> None:
         self._running_req(req)
-        owned_from = req.cached_len // self.page_size
-        self.tree.finish(req.tokens, req.page_ids, req.namespace, req.node, cache, owned_from)
-        req.state = "finished" if cache else "aborted"
-        req.node = None
-        with self._lock:
-            self._running -= 1
+        req._record.end(False)
 
     # ----- page tables -------------------------------------------------------------
 
@@ -306,15 +270,16 @@ class PrefixCache(Uncopyable):
     def reset(self) -> None:
         """Forget every cached prefix. Refused while requests are running
         (their matched pages are held by the tree), as SGLang's flush_cache is."""
-        if self._running:
+        running = self.tree.running_requests()
+        if running:
             raise InvalidArgument(
-                f"cannot reset with {self._running} request(s) running; finish or abort them first"
+                f"cannot reset with {running} request(s) running; finish or abort them first"
             )
         self.tree.reset()
 
     def cache_stats(self) -> dict[str, Any]:
         """Tree and hit-rate counters (merged into ``pool.stats()``)."""
-        requested = self._requested_tokens
+        begun, requested, reused = self.tree.request_counters()
         return {
             "cached_tokens": self.tree.cached_tokens(),
             "cached_pages": self.tree.cached_pages(),
@@ -322,20 +287,25 @@ class PrefixCache(Uncopyable):
             "locked_pages": self.tree.locked_pages(),
             "tree_nodes": self.tree.node_count(),
             "tree_metadata_bytes": self.tree.metadata_bytes(),
-            "requests": self._requests,
-            "running_requests": self._running,
+            "requests": begun,
+            "running_requests": self.tree.running_requests(),
             "prompt_tokens": requested,
-            "reused_tokens": self._hit_tokens,
-            "hit_rate": self._hit_tokens / requested if requested else 0.0,
+            "reused_tokens": reused,
+            "hit_rate": reused / requested if requested else 0.0,
         }
 
     def stats(self) -> dict[str, Any]:
         """``pool.stats()``, which includes :meth:`cache_stats`."""
         return self.pool.stats()
 
-    def check_invariants(self) -> None:
-        """The tree's, the allocator's and the pool's invariant checks."""
+    def check_invariants(self, *, exclusive: bool = False) -> None:
+        """The tree's, the allocator's and the pool's invariant checks, and the
+        page accounting: every page the tree or a running request holds has
+        the references they account for. With ``exclusive`` (this cache is the
+        pool's only user: nobody calls ``pool.alloc`` directly) every
+        referenced page must be accounted for, so leaked pages are reported."""
         self.tree.check_invariants()
+        self.tree.check_requests(exclusive)
         self.pool.check_invariants()
 
     # ----- validation ---------------------------------------------------------------
@@ -346,7 +316,9 @@ class PrefixCache(Uncopyable):
         if req._cache is not self:
             raise InvalidArgument("this request was begun on a different PrefixCache")
         if req.state != "running":
-            raise InvalidArgument(f"request is already {req.state}; begin a new one")
+            raise InvalidArgument(
+                f"the request is already {req.state}: a request ends exactly once; begin a new one"
+            )
 
     def _check_len(self, n: int) -> None:
         if self.max_context_len is not None and n > self.max_context_len:

@@ -26,13 +26,12 @@ for kernels that resolve page id -> segment themselves.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import mmap
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -128,6 +127,7 @@ class AttachedCache(Protocol):
 
 
 TensorFactory = Callable[[int, torch.device], torch.Tensor]
+_T = TypeVar("_T")
 
 
 def _default_factory(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -409,8 +409,6 @@ class KVPool(Uncopyable):
         # uint8 numpy views of the segment buffers (CPU pools), rebuilt after
         # any segment is added or retired; see _host_buffers.
         self._host: list[Any] | None = None
-        self._retired_ids: list[int] = []  # min-heap, mirrors the allocator's reuse rule
-        self._next_new_id = 0
         self._lock = threading.RLock()
         self._cache: AttachedCache | None = None
         with _normal_tensors():
@@ -554,21 +552,24 @@ class KVPool(Uncopyable):
             raise _GrowthFailed(len(buffers), e) from e
         added: list[int] = []
         for seg in segs:
-            sid = heapq.heappop(self._retired_ids) if self._retired_ids else self._next_new_id
-            self._install(sid, seg)
+            # The tensors go in under the id the allocator will use before its
+            # pages become allocatable; an exception before the segment is live
+            # (bad luck, or a KeyboardInterrupt between two lines) takes them out.
+            sid = self.allocator.next_segment_id()
             try:
+                if sid is not None:
+                    self._install(sid, seg)
                 got = self.allocator.add_segment()
-            except OutOfPages:
-                self._install(sid, None)
-                if sid != self._next_new_id:
-                    heapq.heappush(self._retired_ids, sid)
-                self._retire(added)
+            except BaseException as e:
+                if sid is not None and not self.allocator.is_live(sid):
+                    self._install(sid, None)
+                if isinstance(e, OutOfPages):
+                    self._retire(added)
                 raise
-            if sid == self._next_new_id:
-                self._next_new_id += 1
             if got != sid:  # someone added segments to the allocator directly
                 self._install(got, seg)
-                self._install(sid, None)
+                if sid is not None and not self.allocator.is_live(sid):
+                    self._install(sid, None)
             self._counters["segments_added"] += 1
             added.append(got)
         self._counters["peak_reserved_bytes"] = max(
@@ -667,16 +668,23 @@ class KVPool(Uncopyable):
             return self.allocator.alloc(n)
         except OutOfPages:
             pass
-        with self._lock:
-            return self._alloc_slow(n)
+        return self._alloc_with(n, lambda: self.allocator.alloc(n))
 
-    def _alloc_slow(self, n: int) -> torch.Tensor:
+    def _alloc_with(self, n: int, take: Callable[[], _T]) -> _T:
+        """Make room for ``n`` pages and call ``take`` (which allocates them, raising
+        ``OutOfPages`` when they are not free): growing by segments, evicting
+        under pressure, retrying ``take`` after each step. All or nothing: the
+        segments this call added are retired again when it fails."""
+        with self._lock:
+            return self._alloc_slow(n, take)
+
+    def _alloc_slow(self, n: int, take: Callable[[], _T]) -> _T:
         pps = self.pages_per_segment
         failure: _GrowthFailed | None = None
         added: list[int] = []
         while True:
             try:
-                return self.allocator.alloc(n)
+                return take()
             except OutOfPages:
                 pass
             short = max(1, n - self.allocator.free_pages())
@@ -708,10 +716,14 @@ class KVPool(Uncopyable):
         for sid in sids:
             try:
                 self.allocator.retire_segment(sid)
+                self._install(sid, None)
             except SegmentBusy:
                 continue  # a concurrent alloc took a page meanwhile
-            self._install(sid, None)
-            heapq.heappush(self._retired_ids, sid)
+            except BaseException:
+                # Interrupted after the retire: its tensors must go with it.
+                if not self.allocator.is_live(sid):
+                    self._install(sid, None)
+                raise
             self._counters["segments_retired"] += 1
             freed += self.segment_bytes
         return freed

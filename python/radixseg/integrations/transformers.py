@@ -683,7 +683,7 @@ class RadixsegCache(Cache):
                 f"prefix, call the model with input_ids[:, cache.get_seq_length():] (generate "
                 f"does this itself); nothing was stored"
             )
-        grown: list[tuple[Request, int, int]] = []
+        grown: list[tuple[Request, int]] = []
         slots = []
         counts = []
         try:
@@ -698,12 +698,12 @@ class RadixsegCache(Cache):
                     # Generated tokens are not known to the cache yet: placeholders,
                     # replaced by finish() with the real ones.
                     toks = torch.cat([toks, torch.zeros(n - toks.numel(), dtype=torch.int64)])
-                before = (req.seq_len, req.num_pages)
+                before = req.seq_len
                 slots.append(pc.extend(req, toks))
-                grown.append((req, *before))
+                grown.append((req, before))
         except BaseException:
-            for req, seq_len, pages in grown:
-                _truncate(pc, req, seq_len, pages)
+            for req, seq_len in grown:
+                pc.truncate(req, seq_len)  # undo this step's extends
             raise
         active = [self.requests[i] for i, n in enumerate(counts) if n > 0]
         self._length = start + t
@@ -843,8 +843,7 @@ class RadixsegCache(Cache):
                 raise InvalidArgument(f"sequences row {i} holds token {lo if lo < 0 else hi}")
         for row, req in zip(rows, self.requests, strict=True):
             # The request holds the row's last seq_len positions: never its padding.
-            req.tokens.copy_(row[n - req.seq_len : n].to(torch.int32))
-            self.prefix_cache.finish(req)
+            self.prefix_cache.finish(req, tokens=row[n - req.seq_len : n])
         self._state = "finished"
 
     def abort(self) -> None:
@@ -884,15 +883,6 @@ class RadixsegCache(Cache):
             f"RadixsegCache(batch={len(self.requests)}, seq_len={self._length}, "
             f"reused={self.reused_tokens}, attention={self.attention!r}, state={self._state})"
         )
-
-
-def _truncate(pc: PrefixCache, req: Request, seq_len: int, pages: int) -> None:
-    """Undo one ``extend`` of ``req``: back to ``seq_len`` tokens and ``pages`` pages."""
-    extra = req.page_ids[pages:].clone()
-    req._tokens.n = seq_len
-    req._pages.n = pages
-    if extra.numel():
-        pc.pool.release(extra)
 
 
 # ----- the attention function -----------------------------------------------------------

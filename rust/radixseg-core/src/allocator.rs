@@ -665,6 +665,21 @@ impl SegmentAllocator {
 
     // ----- segments ------------------------------------------------------------
 
+    /// The id the next [`add_segment`](Self::add_segment) will use (the
+    /// lowest retired id if any, else the next new one), or `None` when no
+    /// segment fits any more. Lets a caller prepare what belongs to the
+    /// segment under that id before its pages become allocatable.
+    pub fn next_segment_id(&self) -> Option<u32> {
+        let st = sync::lock(&self.structural);
+        match st.retired.first().copied() {
+            Some(id) => Some(id),
+            None => {
+                let id = self.high_water.load(Ordering::Relaxed);
+                (id < self.max_segments).then_some(id)
+            }
+        }
+    }
+
     /// Add a segment of free pages; returns its id (the lowest retired id if
     /// any, else the next new one).
     pub fn add_segment(&self) -> Result<u32> {

@@ -11,9 +11,11 @@ pub mod allocator;
 pub mod cpu_attention;
 pub mod error;
 pub mod radix;
+pub mod request;
 mod sync;
 
 pub use allocator::{SegmentAllocator, MAX_PAGES_PER_SEGMENT, MAX_PAGE_SIZE, PAGE_ID_LIMIT};
 pub use error::{CoreError, HandleProblem, Result};
 pub use radix::{CachedSequence, MatchResult, NodeId, RadixTree, TOKEN_LIMIT};
+pub use request::{Request, RequestState};
 pub use sync::Arc;

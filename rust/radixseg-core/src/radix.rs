@@ -819,6 +819,18 @@ impl RadixTree {
         Ok(pages * self.page_size)
     }
 
+    /// Every cached page, once each, node by node.
+    pub(crate) fn node_pages(&self) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(self.cached_pages);
+        for n in &self.nodes {
+            if n.is_live() && !n.is_root() {
+                let s = n.start as usize;
+                ids.extend_from_slice(&self.pages[s..s + n.len as usize]);
+            }
+        }
+        ids
+    }
+
     /// Every root-to-leaf path, sorted by (namespace, tokens). For tests and
     /// debugging: O(total path length), does not refresh recency.
     pub fn cached_sequences(&self) -> Vec<CachedSequence> {

@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
 use radixseg_core::cpu_attention as cpu;
 use radixseg_core::{Arc, CoreError, HandleProblem, NodeId};
-use std::sync::Mutex;
+use std::sync::{Arc as StdArc, Mutex};
 
 create_exception!(
     radixseg,
@@ -187,6 +187,9 @@ macro_rules! with_slice {
     };
 }
 
+mod request;
+use request::{Registry, RequestRecord};
+
 impl<'py> Ids<'py> {
     /// Dispatch on the array's dtype, so that no conversion error is built
     /// and thrown away on the common path (that cost ~5 us per call).
@@ -297,6 +300,16 @@ impl SegmentAllocator {
         self.inner.add_segment().py(py)
     }
 
+    /// The id the next `add_segment` will use (None: no segment fits).
+    fn next_segment_id(&self) -> Option<u32> {
+        self.inner.next_segment_id()
+    }
+
+    /// Whether a segment id is live.
+    fn is_live(&self, segment: i64) -> bool {
+        u32::try_from(segment).is_ok_and(|s| self.inner.is_live(s))
+    }
+
     /// Retire a segment whose pages are all free.
     fn retire_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
         self.inner.retire_segment(segment).py(py)
@@ -403,8 +416,9 @@ impl SegmentAllocator {
 /// `radixseg.RadixTree` subclass, which takes and returns torch tensors.
 #[pyclass(frozen, subclass, module = "radixseg._core")]
 struct RadixTree {
-    tree: Mutex<radixseg_core::RadixTree>,
+    tree: StdArc<Mutex<radixseg_core::RadixTree>>,
     allocator: Py<SegmentAllocator>,
+    registry: StdArc<Registry>,
 }
 
 impl RadixTree {
@@ -442,8 +456,9 @@ impl RadixTree {
     fn new(allocator: Bound<'_, SegmentAllocator>) -> Self {
         let inner = Arc::clone(&allocator.get().inner);
         Self {
-            tree: Mutex::new(radixseg_core::RadixTree::new(inner)),
+            tree: StdArc::new(Mutex::new(radixseg_core::RadixTree::new(inner))),
             allocator: allocator.unbind(),
+            registry: StdArc::default(),
         }
     }
 
@@ -499,6 +514,52 @@ impl RadixTree {
         let ids = Ids::new(tokens)?;
         let m = with_slice!(&ids, s => self.with(py, s.len(), |t| t.acquire(s, namespace))?);
         Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
+    }
+
+    /// Start a request: match and lock the longest cached prefix of
+    /// `tokens` and record it in a `RequestRecord`, in one call.
+    /// `prompt_len` (default: the tokens' count) feeds the hit-rate counters.
+    #[pyo3(signature = (tokens, namespace = 0, prompt_len = None))]
+    fn begin_request(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        namespace: u64,
+        prompt_len: Option<u64>,
+    ) -> PyResult<RequestRecord> {
+        let ids = Ids::new(tokens)?;
+        let n = prompt_len.unwrap_or(ids.len() as u64);
+        RequestRecord::begin(py, self, &ids, namespace, n)
+    }
+
+    /// Requests begun with `begin_request` that have not ended.
+    fn running_requests(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// `(requests begun, prompt tokens, prompt tokens reused from the cache)`
+    /// over every `begin_request`.
+    fn request_counters(&self) -> (u64, u64, u64) {
+        self.registry.counters()
+    }
+
+    /// Raise `InvariantViolation` unless every page the tree or a running
+    /// request holds has the references they account for (with `exclusive`:
+    /// exactly those, and no other page is referenced).
+    #[pyo3(signature = (exclusive = false))]
+    fn check_requests(&self, py: Python<'_>, exclusive: bool) -> PyResult<()> {
+        let records = self.registry.snapshot();
+        let tree = &self.tree;
+        py.detach(|| {
+            let guards: Vec<_> = records
+                .iter()
+                .map(|r| r.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .collect();
+            tree.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .check_requests(guards.iter().map(|g| &**g), exclusive)
+        })
+        .py(py)
     }
 
     /// Insert (when `cache`), unlock `node` (when given) and release the
@@ -787,6 +848,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvariantViolation", py.get_type::<InvariantViolation>())?;
     m.add_class::<SegmentAllocator>()?;
     m.add_class::<RadixTree>()?;
+    m.add_class::<RequestRecord>()?;
     m.add("TOKEN_LIMIT", radixseg_core::TOKEN_LIMIT)?;
     m.add_function(wrap_pyfunction!(decode_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isas, m)?)?;

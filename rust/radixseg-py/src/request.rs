@@ -1,0 +1,228 @@
+//! `RequestRecord`: one request's state held on the Rust side, so that each
+//! of its state changes (begin, extend, end) is one call that a Python
+//! exception cannot split. See `radixseg_core::request`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc as StdArc, Mutex, MutexGuard, PoisonError, Weak};
+
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use radixseg_core::{Arc, CoreError, Request, RequestState};
+
+use super::{CoreResultExt, Ids, RadixTree};
+
+/// The running requests of one tree (weakly held, for the invariant check
+/// and the running count) and the hit-rate counters of every request begun.
+#[derive(Default)]
+pub(crate) struct Registry {
+    live: Mutex<HashMap<u64, Weak<Mutex<Request>>>>,
+    next: AtomicU64,
+    prompt_tokens: AtomicU64,
+    reused_tokens: AtomicU64,
+}
+
+impl Registry {
+    fn map(&self) -> MutexGuard<'_, HashMap<u64, Weak<Mutex<Request>>>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, rec: &StdArc<Mutex<Request>>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.map().insert(id, StdArc::downgrade(rec));
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.map().remove(&id);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// `(requests begun, prompt tokens, prompt tokens reused from the cache)`.
+    pub(crate) fn counters(&self) -> (u64, u64, u64) {
+        (
+            self.next.load(Ordering::Relaxed),
+            self.prompt_tokens.load(Ordering::Relaxed),
+            self.reused_tokens.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Strong references to the live records in id order (taken without
+    /// holding any record's lock, so the order record -> registry is never
+    /// reversed; a caller locking several records locks them in this order).
+    pub(crate) fn snapshot(&self) -> Vec<StdArc<Mutex<Request>>> {
+        let map = self.map();
+        let mut ids: Vec<u64> = map.keys().copied().collect();
+        ids.sort_unstable();
+        ids.iter().filter_map(|id| map[id].upgrade()).collect()
+    }
+}
+
+fn lock(rec: &Mutex<Request>) -> MutexGuard<'_, Request> {
+    rec.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One request's tokens, pages and prefix lock, owned by the Rust core
+/// (made by `RadixTree.begin_request`). A record dropped while running is
+/// aborted: its lock and pages go back, nothing leaks.
+#[pyclass(frozen, module = "radixseg._core")]
+pub(crate) struct RequestRecord {
+    rec: StdArc<Mutex<Request>>,
+    tree: StdArc<Mutex<radixseg_core::RadixTree>>,
+    allocator: Arc<radixseg_core::SegmentAllocator>,
+    registry: StdArc<Registry>,
+    id: u64,
+}
+
+impl RequestRecord {
+    pub(crate) fn begin(
+        py: Python<'_>,
+        tree: &RadixTree,
+        tokens: &Ids<'_>,
+        namespace: u64,
+        prompt_len: u64,
+    ) -> PyResult<Self> {
+        let t = &tree.tree;
+        let req = with_slice!(tokens, s => py.detach(|| {
+            t.lock().unwrap_or_else(PoisonError::into_inner).begin_request(s, namespace)
+        }))
+        .py(py)?;
+        let reg = &tree.registry;
+        reg.prompt_tokens.fetch_add(prompt_len, Ordering::Relaxed);
+        reg.reused_tokens
+            .fetch_add(req.tokens().len() as u64, Ordering::Relaxed);
+        let rec = StdArc::new(Mutex::new(req));
+        let id = reg.add(&rec);
+        Ok(Self {
+            rec,
+            tree: StdArc::clone(&tree.tree),
+            allocator: Arc::clone(&tree.allocator.get().inner),
+            registry: StdArc::clone(&tree.registry),
+            id,
+        })
+    }
+
+    /// Run `f` on the record with the GIL released, the record's lock taken
+    /// inside (a thread waiting for it never holds the GIL).
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl Send + FnOnce(&mut Request) -> Result<T, CoreError>,
+    ) -> PyResult<T> {
+        let rec = &self.rec;
+        py.detach(|| f(&mut lock(rec))).py(py)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Request) -> T) -> T {
+        f(&lock(&self.rec))
+    }
+}
+
+#[pymethods]
+impl RequestRecord {
+    /// Append tokens, allocating the pages they need; returns their int64
+    /// slots. All or nothing (`OutOfPages` when the allocator is short).
+    fn extend<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let ids = Ids::new(tokens)?;
+        let a = &self.allocator;
+        let slots = with_slice!(&ids, s => self.with(py, |r| r.extend(a, s))?);
+        Ok(PyArray1::from_vec(py, slots))
+    }
+
+    /// End the request: cache its whole pages (`cache`) or not, unlock, and
+    /// drop its references. Exactly once; returns the tokens already cached.
+    fn end(&self, py: Python<'_>, cache: bool) -> PyResult<usize> {
+        let tree = &self.tree;
+        let n = self.with(py, |r| {
+            tree.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .end_request(r, cache)
+        })?;
+        self.registry.remove(self.id);
+        Ok(n)
+    }
+
+    /// Drop tokens past `seq_len` and the pages no longer needed.
+    fn truncate(&self, py: Python<'_>, seq_len: usize) -> PyResult<()> {
+        let a = &self.allocator;
+        self.with(py, |r| r.truncate(a, seq_len))
+    }
+
+    /// Replace the tokens (same count).
+    fn set_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<()> {
+        let ids = Ids::new(tokens)?;
+        with_slice!(&ids, s => self.with(py, |r| r.set_tokens(s)))
+    }
+
+    /// int32 copy of the tokens whose KV the request holds.
+    fn tokens<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i32>> {
+        PyArray1::from_vec(py, self.read(|r| r.tokens().to_vec()))
+    }
+
+    /// int32 copy of the request's page ids (as they were when it ended, after that).
+    fn page_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i32>> {
+        // Page ids are below 2^31 by construction (PAGE_ID_LIMIT).
+        let ids = self.read(|r| r.page_ids().iter().map(|&p| p as i32).collect());
+        PyArray1::from_vec(py, ids)
+    }
+
+    /// Tokens held.
+    #[getter]
+    fn seq_len(&self) -> usize {
+        self.read(|r| r.tokens().len())
+    }
+
+    /// Pages held.
+    #[getter]
+    fn num_pages(&self) -> usize {
+        self.read(|r| r.page_ids().len())
+    }
+
+    /// Matched pages (from the cache).
+    #[getter]
+    fn matched_pages(&self) -> usize {
+        self.read(Request::matched_pages)
+    }
+
+    /// "running", "finished" or "aborted".
+    #[getter]
+    fn state(&self) -> &'static str {
+        self.read(|r| r.state().name())
+    }
+
+    /// The namespace.
+    #[getter]
+    fn namespace(&self) -> u64 {
+        self.read(Request::namespace)
+    }
+
+    /// The handle of the node the request locks (None once it ended).
+    #[getter]
+    fn node(&self) -> Option<i64> {
+        self.read(|r| (r.state() == RequestState::Running).then(|| r.node().to_raw()))
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let mut r = lock(&self.rec);
+        if r.state() == RequestState::Running {
+            // Abort: the lock and the pages go back. An error here (none is
+            // expected: the record's own lock and pages) cannot be raised.
+            let _ = self
+                .tree
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .end_request(&mut r, false);
+        }
+        drop(r);
+        self.registry.remove(self.id);
+    }
+}
