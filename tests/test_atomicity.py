@@ -7,8 +7,14 @@ there (see :func:`pause_at`), so the interleaving is forced, not hoped for.
 
 from __future__ import annotations
 
+import gc
+import os
+import random
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -16,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -354,3 +361,152 @@ def test_keyboard_interrupt_at_every_line_of_the_lifecycle() -> None:
     s = pool.stats()
     assert (s["segments"], s["used_pages"], s["running_requests"]) == (0, 0, 0), s
     cache.check_invariants(exclusive=True)
+
+
+class _Alarm(Exception):
+    """Raised by the SIGALRM handler: an exception that can land between any
+    two bytecodes of the main thread."""
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer (POSIX)")
+# An alarm that lands in a finalizer (a weakref callback of an unrelated object
+# being freed) is reported by Python as "ignored": that is Python's rule for
+# exceptions in finalizers, not ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_signal_storm_leaves_nothing_stuck() -> None:
+    """Item 7: a real SIGALRM at a random point of each lifecycle (bounded: 3 s
+    or 4,000 lifecycles), its handler raising: afterwards every running
+    request aborts, every page is accounted for and the pool drains to zero
+    segments."""
+    pool = KVPool(1, 1, 8, page_size=2, pages_per_segment=2, dtype="fp32")
+    cache = PrefixCache(pool)
+    running: list[Request] = []
+    fired, window = [0], [False]
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        fired[0] += 1
+        if window[0]:  # only inside the serving work; disarmed until re-opened
+            window[0] = False
+            raise _Alarm
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    interrupted = completed = 0
+    deadline = time.monotonic() + 3.0
+    rng = random.Random(0)
+    gc.collect()  # fewer unrelated finalizers for an alarm to land in
+    try:
+        for seed in range(4000):
+            if time.monotonic() > deadline:
+                break
+            try:
+                # One alarm at a random point of this lifecycle (or after it).
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(2e-5, 2e-3))
+                window[0] = True
+                _lifecycle(pool, cache, seed, running)
+                if seed % 5 == 0:
+                    pool.shrink(keep=0)
+                window[0] = False
+                completed += 1
+            except _Alarm:
+                interrupted += 1
+    finally:
+        window[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    print(f"signal storm: {interrupted} lifecycles interrupted, {completed} completed")
+    assert interrupted > 20 and completed > 20, (interrupted, completed, fired[0])
+    _drain(pool, cache, running)
+    cache.reset()
+    pool.shrink(keep=0)
+    s = pool.stats()
+    assert (s["segments"], s["used_pages"], s["running_requests"]) == (0, 0, 0), s
+    cache.check_invariants(exclusive=True)
+
+
+def test_numpy_api_is_loaded_at_import_not_at_first_use() -> None:
+    """Item 8: an exception while the extension first reached numpy's C API
+    made it panic (``PanicException: Failed to access NumPy array API
+    capsule``, seen under the signal storm). The API is now loaded when
+    ``radixseg._core`` is imported, so a later failure there cannot reach it."""
+    code = """
+import sys, types
+import radixseg
+from radixseg import SegmentAllocator
+
+class Trap(types.ModuleType):
+    def __getattr__(self, attr):
+        raise KeyboardInterrupt("a signal while numpy's C API is looked up")
+
+for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+    sys.modules[name] = Trap(name)
+a = SegmentAllocator(1, 8)
+a.add_segment()
+print(a.alloc(3).tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[0, 1, 2]"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_is_refused_instead_of_hanging() -> None:
+    """Item 9: ``fork()`` while another thread is inside a long tree call left
+    the child hanging on the tree's lock for good. Objects made before the
+    fork now refuse use in the child with a typed error; new ones work."""
+    pool = KVPool(1, 1, 8, page_size=1, pages_per_segment=1 << 16, dtype="fp32")
+    cache = PrefixCache(pool)
+    tokens = np.arange(1 << 20, dtype=np.int64) % 30_000
+    pages = pool.alloc(1 << 20)
+    busy = threading.Event()
+
+    def long_tree_call() -> None:
+        busy.set()
+        for _ in range(4):
+            cache.tree.insert(tokens, pages)  # holds the tree's mutex, GIL released
+
+    worker = threading.Thread(target=long_tree_call)
+    worker.start()
+    assert busy.wait(10)
+    time.sleep(0.01)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        code = 1
+        try:
+            cache.begin([1, 2, 3])
+        except InvalidArgument as e:
+            code = 0 if "before os.fork()" in str(e) else 2
+        except BaseException:
+            code = 3
+        try:
+            for obj in (pool.stats, lambda: pool.alloc(1 << 17), cache.tree.evictable_pages):
+                try:
+                    obj()
+                    code = code or 5
+                except InvalidArgument:
+                    pass
+            fresh = PrefixCache(KVPool(1, 1, 8, page_size=1, pages_per_segment=8, dtype="fp32"))
+            r = fresh.begin([1, 2])
+            fresh.extend(r, [1, 2])
+            fresh.finish(r)
+            fresh.check_invariants(exclusive=True)
+        except BaseException:
+            code = code or 4
+        os._exit(code)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on a lock held by a parent thread")
+        assert os.waitstatus_to_exitcode(status) == 0, os.waitstatus_to_exitcode(status)
+    finally:
+        worker.join(60)
+    assert not worker.is_alive()
+    pool.release(pages)
+    cache.check_invariants()

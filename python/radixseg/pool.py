@@ -410,6 +410,7 @@ class KVPool(Uncopyable):
         # any segment is added or retired; see _host_buffers.
         self._host: list[Any] | None = None
         self._lock = threading.RLock()
+        self._pid = os.getpid()
         self._cache: AttachedCache | None = None
         with _normal_tensors():
             self._table = torch.zeros((0, 4), dtype=torch.int64, device=self.device)
@@ -545,9 +546,10 @@ class KVPool(Uncopyable):
                 for _ in range(n_segments):
                     buffers.append(self._factory(self.segment_bytes, self.device).detach())
                 segs = [self._make_segment(b) for b in buffers]
-        except InvalidArgument:
-            raise
-        except Exception as e:
+        except (RuntimeError, MemoryError, OSError) as e:
+            # The device (or the host) refused the memory: torch.OutOfMemoryError
+            # is a RuntimeError, mmap failures are OSErrors. Anything else (an
+            # interrupt, a bug) propagates as itself.
             self._counters["growth_failures"] += 1
             raise _GrowthFailed(len(buffers), e) from e
         added: list[int] = []
@@ -623,7 +625,7 @@ class KVPool(Uncopyable):
             # Built and published under the growth lock, so a segment retired and
             # re-added meanwhile (same id, new buffer) cannot leave a stale list
             # published after _install cleared it.
-            with self._lock:
+            with self._locked():
                 host = self._host
                 if host is None:
                     host = [None if s is None else s.buffer.numpy() for s in self._segments]
@@ -675,7 +677,7 @@ class KVPool(Uncopyable):
         ``OutOfPages`` when they are not free): growing by segments, evicting
         under pressure, retrying ``take`` after each step. All or nothing: the
         segments this call added are retired again when it fails."""
-        with self._lock:
+        with self._locked():
             return self._alloc_slow(n, take)
 
     def _alloc_slow(self, n: int, take: Callable[[], _T]) -> _T:
@@ -811,7 +813,7 @@ class KVPool(Uncopyable):
         back to the driver with ``torch.cuda.empty_cache()``.
         """
         keep = self.reserve_segments if keep is None else as_count(keep, "keep")
-        with self._lock:
+        with self._locked():
             empty = sorted(
                 (s for s, used in self.allocator.segment_usage() if used == 0), reverse=True
             )
@@ -821,6 +823,17 @@ class KVPool(Uncopyable):
         return freed
 
     # ----- bytes ------------------------------------------------------------------
+
+    def _locked(self) -> threading.RLock:
+        """The growth lock, refused in a process forked after the pool was made:
+        a parent thread may have held it at the fork and never lets go here."""
+        if os.getpid() != self._pid:
+            raise InvalidArgument(
+                "this KVPool was created before os.fork() in the parent process and cannot "
+                "be used in the forked child (its lock may be held by a parent thread that "
+                "does not exist here); create a new KVPool in the child"
+            )
+        return self._lock
 
     def _check_layer(self, layer: Any) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
@@ -1008,7 +1021,7 @@ class KVPool(Uncopyable):
         # Growth and shrink hold this lock: under it the segment set is one
         # snapshot (total_pages == segments * pages_per_segment, free <= total)
         # while other threads grow or shrink the pool.
-        with self._lock:
+        with self._locked():
             segments = self.allocator.segment_count()
             total = self.allocator.total_pages()
             free = self.allocator.free_pages()

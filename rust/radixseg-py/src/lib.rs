@@ -66,6 +66,33 @@ create_exception!(
 /// ones cost less than the release itself.
 const DETACH_MIN: usize = 32;
 
+/// Forks survived by this process's lineage: raised in the child after each
+/// `os.fork()` (registered with `os.register_at_fork` at import).
+static FORK_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fork_generation() -> u64 {
+    FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Refuse an object made before a `fork()` in the child: another thread of
+/// the parent may have held one of its locks at the fork, and that thread does
+/// not exist in the child, so waiting for the lock would hang for ever.
+fn check_born(born: u64, what: &str) -> PyResult<()> {
+    if born == fork_generation() {
+        return Ok(());
+    }
+    Err(InvalidArgument::new_err(format!(
+        "this {what} was created before os.fork() in the parent process and cannot be \
+         used in the forked child (a lock may be held by a parent thread that does not \
+         exist here); create a new KVPool / PrefixCache in the child"
+    )))
+}
+
+#[pyfunction]
+fn _after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Build a Python exception of the class for `kind` carrying `attrs`.
 fn raise(py: Python<'_>, e: &CoreError, attrs: &[(&str, i64)]) -> PyErr {
     let msg = e.to_string();
@@ -235,6 +262,13 @@ fn ids_array(py: Python<'_>, ids: Vec<u32>) -> Bound<'_, PyArray1<i32>> {
 #[pyclass(frozen, subclass, module = "radixseg._core")]
 struct SegmentAllocator {
     inner: Arc<radixseg_core::SegmentAllocator>,
+    born: u64,
+}
+
+impl SegmentAllocator {
+    fn alive(&self) -> PyResult<()> {
+        check_born(self.born, "SegmentAllocator")
+    }
 }
 
 #[pymethods]
@@ -274,7 +308,10 @@ impl SegmentAllocator {
             )?;
             a = a.with_max_segments(m).py(py)?;
         }
-        Ok(Self { inner: Arc::new(a) })
+        Ok(Self {
+            inner: Arc::new(a),
+            born: fork_generation(),
+        })
     }
 
     /// Tokens per page.
@@ -297,12 +334,14 @@ impl SegmentAllocator {
 
     /// Add a segment of free pages; returns its id.
     fn add_segment(&self, py: Python<'_>) -> PyResult<u32> {
+        self.alive()?;
         self.inner.add_segment().py(py)
     }
 
     /// The id the next `add_segment` will use (None: no segment fits).
-    fn next_segment_id(&self) -> Option<u32> {
-        self.inner.next_segment_id()
+    fn next_segment_id(&self) -> PyResult<Option<u32>> {
+        self.alive()?;
+        Ok(self.inner.next_segment_id())
     }
 
     /// Whether a segment id is live.
@@ -312,11 +351,13 @@ impl SegmentAllocator {
 
     /// Retire a segment whose pages are all free.
     fn retire_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
+        self.alive()?;
         self.inner.retire_segment(segment).py(py)
     }
 
     /// Allocate `n` pages, all or none; returns int32 page ids.
     fn alloc<'py>(&self, py: Python<'py>, n: i64) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        self.alive()?;
         let n = usize::try_from(n).map_err(|_| {
             to_py(
                 py,
@@ -334,6 +375,7 @@ impl SegmentAllocator {
 
     /// Add one reference to each page id.
     fn retain(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.alive()?;
         let v = Ids::new(ids)?.to_vec()?;
         let inner = &self.inner;
         maybe_detach(py, v.len(), || inner.retain(&v)).py(py)
@@ -341,6 +383,7 @@ impl SegmentAllocator {
 
     /// Drop one reference from each page id; pages at 0 become free.
     fn release(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.alive()?;
         let v = Ids::new(ids)?.to_vec()?;
         let inner = &self.inner;
         maybe_detach(py, v.len(), || inner.release(&v)).py(py)
@@ -419,9 +462,14 @@ struct RadixTree {
     tree: StdArc<Mutex<radixseg_core::RadixTree>>,
     allocator: Py<SegmentAllocator>,
     registry: StdArc<Registry>,
+    born: u64,
 }
 
 impl RadixTree {
+    fn alive(&self) -> PyResult<()> {
+        check_born(self.born, "RadixTree")
+    }
+
     /// Run `f` on the tree, with the GIL released when `len` is long enough.
     /// The mutex is taken inside, so a thread waiting for it never holds the GIL
     /// on behalf of a thread that needs it.
@@ -431,6 +479,7 @@ impl RadixTree {
         len: usize,
         f: impl Send + FnOnce(&mut radixseg_core::RadixTree) -> Result<T, CoreError>,
     ) -> PyResult<T> {
+        self.alive()?;
         let tree = &self.tree;
         maybe_detach(py, len, || {
             let mut guard = tree
@@ -441,12 +490,13 @@ impl RadixTree {
         .py(py)
     }
 
-    fn read<T>(&self, f: impl FnOnce(&radixseg_core::RadixTree) -> T) -> T {
+    fn read<T>(&self, f: impl FnOnce(&radixseg_core::RadixTree) -> T) -> PyResult<T> {
+        self.alive()?;
         let guard = self
             .tree
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&guard)
+        Ok(f(&guard))
     }
 }
 
@@ -459,6 +509,7 @@ impl RadixTree {
             tree: StdArc::new(Mutex::new(radixseg_core::RadixTree::new(inner))),
             allocator: allocator.unbind(),
             registry: StdArc::default(),
+            born: fork_generation(),
         }
     }
 
@@ -470,7 +521,7 @@ impl RadixTree {
 
     /// Tokens per page.
     #[getter]
-    fn page_size(&self) -> usize {
+    fn page_size(&self) -> PyResult<usize> {
         self.read(|t| t.page_size())
     }
 
@@ -533,14 +584,16 @@ impl RadixTree {
     }
 
     /// Requests begun with `begin_request` that have not ended.
-    fn running_requests(&self) -> usize {
-        self.registry.len()
+    fn running_requests(&self) -> PyResult<usize> {
+        self.alive()?;
+        Ok(self.registry.len())
     }
 
     /// `(requests begun, prompt tokens, prompt tokens reused from the cache)`
     /// over every `begin_request`.
-    fn request_counters(&self) -> (u64, u64, u64) {
-        self.registry.counters()
+    fn request_counters(&self) -> PyResult<(u64, u64, u64)> {
+        self.alive()?;
+        Ok(self.registry.counters())
     }
 
     /// Raise `InvariantViolation` unless every page the tree or a running
@@ -548,6 +601,7 @@ impl RadixTree {
     /// exactly those, and no other page is referenced).
     #[pyo3(signature = (exclusive = false))]
     fn check_requests(&self, py: Python<'_>, exclusive: bool) -> PyResult<()> {
+        self.alive()?;
         let records = self.registry.snapshot();
         let tree = &self.tree;
         py.detach(|| {
@@ -623,32 +677,32 @@ impl RadixTree {
     }
 
     /// Pages no lock protects.
-    fn evictable_pages(&self) -> usize {
+    fn evictable_pages(&self) -> PyResult<usize> {
         self.read(|t| t.evictable_pages())
     }
 
     /// Pages under a locked node.
-    fn locked_pages(&self) -> usize {
+    fn locked_pages(&self) -> PyResult<usize> {
         self.read(|t| t.locked_pages())
     }
 
     /// Pages the tree references.
-    fn cached_pages(&self) -> usize {
+    fn cached_pages(&self) -> PyResult<usize> {
         self.read(|t| t.cached_pages())
     }
 
     /// Tokens the tree caches.
-    fn cached_tokens(&self) -> usize {
+    fn cached_tokens(&self) -> PyResult<usize> {
         self.read(|t| t.cached_tokens())
     }
 
     /// Nodes, namespace roots excluded.
-    fn node_count(&self) -> usize {
+    fn node_count(&self) -> PyResult<usize> {
         self.read(|t| t.node_count())
     }
 
     /// Heap bytes the tree holds.
-    fn metadata_bytes(&self) -> usize {
+    fn metadata_bytes(&self) -> PyResult<usize> {
         self.read(|t| t.metadata_bytes())
     }
 
@@ -659,8 +713,9 @@ impl RadixTree {
     fn cached_sequences<'py>(
         &self,
         py: Python<'py>,
-    ) -> Vec<(u64, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>)> {
-        self.read(|t| t.cached_sequences())
+    ) -> PyResult<Vec<(u64, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>)>> {
+        Ok(self
+            .read(|t| t.cached_sequences())?
             .into_iter()
             .map(|s| {
                 let tokens = s.tokens.into_iter().map(i64::from).collect();
@@ -670,7 +725,7 @@ impl RadixTree {
                     ids_array(py, s.page_ids),
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// Raise `InvariantViolation` describing the first breach found.
@@ -689,6 +744,7 @@ impl RadixTree {
                 t.locked_pages()
             )
         })
+        .unwrap_or_else(|_| "RadixTree(<made before fork(); unusable here>)".to_owned())
     }
 }
 
@@ -836,6 +892,11 @@ fn cpu_isas() -> Vec<&'static str> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    // Load numpy's C API now, while the module is imported: on first use
+    // later, an exception raised meanwhile (a signal handler's) made
+    // rust-numpy panic ("Failed to access NumPy array API capsule").
+    let _ = numpy::dtype::<i32>(py);
+    let _ = PyArray1::<i32>::from_vec(py, Vec::new());
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PAGE_ID_LIMIT", radixseg_core::PAGE_ID_LIMIT)?;
     m.add("RadixsegError", py.get_type::<RadixsegError>())?;
@@ -852,5 +913,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TOKEN_LIMIT", radixseg_core::TOKEN_LIMIT)?;
     m.add_function(wrap_pyfunction!(decode_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isas, m)?)?;
+    // Objects made before a fork refuse use in the child (see check_born).
+    let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("after_in_child", after_fork)?;
+    py.import("os")?
+        .getattr("register_at_fork")?
+        .call((), Some(&kwargs))?;
     Ok(())
 }

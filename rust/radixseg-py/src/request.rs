@@ -10,7 +10,7 @@ use numpy::PyArray1;
 use pyo3::prelude::*;
 use radixseg_core::{Arc, CoreError, Request, RequestState};
 
-use super::{CoreResultExt, Ids, RadixTree};
+use super::{check_born, fork_generation, CoreResultExt, Ids, RadixTree};
 
 /// The running requests of one tree (weakly held, for the invariant check
 /// and the running count) and the hit-rate counters of every request begun.
@@ -75,6 +75,7 @@ pub(crate) struct RequestRecord {
     allocator: Arc<radixseg_core::SegmentAllocator>,
     registry: StdArc<Registry>,
     id: u64,
+    born: u64,
 }
 
 impl RequestRecord {
@@ -85,6 +86,7 @@ impl RequestRecord {
         namespace: u64,
         prompt_len: u64,
     ) -> PyResult<Self> {
+        tree.alive()?;
         let t = &tree.tree;
         let req = with_slice!(tokens, s => py.detach(|| {
             t.lock().unwrap_or_else(PoisonError::into_inner).begin_request(s, namespace)
@@ -102,6 +104,7 @@ impl RequestRecord {
             allocator: Arc::clone(&tree.allocator.get().inner),
             registry: StdArc::clone(&tree.registry),
             id,
+            born: tree.born,
         })
     }
 
@@ -112,12 +115,14 @@ impl RequestRecord {
         py: Python<'_>,
         f: impl Send + FnOnce(&mut Request) -> Result<T, CoreError>,
     ) -> PyResult<T> {
+        check_born(self.born, "request")?;
         let rec = &self.rec;
         py.detach(|| f(&mut lock(rec))).py(py)
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Request) -> T) -> T {
-        f(&lock(&self.rec))
+    fn read<T>(&self, f: impl FnOnce(&Request) -> T) -> PyResult<T> {
+        check_born(self.born, "request")?;
+        Ok(f(&lock(&self.rec)))
     }
 }
 
@@ -162,56 +167,61 @@ impl RequestRecord {
     }
 
     /// int32 copy of the tokens whose KV the request holds.
-    fn tokens<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i32>> {
-        PyArray1::from_vec(py, self.read(|r| r.tokens().to_vec()))
+    fn tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        Ok(PyArray1::from_vec(py, self.read(|r| r.tokens().to_vec())?))
     }
 
     /// int32 copy of the request's page ids (as they were when it ended, after that).
-    fn page_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i32>> {
+    fn page_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
         // Page ids are below 2^31 by construction (PAGE_ID_LIMIT).
-        let ids = self.read(|r| r.page_ids().iter().map(|&p| p as i32).collect());
-        PyArray1::from_vec(py, ids)
+        let ids = self.read(|r| r.page_ids().iter().map(|&p| p as i32).collect())?;
+        Ok(PyArray1::from_vec(py, ids))
     }
 
     /// Tokens held.
     #[getter]
-    fn seq_len(&self) -> usize {
+    fn seq_len(&self) -> PyResult<usize> {
         self.read(|r| r.tokens().len())
     }
 
     /// Pages held.
     #[getter]
-    fn num_pages(&self) -> usize {
+    fn num_pages(&self) -> PyResult<usize> {
         self.read(|r| r.page_ids().len())
     }
 
     /// Matched pages (from the cache).
     #[getter]
-    fn matched_pages(&self) -> usize {
+    fn matched_pages(&self) -> PyResult<usize> {
         self.read(Request::matched_pages)
     }
 
     /// "running", "finished" or "aborted".
     #[getter]
-    fn state(&self) -> &'static str {
+    fn state(&self) -> PyResult<&'static str> {
         self.read(|r| r.state().name())
     }
 
     /// The namespace.
     #[getter]
-    fn namespace(&self) -> u64 {
+    fn namespace(&self) -> PyResult<u64> {
         self.read(Request::namespace)
     }
 
     /// The handle of the node the request locks (None once it ended).
     #[getter]
-    fn node(&self) -> Option<i64> {
+    fn node(&self) -> PyResult<Option<i64>> {
         self.read(|r| (r.state() == RequestState::Running).then(|| r.node().to_raw()))
     }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        if self.born != fork_generation() {
+            // A copy of the parent's request in a forked child: its lock may be
+            // held by a thread that does not exist here. Nothing to give back.
+            return;
+        }
         let mut r = lock(&self.rec);
         if r.state() == RequestState::Running {
             // Abort: the lock and the pages go back. An error here (none is
