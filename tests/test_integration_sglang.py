@@ -1371,3 +1371,15 @@ def test_available_size_moves_only_at_events(monkeypatch, budget):
         assert (alloc.available_size(), alloc.size) == (4 * ps, 7 * ps)
         alloc.free(x)
         assert alloc.available_size() == 7 * ps
+
+
+def test_adapter_objects_refuse_copies() -> None:
+    """A copy of the allocator or the cache would share pages it believes it owns."""
+    import copy
+    import pickle
+
+    _pool, alloc, cache = _ours(4)
+    for obj in (alloc, cache):
+        for how in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be (copied|pickled)"):
+                how(obj)

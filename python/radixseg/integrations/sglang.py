@@ -200,7 +200,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from radixseg._convert import as_count
+from radixseg._convert import Uncopyable, as_count
 from radixseg._core import InvalidArgument, InvalidHandle, OutOfPages
 from radixseg.pool import KVPool, _device_free_bytes
 from radixseg.tree import RadixTree
@@ -535,7 +535,7 @@ def _as_slots(x: Any, what: str = "slots") -> torch.Tensor:
 # ----- the allocator ---------------------------------------------------------------------
 
 
-class RadixsegTokenToKVPoolAllocator:
+class RadixsegTokenToKVPoolAllocator(Uncopyable):
     """SGLang's ``TokenToKVPoolAllocator`` / ``PagedTokenToKVPoolAllocator`` over a KVPool.
 
     Parameters
@@ -1143,7 +1143,7 @@ class _PoolEvictor:
         }
 
 
-class RadixsegRadixCache:
+class RadixsegRadixCache(Uncopyable):
     """SGLang's ``RadixCache`` (``BasePrefixCache``) over a radixseg RadixTree.
 
     Parameters
