@@ -1381,5 +1381,5 @@ def test_adapter_objects_refuse_copies() -> None:
     _pool, alloc, cache = _ours(4)
     for obj in (alloc, cache):
         for how in (copy.copy, copy.deepcopy, pickle.dumps):
-            with pytest.raises(TypeError, match="cannot be (copied|pickled)"):
+            with pytest.raises(TypeError, match=r"cannot be (copied|pickled)"):
                 how(obj)
