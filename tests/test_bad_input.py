@@ -327,6 +327,7 @@ CASES: list[Case] = [
     ("alloc 2^63", lambda w: w.pool.alloc(2**63), InvalidArgument, "n_pages=9223372036854775808"),
     ("evict 2^64", lambda w: w.cache.evict(2**64), InvalidArgument, "n_pages=18446744073709551616"),
     ("retire 2^64", lambda w: w.a.retire_segment(2**64), InvalidArgument, "segment=1844674407"),
+    ("is_live 2^64", lambda w: w.a.is_live(2**64), InvalidArgument, "segment=1844674407"),
     ("SegmentAllocator 2^64", lambda w: SegmentAllocator(2**64, 8), InvalidArgument, "page_size"),
     (
         "finish node 2^63",

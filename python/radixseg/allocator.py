@@ -66,6 +66,10 @@ class SegmentAllocator(Uncopyable, _core.SegmentAllocator):
         """
         super().retire_segment(as_count(segment, "segment"))
 
+    def is_live(self, segment: Any) -> bool:
+        """Whether ``segment`` is a live segment id."""
+        return super().is_live(as_count(segment, "segment"))
+
     def alloc(self, n: Any) -> torch.Tensor:  # type: ignore[override]
         """Allocate ``n`` pages, all or none.
 
