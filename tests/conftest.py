@@ -1,4 +1,4 @@
-"""Shared pytest setup: Hypothesis profiles and the ``gpu`` marker.
+"""Shared pytest setup: Hypothesis profiles, the ``gpu`` marker, SGLang's loader.
 
 ``HYPOTHESIS_PROFILE`` picks a profile: ``ci`` (default, hundreds of examples),
 ``dev`` (quick), ``slow`` (thousands, for long local runs).
@@ -6,7 +6,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 # Triton reads this when its decorators run: it must be set before any kernel
 # module is imported by a test.
@@ -54,3 +58,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not cuda:
             item.add_marker(skip_gpu)
+
+
+_SGLANG_LOADER = Path(__file__).resolve().parents[1] / "benchmarks" / "_sglang.py"
+
+
+@pytest.fixture(scope="session")
+def sglang_loader() -> ModuleType:
+    """``benchmarks/_sglang.py`` (SGLang 0.5.23's cache modules on CPU, as the
+    benchmarks load them), imported once; a clean skip without SGLang."""
+    if not _SGLANG_LOADER.exists():
+        pytest.skip("benchmarks/_sglang.py (the SGLang loader) is not in this checkout")
+    mod = sys.modules.get("_sglang")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_sglang", _SGLANG_LOADER)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_sglang"] = mod
+        spec.loader.exec_module(mod)
+    if not mod.available():
+        pytest.skip(
+            f"sglang is not installed: pip install --no-deps sglang=={mod.SGLANG_VERSION} "
+            "and -r benchmarks/requirements-bench.txt"
+        )
+    return mod

@@ -13,10 +13,8 @@ skipped when SGLang is not installed. The other tests need no SGLang.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from array import array
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -26,32 +24,11 @@ import torch
 from radixseg import DoubleFree, InvalidArgument, InvalidHandle, KVPool
 from radixseg.integrations import sglang as rs
 
-_LOADER = Path(__file__).resolve().parents[1] / "benchmarks" / "_sglang.py"
-
-
-def _loader() -> ModuleType:
-    """``benchmarks/_sglang.py``, imported once (as the benchmarks import it)."""
-    if "_sglang" in sys.modules:
-        return sys.modules["_sglang"]
-    spec = importlib.util.spec_from_file_location("_sglang", _LOADER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_sglang"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
-def sg() -> SimpleNamespace:
+def sg(sglang_loader: ModuleType) -> SimpleNamespace:
     """SGLang's cache classes, or a clean skip when SGLang cannot be loaded."""
-    if not _LOADER.exists():
-        pytest.skip("benchmarks/_sglang.py (the SGLang loader) is not in this checkout")
-    loader = _loader()
-    if not loader.available():
-        pytest.skip(
-            f"sglang is not installed: pip install --no-deps sglang=={loader.SGLANG_VERSION} "
-            "and -r benchmarks/requirements-bench.txt"
-        )
+    loader = sglang_loader
     try:
         radix = loader.cache_module("radix_cache")
         base = loader.cache_module("base_prefix_cache")

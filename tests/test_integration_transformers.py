@@ -397,15 +397,8 @@ def _arch_config(arch: str):
         return t.GemmaConfig(head_dim=8, **dense)
     if arch == "phi3":
         return t.Phi3Config(**dense)
-    if arch == "gpt_neox":
-        return t.GPTNeoXConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            **_COMMON,
-        )
+    if arch == "gpt_neox":  # multi-head: no num_key_value_heads
+        return t.GPTNeoXConfig(**{k: v for k, v in dense.items() if k != "num_key_value_heads"})
     if arch == "gpt2":
         return t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **_COMMON)
     if arch == "mixtral":

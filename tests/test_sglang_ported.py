@@ -169,12 +169,9 @@ allocator). Not ported: test_pop_preallocated_rechecks_budget_after_lock
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -184,36 +181,13 @@ import torch
 from radixseg import DoubleFree, InvalidArgument, KVPool
 from radixseg.integrations import sglang as rs
 
-_LOADER = Path(__file__).resolve().parents[1] / "benchmarks" / "_sglang.py"
-
 SIDES = ("sglang", "radixseg")
 
 
-def _loader() -> ModuleType:
-    """``benchmarks/_sglang.py``, imported once (as the benchmarks import it)."""
-    if "_sglang" in sys.modules:
-        return sys.modules["_sglang"]
-    spec = importlib.util.spec_from_file_location("_sglang", _LOADER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_sglang"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def sg() -> Iterator[SimpleNamespace]:
+def sg(sglang_loader: ModuleType) -> Iterator[SimpleNamespace]:
     """SGLang 0.5.23's cache modules on CPU, or a clean skip without SGLang."""
-    if not _LOADER.exists():
-        pytest.skip("benchmarks/_sglang.py (the SGLang loader) is not in this checkout")
-    loader = _loader()
-    # Once loaded (by another test module), `sglang` is a stub without a spec,
-    # and find_spec, which available() calls, raises on it.
-    if "sglang" not in sys.modules and not loader.available():
-        pytest.skip(
-            f"sglang is not installed: pip install --no-deps sglang=={loader.SGLANG_VERSION} "
-            "and -r benchmarks/requirements-bench.txt"
-        )
+    loader = sglang_loader
     try:
         radix = loader.cache_module("radix_cache")
         base = loader.cache_module("base_prefix_cache")
