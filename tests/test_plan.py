@@ -16,7 +16,7 @@ import torch
 import radixseg
 from radixseg import InvalidArgument, Plan, plan
 from radixseg.__main__ import main
-from radixseg.plan import kv_geometry, parse_bytes, parse_count
+from radixseg.capacity import kv_geometry, parse_bytes, parse_count
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -262,6 +262,18 @@ def test_report_and_export():
     assert d["device_bytes"] == 80 * 2**30
     assert d["geometry"]["num_layers"] == 80
     assert isinstance(p, Plan) and radixseg.plan is plan
+
+
+def test_old_module_path_still_imports():
+    """``radixseg.plan`` is the function; the module it once also named is
+    ``radixseg.capacity``, and imports written against the old path resolve there."""
+    from radixseg.plan import Plan as OldPlan
+    from radixseg.plan import parse_bytes as old_parse_bytes
+
+    import radixseg.capacity
+
+    assert callable(radixseg.plan) and radixseg.plan is radixseg.capacity.plan
+    assert OldPlan is Plan and old_parse_bytes is parse_bytes
 
 
 def test_cli_llama_70b(tmp_path, capsys):

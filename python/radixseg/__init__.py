@@ -6,6 +6,8 @@ referenced. The Rust core (``radixseg._core``) decides which pages exist and
 who references them; Python owns the bytes.
 """
 
+import sys as _sys
+
 from radixseg import attention
 from radixseg._core import (
     BudgetExhausted,
@@ -20,9 +22,15 @@ from radixseg._core import (
 )
 from radixseg.allocator import SegmentAllocator
 from radixseg.cache import PrefixCache, Request
-from radixseg.plan import Plan, plan
+from radixseg.capacity import Plan, plan
 from radixseg.pool import DeviceOutOfMemory, KVPool, SegmentTensors
 from radixseg.tree import MatchResult, RadixTree
+
+# ``radixseg.plan`` is the planner function. The module that shared its name is
+# ``radixseg.capacity`` (issue 17); this alias keeps ``from radixseg.plan import
+# parse_bytes`` (and Plan pickles naming the old module) working for code
+# written against it. New code imports from ``radixseg.capacity``.
+_sys.modules.setdefault("radixseg.plan", _sys.modules["radixseg.capacity"])
 
 __all__ = [
     "BudgetExhausted",

@@ -15,9 +15,9 @@ import sys
 from typing import Any
 
 from radixseg import InvalidArgument, RadixsegError
+from radixseg.capacity import parse_bytes, parse_count
+from radixseg.capacity import plan as make_plan
 from radixseg.demo import run_demo
-from radixseg.plan import parse_bytes, parse_count
-from radixseg.plan import plan as make_plan
 
 __all__ = ["main"]
 

@@ -37,7 +37,7 @@ import torch
 
 from radixseg import InvalidArgument, attention
 from radixseg.cache import PrefixCache, Request
-from radixseg.plan import plan
+from radixseg.capacity import plan
 from radixseg.pool import KVPool, dequantize_fp8, quantize_fp8
 
 __all__ = ["DemoResult", "run_demo"]

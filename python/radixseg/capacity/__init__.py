@@ -1,0 +1,281 @@
+"""Capacity planning: how many bytes of KV a model needs per token and per context.
+
+This package does the arithmetic behind ``radixseg plan``. It reads a Hugging
+Face ``config.json`` (or fields named directly) into a :class:`KVGeometry` —
+layers, KV heads, head dimension, multi-head latent attention (MLA), and which
+layers attend only to a window of recent tokens — and turns it, with a KV dtype,
+a tensor-parallel (TP) degree and a device size, into a :class:`Plan`: KV bytes
+per token for the whole model and per device, the extra bytes radixseg spends
+on FP8 scales (always reported apart from the KV), tokens per segment, bytes for
+a given context, the largest context that fits on one device and how many
+devices a context needs. All sizes are in bytes; reports print GB (10^9 B) next
+to GiB (2^30 B). Nothing here touches a device.
+
+Example: Llama-3.1-70B in FP8 holds 80 layers x 8 KV heads x 128 dims x (K, V)
+x 1 B = 163,840 B per token; at TP 8 each device holds one KV head, so a
+10,000,000-token context needs 204.8 GB of KV per device, plus 6.4 GB of
+radixseg's float32 scales.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from radixseg._core import InvalidArgument
+from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, KVGeometry, kv_geometry
+from radixseg.capacity.report import SCALE_BYTES, Plan
+from radixseg.capacity.units import MAX_VALUE, _check_int, parse_bytes, parse_count
+
+__all__ = [
+    "MAX_LAYERS",
+    "MAX_VALUE",
+    "SCALE_BYTES",
+    "ConfigLike",
+    "KVGeometry",
+    "Plan",
+    "kv_geometry",
+    "parse_bytes",
+    "parse_count",
+    "plan",
+]
+
+# name -> (canonical name, bytes per element, stores FP8 scales)
+_DTYPES: dict[str, tuple[str, int, bool]] = {
+    "fp8_e4m3": ("fp8_e4m3", 1, True),
+    "fp8": ("fp8_e4m3", 1, True),
+    "e4m3": ("fp8_e4m3", 1, True),
+    "float8_e4m3fn": ("fp8_e4m3", 1, True),
+    "fp8_e5m2": ("fp8_e5m2", 1, True),
+    "e5m2": ("fp8_e5m2", 1, True),
+    "float8_e5m2": ("fp8_e5m2", 1, True),
+    "bf16": ("bf16", 2, False),
+    "bfloat16": ("bf16", 2, False),
+    "fp16": ("fp16", 2, False),
+    "float16": ("fp16", 2, False),
+    "half": ("fp16", 2, False),
+    "fp32": ("fp32", 4, False),
+    "float32": ("fp32", 4, False),
+    "float": ("fp32", 4, False),
+}
+_TORCH_DTYPES = {
+    torch.float8_e4m3fn: "fp8_e4m3",
+    torch.float8_e5m2: "fp8_e5m2",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+}
+_DTYPE_HELP = "fp8_e4m3 (or fp8), fp8_e5m2, bf16, fp16, fp32, or the torch dtype of one of them"
+
+
+def _dtype(kv_dtype: object) -> tuple[str, int, bool]:
+    if isinstance(kv_dtype, torch.dtype):
+        name = _TORCH_DTYPES.get(kv_dtype)
+        if name is None:
+            raise InvalidArgument(f"kv_dtype={kv_dtype} is not supported; use {_DTYPE_HELP}")
+        return _DTYPES[name]
+    if isinstance(kv_dtype, str):
+        key = kv_dtype.strip().lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise InvalidArgument(f"kv_dtype={kv_dtype!r} is not supported; use {_DTYPE_HELP}")
+
+
+def plan(
+    config: ConfigLike | None = None,
+    *,
+    kv_dtype: str | torch.dtype = "fp8_e4m3",
+    device_bytes: int | str | None = None,
+    weights_bytes: int | str = 0,
+    tp: int = 1,
+    context: int = 10_000_000,
+    page_size: int = 16,
+    segment_bytes: int | str = 64 << 20,
+    memory_fraction: float = 1.0,
+    num_layers: int | None = None,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    kv_lora_rank: int | None = None,
+    qk_rope_head_dim: int | None = None,
+    sliding_window: int | None = None,
+    attention_chunk_size: int | None = None,
+    layer_types: Sequence[str] | None = None,
+) -> Plan:
+    """Plan KV capacity for a model: bytes per token, per context, and what fits.
+
+    Parameters
+    ----------
+    config : path, dict or KVGeometry, optional
+        An HF ``config.json`` (see :func:`kv_geometry`); or ``None`` and name
+        the fields (``num_layers``, ``num_kv_heads``, ``head_dim``, MLA's
+        ``kv_lora_rank`` and ``qk_rope_head_dim``, windows), which otherwise
+        override the config's.
+    kv_dtype : str or torch.dtype
+        ``"fp8_e4m3"`` (default; ``"fp8"``), ``"fp8_e5m2"``, ``"bf16"``,
+        ``"fp16"``, ``"fp32"`` or the matching torch dtype. FP8 adds radixseg's
+        float32 scales, reported separately.
+    device_bytes : int or str, optional
+        Memory of one device in bytes (``"80GB"``, ``"80GiB"`` accepted).
+        Without it the plan has no fit figures.
+    weights_bytes : int or str
+        Bytes of the model weights, split evenly over the ``tp`` ranks.
+    tp : int
+        Tensor-parallel degree (>= 1); it must divide ``num_kv_heads`` or be a
+        multiple of it.
+    context : int
+        Tokens of the context to size (>= 1); default 10,000,000.
+    page_size : int
+        Tokens per page, a power of two in 1..=1024.
+    segment_bytes : int or str
+        Bytes of one segment on one device; default 64 MiB.
+    memory_fraction : float
+        Share of ``device_bytes`` the KV cache and the weights may use, in
+        (0, 1]. Default 1.0: the whole device, no headroom for activations
+        (vLLM's ``gpu_memory_utilization`` defaults to 0.9).
+
+    Returns
+    -------
+    Plan
+        See :class:`Plan` for every figure.
+
+    Raises
+    ------
+    radixseg.InvalidArgument
+        For an unknown dtype, an out-of-range number, a TP degree that does not
+        fit the KV heads, or a missing config field; the message names the
+        value and what is allowed.
+
+    Examples
+    --------
+    Llama-3.1-70B (80 layers, 8 KV heads of 128) in FP8 at TP 8:
+
+    >>> p = plan(num_layers=80, num_kv_heads=8, head_dim=128, kv_dtype="fp8", tp=8)
+    >>> p.kv_bytes_per_token, p.kv_bytes_per_token_per_device, p.scale_bytes_per_token
+    (163840, 20480, 5120)
+    >>> p.context_kv_bytes_per_device / 1e9  # GB of KV per device at 10M tokens
+    204.8
+    >>> plan(p.geometry, kv_dtype="fp8", tp=8, device_bytes="80GB",
+    ...      weights_bytes="140GB").max_context_per_device
+    2959280
+    """
+    name, dtype_bytes, fp8 = _dtype(kv_dtype)
+    g = kv_geometry(
+        config,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        kv_lora_rank=kv_lora_rank,
+        qk_rope_head_dim=qk_rope_head_dim,
+        sliding_window=sliding_window,
+        attention_chunk_size=attention_chunk_size,
+        layer_types=layer_types,
+    )
+    tp = _check_int("tp", tp, 1)
+    context = _check_int("context", context, 1)
+    page_size = _check_int("page_size", page_size, 1, 1024)
+    if page_size & (page_size - 1):
+        raise InvalidArgument(f"page_size={page_size} must be a power of two in 1..=1024")
+    segment_bytes = _check_int("segment_bytes", parse_bytes(segment_bytes, "segment_bytes"), 1)
+    weights_bytes = parse_bytes(weights_bytes, "weights_bytes")
+    device = None if device_bytes is None else parse_bytes(device_bytes, "device_bytes")
+    if device is not None:
+        device = _check_int("device_bytes", device, 1)
+    if (
+        isinstance(memory_fraction, bool)
+        or not isinstance(memory_fraction, (int, float))
+        or not 0 < memory_fraction <= 1
+    ):
+        raise InvalidArgument(f"memory_fraction={memory_fraction!r} must be in (0, 1]")
+    heads = g.kv_heads_per_device(tp)
+
+    full, windowed = g.full_layers, g.num_layers - g.full_layers
+    kv_layer = g.elements_per_token_per_layer() * dtype_bytes
+    kv_layer_dev = g.elements_per_token_per_layer(heads) * dtype_bytes
+    sc_layer = g.scales_per_token_per_layer() * SCALE_BYTES if fp8 else 0
+    sc_layer_dev = g.scales_per_token_per_layer(heads) * SCALE_BYTES if fp8 else 0
+
+    # A segment holds the same tokens in every layer of the pool that grows with
+    # the context: the full-attention layers (the windowed ones when there are none).
+    seg_layers = full or windowed
+    per_page = page_size * seg_layers * (kv_layer_dev + sc_layer_dev)
+    pages_per_segment = segment_bytes // per_page
+    if pages_per_segment < 1:
+        raise InvalidArgument(
+            f"segment_bytes={segment_bytes:,} is smaller than one page ({per_page:,} B: "
+            f"{page_size} tokens x {per_page // page_size:,} B/token per device); "
+            "raise segment_bytes or lower page_size"
+        )
+
+    token_layers = g.token_layers(context)
+    dev_rate = kv_layer_dev + sc_layer_dev
+
+    usable: int | None = None
+    max_ctx: int | None = None
+    devices: int | None = None
+    if device is not None:
+        usable = int(device * memory_fraction) - math.ceil(weights_bytes / tp)
+        if usable <= 0:
+            max_ctx = 0
+        else:
+            max_ctx = _largest(lambda c: g.token_layers(c) * dev_rate, usable, full * dev_rate, g)
+            if max_ctx is not None:
+                max_ctx -= max_ctx % page_size
+        if max_ctx is None:
+            devices = tp
+        elif max_ctx > 0:
+            devices = tp * -(-context // max_ctx)
+
+    return Plan(
+        geometry=g,
+        kv_dtype=name,
+        dtype_bytes=dtype_bytes,
+        tp=tp,
+        context=context,
+        page_size=page_size,
+        segment_bytes=segment_bytes,
+        device_bytes=device,
+        weights_bytes=weights_bytes,
+        memory_fraction=float(memory_fraction),
+        kv_heads_per_device=heads,
+        kv_bytes_per_token=full * kv_layer,
+        kv_bytes_per_token_per_device=full * kv_layer_dev,
+        window_kv_bytes_per_token=windowed * kv_layer,
+        window_kv_bytes_per_token_per_device=windowed * kv_layer_dev,
+        scale_bytes_per_token=full * sc_layer,
+        scale_bytes_per_token_per_device=full * sc_layer_dev,
+        window_scale_bytes_per_token=windowed * sc_layer,
+        window_scale_bytes_per_token_per_device=windowed * sc_layer_dev,
+        pages_per_segment=pages_per_segment,
+        tokens_per_segment=pages_per_segment * page_size,
+        context_kv_bytes=token_layers * kv_layer,
+        context_kv_bytes_per_device=token_layers * kv_layer_dev,
+        context_scale_bytes=token_layers * sc_layer,
+        context_scale_bytes_per_device=token_layers * sc_layer_dev,
+        usable_bytes_per_device=usable,
+        max_context_per_device=max_ctx,
+        devices_needed=devices,
+    )
+
+
+def _largest(cost: Callable[[int], int], budget: int, slope: int, g: KVGeometry) -> int | None:
+    """The largest context ``c`` with ``cost(c) <= budget``; ``None`` when unbounded.
+
+    ``cost`` is non-decreasing and at least ``slope * c``: linear in the
+    full-attention layers plus windowed layers that stay flat once full.
+    """
+    if slope == 0:  # every layer is windowed: the cost stops growing at the widest window
+        hi = max(g.windows)
+        if cost(hi) <= budget:
+            return None
+    else:
+        hi = budget // slope + 1  # cost(hi) >= slope * hi > budget
+    lo = 0  # invariant: cost(lo) <= budget < cost(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,247 @@
+"""The result of a capacity plan, and the table ``radixseg plan`` prints."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from radixseg.capacity.geometry import KVGeometry
+
+__all__ = ["SCALE_BYTES", "Plan"]
+
+#: Bytes of one float32 scale. radixseg stores one per (token, KV head) for K
+#: and for V when the KV dtype is FP8 (one per token per layer for MLA).
+SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A KV capacity plan; every size in bytes, every context in tokens.
+
+    Per-token figures are split by kind. ``kv_*`` are the K/V (or MLA latent)
+    bytes; ``scale_*`` are the float32 scales radixseg stores beside FP8 KV
+    (zero for bf16/fp16/fp32), kept apart so the KV figures compare with other
+    engines. ``*_per_token`` counts full-attention layers only: their bytes grow
+    with the context. ``window_*_per_token`` is what windowed layers add per
+    token until their window fills; after that they stay flat. ``*_per_device``
+    is what one of ``tp`` ranks holds (KV heads split, or replicated when
+    ``tp > num_kv_heads``; an MLA latent is on every rank); the others are
+    for one copy of the whole model.
+
+    The fit (``usable_bytes_per_device``, ``max_context_per_device``,
+    ``devices_needed``) counts KV and scales against
+    ``device_bytes * memory_fraction - weights_bytes / tp``; it is ``None``
+    when ``device_bytes`` is not given. ``max_context_per_device`` is also
+    ``None`` when every layer is windowed and the windows fit (no limit), and
+    is rounded down to whole pages. ``devices_needed`` is ``tp`` times the
+    number of TP groups that split the context between them (context
+    parallelism), each group holding the weights once.
+    """
+
+    geometry: KVGeometry
+    kv_dtype: str
+    dtype_bytes: int
+    tp: int
+    context: int
+    page_size: int
+    segment_bytes: int
+    device_bytes: int | None
+    weights_bytes: int
+    memory_fraction: float
+    kv_heads_per_device: int
+    kv_bytes_per_token: int
+    kv_bytes_per_token_per_device: int
+    window_kv_bytes_per_token: int
+    window_kv_bytes_per_token_per_device: int
+    scale_bytes_per_token: int
+    scale_bytes_per_token_per_device: int
+    window_scale_bytes_per_token: int
+    window_scale_bytes_per_token_per_device: int
+    pages_per_segment: int
+    tokens_per_segment: int
+    context_kv_bytes: int
+    context_kv_bytes_per_device: int
+    context_scale_bytes: int
+    context_scale_bytes_per_device: int
+    usable_bytes_per_device: int | None
+    max_context_per_device: int | None
+    devices_needed: int | None
+
+    def kv_bytes(self, context: int, per_device: bool = False) -> int:
+        """KV bytes (no scales) for ``context`` tokens, windowed layers capped."""
+        heads = self.kv_heads_per_device if per_device else None
+        g = self.geometry
+        return g.token_layers(context) * g.elements_per_token_per_layer(heads) * self.dtype_bytes
+
+    def scale_bytes(self, context: int, per_device: bool = False) -> int:
+        """FP8 scale bytes for ``context`` tokens (0 unless the KV dtype is FP8)."""
+        if self.scale_bytes_per_token == 0 and self.window_scale_bytes_per_token == 0:
+            return 0
+        heads = self.kv_heads_per_device if per_device else None
+        g = self.geometry
+        return g.token_layers(context) * g.scales_per_token_per_layer(heads) * SCALE_BYTES
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-ready values (the geometry as a nested dict)."""
+        d = dataclasses.asdict(self)
+        d["geometry"]["layer_windows"] = list(self.geometry.layer_windows)
+        return d
+
+    def table(self) -> str:
+        """A readable report: thousands separators, GB (10^9 B) with GiB (2^30 B)."""
+        g = self.geometry
+        tp = self.tp
+        scaled = self.scale_bytes_per_token or self.window_scale_bytes_per_token
+        rows: list[tuple[str, str]] = [
+            ("model", g.describe()),
+            ("KV dtype", f"{self.kv_dtype}, {self.dtype_bytes} B per element"),
+        ]
+        if g.mla:
+            shard = "the MLA latent is replicated on every device"
+        elif tp > g.num_kv_heads:
+            shard = (
+                f"1 KV head per device, each of the {g.num_kv_heads} replicated "
+                f"on {tp // g.num_kv_heads} devices"
+            )
+        else:
+            shard = f"{self.kv_heads_per_device} of {g.num_kv_heads} KV heads per device"
+        rows.append(("tensor parallel", f"tp={tp}: {shard}"))
+        rows.append(("", ""))
+        rows.append(
+            (
+                "KV per token",
+                f"{self.kv_bytes_per_token:,} B/token whole model, "
+                f"{self.kv_bytes_per_token_per_device:,} B/token per device"
+                + (f" ({g.full_layers} full-attention layers)" if g.windows else ""),
+            )
+        )
+        if g.windows:
+            widest = max(g.windows)
+            flat = self.kv_bytes(widest) - self.kv_bytes_per_token * widest
+            rows.append(
+                (
+                    "  windowed",
+                    f"+{self.window_kv_bytes_per_token:,} B/token whole model, "
+                    f"+{self.window_kv_bytes_per_token_per_device:,} B/token per device "
+                    f"until the window fills, then flat at {_gb(flat)} whole model",
+                )
+            )
+        if scaled:
+            rows.append(
+                (
+                    "FP8 scales",
+                    f"{self.scale_bytes_per_token:,} B/token whole model, "
+                    f"{self.scale_bytes_per_token_per_device:,} B/token per device"
+                    + (
+                        f" (windowed: +{self.window_scale_bytes_per_token:,} and "
+                        f"+{self.window_scale_bytes_per_token_per_device:,})"
+                        if g.windows
+                        else ""
+                    )
+                    + (
+                        "; float32, one per token per layer"
+                        if g.mla
+                        else "; float32 per (token, KV head) for K and for V"
+                    )
+                    + ", radixseg's extra, not in the KV figures",
+                )
+            )
+        else:
+            rows.append(("FP8 scales", "none (the KV dtype is not FP8)"))
+        rows.append(
+            (
+                "segment",
+                f"{_size(self.segment_bytes)} per device = {self.pages_per_segment:,} pages "
+                f"x {self.page_size} tokens = {self.tokens_per_segment:,} tokens",
+            )
+        )
+        rows.append(("", ""))
+        ctx = self.context
+        rows.append(("context", f"{ctx:,} tokens"))
+        rows.append(
+            (
+                "KV",
+                f"{_gb(self.context_kv_bytes_per_device)} per device, "
+                f"{_gb(self.context_kv_bytes)} whole model",
+            )
+        )
+        if scaled:
+            rows.append(
+                (
+                    "FP8 scales",
+                    f"{_gb(self.context_scale_bytes_per_device)} per device, "
+                    f"{_gb(self.context_scale_bytes)} whole model",
+                )
+            )
+            rows.append(
+                (
+                    "KV + scales",
+                    f"{_gb(self.context_kv_bytes_per_device + self.context_scale_bytes_per_device)}"
+                    f" per device, {_gb(self.context_kv_bytes + self.context_scale_bytes)}"
+                    " whole model",
+                )
+            )
+        rows.append(("", ""))
+        if self.device_bytes is None or self.usable_bytes_per_device is None:
+            rows.append(
+                (
+                    "fit",
+                    "give device_bytes (--device-memory) to see the largest context "
+                    "and the devices needed",
+                )
+            )
+        else:
+            rows.append(
+                (
+                    "device memory",
+                    f"{_gb(self.device_bytes)} x memory fraction {self.memory_fraction:.2f}"
+                    + (" (the default: all of it)" if self.memory_fraction == 1 else "")
+                    + f" - weights {_gb(self.weights_bytes)} / tp {tp}"
+                    f" = {_gb(max(0, self.usable_bytes_per_device))} for KV + scales per device",
+                )
+            )
+            if self.usable_bytes_per_device <= 0:
+                rows.append(("largest context", "0 tokens: the weights alone fill the device"))
+                rows.append(("devices needed", "none fit: raise tp or the device memory"))
+            elif self.max_context_per_device is None:
+                rows.append(("largest context", "no limit: every layer is windowed"))
+                rows.append(("devices needed", f"{self.devices_needed} (one TP group)"))
+            else:
+                rows.append(
+                    (
+                        "largest context",
+                        f"{self.max_context_per_device:,} tokens "
+                        f"(KV + scales, whole pages of {self.page_size})",
+                    )
+                )
+                groups = (self.devices_needed or 0) // tp
+                rows.append(
+                    (
+                        "devices needed",
+                        f"{self.devices_needed:,} for {ctx:,} tokens: {groups:,} "
+                        f"context-parallel group{'s' if groups != 1 else ''} x tp {tp}",
+                    )
+                )
+        width = max(len(k) for k, _ in rows) + 2
+        lines = ["radixseg capacity plan"]
+        lines += [f"{k:<{width}}{v}".rstrip() if k or v else "" for k, v in rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _gb(n: int) -> str:
+    if n >= 10**9:
+        return f"{n / 1e9:,.1f} GB ({n / 2**30:,.1f} GiB)"
+    if n >= 10**6:
+        return f"{n / 1e6:,.1f} MB ({n / 2**20:,.1f} MiB)"
+    return f"{n:,} B"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale:,} {unit}"
+    return f"{n:,} B"
