@@ -3,14 +3,14 @@
 //! exception cannot split. See `radixseg_core::request`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc as StdArc, Mutex, MutexGuard, PoisonError, Weak};
 
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use radixseg_core::{Arc, CoreError, Request, RequestState};
 
-use super::{check_born, fork_generation, CoreResultExt, Ids, RadixTree};
+use super::{check_born, fork_generation, maybe_detach, CoreResultExt, Ids, RadixTree};
 
 /// The running requests of one tree (weakly held, for the invariant check
 /// and the running count) and the hit-rate counters of every request begun.
@@ -76,6 +76,9 @@ pub(crate) struct RequestRecord {
     registry: StdArc<Registry>,
     id: u64,
     born: u64,
+    /// Pages held, as of the last change (decides whether an `end` releases
+    /// the GIL; read without the record's lock).
+    pages_hint: AtomicUsize,
 }
 
 impl RequestRecord {
@@ -88,10 +91,11 @@ impl RequestRecord {
     ) -> PyResult<Self> {
         tree.alive()?;
         let t = &tree.tree;
-        let req = with_slice!(tokens, s => py.detach(|| {
+        let req = with_slice!(tokens, s => maybe_detach(py, s.len(), || {
             t.lock().unwrap_or_else(PoisonError::into_inner).begin_request(s, namespace)
         }))
         .py(py)?;
+        let pages = req.page_ids().len();
         let reg = &tree.registry;
         reg.prompt_tokens.fetch_add(prompt_len, Ordering::Relaxed);
         reg.reused_tokens
@@ -105,19 +109,30 @@ impl RequestRecord {
             registry: StdArc::clone(&tree.registry),
             id,
             born: tree.born,
+            pages_hint: AtomicUsize::new(pages),
         })
     }
 
-    /// Run `f` on the record with the GIL released, the record's lock taken
-    /// inside (a thread waiting for it never holds the GIL).
+    /// Run `f` on the record, with the GIL released when `len` (the work's
+    /// size) pays for it, as the tree does. No thread holds a record's lock
+    /// while it waits for the GIL, so a thread that keeps the GIL while it
+    /// waits for the lock cannot deadlock.
     fn with<T: Send>(
         &self,
         py: Python<'_>,
+        len: usize,
         f: impl Send + FnOnce(&mut Request) -> Result<T, CoreError>,
     ) -> PyResult<T> {
         check_born(self.born, "request")?;
         let rec = &self.rec;
-        py.detach(|| f(&mut lock(rec))).py(py)
+        let hint = &self.pages_hint;
+        maybe_detach(py, len, || {
+            let mut r = lock(rec);
+            let out = f(&mut r);
+            hint.store(r.page_ids().len(), Ordering::Relaxed);
+            out
+        })
+        .py(py)
     }
 
     fn read<T>(&self, f: impl FnOnce(&Request) -> T) -> PyResult<T> {
@@ -137,7 +152,7 @@ impl RequestRecord {
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let ids = Ids::new(tokens)?;
         let a = &self.allocator;
-        let slots = with_slice!(&ids, s => self.with(py, |r| r.extend(a, s))?);
+        let slots = with_slice!(&ids, s => self.with(py, s.len(), |r| r.extend(a, s))?);
         Ok(PyArray1::from_vec(py, slots))
     }
 
@@ -145,7 +160,8 @@ impl RequestRecord {
     /// drop its references. Exactly once; returns the tokens already cached.
     fn end(&self, py: Python<'_>, cache: bool) -> PyResult<usize> {
         let tree = &self.tree;
-        let n = self.with(py, |r| {
+        let pages = self.pages_hint.load(Ordering::Relaxed);
+        let n = self.with(py, pages, |r| {
             tree.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .end_request(r, cache)
@@ -157,13 +173,14 @@ impl RequestRecord {
     /// Drop tokens past `seq_len` and the pages no longer needed.
     fn truncate(&self, py: Python<'_>, seq_len: usize) -> PyResult<()> {
         let a = &self.allocator;
-        self.with(py, |r| r.truncate(a, seq_len))
+        let pages = self.pages_hint.load(Ordering::Relaxed);
+        self.with(py, pages, |r| r.truncate(a, seq_len))
     }
 
     /// Replace the tokens (same count).
     fn set_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<()> {
         let ids = Ids::new(tokens)?;
-        with_slice!(&ids, s => self.with(py, |r| r.set_tokens(s)))
+        with_slice!(&ids, s => self.with(py, s.len(), |r| r.set_tokens(s)))
     }
 
     /// int32 copy of the tokens whose KV the request holds.
