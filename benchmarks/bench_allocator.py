@@ -29,15 +29,11 @@ small CPU tensor ops. radixseg's trace pools use segments of
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
 import random
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,8 +41,11 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import best_of, print_table, stopwatch, versions, write_json
+
+REPO = Path(__file__).resolve().parent.parent
 
 ALLOC = 0
 FREE = 1
@@ -100,10 +99,7 @@ def drive(
     live: list[Any] = []
     push = live.append
     pop = live.pop
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
+    with stopwatch() as sw:
         for op, arg in trace:
             if op == ALLOC:
                 push(alloc(arg))
@@ -112,10 +108,7 @@ def drive(
                 live[arg] = live[-1]
                 pop()
                 free(x)
-        dt = time.perf_counter() - t0
-    finally:
-        gc.enable()
-    return dt, live
+    return sw.seconds, live
 
 
 @dataclass
@@ -134,8 +127,8 @@ def sglang_trace(pool: int, page_size: int, trace: Sequence[tuple[int, int]], re
     import _sglang
 
     tok = in_units(trace, page_size, pages=False)
-    best = float("inf")
-    for _ in range(repeat):
+
+    def once() -> float:
         a = _sglang.allocator(pool, page_size)
         full = a.available_size()
 
@@ -147,8 +140,9 @@ def sglang_trace(pool: int, page_size: int, trace: Sequence[tuple[int, int]], re
             a.free(x)
         if a.available_size() != full:
             raise RuntimeError(f"SGLang: {a.available_size()} of {full} slots free after the trace")
-        best = min(best, dt)
-    return len(tok) / best
+        return dt
+
+    return len(tok) / best_of(repeat, once)
 
 
 def radixseg_allocator(pool: int, page_size: int, pages_per_segment: int) -> tuple[Any, int, int]:
@@ -167,9 +161,8 @@ def radixseg_trace(
     pool: int, page_size: int, trace: Sequence[tuple[int, int]], repeat: int, pages_per_segment: int
 ) -> tuple[float, int, int]:
     pg = in_units(trace, page_size, pages=True)
-    best = float("inf")
-    pps = segments = 0
-    for _ in range(repeat):
+
+    def once() -> tuple[float, int, int]:
         a, pps, segments = radixseg_allocator(pool, page_size, pages_per_segment)
         full = a.free_pages()
         dt, live = drive(a.alloc, a.release, pg)
@@ -178,7 +171,9 @@ def radixseg_trace(
         a.check_invariants()
         if a.free_pages() != full:
             raise RuntimeError(f"radixseg: {a.free_pages()} of {full} pages free after the trace")
-        best = min(best, dt)
+        return dt, pps, segments
+
+    best, pps, segments = best_of(repeat, once, key=lambda r: r[0])
     return len(pg) / best, pps, segments
 
 
@@ -211,27 +206,21 @@ def _threaded(threads: int, body: Callable[[], None]) -> float:
     ts = [threading.Thread(target=run) for _ in range(threads)]
     for t in ts:
         t.start()
-    gc.collect()
-    gc.disable()
-    try:
+    with stopwatch() as sw:
         start.wait()
-        t0 = time.perf_counter()
         for t in ts:
             t.join()
-        dt = time.perf_counter() - t0
-    finally:
-        gc.enable()
     if errors:
         raise errors[0]
-    return dt
+    return sw.seconds
 
 
 def radixseg_micro(threads: int, batch: int, iterations: int, repeat: int) -> MicroRow:
     from radixseg import SegmentAllocator
 
     pps = 1024
-    best = float("inf")
-    for _ in range(repeat):
+
+    def once() -> float:
         a = SegmentAllocator(page_size=16, pages_per_segment=pps)
         for _ in range(max(1, -(-4 * threads * batch // pps))):
             a.add_segment()
@@ -243,10 +232,12 @@ def radixseg_micro(threads: int, batch: int, iterations: int, repeat: int) -> Mi
             for _ in range(iterations):
                 release(alloc(batch))
 
-        best = min(best, _threaded(threads, body))
+        dt = _threaded(threads, body)
         if a.free_pages() != full:
             raise RuntimeError("radixseg micro: pages leaked")
-    ops = threads * iterations / best
+        return dt
+
+    ops = threads * iterations / best_of(repeat, once)
     return MicroRow("radixseg (Python)", threads, batch, iterations, ops, ops * batch)
 
 
@@ -254,8 +245,8 @@ def sglang_micro(batch: int, iterations: int, repeat: int, pool: int) -> MicroRo
     import _sglang
 
     page_size = 16
-    best = float("inf")
-    for _ in range(repeat):
+
+    def once() -> float:
         a = _sglang.paged_allocator(pool, page_size)
         need = batch * page_size
 
@@ -264,8 +255,9 @@ def sglang_micro(batch: int, iterations: int, repeat: int, pool: int) -> MicroRo
             for _ in range(iterations):
                 free(alloc(need))
 
-        best = min(best, _threaded(1, body))
-    ops = iterations / best
+        return _threaded(1, body)
+
+    ops = iterations / best_of(repeat, once)
     return MicroRow(
         "SGLang paged (Python)",
         1,
@@ -308,8 +300,7 @@ def build_rust_example() -> Path:
 
 
 def rust_micro(exe: Path, threads: int, batch: int, iterations: int, repeat: int) -> MicroRow:
-    best: dict[str, Any] | None = None
-    for _ in range(repeat):
+    def once() -> dict[str, Any]:
         res = subprocess.run(
             [str(exe), str(threads), str(batch), str(iterations)],
             capture_output=True,
@@ -318,10 +309,10 @@ def rust_micro(exe: Path, threads: int, batch: int, iterations: int, repeat: int
         )
         if res.returncode != 0:
             raise RuntimeError(f"{exe.name} {threads} {batch} {iterations}: {res.stderr}")
-        out = json.loads(res.stdout)
-        if best is None or out["ops_per_s"] > best["ops_per_s"]:
-            best = out
-    assert best is not None
+        out: dict[str, Any] = json.loads(res.stdout)
+        return out
+
+    best = best_of(repeat, once, key=lambda out: -out["ops_per_s"])
     return MicroRow(
         "radixseg (Rust)", threads, batch, iterations, best["ops_per_s"], best["pages_per_s"]
     )
@@ -340,40 +331,12 @@ def fmt_rate(x: float | None) -> str:
     return f"{x:.0f}"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-
-
 @dataclass
 class Results:
     meta: dict[str, Any] = field(default_factory=dict)
     trace: list[TraceRow] = field(default_factory=list)
     micro: list[MicroRow] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)
-
-
-def versions() -> dict[str, Any]:
-    from importlib import metadata
-
-    def v(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "radixseg": v("radixseg"),
-        "sglang": v("sglang"),
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,9 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "live_cap": LIVE_CAP,
         "max_tokens": MAX_TOKENS,
         "gc": "collected before, disabled during timed regions",
-        **versions(),
+        **versions("radixseg", "sglang"),
     }
-    print(f"# radixseg allocator benchmark  ({json.dumps(versions())})")
+    print(f"# radixseg allocator benchmark  ({json.dumps(versions('radixseg', 'sglang'))})")
 
     # 1. trace
     trace = make_trace(n_allocs, args.seed)
@@ -536,18 +499,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {v}")
 
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "meta": res.meta,
-                    "trace": [asdict(r) for r in res.trace],
-                    "micro": [asdict(m) for m in res.micro],
-                    "targets": res.targets,
-                },
-                indent=2,
-            )
-            + "\n"
+        write_json(
+            args.json,
+            {
+                "meta": res.meta,
+                "trace": [asdict(r) for r in res.trace],
+                "micro": [asdict(m) for m in res.micro],
+                "targets": res.targets,
+            },
         )
         print(f"\nwrote {args.json}")
     return 0

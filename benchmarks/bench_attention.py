@@ -34,7 +34,6 @@ Usage: python benchmarks/bench_attention.py [--long 1000000] [--json out.json]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +45,10 @@ import torch
 import radixseg
 from radixseg import KVPool
 from radixseg import attention as A
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import best_interleaved, write_json
 
 GB = 1e9
 KV_DTYPES = {"e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
@@ -413,13 +416,7 @@ def _cpu_case(args: argparse.Namespace, kv: str) -> list[dict[str, Any]]:
     # weights. (Without it, a case run right after memcpy pays for the
     # dirty lines memcpy left: 21 ms instead of 16 ms for the kernel here.)
     scrub = torch.ones(_llc_bytes() * 4 // 8, dtype=torch.int64)
-    best = {name: float("inf") for name in cases}
-    for _ in range(args.rounds):
-        for name, fn in cases.items():
-            scrub.sum()
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
+    best = best_interleaved(cases, args.rounds, before=scrub.sum)
     t_copy = best.pop("memcpy")
     copy_bw = nbytes / t_copy / GB
     print(
@@ -477,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out["gpu"] = run_gpu(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

@@ -23,16 +23,20 @@ Usage: python benchmarks/bench_pool_growth.py [--tokens 10000000] [--json out.js
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from radixseg import KVPool
 from radixseg.pool import dequantize_fp8, quantize_fp8
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_json
 
 GiB = 1 << 30
 MB = 1e6
@@ -246,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     grow_and_shrink(args, out)
     add_segment_cost(args, out)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return 0
 
 

@@ -49,8 +49,6 @@ core (``sglang.srt.mem_cache.rust_tree_core``) refuses to load with torch 2.15
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import platform
 import sys
 import time
@@ -66,6 +64,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sglang
+from _common import best_of, fmt_row, stopwatch, write_json
 
 VOCAB = 32_000
 LONG_TOKENS = 10_000_000
@@ -217,27 +216,23 @@ def run_radixseg(w: Workload, page_size: int, check: bool) -> SideResult:
     cached = evicted = 0
     ps = page_size
     cat = torch.cat
-    gc.collect()
-    gc.disable()
-    t0 = time.perf_counter()
-    for prompt, full in prepared:
-        matched, plen, node = tree.acquire(prompt)  # match + lock + retain
-        need = (len(full) + ps - 1) // ps - plen // ps
-        try:
-            new = alloc.alloc(need)
-        except out_of_pages:
-            evicted += tree.evict(need - alloc.free_pages())
-            new = alloc.alloc(need)
-        ids = cat((matched, new)) if plen else new
-        tree.finish(full, ids, 0, node, True, plen // ps)  # insert + unlock + release
-        cached += plen
-    seconds = time.perf_counter() - t0
-    gc.enable()
+    with stopwatch() as sw:
+        for prompt, full in prepared:
+            matched, plen, node = tree.acquire(prompt)  # match + lock + retain
+            need = (len(full) + ps - 1) // ps - plen // ps
+            try:
+                new = alloc.alloc(need)
+            except out_of_pages:
+                evicted += tree.evict(need - alloc.free_pages())
+                new = alloc.alloc(need)
+            ids = cat((matched, new)) if plen else new
+            tree.finish(full, ids, 0, node, True, plen // ps)  # insert + unlock + release
+            cached += plen
     if check:
         tree.check_invariants()
     return SideResult(
         impl="radixseg",
-        seconds=seconds,
+        seconds=sw.seconds,
         requests=len(prepared),
         prompt_tokens=sum(len(p) for p, _ in prepared),
         cached_tokens=cached,
@@ -300,35 +295,31 @@ def run_sglang(w: Workload, page_size: int) -> SideResult:
     cached = evicted = 0
     ps = page_size
     cat = torch.cat
-    gc.collect()
-    gc.disable()
-    t0 = time.perf_counter()
-    for pkey, fkey in prepared:
-        r = cache.match_prefix(MatchPrefixParams(key=pkey))
-        plen = r.device_prefix_len
-        lock = cache.lock(r.last_device_node)
-        prefix = cache.path_device_indices(r.last_device_node)[:plen]
-        total = len(fkey)
-        need = (total - plen + ps - 1) // ps * ps
-        avail = kv_alloc.available_size()
-        if avail < need:
-            evicted += cache.evict(EvictParams(num_tokens=need - avail)).num_tokens_evicted
-        new = kv_alloc.alloc(need)
-        kv = cat((prefix, new[: total - plen])) if plen else new[:total]
-        res = cache.insert(InsertParams(key=fkey, value=kv))
-        aligned = total // ps * ps
-        # What _insert_cache + release_kv_cache free: the duplicates the insert
-        # found cached, then the row past the tree-owned prefix (partial page).
-        kv_alloc.free_segment(kv[plen : res.prefix_len], start_pos=plen)
-        kv_alloc.free_segment(kv[aligned:], start_pos=aligned)
-        cache.unlock(lock)
-        cached += plen
-    seconds = time.perf_counter() - t0
-    gc.enable()
+    with stopwatch() as sw:
+        for pkey, fkey in prepared:
+            r = cache.match_prefix(MatchPrefixParams(key=pkey))
+            plen = r.device_prefix_len
+            lock = cache.lock(r.last_device_node)
+            prefix = cache.path_device_indices(r.last_device_node)[:plen]
+            total = len(fkey)
+            need = (total - plen + ps - 1) // ps * ps
+            avail = kv_alloc.available_size()
+            if avail < need:
+                evicted += cache.evict(EvictParams(num_tokens=need - avail)).num_tokens_evicted
+            new = kv_alloc.alloc(need)
+            kv = cat((prefix, new[: total - plen])) if plen else new[:total]
+            res = cache.insert(InsertParams(key=fkey, value=kv))
+            aligned = total // ps * ps
+            # What _insert_cache + release_kv_cache free: the duplicates the insert
+            # found cached, then the row past the tree-owned prefix (partial page).
+            kv_alloc.free_segment(kv[plen : res.prefix_len], start_pos=plen)
+            kv_alloc.free_segment(kv[aligned:], start_pos=aligned)
+            cache.unlock(lock)
+            cached += plen
     nodes, tokens, nbytes = _sglang_tree_bytes(cache)
     return SideResult(
         impl="sglang-py",
-        seconds=seconds,
+        seconds=sw.seconds,
         requests=len(prepared),
         prompt_tokens=prompt_tokens,
         cached_tokens=cached,
@@ -374,15 +365,14 @@ def long_sequence(n_tokens: int, page_size: int = 16) -> dict[str, Any]:
 # ----- main ---------------------------------------------------------------------------
 
 
-def _fmt_row(cols: list[str], widths: list[int]) -> str:
-    return "  ".join(c.rjust(wd) for c, wd in zip(cols, widths, strict=True))
-
-
 def _best(run: Callable[..., SideResult], run_args: tuple[Any, ...], repeat: int) -> SideResult:
     """The fastest of ``repeat`` fresh runs (every run is the same deterministic trace)."""
-    results = [run(*run_args) for _ in range(max(repeat, 1))]
-    assert len({(r.cached_tokens, r.evicted_tokens, r.nodes) for r in results}) == 1
-    return min(results, key=lambda r: r.seconds)
+    return best_of(
+        repeat,
+        lambda: run(*run_args),
+        key=lambda r: r.seconds,
+        same=lambda r: (r.cached_tokens, r.evicted_tokens, r.nodes),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "B/tok",
     ]
     widths = [14, 3, 9, 10, 10, 8, 8, 7, 8, 11, 9, 7]
-    print(_fmt_row(heads, widths))
+    print(fmt_row(heads, widths))
     rows: list[dict[str, Any]] = []
     mismatches: list[str] = []
     for name in args.workload:
@@ -441,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in sides:
                 speed = f"{base / s.seconds:.1f}x" if use_sglang else "-"
                 print(
-                    _fmt_row(
+                    fmt_row(
                         [
                             name,
                             str(ps),
@@ -501,17 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "quick": args.quick,
-                    "seed": args.seed,
-                    "rows": rows,
-                    "mismatches": mismatches,
-                    "long_sequence": ls,
-                },
-                indent=1,
-            )
+        write_json(
+            args.json,
+            {
+                "quick": args.quick,
+                "seed": args.seed,
+                "rows": rows,
+                "mismatches": mismatches,
+                "long_sequence": ls,
+            },
         )
     return 0
 

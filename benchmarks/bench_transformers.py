@@ -28,15 +28,19 @@ default. Run::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
 import radixseg.integrations.transformers as rt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cpu_name, write_json
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -194,7 +198,7 @@ def main() -> None:
 
     print(
         f"# transformers {transformers.__version__}, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"{cpu_name()}, {torch.get_num_threads()} threads"
     )
     print(
         f"# Llama: {args.layers} layers, hidden {args.hidden}, GQA "
@@ -218,16 +222,14 @@ def main() -> None:
     )
     print(f"(reference generate without an explicit cache: {t_ref:.2f} s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                dict(
-                    rows=rows,
-                    follow_up=dict(reused=reused, seconds_reuse=t_reuse, seconds_full=t_full),
-                    args={k: str(v) for k, v in vars(args).items()},
-                ),
-                f,
-                indent=2,
-            )
+        write_json(
+            args.json,
+            dict(
+                rows=rows,
+                follow_up=dict(reused=reused, seconds_reuse=t_reuse, seconds_full=t_full),
+                args={k: str(v) for k, v in vars(args).items()},
+            ),
+        )
 
 
 if __name__ == "__main__":
