@@ -44,6 +44,7 @@ from radixseg._core import (
     OutOfPages,
     SegmentBusy,
 )
+from radixseg._dtypes import KV_DTYPES, SHORT_NAMES, kv_dtype_named
 from radixseg.allocator import SegmentAllocator
 
 __all__ = [
@@ -59,20 +60,7 @@ FP8_MAX: dict[torch.dtype, float] = {
     torch.float8_e4m3fn: 448.0,
     torch.float8_e5m2: 57344.0,
 }
-_STORAGE_DTYPES = (*FP8_MAX, torch.bfloat16, torch.float16, torch.float32)
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "fp8": torch.float8_e4m3fn,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    "float8_e5m2": torch.float8_e5m2,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
+_STORAGE_DTYPES = tuple(SHORT_NAMES)  # every KV storage dtype, FP8 first
 _ALIGN = 256
 _ELEMENT_LIMIT = 2**31 - 1
 _PAGES_PER_SEGMENT_LIMIT = 1 << 20
@@ -187,11 +175,12 @@ def _round_up(x: int, to: int) -> int:
 
 def _as_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
+        named = kv_dtype_named(dtype)
+        if named is None:
             raise InvalidArgument(
-                f"dtype {dtype!r} is not a KV storage type; use one of {sorted(_DTYPE_NAMES)}"
+                f"dtype {dtype!r} is not a KV storage type; use one of {sorted(KV_DTYPES)}"
             )
-        return _DTYPE_NAMES[dtype]
+        return named
     if dtype not in _STORAGE_DTYPES:
         raise InvalidArgument(
             f"dtype {dtype} is not a KV storage type; use one of "

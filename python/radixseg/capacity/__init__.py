@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from radixseg._core import InvalidArgument
+from radixseg._dtypes import FP8_DTYPES, SHORT_NAMES, kv_dtype_named
 from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, KVGeometry, kv_geometry
 from radixseg.capacity.report import SCALE_BYTES, Plan
 from radixseg.capacity.units import MAX_VALUE, _check_int, parse_bytes, parse_count
@@ -42,45 +43,15 @@ __all__ = [
     "plan",
 ]
 
-# name -> (canonical name, bytes per element, stores FP8 scales)
-_DTYPES: dict[str, tuple[str, int, bool]] = {
-    "fp8_e4m3": ("fp8_e4m3", 1, True),
-    "fp8": ("fp8_e4m3", 1, True),
-    "e4m3": ("fp8_e4m3", 1, True),
-    "float8_e4m3fn": ("fp8_e4m3", 1, True),
-    "fp8_e5m2": ("fp8_e5m2", 1, True),
-    "e5m2": ("fp8_e5m2", 1, True),
-    "float8_e5m2": ("fp8_e5m2", 1, True),
-    "bf16": ("bf16", 2, False),
-    "bfloat16": ("bf16", 2, False),
-    "fp16": ("fp16", 2, False),
-    "float16": ("fp16", 2, False),
-    "half": ("fp16", 2, False),
-    "fp32": ("fp32", 4, False),
-    "float32": ("fp32", 4, False),
-    "float": ("fp32", 4, False),
-}
-_TORCH_DTYPES = {
-    torch.float8_e4m3fn: "fp8_e4m3",
-    torch.float8_e5m2: "fp8_e5m2",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.float32: "fp32",
-}
 _DTYPE_HELP = "fp8_e4m3 (or fp8), fp8_e5m2, bf16, fp16, fp32, or the torch dtype of one of them"
 
 
 def _dtype(kv_dtype: object) -> tuple[str, int, bool]:
-    if isinstance(kv_dtype, torch.dtype):
-        name = _TORCH_DTYPES.get(kv_dtype)
-        if name is None:
-            raise InvalidArgument(f"kv_dtype={kv_dtype} is not supported; use {_DTYPE_HELP}")
-        return _DTYPES[name]
-    if isinstance(kv_dtype, str):
-        key = kv_dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise InvalidArgument(f"kv_dtype={kv_dtype!r} is not supported; use {_DTYPE_HELP}")
+    """(short name, bytes per element, stores FP8 scales) of a KV dtype or its name."""
+    dtype = kv_dtype_named(kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
+    if not isinstance(dtype, torch.dtype) or dtype not in SHORT_NAMES:
+        raise InvalidArgument(f"kv_dtype={kv_dtype!r} is not supported; use {_DTYPE_HELP}")
+    return SHORT_NAMES[dtype], dtype.itemsize, dtype in FP8_DTYPES
 
 
 def plan(
