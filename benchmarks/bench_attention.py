@@ -96,7 +96,7 @@ def gather_dense(
     pool: KVPool, indptr: torch.Tensor, indices: torch.Tensor, lens: list[int]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per request, dequantized bf16 K, V ``[kv_heads, len, head_dim]``."""
-    from radixseg.kernels.reference import gather_kv
+    from radixseg.kernels.torch_backend import gather_kv
 
     out = []
     for i, n in enumerate(lens):

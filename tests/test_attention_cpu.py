@@ -21,7 +21,7 @@ from radixseg import InvalidArgument, InvalidHandle, KVPool
 from radixseg import attention as A
 from radixseg._core import decode_cpu
 from radixseg.kernels.cpu import ISAS, paged_decode_cpu
-from radixseg.kernels.reference import gather_kv
+from radixseg.kernels.torch_backend import gather_kv
 
 FORMATS = [
     torch.float8_e4m3fn,

@@ -7,6 +7,9 @@ kernel compile check (``scripts/compile_check.py``) all read it. Before issue
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +19,15 @@ from radixseg._dtypes import KV_DTYPES, SHORT_NAMES
 
 SPELLINGS = [*KV_DTYPES, "HALF", " Fp8 ", "torch.float16", "torch.float8_e5m2"]
 REFUSED = ["fp4", "int8", "float64", "", "torch.", "e4m3fnuz"]
+
+
+def _compile_check_parser():
+    path = Path(__file__).parent.parent / "scripts" / "compile_check.py"
+    spec = importlib.util.spec_from_file_location("compile_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parser()
 
 
 def _pool_dtype(dtype: object) -> torch.dtype:
@@ -39,6 +51,16 @@ def test_pool_and_planner_refuse_the_same_names(name):
         _pool_dtype(name)
     with pytest.raises(InvalidArgument, match="is not supported"):
         _plan_dtype(name)
+
+
+def test_compile_check_takes_the_same_names(capsys):
+    parser = _compile_check_parser()
+    for name in SPELLINGS:
+        assert parser.parse_args(["--kv", name]).kv == [name]
+    for name in REFUSED:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--kv", name])
+    assert "is not one of" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.float8_e4m3fnuz])

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from radixseg._core import InvalidArgument, InvalidHandle
-from radixseg.kernels.reference import merge_states_torch, paged_attention_torch
+from radixseg.kernels.torch_backend import merge_states_torch, paged_attention_torch
 
 if TYPE_CHECKING:
     import numpy.typing as npt

@@ -1,6 +1,8 @@
 """Compile radixseg's kernels for CUDA targets without a GPU.
 
-``python -m radixseg.kernels.compile_check --arch 80 --arch 90`` builds each
+A developer tool, not part of the wheel: it builds a small ``KVPool`` to plan
+launches from, which no kernel module may import.
+``python scripts/compile_check.py --arch 80 --arch 90`` builds each
 kernel for each storage dtype through the same launch planning that runs them
 (:class:`radixseg.kernels.launch.Launch`), with Triton's ahead-of-time
 compiler, and prints one JSON line per build: target, kernel, dtype, FP8 path,
@@ -22,18 +24,29 @@ from typing import Any
 
 import torch
 
+from radixseg._dtypes import FP8_DTYPES, KV_DTYPES, kv_dtype_named
 from radixseg.pool import KVPool
 
-__all__ = ["build_launches", "main"]
+__all__ = ["build_launches", "main", "parser"]
 
-_DTYPES = {
-    "e4m3": torch.float8_e4m3fn,
-    "e5m2": torch.float8_e5m2,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
-_Q_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+def _dtype(name: str) -> torch.dtype:
+    """The storage dtype a name means, by the table ``KVPool`` and ``radixseg.plan`` read."""
+    dtype = kv_dtype_named(name)
+    if dtype is None:
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(KV_DTYPES)}")
+    return dtype
+
+
+def _kv_name(name: str) -> str:
+    _dtype(name)
+    return name
+
+
+def _q_name(name: str) -> str:
+    if _dtype(name) in FP8_DTYPES:
+        raise argparse.ArgumentTypeError(f"{name!r} is FP8; queries are bf16, fp16 or fp32")
+    return name
 
 
 def build_launches(
@@ -96,15 +109,20 @@ def _ptx_facts(ptx: str) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Compile and report; exit status 1 if any build failed."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    """The command line; dtype names are those ``KVPool`` and ``radixseg.plan`` take."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--arch", type=int, action="append", help="CUDA arch, e.g. 80, 89, 90")
-    p.add_argument("--kv", action="append", choices=sorted(_DTYPES), help="storage dtypes")
-    p.add_argument("--q", default="bf16", choices=sorted(_Q_DTYPES), help="query dtype")
+    p.add_argument("--kv", action="append", type=_kv_name, help="storage dtypes (e4m3, bf16, ...)")
+    p.add_argument("--q", default="bf16", type=_q_name, help="query dtype (bf16, fp16, fp32)")
     p.add_argument("--kernel", action="append", help="decode, extend, merge, store")
     p.add_argument("--head-dim", type=int, default=128)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile and report; exit status 1 if any build failed."""
+    args = parser().parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print(
             "unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr
@@ -113,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for arch in args.arch or [80, 89, 90]:
         for kv in args.kv or ["e4m3", "e5m2", "bf16"]:
-            software = arch < 89 and kv in ("e4m3", "e5m2")
+            software = arch < 89 and _dtype(kv) in FP8_DTYPES
             launches = build_launches(
-                _DTYPES[kv], _Q_DTYPES[args.q], fp8_software=software, head_dim=args.head_dim
+                _dtype(kv), _dtype(args.q), fp8_software=software, head_dim=args.head_dim
             )
             for name, launch in launches.items():
                 if args.kernel and name not in args.kernel:
