@@ -8,7 +8,6 @@
 #![warn(missing_docs)]
 
 pub mod allocator;
-pub mod cpu_attention;
 pub mod error;
 pub mod radix;
 pub mod request;

@@ -26,7 +26,7 @@
 //! code. e4m3's NaN codes read as ±480, as the GPU kernels' software
 //! decode does; the pool writes them only next to a NaN scale.
 
-use crate::error::{CoreError, Result};
+use radixseg_core::{CoreError, Result};
 use std::sync::OnceLock;
 
 /// Tokens per work item: a long request is split into chunks of this many

@@ -9,8 +9,8 @@ use numpy::{
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
-use radixseg_core::cpu_attention as cpu;
 use radixseg_core::{Arc, CoreError, HandleProblem, NodeId};
+use radixseg_cpu as cpu;
 use std::sync::{Arc as StdArc, Mutex};
 
 create_exception!(
