@@ -1,4 +1,4 @@
-//! The `allocator` target: `SegmentAllocator` against a refcount map.
+//! The allocator model: `SegmentAllocator` against a refcount map.
 //!
 //! The oracle knows the live and retired segments, the high water of slots
 //! ever created and the refcount of every referenced page. For each action it
@@ -62,7 +62,7 @@ pub enum SegPick {
     Raw(i64),
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, Clone)]
 pub enum Action {
     /// `alloc(n % 12)`.
     Alloc(u8),
@@ -612,7 +612,24 @@ pub fn run(data: &[u8]) {
 
 /// Run a decoded input.
 pub fn run_input(input: &Input) {
-    let c = resolve(&input.config);
+    run_config(&resolve(&input.config), &input.actions);
+}
+
+/// Run `actions` on a valid allocator that starts with no segment (the
+/// proptest driver, which picks tiny configurations itself).
+pub fn run_actions(page_size: u32, pages_per_segment: u32, max_segments: u32, actions: &[Action]) {
+    let c = Config {
+        page_size,
+        pps: pages_per_segment,
+        max_segments: Some(max_segments),
+        initial_segments: 0,
+    };
+    assert!(expected_config(&c).is_ok(), "invalid configuration {c:?}");
+    run_config(&c, actions);
+}
+
+fn run_config(c: &Config, actions: &[Action]) {
+    let c = *c;
     let want = expected_config(&c);
     let a = build(&c);
     let a = match (a, want) {
@@ -640,7 +657,7 @@ pub fn run_input(input: &Input) {
         // A big segment: exercise it once (one segment is 4 MiB of
         // refcounts at 2^20 pages; checking every page per action would
         // only slow the fuzzer down).
-        for act in input.actions.iter().take(4) {
+        for act in actions.iter().take(4) {
             if matches!(
                 act,
                 Action::AddSegment | Action::Alloc(_) | Action::Release(_)
@@ -655,7 +672,7 @@ pub fn run_input(input: &Input) {
         step(&a, &mut o, &Action::AddSegment);
     }
     agree(&a, &o);
-    for act in &input.actions {
+    for act in actions {
         step(&a, &mut o, act);
         agree(&a, &o);
     }

@@ -1,15 +1,19 @@
-//! Fuzz harnesses for radixseg-core. Each module replays an arbitrary
-//! `Vec<Action>` (decoded from the fuzzer's bytes with `arbitrary`) against
-//! the real structure and a naive oracle, asserts that every result agrees
-//! with the oracle (a call the oracle says must fail fails with exactly the
-//! oracle's error and changes nothing), and runs the structures' own
-//! `check_invariants` after every action.
+//! Reference models (oracles) of radixseg-core's two structures, one home
+//! for each: `allocator` (`SegmentAllocator` against a refcount map) and
+//! `tree` (`RadixTree` + `SegmentAllocator` against a prefix map). Each
+//! module holds its `Action` enum (derived `Arbitrary`), the naive oracle,
+//! `step` (apply one action to the real structure and the oracle, assert
+//! that every result agrees with the oracle, a call the oracle says must fail
+//! failing with exactly the oracle's error and changing nothing) and the
+//! comparison of everything observable, `check_invariants` included, after
+//! every action.
 //!
-//! The harness logic lives in this library so that the libFuzzer targets in
-//! `fuzz_targets/` stay one line each and the same `run` functions can be
-//! replayed from a plain `cargo test` (see `tests/replay.rs`). The harness may
-//! panic on purpose (an assertion is how a fuzzer reports a finding); nothing
-//! in radixseg-core may.
+//! Two drivers use it: the libFuzzer targets in `fuzz/` decode a `Vec<Action>`
+//! from the fuzzer's bytes (`run`), and the proptest tests in
+//! `rust/radixseg-core/tests/model_*.rs` generate weighted actions over tiny
+//! configurations (`run_actions`). Not published. The model may panic on
+//! purpose (an assertion is how a fuzzer or proptest reports a finding);
+//! nothing in radixseg-core may.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
