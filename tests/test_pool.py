@@ -152,6 +152,28 @@ def test_budget_auto_never_exceeds_free_memory() -> None:
     assert budget <= 0.6 * avail
 
 
+def test_room_segments_and_segment_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The room left in segments (what the SGLang adapter reports as available)
+    and the stamp that changes exactly when the pool grows or shrinks."""
+    import radixseg.pool
+
+    free = {"bytes": 0}
+    monkeypatch.setattr(radixseg.pool, "_device_free_bytes", lambda device: free["bytes"])
+    pool = small_pool()
+    seg, pps = pool.segment_bytes, pool.pages_per_segment
+    free["bytes"] = 5 * seg
+    assert pool.room_segments() == 5  # no budget: free memory caps the census
+    assert pool.room_segments(need=1) == pool.allocator.max_segments  # small growth: no probe
+    pool.budget_bytes = 3 * seg
+    assert (pool.room_segments(), pool.segment_events) == (3, 0)
+    ids = pool.alloc(pps + 1)  # grows two segments
+    assert (pool.room_segments(), pool.segment_events) == (1, 2)
+    pool.release(ids)
+    assert pool.segment_events == 2  # freeing pages is not a segment event
+    pool.shrink()
+    assert (pool.room_segments(), pool.segment_events) == (3, 4)
+
+
 def test_device_oom_during_growth_is_typed_and_changes_nothing() -> None:
     calls = {"n": 0, "fail_from": 3}
 

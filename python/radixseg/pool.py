@@ -568,11 +568,13 @@ class KVPool(Uncopyable):
         )
         return added
 
-    def _room(self, need: int = 0) -> int:
+    def room_segments(self, need: int | None = None) -> int:
         """Segments the budget and the allocator's id space still allow.
 
-        With no budget, a growth of more than 256 MiB is also capped by the
-        device's free memory, so an absurd request fails at once instead of
+        With no budget, the device's free memory caps the room too: always
+        when ``need`` is None (the room as a census, as the SGLang adapter's
+        ``available_size`` reports it), and for a growth of ``need`` segments
+        only past 256 MiB, so an absurd request fails at once instead of
         allocating segment after segment until the device refuses.
         """
         live = self.allocator.segment_count()
@@ -581,9 +583,16 @@ class KVPool(Uncopyable):
         budget = self.resolved_budget(reserved)
         if budget is not None:
             room = min(room, max(0, (budget - reserved) // self.segment_bytes))
-        elif need * self.segment_bytes > _UNCHECKED_GROWTH:
+        elif need is None or need * self.segment_bytes > _UNCHECKED_GROWTH:
             room = min(room, _device_free_bytes(self.device) // self.segment_bytes)
         return room
+
+    @property
+    def segment_events(self) -> int:
+        """Segments added plus segments retired since the pool was built: changes
+        exactly when the pool grows or shrinks (a cheap stamp for figures, such
+        as :meth:`room_segments`, that are kept until then)."""
+        return self._counters["segments_added"] + self._counters["segments_retired"]
 
     def resolved_budget(self, reserved: int | None = None) -> int | None:
         """The budget in bytes now (``"auto"`` evaluated against free device memory)."""
@@ -680,7 +689,7 @@ class KVPool(Uncopyable):
                 pass
             short = max(1, n - self.allocator.free_pages())
             need = -(-short // pps)
-            room = self._room(need)
+            room = self.room_segments(need)
             evictable = self._cache.evictable_pages() if self._cache is not None else 0
             if short > room * pps + evictable:
                 break  # growth and eviction together cannot cover it: fail now
@@ -699,7 +708,7 @@ class KVPool(Uncopyable):
             break
         # Give back what this call added, so a failure changes nothing.
         self._retire(added)
-        raise self._exhausted(n, need, self._room(need), failure)
+        raise self._exhausted(n, need, self.room_segments(need), failure)
 
     def _retire(self, sids: list[int]) -> int:
         """Retire the empty segments among ``sids``; returns bytes freed. Caller holds the lock."""
