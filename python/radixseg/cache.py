@@ -114,6 +114,21 @@ def _as_tokens(tokens: Any, what: str = "tokens") -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int32, copy=False))
 
 
+def tree_cache_stats(tree: RadixTree) -> dict[str, Any]:
+    """The counters of ``tree`` that ``pool.stats()`` reports for any cache
+    attached to the pool: cached tokens and pages, evictable and locked pages,
+    ``tree_nodes`` and ``tree_metadata_bytes``."""
+    s = tree.stats()
+    return {
+        "cached_tokens": s["cached_tokens"],
+        "cached_pages": s["cached_pages"],
+        "evictable_pages": s["evictable_pages"],
+        "locked_pages": s["locked_pages"],
+        "tree_nodes": s["nodes"],
+        "tree_metadata_bytes": s["metadata_bytes"],
+    }
+
+
 class PrefixCache(Uncopyable):
     """Requests over a :class:`KVPool`, sharing prefixes through a :class:`RadixTree`.
 
@@ -281,12 +296,7 @@ class PrefixCache(Uncopyable):
         """Tree and hit-rate counters (merged into ``pool.stats()``)."""
         begun, requested, reused = self.tree.request_counters()
         return {
-            "cached_tokens": self.tree.cached_tokens(),
-            "cached_pages": self.tree.cached_pages(),
-            "evictable_pages": self.tree.evictable_pages(),
-            "locked_pages": self.tree.locked_pages(),
-            "tree_nodes": self.tree.node_count(),
-            "tree_metadata_bytes": self.tree.metadata_bytes(),
+            **tree_cache_stats(self.tree),
             "requests": begun,
             "running_requests": self.tree.running_requests(),
             "prompt_tokens": requested,
