@@ -664,7 +664,7 @@ def test_extra_key_isolates_namespaces(monkeypatch):
     assert rs.namespace_of(None, None) == rs.namespace_of(None, "") == 0
     assert rs.namespace_of("lora-1") == 0xDC41465A9DD9D54F
     # A hash collision is refused, not shared.
-    monkeypatch.setattr(rs, "_hash64", lambda data: 0x1234)
+    monkeypatch.setattr(rs.namespaces, "_hash64", lambda data: 0x1234)
     cache2 = rs.RadixsegRadixCache(rs.RadixsegTokenToKVPoolAllocator(_pool(ps)))
     assert _match(cache2, tokens, extra_key="x").device_prefix_len == 0
     with pytest.raises(InvalidArgument, match="same radixseg namespace"):
@@ -1303,7 +1303,6 @@ def test_available_size_moves_only_at_events(monkeypatch, budget):
         return free["bytes"]
 
     monkeypatch.setattr(radixseg.pool, "_device_free_bytes", probe)
-    monkeypatch.setattr(rs, "_device_free_bytes", probe)
     ps, pps = 2, 8
     pool = _pool(ps, pps=pps, segments=None)
     pool.budget_bytes = budget
