@@ -1,533 +1,141 @@
-//! Model-based test of the radix tree against a naive oracle, interleaved
-//! with allocator growth (add / retire segments).
+//! Model-based test of the radix tree, interleaved with allocator growth
+//! (add / retire segments): proptest generates weighted sequences of the tree
+//! model's `Action` (the oracle the fuzz target `tree` uses too,
+//! `rust/radixseg-model/src/tree.rs`).
 //!
 //! The oracle is a map `(namespace, page-aligned prefix) -> page id`: every
 //! cached prefix of whole pages and the page that ends it. A match must
 //! return exactly the pages first inserted for that prefix (before and after
 //! growth), an insert must report exactly the cached part, an eviction may
 //! only remove unlocked suffix-closed parts, and every error must leave the
-//! tree and the allocator as they were. Both checkers run after every step.
-//! Tokens are drawn from a tiny alphabet so that prefixes collide; at
-//! page_size 4 the page patterns share first tokens so that siblings differ
-//! only inside their first page.
+//! tree and the allocator as they were. Both checkers run after every step,
+//! and at the end every request, lock and cached page is dropped and the
+//! allocator must be entirely free. Tokens are drawn from a tiny alphabet so
+//! that prefixes collide; at page_size 4 the page patterns share first tokens
+//! so that siblings differ only inside their first page.
 
 #![cfg(not(loom))]
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use radixseg_core::{Arc, CoreError, NodeId, RadixTree, SegmentAllocator};
-use std::collections::{HashMap, HashSet};
+use radixseg_core::{Arc, RadixTree, SegmentAllocator};
+use radixseg_model::tree::{run_actions, Action, IdPick, PageSrc, RawConfig, Toks};
 
-type Key = (u64, Vec<u32>);
-
-#[derive(Clone, Debug)]
-enum Action {
-    /// Allocate pages, insert, release the caller's references.
-    Insert {
-        ns: u64,
-        tokens: Vec<u32>,
-    },
-    /// Match; optionally lock the node.
-    Match {
-        ns: u64,
-        tokens: Vec<u32>,
-        lock: bool,
-    },
-    /// A running request: match, retain the pages, lock the node.
-    Begin {
-        ns: u64,
-        tokens: Vec<u32>,
-    },
-    /// End a running request: release its pages, unlock.
-    Finish {
-        which: usize,
-    },
-    /// Unlock one lock taken by `Match`.
-    Unlock {
-        which: usize,
-    },
-    /// Unlock / lock a handle from the history that may be stale or unlocked.
-    Probe {
-        which: usize,
-    },
-    Evict {
-        pages: usize,
-    },
-    AddSegment,
-    RetireSegment {
-        which: usize,
-    },
-    /// An insert that must fail: 0 bad token, 1 bad length, 2 free page.
-    BadInsert {
-        ns: u64,
-        tokens: Vec<u32>,
-        kind: u8,
-    },
-}
-
-struct Request {
-    node: NodeId,
-    pages: Vec<u32>,
-}
-
-struct Harness {
-    p: usize,
-    a: Arc<SegmentAllocator>,
-    t: RadixTree,
-    model: HashMap<Key, u32>,
-    /// Locks from `Match { lock: true }`: (handle, ns, matched tokens).
-    locks: Vec<(NodeId, u64, Vec<u32>)>,
-    requests: Vec<(Request, u64, Vec<u32>)>,
-    /// Handles seen, with the prefix each named.
-    history: Vec<(NodeId, u64, Vec<u32>)>,
-}
-
-fn i64s(v: &[u32]) -> Vec<i64> {
-    v.iter().map(|&x| i64::from(x)).collect()
-}
-
-impl Harness {
-    fn new(page_size: u32) -> Self {
-        let a = Arc::new(
-            SegmentAllocator::new(page_size, 8)
-                .unwrap()
-                .with_max_segments(6)
-                .unwrap(),
-        );
-        a.add_segment().unwrap();
-        let t = RadixTree::new(Arc::clone(&a));
-        Self {
-            p: page_size as usize,
-            a,
-            t,
-            model: HashMap::new(),
-            locks: Vec::new(),
-            requests: Vec::new(),
-            history: Vec::new(),
-        }
-    }
-
-    /// The oracle's match: pages of the longest cached page-aligned prefix.
-    fn expected(&self, ns: u64, tokens: &[u32]) -> Vec<u32> {
-        let mut out = Vec::new();
-        for i in 1..=tokens.len() / self.p {
-            match self.model.get(&(ns, tokens[..i * self.p].to_vec())) {
-                Some(&pg) => out.push(pg),
-                None => break,
-            }
-        }
-        out
-    }
-
-    /// The tree's content in the oracle's form.
-    fn tree_map(&self) -> HashMap<Key, u32> {
-        let mut m = HashMap::new();
-        for s in self.t.cached_sequences() {
-            assert_eq!(s.tokens.len(), s.page_ids.len() * self.p);
-            for (i, &pg) in s.page_ids.iter().enumerate() {
-                let key = (s.namespace, s.tokens[..(i + 1) * self.p].to_vec());
-                if let Some(old) = m.insert(key, pg) {
-                    assert_eq!(old, pg, "one prefix, two pages");
-                }
-            }
-        }
-        m
-    }
-
-    fn snapshot(&self) -> (Vec<radixseg_core::CachedSequence>, usize, usize, u64) {
-        (
-            self.t.cached_sequences(),
-            self.t.evictable_pages(),
-            self.t.locked_pages(),
-            self.a.free_pages(),
-        )
-    }
-
-    fn note(&mut self, node: NodeId, ns: u64, matched: &[u32]) {
-        self.history.push((node, ns, matched.to_vec()));
-        if self.history.len() > 48 {
-            self.history.remove(0);
-        }
-    }
-
-    /// Every (ns, prefix) a lock or a request holds.
-    fn locked_keys(&self) -> HashSet<Key> {
-        let mut keys = HashSet::new();
-        let held = self
-            .locks
-            .iter()
-            .map(|(_, ns, toks)| (*ns, toks))
-            .chain(self.requests.iter().map(|(_, ns, toks)| (*ns, toks)));
-        for (ns, toks) in held {
-            for i in 1..=toks.len() / self.p {
-                keys.insert((ns, toks[..i * self.p].to_vec()));
-            }
-        }
-        keys
-    }
-
-    fn own_locks(&self, node: NodeId) -> usize {
-        self.locks.iter().filter(|l| l.0 == node).count()
-            + self.requests.iter().filter(|r| r.0.node == node).count()
-    }
-
-    fn insert(&mut self, ns: u64, tokens: &[u32]) {
-        let n = tokens.len() / self.p;
-        let ids = match self.a.alloc(n) {
-            Ok(ids) => ids,
-            Err(CoreError::OutOfPages { .. }) => {
-                let before = self.t.cached_pages();
-                self.evict(n);
-                assert!(self.t.cached_pages() <= before);
-                match self.a.alloc(n) {
-                    Ok(ids) => ids,
-                    Err(_) => return,
-                }
-            }
-            Err(e) => panic!("{e}"),
-        };
-        let expect = self.expected(ns, tokens);
-        let cached = self.t.insert(tokens, &ids, ns).unwrap();
-        assert_eq!(cached, expect.len() * self.p);
-        for i in expect.len()..n {
-            let key = (ns, tokens[..(i + 1) * self.p].to_vec());
-            assert!(self.model.insert(key, ids[i]).is_none());
-        }
-        // The tree retained the new pages only.
-        let rc = self.a.refcount(&i64s(&ids)).unwrap();
-        for (i, &c) in rc.iter().enumerate() {
-            assert_eq!(c, if i < expect.len() { 1 } else { 2 });
-        }
-        self.a.release(&i64s(&ids)).unwrap();
-    }
-
-    fn do_match(&mut self, ns: u64, tokens: &[u32]) -> radixseg_core::MatchResult {
-        let expect = self.expected(ns, tokens);
-        let m = self.t.match_prefix(tokens, ns).unwrap();
-        assert_eq!(
-            m.page_ids, expect,
-            "match must return the first-inserted pages"
-        );
-        assert_eq!(m.length, expect.len() * self.p);
-        assert_eq!(self.t.prefix_length(m.node).unwrap(), m.length);
-        self.note(m.node, ns, &tokens[..m.length]);
-        m
-    }
-
-    fn evict(&mut self, pages: usize) {
-        let evictable = self.t.evictable_pages();
-        let released = self.t.evict(pages).unwrap();
-        let now = self.tree_map();
-        for (k, v) in &now {
-            assert_eq!(self.model.get(k), Some(v), "evict changed a cached page");
-        }
-        assert_eq!(released, self.model.len() - now.len());
-        assert_eq!(self.t.evictable_pages(), evictable - released);
-        if released < pages {
-            assert_eq!(self.t.evictable_pages(), 0, "stopped with pages left");
-        }
-        if pages == 0 {
-            assert_eq!(released, 0);
-        }
-        for k in self.locked_keys() {
-            assert!(now.contains_key(&k), "a locked prefix was evicted");
-        }
-        self.model = now;
-    }
-
-    fn apply(&mut self, action: &Action) {
-        match action {
-            Action::Insert { ns, tokens } => self.insert(*ns, tokens),
-            Action::Match { ns, tokens, lock } => {
-                let m = self.do_match(*ns, tokens);
-                if *lock {
-                    self.t.lock(m.node).unwrap();
-                    self.locks.push((m.node, *ns, tokens[..m.length].to_vec()));
-                }
-            }
-            Action::Begin { ns, tokens } => {
-                let m = self.do_match(*ns, tokens);
-                self.a.retain(&i64s(&m.page_ids)).unwrap();
-                self.t.lock(m.node).unwrap();
-                let req = Request {
-                    node: m.node,
-                    pages: m.page_ids,
-                };
-                self.requests.push((req, *ns, tokens[..m.length].to_vec()));
-            }
-            Action::Finish { which } => {
-                if self.requests.is_empty() {
-                    return;
-                }
-                let (req, _, _) = self.requests.remove(which % self.requests.len());
-                self.a.release(&i64s(&req.pages)).unwrap();
-                self.t.unlock(req.node).unwrap();
-            }
-            Action::Unlock { which } => {
-                if self.locks.is_empty() {
-                    return;
-                }
-                let (node, _, _) = self.locks.remove(which % self.locks.len());
-                self.t.unlock(node).unwrap();
-            }
-            Action::Probe { which } => {
-                if self.history.is_empty() {
-                    return;
-                }
-                let (node, ns, prefix) = self.history[which % self.history.len()].clone();
-                let live = self.t.prefix_length(node).is_ok();
-                if !prefix.is_empty() && !self.model.contains_key(&(ns, prefix.clone())) {
-                    assert!(!live, "handle of an evicted prefix still live");
-                }
-                if live {
-                    // A live handle still names the same path.
-                    assert_eq!(self.t.prefix_length(node).unwrap(), prefix.len());
-                    assert_eq!(
-                        self.t.lock_count(node).unwrap() as usize,
-                        self.own_locks(node)
-                    );
-                }
-                let before = self.snapshot();
-                if self.own_locks(node) == 0 {
-                    let e = self.t.unlock(node).unwrap_err();
-                    if live {
-                        assert!(matches!(e, CoreError::UnbalancedUnlock { .. }));
-                    } else {
-                        assert!(matches!(e, CoreError::InvalidNode { .. }));
-                    }
-                    assert_eq!(before, self.snapshot());
-                }
-                if live {
-                    self.t.lock(node).unwrap();
-                    self.t.unlock(node).unwrap();
-                } else {
-                    assert!(matches!(
-                        self.t.lock(node),
-                        Err(CoreError::InvalidNode { .. })
-                    ));
-                }
-                assert_eq!(before, self.snapshot());
-            }
-            Action::Evict { pages } => self.evict(*pages),
-            Action::AddSegment => match self.a.add_segment() {
-                Ok(_) | Err(CoreError::IdSpaceExhausted { .. }) => {}
-                Err(e) => panic!("{e}"),
-            },
-            Action::RetireSegment { which } => {
-                let usage = self.a.segment_usage();
-                if usage.len() <= 1 {
-                    return;
-                }
-                let (seg, used) = usage[which % usage.len()];
-                let r = self.a.retire_segment(i64::from(seg));
-                assert_eq!(r.is_ok(), used == 0, "{r:?}");
-            }
-            Action::BadInsert { ns, tokens, kind } => {
-                let n = tokens.len() / self.p;
-                let Ok(ids) = self.a.alloc(n + 1) else {
-                    return;
-                };
-                let mut ids = i64s(&ids);
-                let spare = ids.pop().unwrap_or(0);
-                let before = self.snapshot();
-                let mut toks: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-                let r = match kind % 3 {
-                    0 => {
-                        if toks.is_empty() {
-                            ids.push(spare);
-                            self.a.release(&ids).unwrap();
-                            return;
-                        }
-                        let at = (spare as usize) % toks.len();
-                        toks[at] = if spare % 2 == 0 { -1 } else { 1 << 31 };
-                        self.t.insert(&toks, &ids, *ns)
-                    }
-                    1 => {
-                        ids.push(spare);
-                        let r = self.t.insert(&toks, &ids, *ns);
-                        ids.pop();
-                        r
-                    }
-                    _ => {
-                        if n == 0 {
-                            self.a.release(&[spare]).unwrap();
-                            self.a.release(&ids).unwrap();
-                            return;
-                        }
-                        // A freed page in the last position (new or cached).
-                        let last = ids.len() - 1;
-                        self.a.release(&ids[last..]).unwrap();
-                        let r = self.t.insert(&toks, &ids, *ns);
-                        ids.pop();
-                        r
-                    }
-                };
-                let e = r.unwrap_err();
-                let expected_kind = match kind % 3 {
-                    0 => matches!(e, CoreError::InvalidToken { .. }),
-                    1 => matches!(e, CoreError::LengthMismatch { .. }),
-                    _ => matches!(e, CoreError::InvalidHandle { .. }),
-                };
-                assert!(expected_kind, "{e:?}");
-                let (s, ev, lk, free) = before;
-                let freed_here = if kind % 3 == 2 { 1 } else { 0 };
-                assert_eq!(
-                    (s, ev, lk, free + freed_here),
-                    self.snapshot(),
-                    "a failed insert changed something"
-                );
-                ids.push(spare);
-                self.a.release(&ids).unwrap();
-            }
-        }
-    }
-
-    fn check(&self) {
-        self.t.check_invariants().unwrap();
-        self.a.check_invariants().unwrap();
-        assert_eq!(self.tree_map(), self.model);
-        assert_eq!(self.t.cached_pages(), self.model.len());
-        assert_eq!(self.t.cached_tokens(), self.model.len() * self.p);
-        let locked = self.locked_keys();
-        assert_eq!(self.t.locked_pages(), locked.len());
-        assert_eq!(
-            self.t.evictable_pages() + self.t.locked_pages(),
-            self.t.cached_pages()
-        );
-        // Refcounts: the tree's one reference plus each request's.
-        let mut expect: HashMap<u32, u32> = HashMap::new();
-        for &pg in self.model.values() {
-            *expect.entry(pg).or_insert(0) += 1;
-        }
-        for (r, _, _) in &self.requests {
-            for &pg in &r.pages {
-                *expect.entry(pg).or_insert(0) += 1;
-            }
-        }
-        let ids: Vec<u32> = expect.keys().copied().collect();
-        let rc = self.a.refcount(&i64s(&ids)).unwrap();
-        for (pg, c) in ids.iter().zip(rc) {
-            assert_eq!(c, expect[pg], "refcount of page {pg}");
-        }
-        assert_eq!(
-            self.a.free_pages() + ids.len() as u64,
-            self.a.total_pages(),
-            "pages referenced by nobody must be free"
-        );
+/// Page size `1 << log2`, 8 pages per segment, at most 6 segments, 1 at the start.
+fn config(log2: u8) -> RawConfig {
+    RawConfig {
+        page_size: log2,
+        pages_per_segment: 7,
+        max_segments: 5,
+        initial_segments: 0,
     }
 }
 
-/// Token sequences over a few page patterns (sharing first tokens), plus a
+/// Whole pages from the four patterns that share first tokens, plus a
 /// partial trailing page.
-fn tokens(page_size: usize) -> impl Strategy<Value = Vec<u32>> {
-    let patterns: Vec<Vec<u32>> = if page_size == 1 {
-        vec![vec![0], vec![1], vec![2], vec![3]]
-    } else {
-        (0..4u32)
-            .map(|k| {
-                let mut p = vec![0u32; page_size];
-                match k {
-                    0 => {}
-                    1 => p[page_size - 1] = 1,
-                    2 => p[1] = 1,
-                    _ => p[0] = 1,
-                }
-                p
-            })
-            .collect()
-    };
-    (
-        proptest::collection::vec(0..4usize, 0..7),
-        0..page_size,
-        0..4u32,
-    )
-        .prop_map(move |(pages, extra, tail)| {
-            let mut out: Vec<u32> = pages.iter().flat_map(|&k| patterns[k].clone()).collect();
-            out.extend(std::iter::repeat_n(tail, extra));
-            out
-        })
+fn toks() -> impl Strategy<Value = Toks> {
+    (prop::collection::vec(0..4u8, 0..7), any::<u8>()).prop_map(|(pages, tail)| Toks {
+        pages,
+        tail,
+        bad: 0,
+        bad_at: 0,
+    })
 }
 
-fn actions(page_size: usize) -> impl Strategy<Value = Vec<Action>> {
-    let ns = 0..3u64;
+/// Tokens with one out-of-range token in them.
+fn bad_toks() -> impl Strategy<Value = Toks> {
+    (toks(), 240u8.., any::<u8>()).prop_map(|(t, bad, bad_at)| Toks { bad, bad_at, ..t })
+}
+
+fn ns() -> impl Strategy<Value = u8> {
+    0..3u8
+}
+
+fn actions() -> impl Strategy<Value = Vec<Action>> {
     let action = prop_oneof![
-        6 => (ns.clone(), tokens(page_size)).prop_map(|(ns, tokens)| Action::Insert { ns, tokens }),
-        5 => (ns.clone(), tokens(page_size), any::<bool>())
-            .prop_map(|(ns, tokens, lock)| Action::Match { ns, tokens, lock }),
-        2 => (ns.clone(), tokens(page_size)).prop_map(|(ns, tokens)| Action::Begin { ns, tokens }),
-        2 => any::<usize>().prop_map(|which| Action::Finish { which }),
-        2 => any::<usize>().prop_map(|which| Action::Unlock { which }),
-        2 => any::<usize>().prop_map(|which| Action::Probe { which }),
-        3 => (0..10usize).prop_map(|pages| Action::Evict { pages }),
+        6 => (ns(), toks()).prop_map(|(ns, toks)| Action::Insert {
+            ns, toks, pages: PageSrc::Fresh { keep: false }, len_fuzz: 0,
+        }),
+        1 => (ns(), toks()).prop_map(|(ns, toks)| Action::Insert {
+            ns, toks, pages: PageSrc::Matched { keep: false }, len_fuzz: 0,
+        }),
+        5 => (ns(), toks(), any::<bool>())
+            .prop_map(|(ns, toks, lock)| Action::Match { ns, toks, lock, retain: false }),
+        // A running request: match, retain the pages, lock the node.
+        2 => (ns(), toks()).prop_map(|(ns, toks)| Action::Match { ns, toks, lock: true, retain: true }),
+        2 => (ns(), toks()).prop_map(|(ns, toks)| Action::Acquire { ns, toks }),
+        2 => (any::<u16>(), toks(), any::<bool>()).prop_map(|(which, extra, cache)| Action::Finish {
+            which, extra, cache, variant: 0, bad: IdPick::Raw(0),
+        }),
+        2 => any::<u16>().prop_map(Action::Unlock),
+        1 => prop::collection::vec(any::<u16>(), 1..=3).prop_map(Action::ReleaseHeld),
+        1 => any::<u16>().prop_map(Action::Lock),
+        1 => any::<u16>().prop_map(Action::UnlockSeen),
+        3 => (0..10u16).prop_map(Action::Evict),
         1 => Just(Action::AddSegment),
-        1 => any::<usize>().prop_map(|which| Action::RetireSegment { which }),
-        1 => (ns, tokens(page_size), 0..3u8)
-            .prop_map(|(ns, tokens, kind)| Action::BadInsert { ns, tokens, kind }),
+        1 => any::<u8>().prop_map(Action::RetireSegment),
+        // Inserts that must fail: a bad token, a bad length, a free page.
+        1 => (ns(), bad_toks()).prop_map(|(ns, toks)| Action::Insert {
+            ns, toks, pages: PageSrc::Fresh { keep: false }, len_fuzz: 0,
+        }),
+        1 => (ns(), toks()).prop_map(|(ns, toks)| Action::Insert {
+            ns, toks, pages: PageSrc::Fresh { keep: false }, len_fuzz: 250,
+        }),
+        1 => (ns(), toks(), any::<u16>()).prop_map(|(ns, toks, k)| Action::Insert {
+            ns, toks, pages: PageSrc::Picks(vec![IdPick::Free(k)]), len_fuzz: 0,
+        }),
     ];
-    proptest::collection::vec(action, 1..80)
-}
-
-fn run(page_size: u32, actions: &[Action]) {
-    let mut h = Harness::new(page_size);
-    for a in actions {
-        h.apply(a);
-        h.check();
-    }
-    // Drain: finish every request, drop every lock, evict everything.
-    while !h.requests.is_empty() {
-        h.apply(&Action::Finish { which: 0 });
-        h.check();
-    }
-    while !h.locks.is_empty() {
-        h.apply(&Action::Unlock { which: 0 });
-        h.check();
-    }
-    h.evict(usize::MAX);
-    h.check();
-    assert_eq!(h.t.cached_pages(), 0);
-    assert_eq!(h.t.node_count(), 0);
-    assert_eq!(h.t.namespace_count(), 0);
-    assert_eq!(h.a.free_pages(), h.a.total_pages());
+    prop::collection::vec(action, 1..80)
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn model_page_size_1(actions in actions(1)) {
-        run(1, &actions);
+    fn model_page_size_1(actions in actions()) {
+        run_actions(&config(0), &actions);
     }
 
     #[test]
-    fn model_page_size_4(actions in actions(4)) {
-        run(4, &actions);
+    fn model_page_size_4(actions in actions()) {
+        run_actions(&config(2), &actions);
     }
 }
 
+/// A reset while a request holds its pages: the request's own references
+/// keep them allocated, its handle goes stale, and dropping the references
+/// leaves the allocator entirely free.
 #[test]
 fn reset_in_the_middle() {
-    let mut h = Harness::new(2);
-    h.apply(&Action::Insert {
-        ns: 0,
-        tokens: vec![0, 0, 1, 1, 2, 2],
-    });
-    h.apply(&Action::Begin {
-        ns: 0,
-        tokens: vec![0, 0, 1, 1],
-    });
-    h.check();
-    h.t.reset().unwrap();
-    // The request's own references keep its pages allocated.
-    let (req, _, _) = h.requests.pop().unwrap();
-    assert_eq!(h.a.refcount(&i64s(&req.pages)).unwrap(), vec![1, 1]);
-    assert!(matches!(
-        h.t.unlock(req.node),
-        Err(CoreError::InvalidNode { .. })
-    ));
-    h.a.release(&i64s(&req.pages)).unwrap();
-    h.model.clear();
-    h.check();
-    assert_eq!(h.a.free_pages(), h.a.total_pages());
+    let toks = |pages: &[u8]| Toks {
+        pages: pages.to_vec(),
+        tail: 0,
+        bad: 0,
+        bad_at: 0,
+    };
+    run_actions(
+        &config(1),
+        &[
+            Action::Insert {
+                ns: 0,
+                toks: toks(&[0, 1, 2]),
+                pages: PageSrc::Fresh { keep: false },
+                len_fuzz: 0,
+            },
+            Action::Match {
+                ns: 0,
+                toks: toks(&[0, 1]),
+                lock: true,
+                retain: true,
+            },
+            Action::Reset,
+            Action::UnlockSeen(0),
+        ],
+    );
+}
+
+fn i64s(v: &[u32]) -> Vec<i64> {
+    v.iter().map(|&x| i64::from(x)).collect()
 }
 
 /// Insert and match back one 10,000,000-token sequence at page_size 16.

@@ -1,9 +1,8 @@
-//! The `tree` target: `RadixTree` + `SegmentAllocator` against a naive
-//! prefix map, with allocator growth (add / retire segments) interleaved.
+//! The tree model: `RadixTree` + `SegmentAllocator` against a naive prefix
+//! map, with allocator growth (add / retire segments) interleaved.
 //!
-//! The oracle is the map `(namespace, page-aligned prefix) -> page id` that
-//! `tests/model_radix.rs` uses (every cached prefix of whole pages and the
-//! page that ends it), the multiset of page references the harness itself
+//! The oracle is the map `(namespace, page-aligned prefix) -> page id`
+//! (every cached prefix of whole pages and the page that ends it), the multiset of page references the harness itself
 //! holds (as a running request would), the locks it holds, the requests it
 //! has started with `acquire` and every node handle it has seen. Checked:
 //!
@@ -73,23 +72,28 @@ const MAX_TOKEN: u32 = (1 << 31) - 1;
 const CHURN_BUDGET: u64 = 1024;
 const BAD_TOKENS: [i64; 6] = [-1, 1 << 31, i64::MIN, i64::MAX, u32::MAX as i64, -(1 << 31)];
 
-#[derive(Arbitrary, Debug)]
+/// Raw configuration bytes: page size `1 << (page_size % 4)`, `1 +
+/// pages_per_segment % 8` pages per segment, at most `1 + max_segments % 8`
+/// segments, `1 + initial_segments % 3` of them added at the start.
+#[derive(Arbitrary, Debug, Clone)]
 pub struct RawConfig {
-    page_size: u8,
-    pages_per_segment: u8,
-    max_segments: u8,
-    initial_segments: u8,
+    pub page_size: u8,
+    pub pages_per_segment: u8,
+    pub max_segments: u8,
+    pub initial_segments: u8,
 }
 
 /// A token sequence: whole pages from a few patterns, a partial tail, and
 /// (rarely) one out-of-range token.
 #[derive(Arbitrary, Debug, Clone)]
 pub struct Toks {
-    pages: Vec<u8>,
-    tail: u8,
+    /// Whole pages, each one of eight patterns (`% 8`); at most 12.
+    pub pages: Vec<u8>,
+    /// `tail % page_size` more tokens of value `tail % 3`.
+    pub tail: u8,
     /// >= 240: put `BAD_TOKENS[bad % 6]` at position `bad_at % (len + 1)`.
-    bad: u8,
-    bad_at: u8,
+    pub bad: u8,
+    pub bad_at: u8,
 }
 
 /// How an insert's page ids are chosen.
@@ -1314,9 +1318,16 @@ pub fn run(data: &[u8]) {
 
 /// Run a decoded input.
 pub fn run_input(input: &Input) {
-    let mut h = Harness::new(&input.config);
+    run_actions(&input.config, &input.actions);
+}
+
+/// Run `actions` from `config`, checking everything after each, then drop
+/// every lock, reference and cached page: the allocator must end entirely
+/// free (the proptest driver calls this with its own weighted actions).
+pub fn run_actions(config: &RawConfig, actions: &[Action]) {
+    let mut h = Harness::new(config);
     h.check();
-    for act in &input.actions {
+    for act in actions {
         h.apply(act);
         h.check();
     }
