@@ -654,6 +654,29 @@ def test_beam_search_and_repeated_sequences_say_so(kw):
     cache.abort()
 
 
+def test_mla_geometry_is_what_transformers_expands_it_to():
+    """transformers' MLA attention hands the cache per-head K and V: usable when
+    they have one size (Mistral-4 style), refused by name when not (DeepSeek-V3)."""
+    small = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+    )
+    cfg = transformers.DeepseekV3Config(
+        **small, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, head_dim=8
+    )
+    assert rt.model_geometry(cfg) == (2, 4, 16)
+    cfg = transformers.DeepseekV3Config(
+        **small, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8
+    )
+    with pytest.raises(InvalidArgument, match="K of 24 and V of 16"):
+        rt.model_geometry(cfg)
+
+
 @pytest.mark.parametrize(
     ("falcon", "kv_heads"),
     [

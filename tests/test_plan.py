@@ -222,6 +222,47 @@ def test_sliding_window_models():
     assert "no limit" in str(p)
 
 
+def test_multi_query_configs_hold_one_kv_head():
+    falcon_7b = {
+        "model_type": "falcon",
+        "hidden_size": 4544,
+        "num_attention_heads": 71,
+        "num_hidden_layers": 32,
+        "multi_query": True,
+        "new_decoder_architecture": False,
+    }
+    g = kv_geometry(falcon_7b)
+    assert (g.num_layers, g.num_kv_heads, g.head_dim) == (32, 1, 64)
+    assert kv_geometry({**falcon_7b, "multi_query": False}).num_kv_heads == 71
+    assert kv_geometry(falcon_7b, num_kv_heads=71).num_kv_heads == 71  # a named field wins
+    falcon_40b = {**falcon_7b, "new_decoder_architecture": True, "num_kv_heads": 8}
+    assert kv_geometry(falcon_40b).num_kv_heads == 8
+    starcoder = {"model_type": "gpt_bigcode", "n_layer": 40, "n_head": 48, "n_embd": 6144}
+    g = kv_geometry({**starcoder, "multi_query": True})
+    assert (g.num_layers, g.num_kv_heads, g.head_dim) == (40, 1, 128)
+    assert kv_geometry(starcoder).num_kv_heads == 48
+
+
+def test_transformers_config_objects_read_like_their_json():
+    transformers = pytest.importorskip("transformers")
+    fields = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads")
+    cfg = transformers.LlamaConfig(**{k: LLAMA_31_8B[k] for k in fields})
+    g, want = kv_geometry(cfg), kv_geometry(LLAMA_31_8B)
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.layer_windows) == (
+        want.num_layers,
+        want.num_kv_heads,
+        want.head_dim,
+        want.layer_windows,
+    )
+    assert plan(cfg, kv_dtype="bf16").kv_bytes_per_token == 131_072
+    assert kv_geometry(cfg).source == "LlamaConfig"
+    bigcode = transformers.GPTBigCodeConfig(n_layer=2, n_head=4, n_embd=32)  # n_layer via to_dict
+    g = kv_geometry(bigcode)
+    assert (g.num_layers, g.num_kv_heads, g.head_dim) == (2, 1, 8)
+    with pytest.raises(InvalidArgument, match="not a path, a dict"):
+        kv_geometry(object())  # type: ignore[arg-type]
+
+
 def test_named_fields_match_the_config(tmp_path):
     by_fields = plan(num_layers=80, num_kv_heads=8, head_dim=128, kv_dtype="fp8", tp=8)
     by_config = plan(write(tmp_path, LLAMA_31_70B), kv_dtype="fp8", tp=8)

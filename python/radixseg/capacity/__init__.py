@@ -26,7 +26,7 @@ import torch
 
 from radixseg._core import InvalidArgument
 from radixseg._dtypes import FP8_DTYPES, SHORT_NAMES, kv_dtype_named
-from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, KVGeometry, kv_geometry
+from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, HFConfig, KVGeometry, kv_geometry
 from radixseg.capacity.report import SCALE_BYTES, Plan
 from radixseg.capacity.units import MAX_VALUE, _check_int, parse_bytes, parse_count
 
@@ -35,6 +35,7 @@ __all__ = [
     "MAX_VALUE",
     "SCALE_BYTES",
     "ConfigLike",
+    "HFConfig",
     "KVGeometry",
     "Plan",
     "kv_geometry",

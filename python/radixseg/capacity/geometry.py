@@ -15,12 +15,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from radixseg._core import InvalidArgument
 from radixseg.capacity.units import _check_int, _is_int, _shown
 
-__all__ = ["MAX_LAYERS", "ConfigLike", "KVGeometry", "kv_geometry"]
+__all__ = ["MAX_LAYERS", "ConfigLike", "HFConfig", "KVGeometry", "kv_geometry"]
 
 # Sub-dictionaries that hold the language model in multimodal configs
 # (Llama-4, Gemma-3, Qwen-VL: text_config; InternVL: llm_config;
@@ -33,6 +33,32 @@ _HIDDEN = ("hidden_size", "n_embd", "d_model")
 _FULL_TYPES = frozenset({"full_attention", "attention", "global_attention", "global"})
 _SLIDING_TYPES = frozenset({"sliding_attention", "local_attention", "local", "sliding"})
 _CHUNKED_TYPES = frozenset({"chunked_attention"})
+# Every field kv_geometry reads, for configs given as objects: those that size
+# a layer's KV, and those that only say which layers are windowed.
+_SIZE_FIELDS = (
+    *_LAYERS,
+    *_HEADS,
+    *_KV_HEADS,
+    *_HIDDEN,
+    "head_dim",
+    "model_type",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "multi_query",
+    "new_decoder_architecture",
+)
+_WINDOW_FIELDS = (
+    "layer_types",
+    "sliding_window",
+    "use_sliding_window",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
+    "max_window_layers",
+    "attention_chunk_size",
+    "no_rope_layers",
+    "no_rope_layer_interval",
+)
+_ABSENT = object()
 # More layers than any model has; a bound keeps a bogus config from building
 # per-layer tuples of 10**12 entries (MemoryError) before anything is checked.
 MAX_LAYERS = 1 << 16
@@ -157,13 +183,46 @@ class KVGeometry:
         return f"{name}({self.source}): {layers}; {attn}"
 
 
+class HFConfig(Protocol):
+    """A loaded config object: transformers' ``PretrainedConfig`` or alike."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 #: What :func:`kv_geometry` and :func:`plan` accept as ``config``.
-ConfigLike = str | os.PathLike[str] | Mapping[str, Any] | KVGeometry
+ConfigLike = str | os.PathLike[str] | Mapping[str, Any] | HFConfig | KVGeometry
 
 
-def _load(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+def _as_dict(config: HFConfig) -> dict[str, Any]:
+    """``config.to_dict()``, with the fields read here taken from the object's
+    attributes where it has them: the model's code reads those, and they can
+    differ from the dict (``attribute_map`` aliases, properties such as
+    Falcon's ``head_dim``, layer lists rewritten on load)."""
+    cfg = dict(config.to_dict())
+    for key in (*_SIZE_FIELDS, *_WINDOW_FIELDS):
+        try:
+            value = getattr(config, key, _ABSENT)
+        except Exception as e:  # transformers refuses per-layer fields (Gemma-4's head_dim)
+            if key in _WINDOW_FIELDS:
+                continue  # the dict's value stands: a window caps a size, never sets one
+            raise InvalidArgument(f"config {type(config).__name__}: {key}: {e}") from None
+        if value is not _ABSENT:
+            cfg[key] = value
+    return cfg
+
+
+def _load(
+    config: str | os.PathLike[str] | Mapping[str, Any] | HFConfig,
+) -> tuple[dict[str, Any], str]:
     if isinstance(config, Mapping):
         return dict(config), "<dict>"
+    if not isinstance(config, (str, os.PathLike)):
+        if not callable(getattr(config, "to_dict", None)):
+            raise InvalidArgument(
+                f"config of type {type(config).__name__} is not a path, a dict, a "
+                "transformers config or a KVGeometry"
+            )
+        return _as_dict(config), type(config).__name__
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
@@ -217,11 +276,16 @@ def _required(cfg: Mapping[str, Any], keys: Sequence[str], where: str, hint: str
     return v
 
 
+def _window(cfg: Mapping[str, Any], where: str) -> int | None:
+    return _field(cfg, ("sliding_window",), where)
+
+
 def _layer_windows(cfg: Mapping[str, Any], n: int, where: str) -> tuple[int | None, ...]:
     chunk = _field(cfg, ("attention_chunk_size",), where)
-    declared = _field(cfg, ("sliding_window",), where)
-    # Qwen2 declares a window but turns it off; explicit layer_types still win.
-    sliding = None if cfg.get("use_sliding_window") is False else declared
+    # Qwen2 declares a window but turns it off (Qwen2-MoE's transformers config
+    # then holds 0); explicit layer_types still win. The window is read only
+    # where a layer uses it.
+    sliding = None if cfg.get("use_sliding_window") is False else _window(cfg, where)
     types = cfg.get("layer_types")
     if types is not None:
         if (
@@ -239,7 +303,7 @@ def _layer_windows(cfg: Mapping[str, Any], n: int, where: str) -> tuple[int | No
                 out.append(None)
             elif t in _CHUNKED_TYPES or t in _SLIDING_TYPES:
                 chunked = t in _CHUNKED_TYPES
-                w = chunk if chunked else declared
+                w = chunk if chunked else _window(cfg, where)
                 key = "attention_chunk_size" if chunked else "sliding_window"
                 if w is None:
                     raise InvalidArgument(
@@ -287,6 +351,18 @@ def _layer_windows(cfg: Mapping[str, Any], n: int, where: str) -> tuple[int | No
     return (None,) * n
 
 
+def _multi_query(cfg: Mapping[str, Any]) -> bool:
+    """One K/V head shared by every query head, whatever the head counts say.
+
+    Falcon's ``multi_query`` (on by default; the 40B ``new_decoder_architecture``
+    reads ``num_kv_heads`` instead) and GPTBigCode's (StarCoder) when no
+    ``num_key_value_heads`` is named.
+    """
+    if cfg.get("model_type") == "falcon":
+        return not cfg.get("new_decoder_architecture") and bool(cfg.get("multi_query", True))
+    return bool(cfg.get("multi_query")) and cfg.get("num_key_value_heads") is None
+
+
 def kv_geometry(
     config: ConfigLike | None = None,
     *,
@@ -303,12 +379,14 @@ def kv_geometry(
     """Read the KV geometry from an HF ``config.json``, a loaded dict, or named fields.
 
     ``config`` is a path to ``config.json`` (or to the directory holding it), a
-    dict already loaded, or ``None`` to use the keywords alone. Keywords given
+    dict already loaded, a transformers ``PretrainedConfig`` (read through its
+    ``to_dict()``), or ``None`` to use the keywords alone. Keywords given
     together with a config override the config's fields. A config that nests
     its language model under ``text_config`` (Llama-4, Gemma-3) is read there.
 
     * GQA: ``num_key_value_heads`` (default ``num_attention_heads``) heads of
-      ``head_dim`` (default ``hidden_size // num_attention_heads``) for K and V.
+      ``head_dim`` (default ``hidden_size // num_attention_heads``) for K and V;
+      one head for multi-query attention (Falcon-7B, GPTBigCode).
     * MLA (``kv_lora_rank`` set: DeepSeek-V2/V3): one latent of
       ``kv_lora_rank + qk_rope_head_dim`` elements per token per layer.
     * Windowed layers: ``layer_types``; Llama-4's ``attention_chunk_size`` with
@@ -379,7 +457,8 @@ def kv_geometry(
         rank = _required(cfg, ("kv_lora_rank",), where, "kv_lora_rank")
         rope = _required(cfg, ("qk_rope_head_dim",), where, "qk_rope_head_dim")
         return KVGeometry(n, 1, rank + rope, True, windows, source, model_type)
-    kv = _field(cfg, _KV_HEADS, where)
+    kv = 1 if "num_key_value_heads" not in given and _multi_query(cfg) else None
+    kv = kv or _field(cfg, _KV_HEADS, where)
     dim = _field(cfg, ("head_dim",), where)
     heads = None
     if kv is None or dim is None:

@@ -91,6 +91,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 from radixseg import attention as _attn
 from radixseg._core import InvalidArgument
 from radixseg.cache import PrefixCache, Request
+from radixseg.capacity import kv_geometry
 from radixseg.pool import KVPool
 
 __all__ = [
@@ -115,44 +116,21 @@ _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 # ----- model geometry -------------------------------------------------------------------
 
 
-def _kv_heads(text: Any, q_heads: int) -> int:
-    """KV heads per layer as the model's attention hands them to the cache."""
-    if getattr(text, "model_type", None) == "falcon":
-        # FalconAttention: the new (40B) architecture broadcasts K/V to every
-        # query head before the cache sees them; the old one with multi_query
-        # has one K/V head; otherwise num_kv_heads.
-        if getattr(text, "new_decoder_architecture", False):
-            return q_heads
-        if getattr(text, "multi_query", True):
-            return 1
-        return int(getattr(text, "num_kv_heads", None) or q_heads)
-    if getattr(text, "multi_query", False) and getattr(text, "num_key_value_heads", None) is None:
-        return 1  # GPTBigCode-style multi-query attention
-    return int(getattr(text, "num_key_value_heads", None) or q_heads)
-
-
 def model_geometry(config: Any) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder config.
 
-    Reads ``num_hidden_layers``, ``num_key_value_heads`` (default
-    ``num_attention_heads``; Falcon's ``new_decoder_architecture`` /
-    ``multi_query`` / ``num_kv_heads`` and multi-query configs are read the
-    way their attention shapes K/V) and ``head_dim`` (default ``hidden_size //
-    num_attention_heads``), from the text config of multimodal models. Raises
+    Read by :func:`radixseg.capacity.kv_geometry`, the reader ``radixseg plan``
+    uses, from the text config of multimodal models: ``num_hidden_layers``,
+    ``num_key_value_heads`` (default ``num_attention_heads``; one for
+    multi-query Falcon and GPTBigCode) and ``head_dim`` (default
+    ``hidden_size // num_attention_heads``). Falcon's
+    ``new_decoder_architecture`` broadcasts K/V to every query head before the
+    cache sees them, so the cache holds ``num_attention_heads`` there. Raises
     :class:`InvalidArgument` for layer types other than full and
-    sliding-window attention, and for attention logit soft-capping.
+    sliding-window attention, for attention logit soft-capping, and for
+    multi-head latent attention whose K and V heads differ in size.
     """
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    try:
-        layers = int(text.num_hidden_layers)
-        q_heads = int(text.num_attention_heads)
-    except AttributeError as e:
-        raise InvalidArgument(
-            f"config {type(config).__name__} lacks num_hidden_layers / num_attention_heads; "
-            f"radixseg supports decoder-only attention models"
-        ) from e
-    kv_heads = _kv_heads(text, q_heads)
-    head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // q_heads
     types = getattr(text, "layer_types", None) or []
     other = sorted({t for t in types if t not in _SUPPORTED_LAYER_TYPES})
     if other:
@@ -166,7 +144,29 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
             f"config sets attn_logit_softcapping={text.attn_logit_softcapping}; attention logit "
             f"soft-capping is not supported by radixseg"
         )
-    return layers, kv_heads, int(head_dim)
+    try:
+        g = kv_geometry(text)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{e}; radixseg supports decoder-only attention models") from e
+    if g.mla:
+        # transformers' MLA attention (DeepSeek-V2/V3, Mistral-4) expands the
+        # latent into per-head K and V before the cache sees them.
+        k_dim = getattr(text, "qk_head_dim", None) or getattr(text, "head_dim", None)
+        v_dim = getattr(text, "v_head_dim", None) or k_dim
+        if not k_dim or k_dim != v_dim:
+            raise InvalidArgument(
+                f"config {type(config).__name__} expands multi-head latent attention into K "
+                f"of {k_dim} and V of {v_dim} elements per head; RadixsegCache stores K and V "
+                "of one head_dim"
+            )
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        return g.num_layers, int(heads), int(k_dim)
+    kv_heads = g.num_kv_heads
+    if getattr(text, "model_type", None) == "falcon" and getattr(
+        text, "new_decoder_architecture", False
+    ):
+        kv_heads = int(text.num_attention_heads)
+    return g.num_layers, kv_heads, g.head_dim
 
 
 def prefix_cache_for(
