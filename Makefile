@@ -41,8 +41,8 @@ test-rust:
 lint: install
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	ruff check python tests benchmarks
-	ruff format --check python tests benchmarks
+	ruff check python tests benchmarks scripts
+	ruff format --check python tests benchmarks scripts
 	mypy
 	$(PY) -m mypy.stubtest radixseg._core
 
