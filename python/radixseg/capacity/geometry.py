@@ -405,18 +405,6 @@ def kv_geometry(
     >>> kv_geometry(num_layers=61, kv_lora_rank=512, qk_rope_head_dim=64).head_dim
     576
     """
-    overrides = {
-        "num_hidden_layers": num_layers,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": head_dim,
-        "num_attention_heads": num_attention_heads,
-        "kv_lora_rank": kv_lora_rank,
-        "qk_rope_head_dim": qk_rope_head_dim,
-        "sliding_window": sliding_window,
-        "attention_chunk_size": attention_chunk_size,
-        "layer_types": None if layer_types is None else list(layer_types),
-    }
-    given = {k: v for k, v in overrides.items() if v is not None}
     named = {
         "num_layers": num_layers,
         "num_kv_heads": num_kv_heads,
@@ -430,6 +418,11 @@ def kv_geometry(
     for name, value in named.items():
         if value is not None:
             _check_int(name, value, 1)
+    # Fields named here override the config's, under the config's names.
+    renamed = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads"}
+    given: dict[str, Any] = {renamed.get(k, k): v for k, v in named.items() if v is not None}
+    if layer_types is not None:
+        given["layer_types"] = list(layer_types)
     if isinstance(config, KVGeometry):
         if given:
             raise InvalidArgument(
