@@ -1,0 +1,160 @@
+//! Splitting a batch into items of one (request, KV head, chunk), running
+//! them on scoped threads, and merging each (request, head)'s items by
+//! log-sum-exp in chunk order, so results do not depend on the thread count.
+
+use crate::isa::Isa;
+use crate::kernel::{run_item, Scratch};
+use crate::{DecodeBatch, PoolGeometry, SegmentLayer, CHUNK_TOKENS};
+
+/// What every item reads.
+pub(crate) struct Ctx<'a, 'b> {
+    pub(crate) g: PoolGeometry,
+    pub(crate) segments: &'b [Option<SegmentLayer<'a>>],
+    pub(crate) group: usize,
+}
+
+/// One unit of work: request `req`, KV head `head`, pages `pages` of it
+/// holding `tokens` tokens.
+#[derive(Clone, Copy)]
+pub(crate) struct Item {
+    pub(crate) req: usize,
+    pub(crate) head: usize,
+    pub(crate) first_page: usize,
+    pub(crate) pages: usize,
+    pub(crate) tokens: usize,
+}
+
+fn items(ctx: &Ctx<'_, '_>, b: &DecodeBatch<'_>, n: usize) -> Vec<Item> {
+    let ps = ctx.g.page_size;
+    let chunk_pages = (CHUNK_TOKENS / ps).max(1);
+    let mut out = Vec::new();
+    for req in 0..n {
+        let first = b.indptr[req] as usize;
+        let pages = b.indptr[req + 1] as usize - first;
+        let len = b.kv_lens[req] as usize;
+        for head in 0..ctx.g.kv_heads {
+            let mut p = 0;
+            while p < pages {
+                let take = chunk_pages.min(pages - p);
+                let tokens = (take * ps).min(len - p * ps);
+                out.push(Item {
+                    req,
+                    head,
+                    first_page: first + p,
+                    pages: take,
+                    tokens,
+                });
+                p += take;
+            }
+        }
+    }
+    out
+}
+
+/// Run every item on `threads` workers, then merge.
+pub(crate) fn run(
+    ctx: &Ctx<'_, '_>,
+    b: &DecodeBatch<'_>,
+    n: usize,
+    threads: usize,
+    isa: Isa,
+) -> (Vec<f32>, Vec<f32>) {
+    let (g, d) = (ctx.group, ctx.g.head_dim);
+    // Queries scaled once so that scores are in log2 units (exp2 below).
+    let scale = b.sm_scale * std::f32::consts::LOG2_E;
+    let q: Vec<f32> = b.q.iter().map(|x| x * scale).collect();
+    let work = items(ctx, b, n);
+    // Per item: acc [group, d], then m [group], then l [group].
+    let slot = g * (d + 2);
+    let mut partial = vec![0.0f32; work.len() * slot];
+    {
+        let mut per_thread: Vec<Vec<(&Item, &mut [f32])>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (i, (item, part)) in work.iter().zip(partial.chunks_mut(slot)).enumerate() {
+            per_thread[i % threads].push((item, part));
+        }
+        let job = |list: Vec<(&Item, &mut [f32])>| {
+            let mut scratch = Scratch::new(g, d);
+            for (item, part) in list {
+                let row = (item.req * b.q_heads + item.head * g) * d;
+                let pages = &b.indices[item.first_page..item.first_page + item.pages];
+                run_item(
+                    isa,
+                    ctx,
+                    &q[row..row + g * d],
+                    item,
+                    pages,
+                    &mut scratch,
+                    part,
+                );
+            }
+        };
+        if threads == 1 || work.len() <= 1 {
+            per_thread.into_iter().for_each(job);
+        } else {
+            std::thread::scope(|s| {
+                let mut lists = per_thread.into_iter();
+                let mine = lists.next();
+                for list in lists.filter(|l| !l.is_empty()) {
+                    s.spawn(move || job(list));
+                }
+                if let Some(list) = mine {
+                    job(list);
+                }
+            });
+        }
+    }
+    merge(ctx, b, n, &work, &partial)
+}
+
+/// Merge the items of each (request, head) in chunk order.
+fn merge(
+    ctx: &Ctx<'_, '_>,
+    b: &DecodeBatch<'_>,
+    n: usize,
+    work: &[Item],
+    partial: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (g, d) = (ctx.group, ctx.g.head_dim);
+    let slot = g * (d + 2);
+    let mut out = vec![0.0f32; n * b.q_heads * d];
+    let mut lse = vec![f32::NEG_INFINITY; n * b.q_heads];
+    let mut i = 0;
+    while i < work.len() {
+        let (req, head) = (work[i].req, work[i].head);
+        let mut j = i;
+        while j < work.len() && work[j].req == req && work[j].head == head {
+            j += 1;
+        }
+        for gi in 0..g {
+            let m_of = |k: usize| partial[k * slot + g * d + gi];
+            let l_of = |k: usize| partial[k * slot + g * d + g + gi];
+            let qh = req * b.q_heads + head * g + gi;
+            if (i..j).any(|k| m_of(k).is_nan()) {
+                out[qh * d..(qh + 1) * d].fill(f32::NAN);
+                lse[qh] = f32::NAN;
+                continue;
+            }
+            let m = (i..j).map(m_of).fold(f32::NEG_INFINITY, f32::max);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let o = &mut out[qh * d..(qh + 1) * d];
+            let mut total = 0.0f32;
+            for k in i..j {
+                let w = (m_of(k) - m).exp2();
+                total += w * l_of(k);
+                let acc = &partial[k * slot + gi * d..k * slot + (gi + 1) * d];
+                for (o, a) in o.iter_mut().zip(acc) {
+                    *o += w * a;
+                }
+            }
+            for x in o.iter_mut() {
+                *x /= total;
+            }
+            lse[qh] = (m + total.log2()) * std::f32::consts::LN_2;
+        }
+        i = j;
+    }
+    (out, lse)
+}

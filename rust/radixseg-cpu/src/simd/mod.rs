@@ -1,0 +1,70 @@
+//! The vector operations the kernel needs, and their implementations:
+//! portable scalar code, AVX2/AVX-512 on x86-64 and NEON on AArch64.
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
+
+pub(crate) use scalar::Scalar;
+
+use crate::BLOCK;
+
+/// The vector operations the kernel needs; `F` holds `LANES` `f32`s.
+///
+/// Implementations for an instruction set are only ever called from a
+/// function compiled with that set enabled and entered after runtime
+/// detection (see [`run_item`]); every method is `#[inline(always)]` so that
+/// it is compiled there.
+pub(crate) trait Simd: Copy {
+    const LANES: usize;
+    type F: Copy;
+    fn splat(self, x: f32) -> Self::F;
+    /// The first `LANES` values of `s`.
+    fn load(self, s: &[f32]) -> Self::F;
+    /// The `LANES` values at `p`.
+    ///
+    /// # Safety
+    /// `p .. p + LANES` must be inside one live `f32` slice.
+    unsafe fn load_ptr(self, p: *const f32) -> Self::F;
+    /// Into the first `LANES` values of `s`.
+    fn store(self, v: Self::F, s: &mut [f32]);
+    /// `a * b + c`.
+    fn fma(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    fn add(self, a: Self::F, b: Self::F) -> Self::F;
+    fn mul(self, a: Self::F, b: Self::F) -> Self::F;
+    fn max(self, a: Self::F, b: Self::F) -> Self::F;
+    fn sum(self, a: Self::F) -> f32;
+    /// `out[t] = sum(v[t])` for the `BLOCK` vectors of `v`.
+    fn sums(self, v: &[Self::F; BLOCK], out: &mut [f32]);
+    fn max_lane(self, a: Self::F) -> f32;
+    /// `a` with its lanes from `valid` on set to -inf.
+    fn pad(self, a: Self::F, valid: usize) -> Self::F;
+    /// Whether a lane of `a` is NaN.
+    fn has_nan(self, a: Self::F) -> bool;
+    /// `2^x` for `x <= 0` (NaN stays NaN).
+    fn exp2(self, x: Self::F) -> Self::F;
+    /// Decode the `dst.len()` codes at the start of `src` (`dst.len()` a
+    /// multiple of `LANES`); e4m3 comes out divided by 256.
+    fn decode<const F: u8>(self, src: &[u8], dst: &mut [f32]);
+}
+
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod simd_tests {
+    #[cfg(target_arch = "aarch64")]
+    use super::neon::sums_for_test;
+    #[cfg(target_arch = "x86_64")]
+    use super::x86::sums_for_test;
+
+    #[test]
+    fn block_sums_reduce_each_vector() {
+        let v: Vec<f32> = (0..16 * 16)
+            .map(|i| ((i * 7919) % 101) as f32 - 50.0)
+            .collect();
+        let want: Vec<f32> = v.chunks(16).map(|c| c.iter().sum()).collect();
+        for (name, got) in sums_for_test(&v) {
+            assert_eq!(got, want, "{name}");
+        }
+    }
+}

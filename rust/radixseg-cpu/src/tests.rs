@@ -1,0 +1,690 @@
+//! The kernel against an `f64` reference written here, in every storage
+//! format and every instruction set this CPU has, plus the edge cases of
+//! the online softmax (NaN and infinite scores, stale scales, bad tables).
+
+use super::*;
+use crate::kernel::read_f32;
+
+/// A tiny deterministic generator (xorshift64*), so the core needs no rand crate.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// Value of a code by its format's definition, in f64 (e4m3 NaN codes excluded).
+fn value(format: KvFormat, b: &[u8]) -> f64 {
+    let minifloat = |x: u32, man_bits: u32, exp_bits: u32, bias: i32| {
+        let sign = if x >> (man_bits + exp_bits) & 1 == 1 {
+            -1.0
+        } else {
+            1.0
+        };
+        let e = ((x >> man_bits) & ((1 << exp_bits) - 1)) as i32;
+        let m = f64::from(x & ((1 << man_bits) - 1)) / f64::from(1u32 << man_bits);
+        if e == (1 << exp_bits) - 1 && bias != 7 {
+            return if m == 0.0 {
+                sign * f64::INFINITY
+            } else {
+                f64::NAN
+            };
+        }
+        sign * if e == 0 {
+            m * 2f64.powi(1 - bias)
+        } else {
+            (1.0 + m) * 2f64.powi(e - bias)
+        }
+    };
+    match format {
+        KvFormat::E4m3 => minifloat(u32::from(b[0]), 3, 4, 7),
+        KvFormat::E5m2 => minifloat(u32::from(b[0]), 2, 5, 15),
+        KvFormat::F16 => minifloat(u32::from(u16::from_ne_bytes([b[0], b[1]])), 10, 5, 15),
+        KvFormat::Bf16 => f64::from(f32::from_bits(
+            u32::from(u16::from_ne_bytes([b[0], b[1]])) << 16,
+        )),
+        KvFormat::F32 => f64::from(f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
+    }
+}
+
+/// A finite code of `format` for a value in [-1, 1) times 4.
+fn code(format: KvFormat, rng: &mut Rng) -> Vec<u8> {
+    let x = rng.unit() * 4.0;
+    match format {
+        KvFormat::E4m3 => loop {
+            let c = (rng.next() >> 56) as u8;
+            if c & 0x7F != 0x7F {
+                return vec![c];
+            }
+        },
+        KvFormat::E5m2 => loop {
+            let c = (rng.next() >> 56) as u8;
+            if (c >> 2) & 0x1F != 0x1F {
+                return vec![c];
+            }
+        },
+        KvFormat::F16 => loop {
+            let c = (rng.next() >> 48) as u16;
+            if (c >> 10) & 0x1F < 0x13 {
+                return c.to_ne_bytes().to_vec();
+            }
+        },
+        KvFormat::Bf16 => ((x.to_bits() >> 16) as u16).to_ne_bytes().to_vec(),
+        KvFormat::F32 => x.to_ne_bytes().to_vec(),
+    }
+}
+
+struct Pool {
+    geo: PoolGeometry,
+    bufs: Vec<Option<[Vec<u8>; 4]>>,
+}
+
+impl Pool {
+    fn new(geo: PoolGeometry, segments: usize, dead: &[usize], rng: &mut Rng) -> Pool {
+        let bufs = (0..segments)
+            .map(|sid| {
+                if dead.contains(&sid) {
+                    return None;
+                }
+                let n = geo.tokens_per_segment() * geo.kv_heads;
+                let codes = |rng: &mut Rng| -> Vec<u8> {
+                    (0..n * geo.head_dim)
+                        .flat_map(|_| code(geo.format, rng))
+                        .collect()
+                };
+                let scales = |rng: &mut Rng| -> Vec<u8> {
+                    if !geo.format.scaled() {
+                        return Vec::new();
+                    }
+                    (0..n)
+                        .flat_map(|_| (0.01 + rng.unit().abs()).to_ne_bytes())
+                        .collect()
+                };
+                Some([codes(rng), codes(rng), scales(rng), scales(rng)])
+            })
+            .collect();
+        Pool { geo, bufs }
+    }
+
+    fn layers(&self) -> Vec<Option<SegmentLayer<'_>>> {
+        self.bufs
+            .iter()
+            .map(|b| {
+                b.as_ref().map(|b| SegmentLayer {
+                    k: &b[0],
+                    v: &b[1],
+                    k_scale: &b[2],
+                    v_scale: &b[3],
+                })
+            })
+            .collect()
+    }
+
+    /// K (`which` 0) or V (1) of token slot `t` (segment-local page * page_size + i), head `h`, in f64.
+    fn row(&self, which: usize, page: i64, i: usize, h: usize) -> Vec<f64> {
+        let g = &self.geo;
+        let (pps, ps, e, d) = (
+            g.pages_per_segment,
+            g.page_size,
+            g.format.element_bytes(),
+            g.head_dim,
+        );
+        let b = self.bufs[page as usize / pps].as_ref().expect("live");
+        let at = ((page as usize % pps) * ps + i) * g.kv_heads + h;
+        let scale = if g.format.scaled() {
+            f64::from(read_f32(&b[2 + which], at))
+        } else {
+            1.0
+        };
+        (0..d)
+            .map(|j| value(g.format, &b[which][(at * d + j) * e..]) * scale)
+            .collect()
+    }
+}
+
+/// f64 softmax attention, the way the tests in Python define it.
+fn reference(pool: &Pool, b: &DecodeBatch<'_>) -> (Vec<f64>, Vec<f64>) {
+    let g = &pool.geo;
+    let (d, ps) = (g.head_dim, g.page_size);
+    let group = b.q_heads / g.kv_heads;
+    let n = b.kv_lens.len();
+    let mut out = vec![0.0; n * b.q_heads * d];
+    let mut lse = vec![f64::NEG_INFINITY; n * b.q_heads];
+    for r in 0..n {
+        let pages = &b.indices[b.indptr[r] as usize..b.indptr[r + 1] as usize];
+        let len = b.kv_lens[r] as usize;
+        for qh in 0..b.q_heads {
+            let h = qh / group;
+            let q = &b.q[(r * b.q_heads + qh) * d..][..d];
+            let (mut s, mut vs) = (Vec::new(), Vec::new());
+            for t in 0..len {
+                let k = pool.row(0, pages[t / ps], t % ps, h);
+                let dot: f64 = q.iter().zip(&k).map(|(a, b)| f64::from(*a) * b).sum();
+                s.push(dot * f64::from(b.sm_scale));
+                vs.push(pool.row(1, pages[t / ps], t % ps, h));
+            }
+            if s.is_empty() {
+                continue;
+            }
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let o = &mut out[(r * b.q_heads + qh) * d..][..d];
+            for (wt, v) in w.iter().zip(&vs) {
+                for (o, x) in o.iter_mut().zip(v) {
+                    *o += wt * x / total;
+                }
+            }
+            lse[r * b.q_heads + qh] = m + total.ln();
+        }
+    }
+    (out, lse)
+}
+
+/// Requests of `lens` tokens over the live pages of `pool`, shuffled.
+fn table(pool: &Pool, lens: &[usize], rng: &mut Rng) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+    let pps = pool.geo.pages_per_segment;
+    let mut free: Vec<i64> = (0..pool.bufs.len() * pps)
+        .filter(|p| pool.bufs[p / pps].is_some())
+        .map(|p| p as i64)
+        .collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    let (mut indptr, mut indices) = (vec![0i64], Vec::new());
+    for &len in lens {
+        let need = len.div_ceil(pool.geo.page_size);
+        indices.extend(free.drain(..need));
+        indptr.push(indices.len() as i64);
+    }
+    (indptr, indices, lens.iter().map(|&l| l as i64).collect())
+}
+
+fn check(
+    format: KvFormat,
+    page_size: usize,
+    kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    lens: &[usize],
+) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (page_size * 31 + head_dim) as u64);
+    let geo = PoolGeometry {
+        page_size,
+        pages_per_segment: 64,
+        kv_heads,
+        head_dim,
+        format,
+    };
+    let need: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
+    let segments = need.div_ceil(64) + 2;
+    let pool = Pool::new(geo, segments, &[1], &mut rng);
+    let (indptr, indices, kv_lens) = table(&pool, lens, &mut rng);
+    let q_heads = kv_heads * group;
+    let q: Vec<f32> = (0..lens.len() * q_heads * head_dim)
+        .map(|_| rng.unit())
+        .collect();
+    let batch = DecodeBatch {
+        q: &q,
+        q_heads,
+        indptr: &indptr,
+        indices: &indices,
+        kv_lens: &kv_lens,
+        sm_scale: 0.3,
+    };
+    let (want, want_lse) = reference(&pool, &batch);
+    let layers = pool.layers();
+    let mut first: Option<DecodeOutput> = None;
+    for isa in Isa::available() {
+        if !head_dim.is_multiple_of(isa.lanes()) {
+            continue;
+        }
+        for threads in [1, 3] {
+            let got = decode(&geo, &layers, &batch, threads, isa).expect("valid input");
+            let scale = want.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
+            for (i, (g, w)) in got.out.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(*g) - w).abs() <= 2e-5 * scale,
+                    "{format:?} ps {page_size} {} threads {threads}: out[{i}] = {g}, want {w}",
+                    isa.name()
+                );
+            }
+            for (g, w) in got.lse.iter().zip(&want_lse) {
+                assert!(
+                    (w.is_infinite() && f64::from(*g) == *w)
+                        || (f64::from(*g) - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{format:?} {}: lse {g}, want {w}",
+                    isa.name()
+                );
+            }
+            match &first {
+                // Same ISA, another thread count: bit for bit the same.
+                Some(f) if f.isa == isa => assert_eq!(f.out, got.out),
+                _ => first = Some(got),
+            }
+        }
+    }
+}
+
+#[test]
+fn matches_an_f64_reference_in_every_format() {
+    for format in [
+        KvFormat::E4m3,
+        KvFormat::E5m2,
+        KvFormat::F16,
+        KvFormat::Bf16,
+        KvFormat::F32,
+    ] {
+        check(format, 16, 2, 4, 64, &[1, 17, 97, 0, 300]);
+    }
+}
+
+#[test]
+fn page_size_one_odd_head_dim_and_mha() {
+    check(KvFormat::E4m3, 1, 1, 1, 40, &[1, 33, 250]);
+    check(KvFormat::Bf16, 1, 3, 2, 48, &[5, 130]);
+}
+
+#[test]
+fn group_sizes_that_leave_partial_head_tiles() {
+    // Heads are tiled 4, 2, 1 at a time: 3 = 2 + 1, 7 = 4 + 2 + 1, 8 = 4 + 4.
+    check(KvFormat::E4m3, 16, 1, 7, 64, &[40, 300]);
+    check(KvFormat::F16, 16, 2, 3, 32, &[17, 90]);
+    check(KvFormat::E5m2, 1, 1, 8, 32, &[70]);
+}
+
+#[test]
+fn a_request_longer_than_a_chunk_spreads_over_items() {
+    check(KvFormat::E4m3, 16, 1, 4, 32, &[CHUNK_TOKENS * 2 + 37, 3]);
+}
+
+#[test]
+fn every_fp8_code_decodes_alike_in_every_isa() {
+    // One token per request: the output is exactly V times its scale.
+    for format in [KvFormat::E4m3, KvFormat::E5m2] {
+        let geo = PoolGeometry {
+            page_size: 1,
+            pages_per_segment: 1,
+            kv_heads: 1,
+            head_dim: 256,
+            format,
+        };
+        let codes: Vec<u8> = (0..=255u8).collect();
+        let one = 1.0f32.to_ne_bytes().to_vec();
+        let zeros = vec![0u8; 256];
+        let seg = SegmentLayer {
+            k: &zeros,
+            v: &codes,
+            k_scale: &one,
+            v_scale: &one,
+        };
+        let q = vec![0.0f32; 256];
+        let batch = DecodeBatch {
+            q: &q,
+            q_heads: 1,
+            indptr: &[0, 1],
+            indices: &[0],
+            kv_lens: &[1],
+            sm_scale: 1.0,
+        };
+        for isa in Isa::available() {
+            let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+            for x in 0..=255u8 {
+                let nan_code = format == KvFormat::E4m3 && x & 0x7F == 0x7F;
+                let want = if nan_code {
+                    if x & 0x80 != 0 {
+                        -480.0
+                    } else {
+                        480.0
+                    }
+                } else {
+                    value(format, &[x])
+                };
+                let g = got.out[usize::from(x)];
+                assert!(
+                    f64::from(g) == want || (g.is_nan() && want.is_nan()),
+                    "{format:?} {}: code {x:#04x} reads {g}, want {want}",
+                    isa.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_half_precision_code_decodes_alike_in_every_isa() {
+    // One token whose V row holds all 65,536 fp16 patterns (and, in a
+    // second pool, all bf16 ones): the output is V itself.
+    for format in [KvFormat::F16, KvFormat::Bf16] {
+        let d = 1 << 16;
+        let geo = PoolGeometry {
+            page_size: 1,
+            pages_per_segment: 1,
+            kv_heads: 1,
+            head_dim: d,
+            format,
+        };
+        let codes: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_ne_bytes).collect();
+        let zeros = vec![0u8; 2 * d];
+        let seg = SegmentLayer {
+            k: &zeros,
+            v: &codes,
+            k_scale: &[],
+            v_scale: &[],
+        };
+        let q = vec![0.0f32; d];
+        let batch = DecodeBatch {
+            q: &q,
+            q_heads: 1,
+            indptr: &[0, 1],
+            indices: &[0],
+            kv_lens: &[1],
+            sm_scale: 1.0,
+        };
+        for isa in Isa::available() {
+            let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+            for x in 0..=u16::MAX {
+                let want = value(format, &x.to_ne_bytes());
+                let g = got.out[usize::from(x)];
+                assert!(
+                    f64::from(g) == want || (g.is_nan() && want.is_nan()),
+                    "{format:?} {}: code {x:#06x} reads {g}, want {want}",
+                    isa.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_tables_are_refused_with_numbers() {
+    let geo = PoolGeometry {
+        page_size: 4,
+        pages_per_segment: 2,
+        kv_heads: 1,
+        head_dim: 16,
+        format: KvFormat::F32,
+    };
+    let buf = vec![0u8; geo.kv_layer_bytes()];
+    let seg = SegmentLayer {
+        k: &buf,
+        v: &buf,
+        k_scale: &[],
+        v_scale: &[],
+    };
+    let segs = [Some(seg), None];
+    let q = vec![0.0f32; 16];
+    type Case<'a> = (&'a [i64], &'a [i64], &'a [i64], &'a str);
+    let cases: [Case<'_>; 6] = [
+        (
+            &[0, 1],
+            &[2],
+            &[3],
+            "kv_indices[0] = 2 is not a page of a live segment",
+        ),
+        (&[0, 1], &[7], &[3], "kv_indices[0] = 7"),
+        (&[0, 1], &[-1], &[3], "kv_indices[0] = -1"),
+        (
+            &[0, 1],
+            &[0],
+            &[5],
+            "5 KV tokens need 2 pages of 4, the table gives 1",
+        ),
+        (&[0, 2], &[0], &[3], "is not a range inside the 1 page ids"),
+        (&[1, 1], &[0], &[0], "indptr[0] must be 0"),
+    ];
+    for (indptr, indices, kv_lens, msg) in cases {
+        let batch = DecodeBatch {
+            q: &q,
+            q_heads: 1,
+            indptr,
+            indices,
+            kv_lens,
+            sm_scale: 1.0,
+        };
+        let err = decode(&geo, &segs, &batch, 1, Isa::Auto)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(msg), "{err:?} does not say {msg:?}");
+    }
+    let short = SegmentLayer {
+        k: &buf[1..],
+        v: &buf,
+        k_scale: &[],
+        v_scale: &[],
+    };
+    let batch = DecodeBatch {
+        q: &q,
+        q_heads: 1,
+        indptr: &[0, 1],
+        indices: &[0],
+        kv_lens: &[1],
+        sm_scale: 1.0,
+    };
+    let err = decode(&geo, &[Some(short)], &batch, 1, Isa::Auto)
+        .expect_err("short")
+        .to_string();
+    assert!(
+        err.contains("segment 0: k holds 511 bytes, one layer needs 512"),
+        "{err}"
+    );
+    let batch = DecodeBatch {
+        q: &q,
+        q_heads: 3,
+        indptr: &[0, 1],
+        indices: &[0],
+        kv_lens: &[1],
+        sm_scale: 1.0,
+    };
+    let err = decode(&geo, &segs, &batch, 1, Isa::Auto)
+        .expect_err("heads")
+        .to_string();
+    assert!(
+        err.contains("q holds 16 values; 1 requests x 3 heads x 16 dims need 48"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_poisoned_query_head_leaves_the_rest_of_its_tile() {
+    // Every K and V element is 1.0, so a finite head's output is 1.0.
+    // Query heads 1 (+inf score), 4 (NaN) and 5 (both) read NaN; the
+    // others share their tiles (4 + 2 + 1) and must be untouched.
+    let geo = PoolGeometry {
+        page_size: 16,
+        pages_per_segment: 4,
+        kv_heads: 1,
+        head_dim: 16,
+        format: KvFormat::E4m3,
+    };
+    let tokens = geo.tokens_per_segment();
+    let codes = vec![0x38u8; tokens * 16];
+    let scales: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+    let seg = SegmentLayer {
+        k: &codes,
+        v: &codes,
+        k_scale: &scales,
+        v_scale: &scales,
+    };
+    let mut q = vec![0.25f32; 7 * 16];
+    q[16 + 3] = f32::INFINITY;
+    q[4 * 16 + 9] = f32::NAN;
+    q[5 * 16] = f32::INFINITY;
+    q[5 * 16 + 1] = f32::NEG_INFINITY;
+    let batch = DecodeBatch {
+        q: &q,
+        q_heads: 7,
+        indptr: &[0, 3],
+        indices: &[2, 0, 1],
+        kv_lens: &[40],
+        sm_scale: 1.0,
+    };
+    for isa in Isa::available() {
+        let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+        for h in 0..7 {
+            let row = &got.out[h * 16..(h + 1) * 16];
+            if [1, 4, 5].contains(&h) {
+                assert!(row.iter().all(|x| x.is_nan()), "{} head {h}", isa.name());
+                assert!(got.lse[h].is_nan(), "{} head {h}", isa.name());
+            } else {
+                assert!(
+                    row.iter().all(|x| (x - 1.0).abs() < 1e-6),
+                    "{} head {h}: {row:?}",
+                    isa.name()
+                );
+                // 40 equal scores of 0.25 * 16 = 4: lse = 4 + ln 40.
+                let want = 4.0 + 40f32.ln();
+                assert!((got.lse[h] - want).abs() < 1e-5, "{} head {h}", isa.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stale_nan_scale_does_not_leak_into_the_next_requests_tail() {
+    // Request 0 fills a block whose row 10 has a NaN V scale (its output
+    // is NaN); request 1, on the same thread next, has a 5-token block:
+    // rows 5.. of its scratch must not carry that scale over.
+    let geo = PoolGeometry {
+        page_size: 16,
+        pages_per_segment: 2,
+        kv_heads: 1,
+        head_dim: 16,
+        format: KvFormat::E4m3,
+    };
+    let tokens = geo.tokens_per_segment();
+    let codes = vec![0x38u8; tokens * 16];
+    let k_scale: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+    let mut v_scale = k_scale.clone();
+    v_scale[40..44].copy_from_slice(&f32::NAN.to_ne_bytes());
+    let seg = SegmentLayer {
+        k: &codes,
+        v: &codes,
+        k_scale: &k_scale,
+        v_scale: &v_scale,
+    };
+    let q = vec![0.25f32; 2 * 16];
+    let batch = DecodeBatch {
+        q: &q,
+        q_heads: 1,
+        indptr: &[0, 1, 2],
+        indices: &[0, 1],
+        kv_lens: &[16, 5],
+        sm_scale: 1.0,
+    };
+    for isa in Isa::available() {
+        let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+        assert!(got.out[..16].iter().all(|x| x.is_nan()), "{}", isa.name());
+        assert!(
+            got.out[16..].iter().all(|x| (x - 1.0).abs() < 1e-6),
+            "{}: {:?}",
+            isa.name(),
+            &got.out[16..]
+        );
+    }
+}
+
+#[test]
+fn a_block_of_minus_inf_scores_adds_nothing() {
+    // An infinite K scale on the first block's tokens, with q . k < 0,
+    // scores them -inf: weight 0. The block after has finite scores, so
+    // the accumulator is rescaled by exp(-inf) = 0 and must hold 0 (not
+    // -inf * V) when that happens.
+    let geo = PoolGeometry {
+        page_size: 16,
+        pages_per_segment: 4,
+        kv_heads: 1,
+        head_dim: 16,
+        format: KvFormat::E4m3,
+    };
+    let tokens = geo.tokens_per_segment();
+    let codes = vec![0x38u8; tokens * 16];
+    let mut k_scale: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+    let v_scale = k_scale.clone();
+    for t in 0..16 {
+        k_scale[4 * t..4 * t + 4].copy_from_slice(&f32::INFINITY.to_ne_bytes());
+    }
+    let seg = SegmentLayer {
+        k: &codes,
+        v: &codes,
+        k_scale: &k_scale,
+        v_scale: &v_scale,
+    };
+    let q = vec![-0.25f32; 5 * 16];
+    let batch = DecodeBatch {
+        q: &q,
+        q_heads: 5,
+        indptr: &[0, 3],
+        indices: &[0, 1, 2],
+        kv_lens: &[40],
+        sm_scale: 1.0,
+    };
+    for isa in Isa::available() {
+        let got = decode(&geo, &[Some(seg)], &batch, 1, isa).expect("valid");
+        assert!(
+            got.out.iter().all(|x| (x - 1.0).abs() < 1e-6),
+            "{}: {:?}",
+            isa.name(),
+            &got.out[..16]
+        );
+        let want = -4.0 + 24f32.ln();
+        assert!(
+            got.lse.iter().all(|x| (x - want).abs() < 1e-5),
+            "{}",
+            isa.name()
+        );
+    }
+}
+
+#[test]
+fn a_nan_score_makes_its_head_nan_and_leaves_the_others() {
+    // The pool stores a NaN scale next to NaN input; the whole row reads NaN.
+    let geo = PoolGeometry {
+        page_size: 16,
+        pages_per_segment: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        format: KvFormat::E4m3,
+    };
+    let tokens = geo.tokens_per_segment() * geo.kv_heads;
+    let codes = vec![0x38u8; tokens * 16]; // 1.0
+    let mut k_scale: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+    let v_scale = k_scale.clone();
+    // Token 40 (chunk 0, block 2), head 1.
+    k_scale[(40 * 2 + 1) * 4..(40 * 2 + 2) * 4].copy_from_slice(&f32::NAN.to_ne_bytes());
+    let seg = SegmentLayer {
+        k: &codes,
+        v: &codes,
+        k_scale: &k_scale,
+        v_scale: &v_scale,
+    };
+    let q = vec![0.5f32; 2 * 16];
+    let batch = DecodeBatch {
+        q: &q,
+        q_heads: 2,
+        indptr: &[0, 4],
+        indices: &[0, 1, 2, 3],
+        kv_lens: &[64],
+        sm_scale: 1.0,
+    };
+    for isa in Isa::available() {
+        let got = decode(&geo, &[Some(seg)], &batch, 2, isa).expect("valid");
+        assert!(
+            got.out[..16].iter().all(|x| (x - 1.0).abs() < 1e-6),
+            "{}",
+            isa.name()
+        );
+        assert!(got.out[16..].iter().all(|x| x.is_nan()), "{}", isa.name());
+        assert!(
+            got.lse[0].is_finite() && got.lse[1].is_nan(),
+            "{}",
+            isa.name()
+        );
+    }
+}
