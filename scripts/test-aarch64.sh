@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Cross-checks the Rust core on AArch64, where the CPU decode kernel runs its
-# NEON path: clippy for the aarch64 target, then the core's unit tests under
-# qemu-user (every instruction set the target has: NEON and scalar, against
-# the f64 reference and every FP8/fp16/bf16 code). Installs what is missing:
+# Cross-checks the Rust crates on AArch64, where the CPU decode kernel
+# (radixseg-cpu) runs its NEON path: clippy for the aarch64 target, then the
+# unit tests of radixseg-core and radixseg-cpu under qemu-user (the kernel's
+# cover every instruction set the target has: NEON and scalar, against the
+# f64 reference and every FP8/fp16/bf16 code). Installs what is missing:
 # the rustup target, and the cross linker and qemu from Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,5 @@ if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/
 fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
-cargo clippy --target "$target" -p radixseg-core --all-targets -- -D warnings
-cargo test --release --target "$target" -p radixseg-core --lib
+cargo clippy --target "$target" -p radixseg-core -p radixseg-cpu --all-targets -- -D warnings
+cargo test --release --target "$target" -p radixseg-core -p radixseg-cpu --lib

@@ -1,7 +1,7 @@
 """Launcher of the native CPU decode kernel (``radixseg._core.decode_cpu``).
 
-The kernel lives in the Rust core (``radixseg-core/src/cpu_attention.rs``):
-it reads each request's pages straight out of the segment buffers, decodes
+The kernel lives in its own Rust crate (``rust/radixseg-cpu``): it
+reads each request's pages straight out of the segment buffers, decodes
 FP8/bf16/fp16 with AVX-512 or AVX2 where the CPU has them, with NEON on
 AArch64 (a portable scalar path elsewhere), runs an online softmax per chunk
 of 4,096 tokens on ``threads`` threads and merges the chunks by log-sum-exp.

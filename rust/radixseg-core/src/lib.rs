@@ -3,8 +3,12 @@
 //! [`SegmentAllocator`] hands out refcounted page ids grouped in segments that
 //! are added as demand grows and retired when empty; page ids never move while
 //! referenced. The Python package `radixseg` binds this crate through
-//! `radixseg-py` and keeps the bytes in torch tensors.
+//! `radixseg-py` and keeps the bytes in torch tensors; the CPU decode kernel
+//! that reads those bytes is the separate crate `radixseg-cpu`.
+//!
+//! `unsafe` is denied here except in `sync::OnceBox`, the one allowance.
 
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod allocator;

@@ -58,58 +58,66 @@ impl<T> std::ops::Deref for CachePadded<T> {
     }
 }
 
-/// A slot that is written at most once (under an outside lock) and read
-/// lock-free afterwards. Values are never moved or freed while `&self` lives.
-pub(crate) struct OnceBox<T> {
-    ptr: AtomicPtr<T>,
-    // Owns a `T`: makes `OnceBox<T>` Send/Sync exactly when `Box<T>` is,
-    // rather than always (as a bare `AtomicPtr` would be).
-    _owns: std::marker::PhantomData<Box<T>>,
-}
+// The one allowance of `unsafe` in the crate (`lib.rs` denies it elsewhere).
+#[allow(unsafe_code)]
+mod once_box {
+    use super::{AtomicPtr, Ordering};
 
-impl<T> OnceBox<T> {
-    pub(crate) fn new() -> Self {
-        Self {
-            ptr: AtomicPtr::new(std::ptr::null_mut()),
-            _owns: std::marker::PhantomData,
+    /// A slot that is written at most once (under an outside lock) and read
+    /// lock-free afterwards. Values are never moved or freed while `&self` lives.
+    pub(crate) struct OnceBox<T> {
+        ptr: AtomicPtr<T>,
+        // Owns a `T`: makes `OnceBox<T>` Send/Sync exactly when `Box<T>` is,
+        // rather than always (as a bare `AtomicPtr` would be).
+        _owns: std::marker::PhantomData<Box<T>>,
+    }
+
+    impl<T> OnceBox<T> {
+        pub(crate) fn new() -> Self {
+            Self {
+                ptr: AtomicPtr::new(std::ptr::null_mut()),
+                _owns: std::marker::PhantomData,
+            }
+        }
+
+        /// The value, if it was set.
+        #[inline]
+        pub(crate) fn get(&self) -> Option<&T> {
+            // Acquire: pairs with the Release store in `set`, so the pointee's
+            // initialisation happens-before our reads of it.
+            let p = self.ptr.load(Ordering::Acquire);
+            // SAFETY: `p` is null or came from `Box::into_raw` in `set`; it is
+            // freed only in `drop`, which needs `&mut self`, so it outlives `&self`.
+            unsafe { p.as_ref() }
+        }
+
+        /// Set the value. Callers serialise `set` through an outside lock; a
+        /// second `set` of the same slot is refused and returns the value back.
+        pub(crate) fn set(&self, value: Box<T>) -> Result<&T, Box<T>> {
+            if !self.ptr.load(Ordering::Acquire).is_null() {
+                return Err(value);
+            }
+            let raw = Box::into_raw(value);
+            // Release: pairs with the Acquire load in `get`.
+            self.ptr.store(raw, Ordering::Release);
+            // SAFETY: `raw` came from `Box::into_raw` just above and lives until `drop`.
+            Ok(unsafe { &*raw })
         }
     }
 
-    /// The value, if it was set.
-    #[inline]
-    pub(crate) fn get(&self) -> Option<&T> {
-        // Acquire: pairs with the Release store in `set`, so the pointee's
-        // initialisation happens-before our reads of it.
-        let p = self.ptr.load(Ordering::Acquire);
-        // SAFETY: `p` is null or came from `Box::into_raw` in `set`; it is
-        // freed only in `drop`, which needs `&mut self`, so it outlives `&self`.
-        unsafe { p.as_ref() }
-    }
-
-    /// Set the value. Callers serialise `set` through an outside lock; a
-    /// second `set` of the same slot is refused and returns the value back.
-    pub(crate) fn set(&self, value: Box<T>) -> Result<&T, Box<T>> {
-        if !self.ptr.load(Ordering::Acquire).is_null() {
-            return Err(value);
-        }
-        let raw = Box::into_raw(value);
-        // Release: pairs with the Acquire load in `get`.
-        self.ptr.store(raw, Ordering::Release);
-        // SAFETY: `raw` came from `Box::into_raw` just above and lives until `drop`.
-        Ok(unsafe { &*raw })
-    }
-}
-
-impl<T> Drop for OnceBox<T> {
-    fn drop(&mut self) {
-        #[cfg(loom)]
-        let p = self.ptr.with_mut(|p| *p);
-        #[cfg(not(loom))]
-        let p = *self.ptr.get_mut();
-        if !p.is_null() {
-            // SAFETY: `p` came from `Box::into_raw` in `set`, was never freed,
-            // and `&mut self` proves no reader holds a reference into it.
-            drop(unsafe { Box::from_raw(p) });
+    impl<T> Drop for OnceBox<T> {
+        fn drop(&mut self) {
+            #[cfg(loom)]
+            let p = self.ptr.with_mut(|p| *p);
+            #[cfg(not(loom))]
+            let p = *self.ptr.get_mut();
+            if !p.is_null() {
+                // SAFETY: `p` came from `Box::into_raw` in `set`, was never freed,
+                // and `&mut self` proves no reader holds a reference into it.
+                drop(unsafe { Box::from_raw(p) });
+            }
         }
     }
 }
+
+pub(crate) use once_box::OnceBox;
