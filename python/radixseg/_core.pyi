@@ -29,18 +29,30 @@ __version__: Final[str]
 PAGE_ID_LIMIT: Final[int]
 TOKEN_LIMIT: Final[int]
 
-class RadixsegError(Exception): ...
+# Every attribute the binding (rust/radixseg-py/src/errors.rs, one match over
+# CoreError) or KVPool sets on an exception, with the errors that set it; an
+# instance carries only its own error's attributes, and its message carries
+# the same numbers. tests/test_error_attributes.py checks that each
+# attribute raised is declared here.
+
+class RadixsegError(Exception):
+    page_id: int  # a refcount that would pass 2^32 - 1
 
 class OutOfPages(RadixsegError):
-    requested: int
+    requested: int  # too few free pages
     available: int
-    total: int
-    segments: int
+    total: int  # too few free pages in the allocator
+    segments: int  # too few free pages, or the 31-bit id space is full
+    limit: int  # the id space is full: the most segments it allows
+    reserved_bytes: int  # KVPool's BudgetExhausted and DeviceOutOfMemory,
+    budget_bytes: int | None  # with requested and available
 
 class BudgetExhausted(OutOfPages): ...
 
 class InvalidHandle(RadixsegError):
-    page_id: int
+    page_id: int  # a page id that names no referenced page
+    segment: int  # ... because its segment is not live
+    node: int  # a node handle that names no live node
 
 class DoubleFree(InvalidHandle): ...
 
@@ -48,7 +60,12 @@ class SegmentBusy(RadixsegError):
     segment: int
     used_pages: int
 
-class InvalidArgument(RadixsegError): ...
+class InvalidArgument(RadixsegError):
+    segment: int  # a segment id that is not live
+    index: int  # a token id outside 0..2^31: its position
+    value: int  # ... and its value
+    node: int  # an unlock of a node whose lock count is 0
+
 class InvariantViolation(RadixsegError): ...
 
 _Ids = npt.NDArray[np.int64] | npt.NDArray[np.int32]

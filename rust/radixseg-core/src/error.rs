@@ -1,13 +1,17 @@
 //! The one error type of the core. Every fallible public call returns
 //! `Result<_, CoreError>`; the Python binding maps each variant to one
-//! exception class in a single exhaustive `From` impl. Messages carry the
-//! numbers a user needs: what was asked, what is available, what the limit is.
+//! exception class in a single exhaustive match (`radixseg-py/src/errors.rs`).
+//! Messages carry the numbers a user needs: what was asked, what is
+//! available, what the limit is.
+//!
+//! The enums are deliberately not `#[non_exhaustive]`: the core and the
+//! binding are released together, and an exhaustive match there makes a new
+//! variant a compile error until it has its Python class and attributes.
 
 use std::fmt;
 
 /// Why a page id was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum HandleProblem {
     /// The id is negative or past the id space of the allocator.
     OutOfRange {
@@ -26,7 +30,6 @@ pub enum HandleProblem {
 
 /// Errors of the allocator and the radix tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum CoreError {
     /// A constructor argument is outside its documented range.
     InvalidConfig {

@@ -1,0 +1,305 @@
+//! `RadixTree`: the core's prefix tree behind a mutex, with the requests
+//! it has begun (`request.rs`) registered beside it.
+
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use radixseg_core::{Arc, CoreError, NodeId};
+use std::sync::{Arc as StdArc, Mutex};
+
+use crate::allocator::SegmentAllocator;
+use crate::errors::{to_py, CoreResultExt};
+use crate::request::{Registry, RequestRecord};
+use crate::{check_born, fork_generation, ids_array, maybe_detach, Ids};
+
+/// The radix prefix tree over an allocator's pages (the Rust core). Use the
+/// `radixseg.RadixTree` subclass, which takes and returns torch tensors.
+#[pyclass(frozen, subclass, module = "radixseg._core")]
+pub(crate) struct RadixTree {
+    pub(crate) tree: StdArc<Mutex<radixseg_core::RadixTree>>,
+    pub(crate) allocator: Py<SegmentAllocator>,
+    pub(crate) registry: StdArc<Registry>,
+    pub(crate) born: u64,
+}
+
+impl RadixTree {
+    pub(crate) fn alive(&self) -> PyResult<()> {
+        check_born(self.born, "RadixTree")
+    }
+
+    /// Run `f` on the tree, with the GIL released when `len` is long enough.
+    /// The mutex is taken inside, so a thread waiting for it never holds the GIL
+    /// on behalf of a thread that needs it.
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        len: usize,
+        f: impl Send + FnOnce(&mut radixseg_core::RadixTree) -> Result<T, CoreError>,
+    ) -> PyResult<T> {
+        self.alive()?;
+        let tree = &self.tree;
+        maybe_detach(py, len, || {
+            let mut guard = tree
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .py(py)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&radixseg_core::RadixTree) -> T) -> PyResult<T> {
+        self.alive()?;
+        let guard = self
+            .tree
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(f(&guard))
+    }
+}
+
+#[pymethods]
+impl RadixTree {
+    #[new]
+    fn new(allocator: Bound<'_, SegmentAllocator>) -> Self {
+        let inner = Arc::clone(&allocator.get().inner);
+        Self {
+            tree: StdArc::new(Mutex::new(radixseg_core::RadixTree::new(inner))),
+            allocator: allocator.unbind(),
+            registry: StdArc::default(),
+            born: fork_generation(),
+        }
+    }
+
+    /// The allocator whose pages the tree holds.
+    #[getter]
+    fn allocator(&self, py: Python<'_>) -> Py<SegmentAllocator> {
+        self.allocator.clone_ref(py)
+    }
+
+    /// Tokens per page.
+    #[getter]
+    fn page_size(&self) -> PyResult<usize> {
+        self.read(|t| t.page_size())
+    }
+
+    /// Longest cached prefix: `(page_ids int32, matched tokens, node handle)`.
+    #[pyo3(signature = (tokens, namespace = 0))]
+    fn match_prefix<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        namespace: u64,
+    ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
+        let ids = Ids::new(tokens)?;
+        let m = with_slice!(&ids, s => self.with(py, s.len(), |t| t.match_prefix(s, namespace))?);
+        Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
+    }
+
+    /// Cache `tokens` (whole pages) with `page_ids`; returns tokens already cached.
+    #[pyo3(signature = (tokens, page_ids, namespace = 0))]
+    fn insert(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        page_ids: &Bound<'_, PyAny>,
+        namespace: u64,
+    ) -> PyResult<usize> {
+        let pages = Ids::new(page_ids)?.to_vec()?;
+        let tokens = Ids::new(tokens)?;
+        let n = tokens.len();
+        with_slice!(&tokens, s => self.with(py, n, |t| t.insert(s, &pages, namespace)))
+    }
+
+    /// Match and lock the node, atomically:
+    /// `(page_ids int32, matched tokens, node handle)`.
+    #[pyo3(signature = (tokens, namespace = 0))]
+    fn acquire<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        namespace: u64,
+    ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
+        let ids = Ids::new(tokens)?;
+        let m = with_slice!(&ids, s => self.with(py, s.len(), |t| t.acquire(s, namespace))?);
+        Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
+    }
+
+    /// Start a request: match and lock the longest cached prefix of
+    /// `tokens` and record it in a `RequestRecord`, in one call.
+    /// `prompt_len` (default: the tokens' count) feeds the hit-rate counters.
+    #[pyo3(signature = (tokens, namespace = 0, prompt_len = None))]
+    fn begin_request(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        namespace: u64,
+        prompt_len: Option<u64>,
+    ) -> PyResult<RequestRecord> {
+        let ids = Ids::new(tokens)?;
+        let n = prompt_len.unwrap_or(ids.len() as u64);
+        RequestRecord::begin(py, self, &ids, namespace, n)
+    }
+
+    /// Requests begun with `begin_request` that have not ended.
+    fn running_requests(&self) -> PyResult<usize> {
+        self.alive()?;
+        Ok(self.registry.len())
+    }
+
+    /// `(requests begun, prompt tokens, prompt tokens reused from the cache)`
+    /// over every `begin_request`.
+    fn request_counters(&self) -> PyResult<(u64, u64, u64)> {
+        self.alive()?;
+        Ok(self.registry.counters())
+    }
+
+    /// Raise `InvariantViolation` unless every page the tree or a running
+    /// request holds has the references they account for (with `exclusive`:
+    /// exactly those, and no other page is referenced).
+    #[pyo3(signature = (exclusive = false))]
+    fn check_requests(&self, py: Python<'_>, exclusive: bool) -> PyResult<()> {
+        self.alive()?;
+        let records = self.registry.snapshot();
+        let tree = &self.tree;
+        py.detach(|| {
+            let guards: Vec<_> = records
+                .iter()
+                .map(|r| r.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .collect();
+            tree.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .check_requests(guards.iter().map(|g| &**g), exclusive)
+        })
+        .py(py)
+    }
+
+    /// Insert (when `cache`), unlock `node` (when given) and release the
+    /// request's pages from `owned_from` on, all or nothing; returns tokens
+    /// already cached.
+    #[pyo3(signature = (tokens, page_ids, namespace = 0, node = None, cache = true, owned_from = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        page_ids: &Bound<'_, PyAny>,
+        namespace: u64,
+        node: Option<i64>,
+        cache: bool,
+        owned_from: usize,
+    ) -> PyResult<usize> {
+        let pages = Ids::new(page_ids)?.to_vec()?;
+        let node = node.map(NodeId::from_raw);
+        let tokens = Ids::new(tokens)?;
+        let n = tokens.len().max(pages.len());
+        with_slice!(&tokens, s => self.with(py, n, |t| {
+            t.finish(s, &pages, namespace, node, cache, owned_from)
+        }))
+    }
+
+    /// Lock a node and its ancestors against eviction.
+    fn lock(&self, py: Python<'_>, node: i64) -> PyResult<()> {
+        self.with(py, 0, |t| t.lock(NodeId::from_raw(node)))
+    }
+
+    /// Undo one `lock`.
+    fn unlock(&self, py: Python<'_>, node: i64) -> PyResult<()> {
+        self.with(py, 0, |t| t.unlock(NodeId::from_raw(node)))
+    }
+
+    /// Evict least-recently-used unlocked leaves until `n_pages` pages are
+    /// released (whole leaves, so possibly more); returns pages released.
+    fn evict(&self, py: Python<'_>, n_pages: i64) -> PyResult<usize> {
+        let n = usize::try_from(n_pages).map_err(|_| {
+            to_py(
+                py,
+                CoreError::InvalidConfig {
+                    what: "n_pages (pages to evict)",
+                    value: n_pages,
+                    rule: "must be a non-negative integer",
+                },
+            )
+        })?;
+        self.with(py, n, |t| t.evict(n))
+    }
+
+    /// Release every cached page and forget every node (handles go stale).
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, usize::MAX, |t| t.reset())
+    }
+
+    /// Lock count of a node.
+    fn lock_count(&self, py: Python<'_>, node: i64) -> PyResult<u32> {
+        self.with(py, 0, |t| t.lock_count(NodeId::from_raw(node)))
+    }
+
+    /// Pages no lock protects.
+    fn evictable_pages(&self) -> PyResult<usize> {
+        self.read(|t| t.evictable_pages())
+    }
+
+    /// Pages under a locked node.
+    fn locked_pages(&self) -> PyResult<usize> {
+        self.read(|t| t.locked_pages())
+    }
+
+    /// Pages the tree references.
+    fn cached_pages(&self) -> PyResult<usize> {
+        self.read(|t| t.cached_pages())
+    }
+
+    /// Tokens the tree caches.
+    fn cached_tokens(&self) -> PyResult<usize> {
+        self.read(|t| t.cached_tokens())
+    }
+
+    /// Nodes, namespace roots excluded.
+    fn node_count(&self) -> PyResult<usize> {
+        self.read(|t| t.node_count())
+    }
+
+    /// Heap bytes the tree holds.
+    fn metadata_bytes(&self) -> PyResult<usize> {
+        self.read(|t| t.metadata_bytes())
+    }
+
+    /// Every root-to-leaf path, sorted by (namespace, tokens): a list of
+    /// `(namespace, tokens int64, page_ids int32)`. For tests and debugging:
+    /// O(total path length), recency is not refreshed.
+    #[allow(clippy::type_complexity)]
+    fn cached_sequences<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Vec<(u64, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>)>> {
+        Ok(self
+            .read(|t| t.cached_sequences())?
+            .into_iter()
+            .map(|s| {
+                let tokens = s.tokens.into_iter().map(i64::from).collect();
+                (
+                    s.namespace,
+                    PyArray1::from_vec(py, tokens),
+                    ids_array(py, s.page_ids),
+                )
+            })
+            .collect())
+    }
+
+    /// Raise `InvariantViolation` describing the first breach found.
+    fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, usize::MAX, |t| t.check_invariants())
+    }
+
+    fn __repr__(&self) -> String {
+        self.read(|t| {
+            format!(
+                "RadixTree(page_size={}, cached_tokens={}, nodes={}, evictable_pages={}, locked_pages={})",
+                t.page_size(),
+                t.cached_tokens(),
+                t.node_count(),
+                t.evictable_pages(),
+                t.locked_pages()
+            )
+        })
+        .unwrap_or_else(|_| "RadixTree(<made before fork(); unusable here>)".to_owned())
+    }
+}
