@@ -230,14 +230,6 @@ def _device_int32(given: Any, host: npt.NDArray[np.int64], device: torch.device)
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
-def _check_layer(pool: KVPool, layer: Any) -> int:
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-    if not 0 <= int(layer) < pool.num_layers:
-        raise InvalidArgument(f"layer {int(layer)} is out of range 0..{pool.num_layers - 1}")
-    return int(layer)
-
-
 def _check_scale(sm_scale: Any, head_dim: int) -> float:
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -280,7 +272,7 @@ def _attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pool = _check_pool(pool)
     q = _check_q(q, pool)
-    layer = _check_layer(pool, layer)
+    layer = pool.check_layer(layer)
     scale = _check_scale(sm_scale, pool.head_dim)
     splits = _check_splits(num_splits)
     chosen = _resolve_backend(backend, q.device)
@@ -690,10 +682,10 @@ def store_kv(
     is unspecified).
     """
     pool = _check_pool(pool)
-    layer = _check_layer(pool, layer)
-    slots_t = pool._check_slots(slots, check)
-    k = pool._check_kv(k, slots_t.numel(), "k")
-    v = pool._check_kv(v, slots_t.numel(), "v")
+    layer = pool.check_layer(layer)
+    slots_t = pool.check_slots(slots, check)
+    k = pool.check_kv(k, slots_t.numel(), "k")
+    v = pool.check_kv(v, slots_t.numel(), "v")
     chosen = _resolve_backend(backend, pool.device)
     if chosen in ("torch", "cpu") or slots_t.numel() == 0:
         pool.write(layer, slots_t, k, v, check=check)

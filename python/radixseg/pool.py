@@ -833,7 +833,9 @@ class KVPool(Uncopyable):
             )
         return self._lock
 
-    def _check_layer(self, layer: Any) -> int:
+    def check_layer(self, layer: Any) -> int:
+        """``layer`` as a Python int in ``0..num_layers``, else a typed error (the
+        one check every pool-taking call uses: write, read, attention)."""
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
         index = int(layer)
@@ -841,7 +843,9 @@ class KVPool(Uncopyable):
             raise InvalidArgument(f"layer {index} is out of range 0..{self.num_layers - 1}")
         return index
 
-    def _check_slots(self, given: Any, check: bool) -> torch.Tensor:
+    def check_slots(self, given: Any, check: bool = True) -> torch.Tensor:
+        """``given`` as a 1-D ``int64`` tensor of slots; with ``check``, every slot
+        must lie in a page somebody holds (a host sync). Typed errors otherwise."""
         slots: torch.Tensor
         if isinstance(given, torch.Tensor):
             slots = given
@@ -874,7 +878,9 @@ class KVPool(Uncopyable):
                 )
         return slots
 
-    def _check_kv(self, x: Any, n: int, what: str) -> torch.Tensor:
+    def check_kv(self, x: Any, n: int, what: str = "k") -> torch.Tensor:
+        """``x`` must be a float tensor ``[n, num_kv_heads, head_dim]`` on the pool's
+        device; returned as given, else a typed error naming ``what``."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
         want = (n, self.num_kv_heads, self.head_dim)
@@ -943,13 +949,13 @@ class KVPool(Uncopyable):
         allocated page and that values are finite (a host sync; engines on the
         hot path may pass ``check=False``). All or nothing.
         """
-        layer = self._check_layer(layer)
-        slots = self._check_slots(slots, check)
+        layer = self.check_layer(layer)
+        slots = self.check_slots(slots, check)
         # The pool stores values, never autograd history: detach, so a write in
         # grad mode neither gives the segments a grad_fn nor trips autograd's
         # checks on views made in no_grad mode.
-        k = self._check_kv(k, slots.numel(), "k").detach()
-        v = self._check_kv(v, slots.numel(), "v").detach()
+        k = self.check_kv(k, slots.numel(), "k").detach()
+        v = self.check_kv(v, slots.numel(), "v").detach()
         if slots.numel() == 0:
             return
         if self.fp8:
@@ -980,8 +986,8 @@ class KVPool(Uncopyable):
         self, layer: int, slots: Any, *, check: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Load ``(k, v)``, each ``float32 [T, num_kv_heads, head_dim]``, from ``slots``."""
-        layer = self._check_layer(layer)
-        slots = self._check_slots(slots, check)
+        layer = self.check_layer(layer)
+        slots = self.check_slots(slots, check)
         n = slots.numel()
         shape = (n, self.num_kv_heads, self.head_dim)
         k = torch.empty(shape, dtype=torch.float32, device=self.device)
