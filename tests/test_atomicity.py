@@ -88,7 +88,7 @@ def test_cpu_decode_never_publishes_the_buffers_of_a_retired_segment() -> None:
         pool.write(0, page.long(), value, value)
         fresh.append(page)
 
-    with pause_at("_host_buffers", "self._host = host") as (reached, go):
+    with pause_at("host_buffers", "self._host = host") as (reached, go):
         racer = threading.Thread(target=_decode_one, args=(pool, int(held[0])))
         racer.start()
         assert reached.wait(10), "the decode never built its segment list"

@@ -171,7 +171,7 @@ def test_extend_and_merge_under_backend_cpu_run_their_torch_implementation() -> 
 
 def test_bad_page_tables_are_refused_and_change_nothing() -> None:
     pool, indptr, ids, last = make(torch.float8_e4m3fn, 16, [40, 20])
-    before = [b.copy() for b in pool._host_buffers() if b is not None]
+    before = [b.copy() for b in pool.host_buffers() if b is not None]
     q = torch.randn(2, 4, 32)
     free = ids.clone()
     free[0] = pool.pages_per_segment - 1  # in retired segment 0
@@ -180,8 +180,8 @@ def test_bad_page_tables_are_refused_and_change_nothing() -> None:
     # Past the Python checks (check=False), the kernel validates on its own.
     with pytest.raises(InvalidArgument, match=r"kv_indices\[0\] = 63 is not a page of a live"):
         A.decode(q, pool, LAYER, indptr, free, last, backend="cpu", check=False)
-    host = pool._host_buffers()
-    args = [host, pool._layer_offsets(LAYER), 16, 64, 2, 32, "float8_e4m3fn"]
+    host = pool.host_buffers()
+    args = [host, pool.layout.layer_offsets(LAYER), 16, 64, 2, 32, "float8_e4m3fn"]
     qf = q.reshape(-1).numpy()
     table = (indptr.numpy().astype(np.int64), ids.numpy().astype(np.int64))
     with pytest.raises(
@@ -201,23 +201,23 @@ def test_bad_page_tables_are_refused_and_change_nothing() -> None:
     missing = next(i for i in ("neon", "avx2", "avx512") if i not in ISAS)
     with pytest.raises(InvalidArgument, match=f"instruction set {missing} is not available"):
         decode_cpu(*args, qf, 4, *table, np.array([40, 20]), 0.1, 1, missing)
-    offsets = list(pool._layer_offsets(LAYER))
+    offsets = list(pool.layout.layer_offsets(LAYER))
     offsets[1] = host[1].size  # V past the end of the buffer
     with pytest.raises(InvalidArgument, match="segment 1: v bytes"):
         decode_cpu(host, tuple(offsets), *args[2:], qf, 4, *table, np.array([40, 20]), 0.1)
-    after = [b for b in pool._host_buffers() if b is not None]
+    after = [b for b in pool.host_buffers() if b is not None]
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     pool.check_invariants()
 
 
 def test_host_views_follow_growth_and_shrink() -> None:
     pool = KVPool(1, 1, 16, page_size=4, pages_per_segment=2, dtype="fp8")
-    assert pool._host_buffers() == []
+    assert pool.host_buffers() == []
     a = pool.alloc(3)  # two segments
-    assert [b is not None for b in pool._host_buffers()] == [True, True]
+    assert [b is not None for b in pool.host_buffers()] == [True, True]
     pool.release(a[:2])
     pool.shrink(keep=0)
-    views = pool._host_buffers()
+    views = pool.host_buffers()
     assert views[0] is None and views[1] is not None
     assert views[1].ctypes.data == pool.segment(1).k.data_ptr()
 
@@ -241,11 +241,11 @@ def test_arbitrary_tables_give_a_result_or_invalid_argument(
     indptr = np.array([0, *np.cumsum(need)], dtype=np.int64)
     indptr[1:] += np.array(jitter[: len(lens)], dtype=np.int64)
     kv_lens = np.array(lens, dtype=np.int64) + np.array(jitter[1 : len(lens) + 1], dtype=np.int64)
-    offsets = list(pool._layer_offsets(LAYER))
+    offsets = list(pool.layout.layer_offsets(LAYER))
     if offset is not None:
         offsets[offset] += pool.segment_bytes // 3
     q = np.zeros(len(lens) * q_heads * 32, dtype=np.float32)
-    args = [pool._host_buffers(), tuple(offsets), 4, 8, 2, 32, "float8_e4m3fn", q, q_heads]
+    args = [pool.host_buffers(), tuple(offsets), 4, 8, 2, 32, "float8_e4m3fn", q, q_heads]
     try:
         out, lse, _ = decode_cpu(*args, indptr, np.array(pages, np.int64), kv_lens, 0.1)
     except InvalidArgument:

@@ -353,3 +353,27 @@ def test_every_storage_type_refuses_what_it_cannot_store(dtype: str, value: floa
             pool.write(1, slots, *args)
         assert torch.equal(pool.read(1, slots)[0], torch.ones(2, 1, 4))
     pool.check_invariants()
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3", "bf16", "fp32"])
+def test_the_layout_is_what_the_views_use(dtype: str) -> None:
+    """One SegmentLayout: its offsets and strides are those of the segment's tensors."""
+    pool = KVPool(3, 2, 8, page_size=4, pages_per_segment=5, dtype=dtype)
+    pool.release(pool.alloc(1))
+    lay = pool.layout
+    (sid,) = pool.allocator.segments()
+    seg = pool.segment(sid)
+    base = int(pool.host_buffers()[sid].ctypes.data)
+    for layer in range(3):
+        k, v, ks, vs = lay.layer_offsets(layer)
+        assert seg.k[layer].data_ptr() - base == k
+        assert seg.v[layer].data_ptr() - base == v
+        if pool.fp8:
+            assert seg.k_scale[layer].data_ptr() - base == ks
+            assert seg.v_scale[layer].data_ptr() - base == vs
+    st = lay.strides
+    assert seg.k.stride() == (st["layer"], st["page"], st["token"], st["head"], 1)
+    if pool.fp8:
+        assert seg.k_scale.stride() == (st["scale_layer"], st["scale_page"], st["scale_token"], 1)
+    assert lay.segment_bytes == pool.segment_bytes
+    assert lay.split(sid * 5 + 3) == (sid, 3)

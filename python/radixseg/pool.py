@@ -46,6 +46,7 @@ from radixseg._core import (
 )
 from radixseg._dtypes import KV_DTYPES, SHORT_NAMES, kv_dtype_named
 from radixseg.allocator import SegmentAllocator
+from radixseg.layout import SegmentLayout
 
 __all__ = [
     "DeviceOutOfMemory",
@@ -61,7 +62,6 @@ FP8_MAX: dict[torch.dtype, float] = {
     torch.float8_e5m2: 57344.0,
 }
 _STORAGE_DTYPES = tuple(SHORT_NAMES)  # every KV storage dtype, FP8 first
-_ALIGN = 256
 _ELEMENT_LIMIT = 2**31 - 1
 _PAGES_PER_SEGMENT_LIMIT = 1 << 20
 DEFAULT_SEGMENT_BYTES = 64 << 20
@@ -167,10 +167,6 @@ def _as_device(device: object) -> torch.device:
             f"device={device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
         )
     return dev
-
-
-def _round_up(x: int, to: int) -> int:
-    return -(-x // to) * to
 
 
 def _as_dtype(dtype: Any) -> torch.dtype:
@@ -359,17 +355,12 @@ class KVPool(Uncopyable):
             pps = min(pps_limit, sb // self.page_bytes)
         self.pages_per_segment = pps
 
-        # Sub-buffer offsets inside a segment, each 256-byte aligned.
-        tokens = pps * ps
-        kv_bytes = self.num_layers * tokens * self.num_kv_heads * self.head_dim * self._elem
-        scale_bytes = self.num_layers * tokens * self.num_kv_heads * 4 if self.fp8 else 0
-        self._offsets = (0, _round_up(kv_bytes, _ALIGN))
-        self._scale_offsets = (
-            2 * _round_up(kv_bytes, _ALIGN),
-            2 * _round_up(kv_bytes, _ALIGN) + _round_up(scale_bytes, _ALIGN),
+        #: Where every byte of a segment lives (one description for the views
+        #: below, the Triton launchers and the native CPU kernel).
+        self.layout = SegmentLayout(
+            self.num_layers, self.num_kv_heads, self.head_dim, ps, pps, self._elem, self.fp8
         )
-        self._kv_bytes, self._scale_bytes = kv_bytes, scale_bytes
-        self.segment_bytes = 2 * _round_up(kv_bytes, _ALIGN) + 2 * _round_up(scale_bytes, _ALIGN)
+        self.segment_bytes = self.layout.segment_bytes
 
         if isinstance(budget_bytes, str) and budget_bytes != "auto":
             raise InvalidArgument(
@@ -396,7 +387,7 @@ class KVPool(Uncopyable):
         self._factory: TensorFactory = tensor_factory or _default_factory
         self._segments: list[_Segment | None] = []
         # uint8 numpy views of the segment buffers (CPU pools), rebuilt after
-        # any segment is added or retired; see _host_buffers.
+        # any segment is added or retired; see host_buffers.
         self._host: list[Any] | None = None
         self._lock = threading.RLock()
         self._pid = os.getpid()
@@ -439,16 +430,7 @@ class KVPool(Uncopyable):
         ``scale_page``, ``scale_token`` for the ``[L, pages, page_size, heads]``
         scale tensors (their head stride is 1).
         """
-        h, d, ps, pps = self.num_kv_heads, self.head_dim, self.page_size, self.pages_per_segment
-        return {
-            "layer": pps * ps * h * d,
-            "page": ps * h * d,
-            "token": h * d,
-            "head": d,
-            "scale_layer": pps * ps * h,
-            "scale_page": ps * h,
-            "scale_token": h,
-        }
+        return self.layout.strides
 
     def attach_cache(self, cache: AttachedCache | None) -> None:
         """Attach the prefix cache whose pages ``alloc`` may evict under pressure.
@@ -482,13 +464,15 @@ class KVPool(Uncopyable):
         def sub(offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
             return buffer[offset : offset + nbytes].view(dtype)
 
-        k_raw = sub(self._offsets[0], self._kv_bytes, store_dtype)
-        v_raw = sub(self._offsets[1], self._kv_bytes, store_dtype)
+        lay = self.layout
+        k_off, v_off, ks_off, vs_off = lay.offsets
+        k_raw = sub(k_off, lay.kv_bytes, store_dtype)
+        v_raw = sub(v_off, lay.kv_bytes, store_dtype)
         k_store = k_raw.view(L, pps * ps, h, d)
         v_store = v_raw.view(L, pps * ps, h, d)
         if self.fp8:
-            ks = sub(self._scale_offsets[0], self._scale_bytes, torch.float32)
-            vs = sub(self._scale_offsets[1], self._scale_bytes, torch.float32)
+            ks = sub(ks_off, lay.scale_bytes, torch.float32)
+            vs = sub(vs_off, lay.scale_bytes, torch.float32)
             views = SegmentTensors(
                 k_raw.view(self.dtype).view(shape),
                 v_raw.view(self.dtype).view(shape),
@@ -615,9 +599,10 @@ class KVPool(Uncopyable):
             )
         return seg.views
 
-    def _host_buffers(self) -> list[Any]:
+    def host_buffers(self) -> list[Any]:
         """Per segment id, a ``uint8`` numpy view of the segment's whole buffer
-        (``None`` for a free slot): what the native CPU kernels read. CPU pools only."""
+        (``None`` for a free slot): what the native CPU kernels read, with
+        :attr:`layout`'s offsets. CPU pools only; take it once per launch."""
         host = self._host  # one read: the list of the segments live at this launch
         if host is None:
             # Built and published under the growth lock, so a segment retired and
@@ -629,17 +614,6 @@ class KVPool(Uncopyable):
                     host = [None if s is None else s.buffer.numpy() for s in self._segments]
                     self._host = host
         return host
-
-    def _layer_offsets(self, layer: int) -> tuple[int, int, int, int]:
-        """Byte offsets of ``layer``'s K, V, K-scale and V-scale inside every segment buffer."""
-        kv = self._kv_bytes // self.num_layers * layer
-        sc = self._scale_bytes // self.num_layers * layer
-        return (
-            self._offsets[0] + kv,
-            self._offsets[1] + kv,
-            self._scale_offsets[0] + sc,
-            self._scale_offsets[1] + sc,
-        )
 
     @property
     def segment_table(self) -> torch.Tensor:

@@ -60,8 +60,8 @@ def paged_decode_cpu(
     batch, q_heads, head_dim = q.shape
     qf = q.detach().to(torch.float32).contiguous().reshape(-1).numpy()
     out, lse, _ = decode_cpu(
-        pool._host_buffers(),
-        pool._layer_offsets(layer),
+        pool.host_buffers(),
+        pool.layout.layer_offsets(layer),
         pool.page_size,
         pool.pages_per_segment,
         pool.num_kv_heads,

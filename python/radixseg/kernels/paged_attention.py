@@ -163,7 +163,6 @@ def plan_paged_attention(
     p_bf16 = interpret and dot == torch.bfloat16
     if p_bf16:
         dot = torch.float32
-    st = pool.strides
     table = pool.segment_table
     attention = Launch(
         kernel=paged_attention_kernel,
@@ -187,14 +186,7 @@ def plan_paged_attention(
             "kv_last_page_len": kv_last_page_len,
             "tile_req": torch.from_numpy(tile_req).to(device),
             "tile_row": torch.from_numpy(tile_row).to(device),
-            "layer_off": layer * st["layer"],
-            "scale_layer_off": layer * st["scale_layer"],
-            "stride_page": st["page"],
-            "stride_tok": st["token"],
-            "stride_head": st["head"],
-            "sstride_page": st["scale_page"],
-            "sstride_tok": st["scale_token"],
-            "pages_per_segment": pool.pages_per_segment,
+            **pool.layout.launch_args(layer),
             "sm_scale_log2": float(sm_scale * math.log2(math.e)),
             "kv_chunk": kv_chunk,
         },

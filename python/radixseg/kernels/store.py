@@ -35,7 +35,6 @@ def plan_store(
 ) -> Launch:
     """The launch writing ``k``, ``v`` (``[T, kv_heads, head_dim]``, last dim
     contiguous, same dtype) at ``slots`` (``int64 [T]``, on the pool's device)."""
-    st = pool.strides
     store = STORE_CODES[pool.dtype]
     same = (not pool.fp8) and k.dtype == pool.dtype
     return Launch(
@@ -51,14 +50,7 @@ def plan_store(
             "slots": slots,
             "table": pool.segment_table,
             "max_page": min(pool.segment_table.shape[0] * pool.pages_per_segment, 2**31 - 1),
-            "layer_off": layer * st["layer"],
-            "scale_layer_off": layer * st["scale_layer"],
-            "stride_page": st["page"],
-            "stride_tok": st["token"],
-            "stride_head": st["head"],
-            "sstride_page": st["scale_page"],
-            "sstride_tok": st["scale_token"],
-            "pages_per_segment": pool.pages_per_segment,
+            **pool.layout.launch_args(layer),
         },
         constexprs={
             "HEADS": pool.num_kv_heads,
