@@ -83,9 +83,6 @@ class Uncopyable:
     def __reduce_ex__(self, protocol: Any) -> Any:
         return self._refuse("pickled")
 
-    def __getstate__(self) -> Any:
-        return self._refuse("pickled")
-
 
 def as_namespace(namespace: Any) -> int:
     """A namespace key: an int in ``0..2**64``, else ``TypeError``/``InvalidArgument``."""

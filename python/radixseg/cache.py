@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from radixseg._convert import Uncopyable, as_count, as_id_array, as_namespace
@@ -104,6 +105,13 @@ class Request(Uncopyable):
 
 
 def _as_tokens(tokens: Any, what: str = "tokens") -> torch.Tensor:
+    """``tokens`` as an ``int32`` tensor, range-checked (see :func:`_token_array`)."""
+    return torch.from_numpy(_token_array(tokens, what))
+
+
+def _token_array(tokens: Any, what: str = "tokens") -> npt.NDArray[np.int32]:
+    """``tokens`` as a 1-D ``int32`` numpy array, each in ``0..2^31``, else a typed
+    error naming the first bad one (what the core takes without a copy)."""
     arr = as_id_array(tokens, what)
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
@@ -111,7 +119,7 @@ def _as_tokens(tokens: Any, what: str = "tokens") -> torch.Tensor:
             bad = lo if lo < 0 else hi
             index = int(np.flatnonzero(arr == bad)[0])
             raise InvalidArgument(f"{what}[{index}] = {bad} is outside the token range 0..2^31 - 1")
-    return torch.from_numpy(arr.astype(np.int32, copy=False))
+    return arr.astype(np.int32, copy=False)
 
 
 def tree_cache_stats(tree: RadixTree) -> dict[str, Any]:
@@ -196,7 +204,7 @@ class PrefixCache(Uncopyable):
         the pool cannot supply the pages the request is unchanged.
         """
         self._running_req(req)
-        new = _as_tokens(new_tokens, "new_tokens").numpy()
+        new = _token_array(new_tokens, "new_tokens")
         self._check_len(req.seq_len + new.size)
         record = req._record
         try:
@@ -235,7 +243,7 @@ class PrefixCache(Uncopyable):
         """
         self._running_req(req)
         if tokens is not None:
-            req._record.set_tokens(_as_tokens(tokens).numpy())
+            req._record.set_tokens(_token_array(tokens))
         req._record.end(True)
 
     def abort(self, req: Request) -> None:

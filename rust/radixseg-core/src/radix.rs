@@ -1606,7 +1606,7 @@ impl RadixTree {
 
 /// Every token must be in `0..2^31`, else [`CoreError::InvalidToken`] naming
 /// the first bad one.
-fn check_tokens<T: Copy + Into<i64>>(tokens: &[T]) -> Result<()> {
+pub(crate) fn check_tokens<T: Copy + Into<i64>>(tokens: &[T]) -> Result<()> {
     // Every value is in 0..2^31 iff the OR of their u64 forms is below 2^31
     // (a negative value sets the top bit): one branch-free pass.
     let any = tokens.iter().fold(0u64, |acc, &t| acc | t.into() as u64);

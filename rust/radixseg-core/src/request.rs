@@ -15,7 +15,7 @@
 //!   marks the request ended, so it ends exactly once.
 
 use crate::error::{CoreError, Result};
-use crate::radix::{NodeId, RadixTree, TOKEN_LIMIT};
+use crate::radix::{check_tokens, NodeId, RadixTree};
 use crate::SegmentAllocator;
 
 /// Where a request is in its life.
@@ -105,12 +105,7 @@ impl Request {
     ) -> Result<Vec<i64>> {
         self.check_running()?;
         let ps = self.page_size;
-        for (index, &t) in tokens.iter().enumerate() {
-            let value: i64 = t.into();
-            if !(0..TOKEN_LIMIT).contains(&value) {
-                return Err(CoreError::InvalidToken { index, value });
-            }
-        }
+        check_tokens(tokens)?;
         let start = self.tokens.len();
         let end = start + tokens.len();
         let need = end.div_ceil(ps).saturating_sub(self.pages.len());
@@ -158,12 +153,7 @@ impl Request {
                 actual: tokens.len() as u64,
             });
         }
-        for (index, &t) in tokens.iter().enumerate() {
-            let value: i64 = t.into();
-            if !(0..TOKEN_LIMIT).contains(&value) {
-                return Err(CoreError::InvalidToken { index, value });
-            }
-        }
+        check_tokens(tokens)?;
         for (dst, &t) in self.tokens.iter_mut().zip(tokens) {
             *dst = Into::<i64>::into(t) as i32;
         }
