@@ -510,3 +510,34 @@ def test_a_forked_child_is_refused_instead_of_hanging() -> None:
     assert not worker.is_alive()
     pool.release(pages)
     cache.check_invariants()
+
+
+def test_finish_with_tokens_is_all_or_nothing_under_interrupts() -> None:
+    """``finish(req, tokens=...)`` replaces the placeholder tokens and ends the
+    request in one core call: interrupted at any line, the request is either
+    finished with the new tokens or still running with the old ones."""
+    _pool, cache = _cache(page_size=2, pps=4)
+    lines = None
+    at = 0
+    while lines is None or at < lines:
+        at += 1
+        req = cache.begin([1, 2, 3, 4])
+        cache.extend(req, [1, 2, 3, 4, 0, 0])  # two placeholders
+        inject = _Injector(at)
+        sys.settrace(inject)
+        try:
+            cache.finish(req, tokens=[1, 2, 3, 4, 7, 8])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if inject.where is None:
+            lines = inject.lines  # ran to the end: every line has been tried
+        if req.state == "running":
+            assert req.tokens.tolist() == [1, 2, 3, 4, 0, 0], inject.where
+            cache.abort(req)
+        else:
+            assert req.state == "finished", inject.where
+            assert req.tokens.tolist() == [1, 2, 3, 4, 7, 8], inject.where
+        cache.check_invariants(exclusive=True)
+    assert lines is not None and lines > 5

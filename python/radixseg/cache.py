@@ -242,9 +242,8 @@ class PrefixCache(Uncopyable):
         changes nothing, whatever thread or copy calls it.
         """
         self._running_req(req)
-        if tokens is not None:
-            req._record.set_tokens(_token_array(tokens))
-        req._record.end(True)
+        # One core call: the tokens are replaced and the request ends, or neither.
+        req._record.end(True, None if tokens is None else _token_array(tokens))
 
     def abort(self, req: Request) -> None:
         """Drop the request's references and lock without caching anything."""

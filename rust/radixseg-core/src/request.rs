@@ -208,6 +208,27 @@ impl RadixTree {
         Ok(cached)
     }
 
+    /// [`end_request`](Self::end_request) with the request's tokens replaced
+    /// by `tokens` (same count) first, in one step: on any error the request
+    /// keeps its old tokens and stays running.
+    pub fn end_request_with<T: Copy + Into<i64>>(
+        &mut self,
+        req: &mut Request,
+        cache: bool,
+        tokens: &[T],
+    ) -> Result<usize> {
+        req.check_running()?;
+        let old = req.tokens.clone();
+        req.set_tokens(tokens)?;
+        match self.end_request(req, cache) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                req.tokens = old;
+                Err(e)
+            }
+        }
+    }
+
     /// Every page the tree caches, once each (the tree holds one reference
     /// per page). For invariant checks: O(cached pages).
     pub fn cached_page_ids(&self) -> Vec<u32> {
@@ -329,9 +350,20 @@ mod tests {
             (5, 2, 14)
         );
         assert!(r.truncate(&a, 6).is_err());
-        r.set_tokens(&[9i64, 8, 7, 6, 5]).expect("same length");
-        assert!(r.set_tokens(&[1i64]).is_err());
-        t.end_request(&mut r, true).expect("finish");
+        assert!(t.end_request_with(&mut r, true, &[1i64]).is_err());
+        assert!(t
+            .end_request_with(&mut r, true, &[1i64, 2, 3, 4, -5])
+            .is_err());
+        assert_eq!(
+            (r.tokens(), r.state()),
+            (&[1, 1, 1, 1, 1][..], RequestState::Running)
+        );
+        t.end_request_with(&mut r, true, &[9i64, 8, 7, 6, 5])
+            .expect("finish");
+        assert_eq!(
+            (r.tokens(), r.state()),
+            (&[9, 8, 7, 6, 5][..], RequestState::Finished)
+        );
         assert_eq!(t.cached_pages(), 1);
         t.check_requests([], true).expect("accounted");
     }

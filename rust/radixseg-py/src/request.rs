@@ -158,14 +158,27 @@ impl RequestRecord {
 
     /// End the request: cache its whole pages (`cache`) or not, unlock, and
     /// drop its references. Exactly once; returns the tokens already cached.
-    fn end(&self, py: Python<'_>, cache: bool) -> PyResult<usize> {
+    /// With `tokens` (same count), they replace the request's tokens first,
+    /// in the same call: all or nothing.
+    #[pyo3(signature = (cache, tokens = None))]
+    fn end(
+        &self,
+        py: Python<'_>,
+        cache: bool,
+        tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
         let tree = &self.tree;
         let pages = self.pages_hint.load(Ordering::Relaxed);
-        let n = self.with(py, pages, |r| {
-            tree.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .end_request(r, cache)
-        })?;
+        let lock_tree = || tree.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = match tokens {
+            None => self.with(py, pages, |r| lock_tree().end_request(r, cache))?,
+            Some(t) => {
+                let ids = Ids::new(t)?;
+                with_slice!(&ids, s => self.with(py, pages, |r| {
+                    lock_tree().end_request_with(r, cache, s)
+                })?)
+            }
+        };
         self.registry.remove(self.id);
         Ok(n)
     }
@@ -175,12 +188,6 @@ impl RequestRecord {
         let a = &self.allocator;
         let pages = self.pages_hint.load(Ordering::Relaxed);
         self.with(py, pages, |r| r.truncate(a, seq_len))
-    }
-
-    /// Replace the tokens (same count).
-    fn set_tokens(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<()> {
-        let ids = Ids::new(tokens)?;
-        with_slice!(&ids, s => self.with(py, s.len(), |r| r.set_tokens(s)))
     }
 
     /// int32 copy of the tokens whose KV the request holds.
