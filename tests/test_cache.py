@@ -210,15 +210,15 @@ def test_bad_input_changes_nothing() -> None:
     cache.extend(r, [1, 2, 3])
     state = (r.tokens.tolist(), r.page_ids.tolist(), pool.allocator.free_pages())
     for bad, exc, pattern in [
-        ([2**31], InvalidArgument, r"new_tokens\[0\] = 2147483648 is outside"),
-        ([-1], InvalidArgument, "outside the token range"),
+        ([2**31], InvalidArgument, r"invalid token id 2147483648 at position 0"),
+        ([-1], InvalidArgument, r"invalid token id -1 at position 0: token ids are in 0..2\^31"),
         ([1.5], TypeError, "integers"),
         ("abc", TypeError, "integers"),
     ]:
         with pytest.raises(exc, match=pattern):
             cache.extend(r, bad)
         assert (r.tokens.tolist(), r.page_ids.tolist(), pool.allocator.free_pages()) == state
-    with pytest.raises(InvalidArgument, match=r"tokens\[1\] = 2147483648"):
+    with pytest.raises(InvalidArgument, match=r"invalid token id 2147483648 at position 1"):
         cache.begin([0, 2**31])
     with pytest.raises(TypeError, match="namespace must be an int"):
         cache.begin([1], namespace="a")  # type: ignore[arg-type]
@@ -238,3 +238,105 @@ def test_bad_input_changes_nothing() -> None:
     with pytest.raises(InvalidArgument, match="already has a PrefixCache"):
         PrefixCache(pool)
     cache.check_invariants()
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 4])
+def test_extend_each_is_extend_per_request(page_size: int) -> None:
+    """A decode step through ``extend_each`` leaves every request, the pool and
+    the page table as one ``extend(req, [token])`` per request would."""
+    rng = torch.Generator().manual_seed(page_size)
+    caches = [make(page_size=page_size, pps=16) for _ in range(2)]
+    runs: list[list] = []
+    for _pool, cache in caches:
+        reqs = []
+        for i in range(5):
+            prompt = list(range(i * 2 + (i % 3)))  # 0..9 tokens, one empty
+            r = cache.begin(prompt, namespace=i % 2)
+            cache.extend(r, r.uncached)
+            reqs.append(r)
+        runs.append(reqs)
+    for _step in range(2 * page_size + 3):
+        toks = torch.randint(0, 1000, (5,), generator=rng)
+        (pa, ca), (pb, cb) = caches
+        batched = ca.extend_each(runs[0], toks)
+        single = torch.cat([cb.extend(r, toks[i : i + 1]) for i, r in enumerate(runs[1])])
+        assert batched.dtype == torch.int64 and batched.tolist() == single.tolist()
+        for a, b in zip(*runs, strict=True):
+            assert (a.seq_len, a.tokens.tolist(), a.page_ids.tolist()) == (
+                b.seq_len,
+                b.tokens.tolist(),
+                b.page_ids.tolist(),
+            )
+        assert pa.allocator.free_pages() == pb.allocator.free_pages()
+        for x, y in zip(ca.page_table(runs[0]), cb.page_table(runs[1]), strict=True):
+            assert x.tolist() == y.tolist()
+        ca.check_invariants(exclusive=True)
+    for (_pool, cache), reqs in zip(caches, runs, strict=True):
+        for r in reqs:
+            cache.finish(r)
+        cache.check_invariants(exclusive=True)
+
+
+def test_page_table_matches_the_request_page_lists() -> None:
+    _pool, cache = make(page_size=4)
+    reqs = [cache.begin([5] * n, namespace=n) for n in (3, 0, 8, 13)]
+    for r in reqs:
+        cache.extend(r, r.uncached)
+    indptr, indices, last = cache.page_table(reqs, device="cpu")
+    counts = [r.num_pages for r in reqs]
+    assert indptr.tolist() == [0, *torch.tensor(counts).cumsum(0).tolist()]
+    assert indices.tolist() == torch.cat([r.page_ids for r in reqs]).tolist()
+    assert last.tolist() == [3, 0, 4, 1]
+    assert [t.numel() for t in cache.page_table([])] == [1, 0, 0]
+    for r in reqs:
+        cache.abort(r)
+
+
+def test_extend_each_is_all_or_nothing() -> None:
+    probe = KVPool(1, 1, 8, page_size=2, pages_per_segment=4)
+    pool, cache = make(page_size=2, pps=4, budget_bytes=probe.segment_bytes)
+    a, b, c = (cache.begin([i], leave_last=False) for i in range(3))
+    for r in (a, b, c):
+        cache.extend(r, [1, 1])  # one full page each; a 4th page is left free
+    before = [(r.seq_len, r.num_pages) for r in (a, b, c)], pool.allocator.free_pages()
+    # Each needs a page, one is free and nothing is cached: all or none.
+    with pytest.raises(BudgetExhausted):
+        cache.extend_each([a, b, c], [3, 3, 3])
+    assert ([(r.seq_len, r.num_pages) for r in (a, b, c)], pool.allocator.free_pages()) == before
+    _, other = make(page_size=2)
+    foreign = other.begin([1])
+    for reqs, toks, exc, pattern in [
+        ([a, b], [1], InvalidArgument, "one token per request"),
+        ([a, a], [1, 1], InvalidArgument, r"requests\[0\] appears more than once"),
+        ([a, foreign], [1, 1], InvalidArgument, "different PrefixCache"),
+        ([a, b], [1, -1], InvalidArgument, "invalid token id -1 at position 1"),
+        ([a, "b"], [1, 1], TypeError, "expected a Request"),
+        (a, [1], TypeError, "sequence of Requests"),
+    ]:
+        with pytest.raises(exc, match=pattern):
+            cache.extend_each(reqs, toks)  # type: ignore[arg-type]
+        assert [(r.seq_len, r.num_pages) for r in (a, b, c)] == before[0]
+    cache.finish(c)
+    with pytest.raises(InvalidArgument, match="already finished"):
+        cache.extend_each([a, c], [1, 1])
+    assert (a.seq_len, pool.allocator.free_pages()) == (2, before[1])
+    cache.extend_each([a, b], [4, 4])  # c's page is cached, so evictable: now it fits
+    for r in (a, b):
+        cache.finish(r)
+    other.abort(foreign)
+    cache.check_invariants(exclusive=True)
+
+
+def test_extend_each_grows_and_evicts_under_the_budget() -> None:
+    probe = KVPool(1, 1, 8, page_size=1, pages_per_segment=4)
+    pool, cache = make(page_size=1, pps=4, budget_bytes=2 * probe.segment_bytes)
+    old = cache.begin([9] * 7, leave_last=False)
+    cache.extend(old, old.uncached)
+    cache.finish(old)  # 7 cached pages: both segments grown, one page free
+    reqs = [cache.begin([i], leave_last=False) for i in range(3)]
+    slots = cache.extend_each(reqs, [1, 2, 3])  # 3 pages: evicts the cached prompt
+    assert slots.numel() == 3 and pool.stats()["evicted_pages"] == 7  # whole leaves go
+    assert pool.stats()["segments"] == 2
+    for r in reqs:
+        cache.abort(r)
+    cache.check_invariants(exclusive=True)

@@ -288,7 +288,7 @@ def test_finish_refuses_sequences_that_do_not_continue_the_prompt():
         (torch.zeros(1, 4), "integers"),
         (torch.zeros(1, 0, dtype=torch.int64), "non-empty"),
         ([[1, 2, 3], [1, 2]], "different lengths"),
-        (torch.tensor([[1, -2, 3]]), "outside the token range"),
+        (torch.tensor([[1, -2, 3]]), "invalid token id -2 at position 1"),
     ],
 )
 def test_bad_input_ids_are_typed_errors(ids, match):

@@ -19,6 +19,7 @@ to the allocator. ``abort`` does the same without inserting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy.typing as npt
 import torch
 
 from radixseg._convert import Uncopyable, as_count, as_id_array, as_namespace
-from radixseg._core import TOKEN_LIMIT, InvalidArgument, OutOfPages, RequestRecord
+from radixseg._core import InvalidArgument, OutOfPages, RequestRecord
 from radixseg.pool import KVPool
 from radixseg.tree import RadixTree
 
@@ -52,14 +53,22 @@ class Request(Uncopyable):
         ``int32 [prompt_len]``, the tokens given to ``begin``.
     """
 
-    __slots__ = ("_cache", "_record", "cached_len", "namespace", "prompt")
+    __slots__ = ("_cache", "_prompt", "_record", "cached_len", "namespace")
 
-    def __init__(self, cache: PrefixCache, prompt: torch.Tensor, record: RequestRecord) -> None:
+    def __init__(self, cache: PrefixCache, prompt: npt.NDArray[Any], record: RequestRecord) -> None:
         self._cache = cache
         self._record = record
-        self.prompt = prompt
+        self._prompt = prompt
         self.namespace = record.namespace
         self.cached_len = record.seq_len
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """``int32 [prompt_len]``: the tokens given to ``begin``."""
+        p = self._prompt
+        if p.dtype != np.int32:  # validated by begin: every token is below 2^31
+            p = self._prompt = p.astype(np.int32)
+        return torch.from_numpy(p)
 
     @property
     def state(self) -> str:
@@ -99,27 +108,9 @@ class Request(Uncopyable):
     def __repr__(self) -> str:
         return (
             f"Request(state={self.state}, namespace={self.namespace}, prompt_len="
-            f"{self.prompt.numel()}, cached_len={self.cached_len}, seq_len={self.seq_len}, "
+            f"{self._prompt.size}, cached_len={self.cached_len}, seq_len={self.seq_len}, "
             f"pages={self.num_pages})"
         )
-
-
-def _as_tokens(tokens: Any, what: str = "tokens") -> torch.Tensor:
-    """``tokens`` as an ``int32`` tensor, range-checked (see :func:`_token_array`)."""
-    return torch.from_numpy(_token_array(tokens, what))
-
-
-def _token_array(tokens: Any, what: str = "tokens") -> npt.NDArray[np.int32]:
-    """``tokens`` as a 1-D ``int32`` numpy array, each in ``0..2^31``, else a typed
-    error naming the first bad one (what the core takes without a copy)."""
-    arr = as_id_array(tokens, what)
-    if arr.size:
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= TOKEN_LIMIT:
-            bad = lo if lo < 0 else hi
-            index = int(np.flatnonzero(arr == bad)[0])
-            raise InvalidArgument(f"{what}[{index}] = {bad} is outside the token range 0..2^31 - 1")
-    return arr.astype(np.int32, copy=False)
 
 
 def tree_cache_stats(tree: RadixTree) -> dict[str, Any]:
@@ -188,13 +179,14 @@ class PrefixCache(Uncopyable):
         SGLang does. The returned request locks the matched prefix;
         ``req.cached_len`` tokens need no prefill.
         """
-        prompt = _as_tokens(tokens)
-        self._check_len(prompt.numel())
+        prompt = as_id_array(tokens, "tokens")
+        if self.max_context_len is not None:
+            self._check_len(prompt.size)
         ns = as_namespace(namespace)
-        query = prompt[:-1] if leave_last and prompt.numel() else prompt
-        # One core call matches, locks and records the request; if anything
-        # interrupts us after it, the dropped record aborts itself.
-        return Request(self, prompt, self.tree.begin_request(query.numpy(), ns, prompt.numel()))
+        # One core call validates the tokens, matches, locks and records the
+        # request; if anything interrupts us after it, the dropped record
+        # aborts itself.
+        return Request(self, prompt, self.tree.begin_request(prompt, ns, leave_last))
 
     def extend(self, req: Request, new_tokens: Any) -> torch.Tensor:
         """Append ``new_tokens`` to ``req``; returns their ``int64 [T]`` slots.
@@ -203,23 +195,46 @@ class PrefixCache(Uncopyable):
         pages (growing the pool, evicting under pressure). All or none: when
         the pool cannot supply the pages the request is unchanged.
         """
-        self._running_req(req)
-        new = _token_array(new_tokens, "new_tokens")
-        self._check_len(req.seq_len + new.size)
+        if req.__class__ is not Request or req._cache is not self:
+            self._check_req(req)
+        new = as_id_array(new_tokens, "new_tokens")
         record = req._record
+        if self.max_context_len is not None:
+            self._check_len(record.seq_len + new.size)
         try:
-            # Tokens and the pages they need are taken and recorded in one
-            # core call, all or nothing: nothing to undo if we are interrupted.
+            # Validation, the pages the tokens need and their slots: one core
+            # call, all or nothing, so there is nothing to undo if interrupted.
             return torch.from_numpy(record.extend(new))
         except OutOfPages as short:
             need = int(short.requested)
         # Grow the pool (or evict) until the allocation fits, then take it.
         return torch.from_numpy(self.pool._alloc_with(need, lambda: record.extend(new)))
 
+    def extend_each(self, reqs: Sequence[Request], tokens: Any) -> torch.Tensor:
+        """A decode step: append ``tokens[i]`` to ``reqs[i]``; returns the
+        ``int64 [N]`` slots of the new tokens.
+
+        One core call takes the pages the requests whose last page is full
+        need (growing the pool, evicting under pressure) and records them:
+        all or none, so when the pool cannot supply them no request changes.
+        A request may appear once.
+        """
+        records = self._records(reqs)
+        toks = as_id_array(tokens, "tokens")
+        if self.max_context_len is not None:
+            for r in records:
+                self._check_len(r.seq_len + 1)
+        extend_each = self.tree.extend_each
+        try:
+            return torch.from_numpy(extend_each(records, toks))
+        except OutOfPages as short:
+            need = int(short.requested)
+        return torch.from_numpy(self.pool._alloc_with(need, lambda: extend_each(records, toks)))
+
     def truncate(self, req: Request, seq_len: int) -> None:
         """Undo :meth:`extend` calls: keep the first ``seq_len`` tokens and release
         the pages past them. The reused prefix (``cached_len``) cannot be dropped."""
-        self._running_req(req)
+        self._check_req(req)
         req._record.truncate(as_count(seq_len, "seq_len"))
 
     def slots(self, req: Request, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -241,13 +256,14 @@ class PrefixCache(Uncopyable):
         second ``finish`` or ``abort`` raises :class:`InvalidArgument` and
         changes nothing, whatever thread or copy calls it.
         """
-        self._running_req(req)
+        if req.__class__ is not Request or req._cache is not self:
+            self._check_req(req)
         # One core call: the tokens are replaced and the request ends, or neither.
-        req._record.end(True, None if tokens is None else _token_array(tokens))
+        req._record.end(True, None if tokens is None else as_id_array(tokens, "tokens"))
 
     def abort(self, req: Request) -> None:
         """Drop the request's references and lock without caching anything."""
-        self._running_req(req)
+        self._check_req(req)
         req._record.end(False)
 
     # ----- page tables -------------------------------------------------------------
@@ -262,19 +278,8 @@ class PrefixCache(Uncopyable):
         each request's last page, ``1..=page_size``; 0 for an empty request),
         on ``device`` (default CPU).
         """
-        for r in reqs:
-            self._running_req(r)
-        counts = torch.tensor([r.num_pages for r in reqs], dtype=torch.int32)
-        indptr = torch.zeros(len(reqs) + 1, dtype=torch.int32)
-        torch.cumsum(counts, 0, out=indptr[1:])
-        indices = (
-            torch.cat([r.page_ids for r in reqs]) if reqs else torch.zeros(0, dtype=torch.int32)
-        )
-        ps = self.page_size
-        last = torch.tensor(
-            [r.seq_len - (r.num_pages - 1) * ps if r.num_pages else 0 for r in reqs],
-            dtype=torch.int32,
-        )
+        arrays = self.tree.page_table(self._records(reqs))
+        indptr, indices, last = (torch.from_numpy(a) for a in arrays)
         if device is not None:
             indptr, indices, last = (x.to(device) for x in (indptr, indices, last))
         return indptr, indices, last
@@ -327,15 +332,24 @@ class PrefixCache(Uncopyable):
 
     # ----- validation ---------------------------------------------------------------
 
-    def _running_req(self, req: Any) -> None:
+    def _check_req(self, req: Any) -> None:
+        """A :class:`Request` of this cache, else a typed error. Whether it is
+        still running is checked by the core, in the call that changes it."""
         if not isinstance(req, Request):
             raise TypeError(f"expected a Request from PrefixCache.begin, got {type(req).__name__}")
         if req._cache is not self:
             raise InvalidArgument("this request was begun on a different PrefixCache")
-        if req.state != "running":
-            raise InvalidArgument(
-                f"the request is already {req.state}: a request ends exactly once; begin a new one"
-            )
+
+    def _records(self, reqs: Any) -> list[RequestRecord]:
+        """The core records of ``reqs`` (a sequence of this cache's requests)."""
+        if isinstance(reqs, Request) or not isinstance(reqs, Sequence):
+            raise TypeError(f"reqs must be a sequence of Requests, got {type(reqs).__name__}")
+        out = []
+        for r in reqs:
+            if r.__class__ is not Request or r._cache is not self:
+                self._check_req(r)
+            out.append(r._record)
+        return out
 
     def _check_len(self, n: int) -> None:
         if self.max_context_len is not None and n > self.max_context_len:

@@ -380,12 +380,19 @@ impl RadixTree {
         T: Copy + Into<i64>,
     {
         let toks = self.whole_page_tokens(tokens)?;
+        self.match_whole(&toks, namespace)
+    }
+
+    /// [`match_prefix`](Self::match_prefix) of tokens already validated and
+    /// cut to whole pages.
+    pub(crate) fn match_whole(&mut self, toks: &[u32], namespace: u64) -> Result<MatchResult> {
+        debug_assert_eq!(toks.len() % self.page_size, 0);
         // A root and a split may be needed.
         self.ensure_slots(2)?;
         let t = self.tick();
         let root = self.root_for(namespace, t);
         let mut page_ids = Vec::new();
-        let walk = self.descend(root, &toks, t, Some(&mut page_ids));
+        let walk = self.descend(root, toks, t, Some(&mut page_ids));
         self.refresh(walk.last);
         Ok(MatchResult {
             length: walk.pages * self.page_size,
@@ -576,6 +583,65 @@ impl RadixTree {
             .collect();
         self.allocator.release(&rest)?;
         Ok(cached)
+    }
+
+    /// [`finish`](Self::finish) for a caller that keeps its own books (a
+    /// [`Request`](crate::Request)): `tokens` are validated, `pages` holds one
+    /// id per page of `tokens` (the partial last page included), the first
+    /// `owned_from` are the pages on the path of `node`, which is locked, and
+    /// the caller holds one reference to each of the rest. So nothing about
+    /// the input needs checking, and one walk down the tree both finds the
+    /// cached prefix and places the new leaf: no per-token validation, copy
+    /// or second comparison pass. All or nothing, as `finish`.
+    pub(crate) fn finish_owned(
+        &mut self,
+        tokens: &[u32],
+        pages: &[u32],
+        namespace: u64,
+        node: NodeId,
+        cache: bool,
+        owned_from: usize,
+    ) -> Result<usize> {
+        let ps = self.page_size;
+        debug_assert_eq!(pages.len(), tokens.len().div_ceil(ps));
+        let idx = self.resolve(node)?;
+        if self.nodes[idx as usize].own == 0 {
+            return Err(CoreError::UnbalancedUnlock { node: idx });
+        }
+        let full = tokens.len() / ps;
+        let (cached, adopted) = if cache && full > 0 {
+            // Root, split and new leaf at most, and arena room for every
+            // page: checked before anything changes, so nothing below fails.
+            self.ensure_slots(3)?;
+            self.check_arena_room(full)?;
+            let t = self.tick();
+            let root = self.root_for(namespace, t);
+            let walk = self.descend(root, &tokens[..full * ps], t, None);
+            // The locked path holds the first `owned_from` pages.
+            debug_assert!(walk.pages >= owned_from);
+            if walk.pages < full {
+                self.ensure_arena(full - walk.pages)?;
+                self.add_leaf(
+                    walk.node,
+                    &tokens[walk.pages * ps..full * ps],
+                    &pages[walk.pages..full],
+                );
+            }
+            self.refresh(walk.last);
+            (walk.pages, walk.pages.max(owned_from)..full)
+        } else {
+            (0, full..full)
+        };
+        self.unlock(node)?;
+        // The request's duplicates of cached pages and its partial last page;
+        // the pages cached anew keep the request's reference, now the tree's.
+        let rest: Vec<i64> = pages[owned_from..adopted.start.max(owned_from)]
+            .iter()
+            .chain(&pages[adopted.end.max(owned_from)..])
+            .map(|&p| i64::from(p))
+            .collect();
+        self.allocator.release(&rest)?;
+        Ok(cached * ps)
     }
 
     /// Protect `node` and its ancestors from eviction until a matching
@@ -984,6 +1050,23 @@ impl RadixTree {
 
     // ----- arena ------------------------------------------------------------------------
 
+    /// Fail, changing nothing, unless [`ensure_arena`](Self::ensure_arena)
+    /// of `extra` (or less) will succeed.
+    fn check_arena_room(&self, extra: usize) -> Result<()> {
+        let limit = NIL as usize;
+        let mut len = self.pages.len();
+        if len + extra > limit && self.dead_pages > 0 {
+            len = self.cached_pages; // what compaction leaves
+        }
+        if len + extra > limit {
+            return Err(CoreError::TreeCapacity {
+                what: "pages in the tree's arena",
+                limit: limit as u64,
+            });
+        }
+        Ok(())
+    }
+
     /// Make room for `extra` more arena pages: compact if the u32 offsets
     /// would overflow, grow by at least 1/8 (not 2x: the arena is most of
     /// the tree's memory).
@@ -1255,9 +1338,10 @@ impl RadixTree {
 
     /// A new unlocked leaf under `parent` holding `toks` / `ids` (validated,
     /// retained, arena room reserved).
-    fn add_leaf(&mut self, parent: u32, toks: &[u32], ids: &[i64]) {
+    fn add_leaf<P: Copy + Into<i64>>(&mut self, parent: u32, toks: &[u32], ids: &[P]) {
         let start = self.pages.len() as u32;
-        self.pages.extend(ids.iter().map(|&p| p as u32));
+        // Page ids are below PAGE_ID_LIMIT (validated by the caller).
+        self.pages.extend(ids.iter().map(|&p| p.into() as u32));
         self.tokens.extend_from_slice(toks);
         let len = ids.len();
         let t = self.tick();
@@ -1602,6 +1686,24 @@ impl RadixTree {
         }
         Ok(())
     }
+}
+
+/// `tokens` as `u32`s, each checked to be in `0..2^31` in the same pass
+/// (else [`CoreError::InvalidToken`] naming the first bad one).
+pub(crate) fn tokens_u32<T: Copy + Into<i64>>(tokens: &[T]) -> Result<Vec<u32>> {
+    let mut any = 0u64;
+    let out: Vec<u32> = tokens
+        .iter()
+        .map(|&t| {
+            let v = t.into() as u64;
+            any |= v;
+            v as u32
+        })
+        .collect();
+    if any >= TOKEN_LIMIT as u64 {
+        check_tokens(tokens)?;
+    }
+    Ok(out)
 }
 
 /// Every token must be in `0..2^31`, else [`CoreError::InvalidToken`] naming

@@ -15,7 +15,7 @@
 //!   marks the request ended, so it ends exactly once.
 
 use crate::error::{CoreError, Result};
-use crate::radix::{check_tokens, NodeId, RadixTree};
+use crate::radix::{check_tokens, tokens_u32, NodeId, RadixTree};
 use crate::SegmentAllocator;
 
 /// Where a request is in its life.
@@ -43,7 +43,7 @@ impl RequestState {
 /// A running sequence's tokens, pages and prefix lock (see the module docs).
 #[derive(Debug)]
 pub struct Request {
-    tokens: Vec<i32>,
+    tokens: Vec<u32>,
     pages: Vec<u32>,
     namespace: u64,
     node: NodeId,
@@ -53,8 +53,9 @@ pub struct Request {
 }
 
 impl Request {
-    /// Tokens whose KV the request holds (matched prefix + extended).
-    pub fn tokens(&self) -> &[i32] {
+    /// Tokens whose KV the request holds (matched prefix + extended), each
+    /// in `0..2^31`.
+    pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
 
@@ -84,6 +85,84 @@ impl Request {
         self.state
     }
 
+    /// Append one token to each request in `reqs` (`tokens[i]` to
+    /// `reqs[i]`), allocating from `allocator`, in one step, the
+    /// pages those whose last page is full need: a decode step. Returns the
+    /// new tokens' slots, one per request. All or nothing: a request that is
+    /// not running, a bad token or too few free pages
+    /// ([`CoreError::OutOfPages`] for the whole batch) changes nothing.
+    pub fn extend_each<T: Copy + Into<i64>>(
+        allocator: &SegmentAllocator,
+        reqs: &mut [&mut Request],
+        tokens: &[T],
+    ) -> Result<Vec<i64>> {
+        if tokens.len() != reqs.len() {
+            return Err(CoreError::LengthMismatch {
+                what: "extend_each: one token per request",
+                expected: reqs.len() as u64,
+                actual: tokens.len() as u64,
+            });
+        }
+        check_tokens(tokens)?;
+        let mut need = 0usize;
+        for r in reqs.iter() {
+            r.check_running()?;
+            need += usize::from(r.needs_page());
+        }
+        let mut fresh = Vec::with_capacity(need);
+        allocator.alloc_into(need, &mut fresh)?;
+        let mut fresh = fresh.into_iter();
+        let mut slots = Vec::with_capacity(reqs.len());
+        for (r, &t) in reqs.iter_mut().zip(tokens) {
+            let pos = r.tokens.len();
+            if r.needs_page() {
+                // Counted above: exactly one page per request whose last is full.
+                if let Some(p) = fresh.next() {
+                    r.pages.push(p);
+                }
+            }
+            r.tokens.push(Into::<i64>::into(t) as u32);
+            r.push_slots(pos, &mut slots);
+        }
+        Ok(slots)
+    }
+
+    /// FlashInfer's paged-KV CSR of `reqs`: `kv_indptr [B + 1]`,
+    /// `kv_indices` (their page ids, request after request) and
+    /// `kv_last_page_len [B]` (tokens in each last page, `1..=page_size`; 0
+    /// for a request without tokens), built in one pass. `int32` as
+    /// FlashInfer takes them: more than `2^31 - 1` pages in all is
+    /// [`CoreError::TreeCapacity`]; a request that ended is refused.
+    pub fn page_table(reqs: &[&Request]) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
+        // An ended request's pages may be another's by now.
+        for r in reqs {
+            r.check_running()?;
+        }
+        let total: usize = reqs.iter().map(|r| r.pages.len()).sum();
+        if total > i32::MAX as usize {
+            return Err(CoreError::TreeCapacity {
+                what: "pages in one page table (int32 kv_indptr)",
+                limit: i32::MAX as u64,
+            });
+        }
+        let mut indptr = Vec::with_capacity(reqs.len() + 1);
+        let mut indices = Vec::with_capacity(total);
+        let mut last = Vec::with_capacity(reqs.len());
+        indptr.push(0);
+        for r in reqs {
+            // Page ids are below PAGE_ID_LIMIT = 2^31, page counts too.
+            indices.extend(r.pages.iter().map(|&p| p as i32));
+            indptr.push(indices.len() as i32);
+            let n = r.tokens.len();
+            last.push(if n == 0 {
+                0
+            } else {
+                (n - (r.pages.len() - 1) * r.page_size) as i32
+            });
+        }
+        Ok((indptr, indices, last))
+    }
+
     fn check_running(&self) -> Result<()> {
         match self.state {
             RequestState::Running => Ok(()),
@@ -104,21 +183,50 @@ impl Request {
         tokens: &[T],
     ) -> Result<Vec<i64>> {
         self.check_running()?;
-        let ps = self.page_size;
         check_tokens(tokens)?;
         let start = self.tokens.len();
-        let end = start + tokens.len();
-        let need = end.div_ceil(ps).saturating_sub(self.pages.len());
-        if need > 0 {
-            // Straight into the page list: taken and recorded in one step.
-            allocator.alloc_into(need, &mut self.pages)?;
-        }
+        self.take_pages(allocator, start + tokens.len())?;
         // In range: checked above.
         self.tokens
-            .extend(tokens.iter().map(|&t| Into::<i64>::into(t) as i32));
-        Ok((start..end)
-            .map(|pos| i64::from(self.pages[pos / ps]) * ps as i64 + (pos % ps) as i64)
-            .collect())
+            .extend(tokens.iter().map(|&t| Into::<i64>::into(t) as u32));
+        let mut slots = Vec::with_capacity(tokens.len());
+        self.push_slots(start, &mut slots);
+        Ok(slots)
+    }
+
+    /// Whether one more token needs a new page (the last one is full).
+    fn needs_page(&self) -> bool {
+        (self.tokens.len() + 1).div_ceil(self.page_size) > self.pages.len()
+    }
+
+    /// Allocate the pages that `seq_len` tokens need past those held,
+    /// straight into the page list (taken and recorded in one step).
+    fn take_pages(&mut self, allocator: &SegmentAllocator, seq_len: usize) -> Result<()> {
+        let need = seq_len
+            .div_ceil(self.page_size)
+            .saturating_sub(self.pages.len());
+        if need > 0 {
+            allocator.alloc_into(need, &mut self.pages)?;
+        }
+        Ok(())
+    }
+
+    /// Append to `out` the slots (`page * page_size + offset`) of the tokens
+    /// from position `start` on.
+    fn push_slots(&self, start: usize, out: &mut Vec<i64>) {
+        let ps = self.page_size;
+        if ps == 1 {
+            out.extend(self.pages[start..].iter().map(|&p| i64::from(p)));
+            return;
+        }
+        let mut pos = start;
+        while pos < self.tokens.len() {
+            let (page, off) = (pos / ps, pos % ps);
+            let run = (ps - off).min(self.tokens.len() - pos);
+            let base = i64::from(self.pages[page]) * ps as i64;
+            out.extend((off..off + run).map(|o| base + o as i64));
+            pos += run;
+        }
     }
 
     /// Drop the tokens past `seq_len` and release the pages no longer
@@ -141,47 +249,34 @@ impl Request {
         self.tokens.truncate(seq_len);
         Ok(())
     }
-
-    /// Replace the tokens (same count): for callers that extend with
-    /// placeholders before the sampled tokens are known. All or nothing.
-    pub fn set_tokens<T: Copy + Into<i64>>(&mut self, tokens: &[T]) -> Result<()> {
-        self.check_running()?;
-        if tokens.len() != self.tokens.len() {
-            return Err(CoreError::LengthMismatch {
-                what: "set_tokens: one token per token the request holds",
-                expected: self.tokens.len() as u64,
-                actual: tokens.len() as u64,
-            });
-        }
-        check_tokens(tokens)?;
-        for (dst, &t) in self.tokens.iter_mut().zip(tokens) {
-            *dst = Into::<i64>::into(t) as i32;
-        }
-        Ok(())
-    }
 }
 
 impl RadixTree {
     /// Start a request: match and lock the longest cached prefix of `tokens`
-    /// (whole pages) and record it. The request holds no page references for
-    /// the matched pages; the lock keeps them cached.
+    /// (whole pages; with `leave_last`, of all tokens but the last, so that
+    /// the last prompt token is always computed) and record it. Every token
+    /// is validated, in the same pass that copies them. The request holds no
+    /// page references for the matched pages; the lock keeps them cached.
     pub fn begin_request<T: Copy + Into<i64>>(
         &mut self,
         tokens: &[T],
         namespace: u64,
+        leave_last: bool,
     ) -> Result<Request> {
-        let m = self.acquire(tokens, namespace)?;
-        let matched = tokens[..m.length]
-            .iter()
-            .map(|&t| Into::<i64>::into(t) as i32) // checked by the match
-            .collect();
+        let ps = self.page_size();
+        let mut toks = tokens_u32(tokens)?;
+        let query = toks.len().saturating_sub(usize::from(leave_last)) / ps * ps;
+        let m = self.match_whole(&toks[..query], namespace)?;
+        self.lock(m.node)?;
+        // The copy keeps its capacity: the prompt's rest is extended next.
+        toks.truncate(m.length);
         Ok(Request {
-            tokens: matched,
+            tokens: toks,
             matched_pages: m.page_ids.len(),
             pages: m.page_ids,
             namespace,
             node: m.node,
-            page_size: self.page_size(),
+            page_size: ps,
             state: RequestState::Running,
         })
     }
@@ -192,11 +287,11 @@ impl RadixTree {
     /// ended is refused. Returns the tokens that were already cached.
     pub fn end_request(&mut self, req: &mut Request, cache: bool) -> Result<usize> {
         req.check_running()?;
-        let cached = self.finish(
+        let cached = self.finish_owned(
             &req.tokens,
             &req.pages,
             req.namespace,
-            Some(req.node),
+            req.node,
             cache,
             req.matched_pages,
         )?;
@@ -218,15 +313,32 @@ impl RadixTree {
         tokens: &[T],
     ) -> Result<usize> {
         req.check_running()?;
-        let old = req.tokens.clone();
-        req.set_tokens(tokens)?;
-        match self.end_request(req, cache) {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                req.tokens = old;
-                Err(e)
-            }
+        if tokens.len() != req.tokens.len() {
+            return Err(CoreError::LengthMismatch {
+                what: "set_tokens: one token per token the request holds",
+                expected: req.tokens.len() as u64,
+                actual: tokens.len() as u64,
+            });
         }
+        // New tokens may leave the locked path: the validating `finish`
+        // (which retains whatever it caches that the request did not own).
+        let cached = self.finish(
+            tokens,
+            &req.pages,
+            req.namespace,
+            Some(req.node),
+            cache,
+            req.matched_pages,
+        )?;
+        req.tokens.clear();
+        req.tokens
+            .extend(tokens.iter().map(|&t| Into::<i64>::into(t) as u32));
+        req.state = if cache {
+            RequestState::Finished
+        } else {
+            RequestState::Aborted
+        };
+        Ok(cached)
     }
 
     /// Every page the tree caches, once each (the tree holds one reference
@@ -305,7 +417,9 @@ mod tests {
     #[test]
     fn a_request_ends_exactly_once_and_shares_its_prefix() {
         let (a, mut t) = setup(2);
-        let mut r = t.begin_request(&[1i64, 2, 3, 4, 5], 0).expect("begin");
+        let mut r = t
+            .begin_request(&[1i64, 2, 3, 4, 5], 0, false)
+            .expect("begin");
         let slots = r.extend(&a, &[1i64, 2, 3, 4, 5]).expect("extend");
         assert_eq!(slots.len(), 5);
         assert_eq!(r.page_ids().len(), 3);
@@ -314,9 +428,13 @@ mod tests {
         assert!(t.end_request(&mut r, true).is_err());
         assert!(t.end_request(&mut r, false).is_err());
         assert_eq!(t.cached_pages(), 2);
-        let mut s = t.begin_request(&[1i64, 2, 3, 4, 9], 0).expect("begin");
+        let mut s = t
+            .begin_request(&[1i64, 2, 3, 4, 9], 0, false)
+            .expect("begin");
         assert_eq!((s.tokens().len(), s.matched_pages()), (4, 2));
-        let mut other = t.begin_request(&[1i64, 2, 3, 4, 7], 0).expect("begin");
+        let mut other = t
+            .begin_request(&[1i64, 2, 3, 4, 7], 0, false)
+            .expect("begin");
         t.end_request(&mut s, false).expect("abort");
         // Ending `s` again would drop `other`'s lock if it were not refused.
         assert!(t.end_request(&mut s, false).is_err());
@@ -329,7 +447,7 @@ mod tests {
     #[test]
     fn extend_and_truncate_are_all_or_nothing() {
         let (a, mut t) = setup(4);
-        let mut r = t.begin_request(&[0i64; 0], 0).expect("begin");
+        let mut r = t.begin_request(&[0i64; 0], 0, false).expect("begin");
         r.extend(&a, &[1i64; 60]).expect("15 pages");
         let before = (r.tokens().to_vec(), r.page_ids().to_vec(), a.free_pages());
         assert!(matches!(
@@ -365,6 +483,108 @@ mod tests {
             (&[9, 8, 7, 6, 5][..], RequestState::Finished)
         );
         assert_eq!(t.cached_pages(), 1);
+        t.check_requests([], true).expect("accounted");
+    }
+
+    /// Requests (begin, extend, end through `finish_owned`) against the
+    /// validating `acquire`/`alloc`/`finish` path on a second tree: the same
+    /// trace leaves the same trees, hits and free pages.
+    #[test]
+    fn the_request_path_matches_the_validating_path() {
+        for ps in [1u32, 2, 4] {
+            let (a1, mut t1) = setup(ps);
+            let (a2, mut t2) = setup(ps);
+            let mut seed = 0x9e37_79b9_u64 + u64::from(ps);
+            let mut next = |n: u64| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (seed >> 33) % n
+            };
+            for round in 0..300 {
+                let len = 1 + next(12) as usize;
+                let base = next(3) as i64;
+                let toks: Vec<i64> = (0..len as i64)
+                    .map(|i| (base * 7 + i * (i % 3)) % 5)
+                    .collect();
+                let cache = round % 5 != 0;
+                let mut r = t1.begin_request(&toks, 0, false).expect("begin");
+                let m = t2.acquire(&toks, 0).expect("acquire");
+                assert_eq!(r.tokens().len(), m.length);
+                let rest = &toks[m.length..];
+                let fits = r.extend(&a1, rest);
+                let need = len.div_ceil(ps as usize) - m.page_ids.len();
+                let got = a2.alloc(need);
+                assert_eq!(fits.is_ok(), got.is_ok());
+                let Ok(new) = got else {
+                    t1.end_request(&mut r, false).expect("abort");
+                    let ids: Vec<i64> = m.page_ids.iter().map(|&p| i64::from(p)).collect();
+                    t2.finish(&toks[..m.length], &ids, 0, Some(m.node), false, ids.len())
+                        .expect("abort");
+                    let short = (need as u64).saturating_sub(a1.free_pages());
+                    assert_eq!(
+                        t1.evict(short as usize).expect("evict"),
+                        t2.evict(short as usize).expect("evict")
+                    );
+                    continue;
+                };
+                let ids: Vec<u32> = m.page_ids.iter().copied().chain(new).collect();
+                assert_eq!(r.page_ids(), &ids[..]);
+                let c1 = t1.end_request(&mut r, cache).expect("end");
+                let c2 = t2
+                    .finish(&toks, &ids, 0, Some(m.node), cache, m.page_ids.len())
+                    .expect("finish");
+                assert_eq!(c1, c2);
+                assert_eq!(
+                    (t1.node_count(), t1.cached_pages(), a1.free_pages()),
+                    (t2.node_count(), t2.cached_pages(), a2.free_pages())
+                );
+                t1.check_requests([], true).expect("accounted");
+                t1.check_invariants().expect("tree");
+            }
+        }
+    }
+
+    #[test]
+    fn extend_each_is_one_step_for_the_batch() {
+        let (a, mut t) = setup(2);
+        let mut rs: Vec<Request> = (0..3)
+            .map(|i| t.begin_request(&[i as i64], 0, false).expect("begin"))
+            .collect();
+        for (i, r) in rs.iter_mut().enumerate() {
+            r.extend(&a, &vec![1i64; i + 1]).expect("extend");
+        }
+        // Lengths 1, 2, 3: the second needs a page, the others do not.
+        let free = a.free_pages();
+        let mut refs: Vec<&mut Request> = rs.iter_mut().collect();
+        let slots = Request::extend_each(&a, &mut refs, &[5i64, 6, 7]).expect("step");
+        assert_eq!(a.free_pages(), free - 1);
+        let pt =
+            Request::page_table(&refs.iter().map(|r| &**r).collect::<Vec<_>>()).expect("table");
+        assert_eq!(pt.0, vec![0, 1, 3, 5]);
+        assert_eq!(pt.2, vec![2, 1, 2]);
+        for (r, s) in refs.iter().zip(&slots) {
+            let last = *r.page_ids().last().expect("a page");
+            assert_eq!(*s, i64::from(last) * 2 + (r.tokens().len() as i64 - 1) % 2);
+        }
+        // All or nothing: a bad token, a length mismatch, too few pages.
+        let before: Vec<usize> = refs.iter().map(|r| r.tokens().len()).collect();
+        assert!(Request::extend_each(&a, &mut refs, &[1i64, -1, 1]).is_err());
+        assert!(Request::extend_each(&a, &mut refs, &[1i64]).is_err());
+        let hog = a.alloc(a.free_pages() as usize).expect("the rest");
+        assert!(matches!(
+            Request::extend_each(&a, &mut refs, &[1i64, 1, 1]),
+            Err(CoreError::OutOfPages { .. })
+        ));
+        assert_eq!(
+            refs.iter().map(|r| r.tokens().len()).collect::<Vec<_>>(),
+            before
+        );
+        a.release(&hog.iter().map(|&p| i64::from(p)).collect::<Vec<_>>())
+            .expect("release");
+        for r in rs.iter_mut() {
+            t.end_request(r, true).expect("end");
+        }
+        let refs: Vec<&Request> = rs.iter().collect();
+        assert!(Request::page_table(&refs).is_err()); // ended
         t.check_requests([], true).expect("accounted");
     }
 

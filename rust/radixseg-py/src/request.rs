@@ -87,14 +87,17 @@ impl RequestRecord {
         tree: &RadixTree,
         tokens: &Ids<'_>,
         namespace: u64,
-        prompt_len: u64,
+        leave_last: bool,
     ) -> PyResult<Self> {
         tree.alive()?;
         let t = &tree.tree;
         let req = with_slice!(tokens, s => maybe_detach(py, s.len(), || {
-            t.lock().unwrap_or_else(PoisonError::into_inner).begin_request(s, namespace)
+            t.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .begin_request(s, namespace, leave_last)
         }))
         .py(py)?;
+        let prompt_len = tokens.len() as u64;
         let pages = req.page_ids().len();
         let reg = &tree.registry;
         reg.prompt_tokens.fetch_add(prompt_len, Ordering::Relaxed);
@@ -192,7 +195,9 @@ impl RequestRecord {
 
     /// int32 copy of the tokens whose KV the request holds.
     fn tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
-        Ok(PyArray1::from_vec(py, self.read(|r| r.tokens().to_vec())?))
+        // Tokens are below 2^31 (validated when they came in).
+        let toks = self.read(|r| r.tokens().iter().map(|&t| t as i32).collect())?;
+        Ok(PyArray1::from_vec(py, toks))
     }
 
     /// int32 copy of the request's page ids (as they were when it ended, after that).
@@ -236,6 +241,89 @@ impl RequestRecord {
     #[getter]
     fn node(&self) -> PyResult<Option<i64>> {
         self.read(|r| (r.state() == RequestState::Running).then(|| r.node().to_raw()))
+    }
+}
+
+/// The records of `records` locked in registry order (the order every
+/// multi-record call locks in, so two of them cannot deadlock), returned in
+/// the caller's order. A record given twice, one made before a fork, or one
+/// of another tree is refused before any lock is taken.
+fn lock_all<'a>(
+    records: &'a [StdArc<Mutex<Request>>],
+    ids: &[u64],
+) -> Vec<MutexGuard<'a, Request>> {
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_unstable_by_key(|&i| ids[i]);
+    let mut slots: Vec<Option<MutexGuard<'a, Request>>> = records.iter().map(|_| None).collect();
+    for i in order {
+        slots[i] = Some(lock(&records[i]));
+    }
+    slots.into_iter().flatten().collect()
+}
+
+/// What the batch calls of `RadixTree` need of each record, checked: the
+/// shared request state, the ids to lock them in order, and the records
+/// themselves (for their page hints).
+pub(crate) struct Batch<'py> {
+    pub(crate) records: Vec<Bound<'py, RequestRecord>>,
+    shared: Vec<StdArc<Mutex<Request>>>,
+    ids: Vec<u64>,
+}
+
+impl<'py> Batch<'py> {
+    /// Check `records` (each of `tree`, made after the last fork, none twice).
+    pub(crate) fn new(
+        tree: &StdArc<Mutex<radixseg_core::RadixTree>>,
+        records: Vec<Bound<'py, RequestRecord>>,
+    ) -> PyResult<Self> {
+        let mut ids = Vec::with_capacity(records.len());
+        let mut shared = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            let rec = r.get();
+            check_born(rec.born, "request")?;
+            if !StdArc::ptr_eq(&rec.tree, tree) {
+                return Err(crate::InvalidArgument::new_err(format!(
+                    "requests[{i}] was begun on a different PrefixCache / RadixTree"
+                )));
+            }
+            ids.push(rec.id);
+            shared.push(StdArc::clone(&rec.rec));
+        }
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            let i = ids.iter().position(|&x| x == w[0]).unwrap_or(0);
+            return Err(crate::InvalidArgument::new_err(format!(
+                "requests[{i}] appears more than once in the batch: each request takes \
+                 one token per step"
+            )));
+        }
+        Ok(Self {
+            records,
+            shared,
+            ids,
+        })
+    }
+
+    /// Run `f` on every record, locked (in registry order), with the GIL
+    /// released for a large batch; page hints are updated after.
+    pub(crate) fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl Send + FnOnce(&mut [&mut Request]) -> Result<T, CoreError>,
+    ) -> PyResult<T> {
+        let (shared, ids) = (&self.shared, &self.ids);
+        let (out, pages) = maybe_detach(py, shared.len(), || {
+            let mut guards = lock_all(shared, ids);
+            let mut reqs: Vec<&mut Request> = guards.iter_mut().map(|g| &mut **g).collect();
+            let out = f(&mut reqs);
+            let pages: Vec<usize> = reqs.iter().map(|r| r.page_ids().len()).collect();
+            (out, pages)
+        });
+        for (r, n) in self.records.iter().zip(pages) {
+            r.get().pages_hint.store(n, Ordering::Relaxed);
+        }
+        out.py(py)
     }
 }
 

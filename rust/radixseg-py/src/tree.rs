@@ -3,12 +3,12 @@
 
 use numpy::PyArray1;
 use pyo3::prelude::*;
-use radixseg_core::{Arc, CoreError, NodeId};
+use radixseg_core::{Arc, CoreError, NodeId, Request};
 use std::sync::{Arc as StdArc, Mutex};
 
 use crate::allocator::SegmentAllocator;
 use crate::errors::{to_py, CoreResultExt};
-use crate::request::{Registry, RequestRecord};
+use crate::request::{Batch, Registry, RequestRecord};
 use crate::{check_born, fork_generation, ids_array, maybe_detach, Ids};
 
 /// The radix prefix tree over an allocator's pages (the Rust core). Use the
@@ -123,20 +123,63 @@ impl RadixTree {
         Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
     }
 
-    /// Start a request: match and lock the longest cached prefix of
-    /// `tokens` and record it in a `RequestRecord`, in one call.
-    /// `prompt_len` (default: the tokens' count) feeds the hit-rate counters.
-    #[pyo3(signature = (tokens, namespace = 0, prompt_len = None))]
+    /// Start a request: validate every token of the prompt `tokens`, match
+    /// and lock the longest cached prefix (of all but the last token with
+    /// `leave_last`) and record it in a `RequestRecord`, in one call.
+    #[pyo3(signature = (tokens, namespace = 0, leave_last = false))]
     fn begin_request(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         namespace: u64,
-        prompt_len: Option<u64>,
+        leave_last: bool,
     ) -> PyResult<RequestRecord> {
         let ids = Ids::new(tokens)?;
-        let n = prompt_len.unwrap_or(ids.len() as u64);
-        RequestRecord::begin(py, self, &ids, namespace, n)
+        RequestRecord::begin(py, self, &ids, namespace, leave_last)
+    }
+
+    /// A decode step: append `tokens[i]` to `requests[i]`, allocating the
+    /// pages the requests whose last page is full need, all in one call;
+    /// returns the new tokens' int64 slots. All or nothing (`OutOfPages`
+    /// for the batch when the allocator is short).
+    fn extend_each<'py>(
+        &self,
+        py: Python<'py>,
+        requests: Vec<Bound<'py, RequestRecord>>,
+        tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        self.alive()?;
+        let ids = Ids::new(tokens)?;
+        let batch = Batch::new(&self.tree, requests)?;
+        let a = &self.allocator.get().inner;
+        let slots =
+            with_slice!(&ids, s => batch.with(py, |reqs| Request::extend_each(a, reqs, s))?);
+        Ok(PyArray1::from_vec(py, slots))
+    }
+
+    /// FlashInfer's paged-KV CSR of `requests`, int32: `(kv_indptr [B + 1],
+    /// kv_indices, kv_last_page_len [B])`, built in one call.
+    #[allow(clippy::type_complexity)]
+    fn page_table<'py>(
+        &self,
+        py: Python<'py>,
+        requests: Vec<Bound<'py, RequestRecord>>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i32>>,
+        Bound<'py, PyArray1<i32>>,
+        Bound<'py, PyArray1<i32>>,
+    )> {
+        self.alive()?;
+        let batch = Batch::new(&self.tree, requests)?;
+        let (indptr, indices, last) = batch.with(py, |reqs| {
+            let all: Vec<&Request> = reqs.iter().map(|r| &**r).collect();
+            Request::page_table(&all)
+        })?;
+        Ok((
+            PyArray1::from_vec(py, indptr),
+            PyArray1::from_vec(py, indices),
+            PyArray1::from_vec(py, last),
+        ))
     }
 
     /// Requests begun with `begin_request` that have not ended.
