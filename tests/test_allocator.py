@@ -199,3 +199,35 @@ def test_stats_and_repr():
     assert s["metadata_bytes"] > 0
     assert "free_pages=59" in repr(a)
     assert radixseg.__version__
+
+
+def test_a_segment_added_in_two_phases():
+    """reserve_segment hands out an id, closed; open_segment makes its pages
+    allocatable; cancel_segment gives the id back (issue 17, point 7)."""
+    a = SegmentAllocator(page_size=1, pages_per_segment=4, max_segments=2)
+    sid = a.reserve_segment()
+    assert (sid, a.reserved_segments(), a.segments()) == (0, [0], [])
+    assert (a.total_pages(), a.free_pages(), a.is_live(sid)) == (0, 0, False)
+    with pytest.raises(OutOfPages):
+        a.alloc(1)
+    assert a.add_segment() == 1  # the reserved id is taken
+    with pytest.raises(OutOfPages) as e:
+        a.reserve_segment()  # and counts against max_segments
+    assert e.value.limit == 2
+    a.open_segment(np.int64(sid))
+    assert a.segments() == [0, 1] and a.alloc(5).tolist() == [0, 1, 2, 3, 4]
+    for bad in (0, 1, 7):
+        with pytest.raises(InvalidArgument, match="not reserved") as err:
+            a.open_segment(bad)
+        assert err.value.segment == bad
+        with pytest.raises(InvalidArgument, match="not reserved"):
+            a.cancel_segment(bad)
+    with pytest.raises(TypeError):
+        a.open_segment("0")
+    a.release(range(5))
+    a.retire_segment(1)
+    sid = a.reserve_segment()  # the retired id, reused
+    assert sid == 1
+    a.cancel_segment(sid)
+    assert a.reserved_segments() == [] and a.segments() == [0]
+    a.check_invariants()

@@ -363,6 +363,49 @@ def test_keyboard_interrupt_at_every_line_of_the_lifecycle() -> None:
     cache.check_invariants(exclusive=True)
 
 
+def test_keyboard_interrupt_at_every_line_of_a_growth() -> None:
+    """Issue 17, point 7: an ``alloc`` that grows the pool by three segments
+    (reserve an id, install its tensors, open it; three times), interrupted at
+    any line, grows by all three or changes nothing: no tensors under an id
+    that is not live, no live segment without tensors, no id left reserved.
+    The pool's cap is exactly three segments, so a leaked reservation or a
+    segment left behind would also make the next growth fail."""
+    pool = KVPool(1, 1, 8, page_size=1, pages_per_segment=2, dtype="fp32", max_segments=3)
+    lines = None
+    at = interrupted = 0
+    while lines is None or at < lines:
+        at += 1
+        inject = _Injector(at)
+        got = None
+        sys.settrace(inject)
+        try:
+            got = pool.alloc(5)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        if inject.where is None:
+            lines = inject.lines  # ran to the end: every line has been tried
+        try:
+            pool.check_invariants()
+            assert pool.allocator.reserved_segments() == []
+            s = pool.stats()
+            if got is None and s["used_pages"] == 0:
+                assert s["segments"] == 0, s  # changed nothing
+            else:
+                # Completed (an interrupt after the allocation only drops the
+                # ids on their way back, as a caller dropping them would).
+                assert (s["segments"], s["used_pages"]) == (3, 5), s
+                assert got is None or sorted(got.tolist()) == [0, 1, 2, 3, 4]
+                pool.release(range(5))
+            pool.release(pool.alloc(6))  # the whole cap is still there
+            pool.shrink(keep=0)
+            assert pool.stats()["segments"] == 0
+        except Exception as e:
+            raise AssertionError(f"after an interrupt at {inject.where}: {e}") from e
+    assert lines is not None and interrupted > 10, (lines, interrupted)
+
+
 class _Alarm(Exception):
     """Raised by the SIGALRM handler: an exception that can land between any
     two bytecodes of the main thread."""

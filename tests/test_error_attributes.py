@@ -86,6 +86,12 @@ def dead_segment() -> None:
     allocator().retire_segment(99)
 
 
+def not_reserved() -> None:
+    a = allocator()
+    a.cancel_segment(a.reserve_segment())
+    a.open_segment(1)
+
+
 def bad_token() -> None:
     a = allocator()
     _core.RadixTree(a).insert(ids(0, 1, 2, 2**31), a.alloc(1))
@@ -128,6 +134,7 @@ CASES: list[tuple[Callable[[], None], type[Exception], set[str]]] = [
     (double_free, radixseg.DoubleFree, {"page_id"}),
     (busy_segment, radixseg.SegmentBusy, {"segment", "used_pages"}),
     (dead_segment, radixseg.InvalidArgument, {"segment"}),
+    (not_reserved, radixseg.InvalidArgument, {"segment"}),
     (bad_token, radixseg.InvalidArgument, {"index", "value"}),
     (bad_node, radixseg.InvalidHandle, {"node"}),
     (unbalanced_unlock, radixseg.InvalidArgument, {"node"}),

@@ -30,6 +30,10 @@ class SegmentAllocator(Uncopyable, _core.SegmentAllocator):
         (page ids are int32).
 
     Starts with no segments: call :meth:`add_segment` before allocating.
+    Growth that must prepare a segment's bytes under its id first (as
+    :class:`radixseg.KVPool` does) takes two steps: :meth:`reserve_segment`
+    hands out an id, closed, then :meth:`open_segment` makes its pages
+    allocatable, or :meth:`cancel_segment` gives the id back.
     ``alloc``, ``retain`` and ``release`` are thread-safe and release the GIL
     for batches of 32 or more.
 
@@ -65,6 +69,24 @@ class SegmentAllocator(Uncopyable, _core.SegmentAllocator):
         segment that is not live.
         """
         super().retire_segment(as_count(segment, "segment"))
+
+    def open_segment(self, segment: Any) -> None:
+        """Make a segment id from :meth:`reserve_segment` live, every page free.
+
+        Until then the reserved segment is not live: its pages are neither
+        free nor allocatable and count in no page total, but its id is taken
+        (``max_segments`` bounds live, retired and reserved ids together), so
+        a reservation must end in ``open_segment`` or :meth:`cancel_segment`.
+        Raises :class:`radixseg.InvalidArgument` (with ``segment``) for an id
+        that is not reserved; nothing changes then.
+        """
+        super().open_segment(as_count(segment, "segment"))
+
+    def cancel_segment(self, segment: Any) -> None:
+        """Give back a segment id from :meth:`reserve_segment` without opening it
+        (it becomes a retired id, reused by the next reservation). Raises as
+        :meth:`open_segment` does."""
+        super().cancel_segment(as_count(segment, "segment"))
 
     def is_live(self, segment: Any) -> bool:
         """Whether ``segment`` is a live segment id."""

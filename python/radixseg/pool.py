@@ -526,31 +526,40 @@ class KVPool(Uncopyable):
             self._counters["growth_failures"] += 1
             raise _GrowthFailed(len(buffers), e) from e
         added: list[int] = []
+        try:
+            self._open_segments(segs, added)
+            self._counters["peak_reserved_bytes"] = max(
+                self._counters["peak_reserved_bytes"], self.reserved_bytes()
+            )
+            return added
+        except BaseException:
+            # All or none, whichever line the exception (IdSpaceExhausted, an
+            # interrupt) landed on.
+            self._abandon_growth(added)
+            raise
+
+    def _open_segments(self, segs: list[_Segment], ids: list[int]) -> None:
+        """Add each of ``segs`` in two phases, appending its id to ``ids``: the id
+        is reserved (closed) before the tensors go in under it, and its pages
+        become allocatable only once they are. (A loop of its own: in CPython
+        3.11 an exception raised on a loop's head can miss a ``try`` around the
+        loop in the same function; the caller's ``try`` still catches it.)"""
         for seg in segs:
-            # The tensors go in under the id the allocator will use before its
-            # pages become allocatable; an exception before the segment is live
-            # (bad luck, or a KeyboardInterrupt between two lines) takes them out.
-            sid = self.allocator.next_segment_id()
-            try:
-                if sid is not None:
-                    self._install(sid, seg)
-                got = self.allocator.add_segment()
-            except BaseException as e:
-                if sid is not None and not self.allocator.is_live(sid):
-                    self._install(sid, None)
-                if isinstance(e, OutOfPages):
-                    self._retire(added)
-                raise
-            if got != sid:  # someone added segments to the allocator directly
-                self._install(got, seg)
-                if sid is not None and not self.allocator.is_live(sid):
-                    self._install(sid, None)
+            ids.append(self.allocator.reserve_segment())
+            self._install(ids[-1], seg)
+            self.allocator.open_segment(ids[-1])
             self._counters["segments_added"] += 1
-            added.append(got)
-        self._counters["peak_reserved_bytes"] = max(
-            self._counters["peak_reserved_bytes"], self.reserved_bytes()
-        )
-        return added
+
+    def _abandon_growth(self, ids: list[int]) -> None:
+        """Undo a ``_grow`` that raised: cancel its reservations, taking out their
+        tensors, and retire the segments it opened. Caller holds the lock."""
+        # Under the lock every reservation of this pool's allocator is this
+        # growth's, including one whose id an exception kept from ``ids``.
+        reserved = self.allocator.reserved_segments()
+        for sid in reserved:
+            self._install(sid, None)
+            self.allocator.cancel_segment(sid)
+        self._retire([sid for sid in ids if sid not in reserved])
 
     def room_segments(self, need: int | None = None) -> int:
         """Segments the budget and the allocator's id space still allow.
@@ -653,9 +662,25 @@ class KVPool(Uncopyable):
             return self._alloc_slow(n, take)
 
     def _alloc_slow(self, n: int, take: Callable[[], _T]) -> _T:
+        added: list[int] = []
+        try:
+            return self._make_room(n, take, added)
+        except _NoRoom as e:
+            short = e
+        except BaseException:
+            self._retire(added)  # an interrupt, or take() or evict() raising
+            raise
+        # Give back what this call added, so a failure changes nothing.
+        self._retire(added)
+        raise self._exhausted(n, short.need, self.room_segments(short.need), short.failure)
+
+    def _make_room(self, n: int, take: Callable[[], _T], added: list[int]) -> _T:
+        """The loop of :meth:`_alloc_slow` (a function of its own so that an
+        exception on its head reaches the caller's ``except``): grow, evict,
+        retry ``take``; ids of added segments go to ``added``. Raises
+        :class:`_NoRoom` when neither can make room."""
         pps = self.pages_per_segment
         failure: _GrowthFailed | None = None
-        added: list[int] = []
         while True:
             try:
                 return take()
@@ -680,9 +705,7 @@ class KVPool(Uncopyable):
                     failure = None
                     continue
             break
-        # Give back what this call added, so a failure changes nothing.
-        self._retire(added)
-        raise self._exhausted(n, need, self.room_segments(need), failure)
+        raise _NoRoom(need, failure)
 
     def _retire(self, sids: list[int]) -> int:
         """Retire the empty segments among ``sids``; returns bytes freed. Caller holds the lock."""
@@ -1031,6 +1054,11 @@ class KVPool(Uncopyable):
         from radixseg._core import InvariantViolation
 
         self.allocator.check_invariants()
+        reserved = self.allocator.reserved_segments()
+        if reserved:
+            raise InvariantViolation(
+                f"segments {reserved} are reserved in the allocator outside a growth"
+            )
         live = set(self.allocator.segments())
         have = {i for i, s in enumerate(self._segments) if s is not None}
         if live != have:
@@ -1051,6 +1079,15 @@ class KVPool(Uncopyable):
             f"device={self.device}, segments={self.allocator.segment_count()}, "
             f"segment_bytes={self.segment_bytes:,})"
         )
+
+
+class _NoRoom(Exception):
+    """Internal: neither growth nor eviction can make room for an allocation."""
+
+    def __init__(self, need: int, failure: _GrowthFailed | None) -> None:
+        super().__init__(f"{need} segments needed")
+        self.need = need
+        self.failure = failure
 
 
 class _GrowthFailed(Exception):

@@ -3,7 +3,9 @@
 //! Pages are grouped in segments of `pages_per_segment`; a page is named by
 //! its page id `segment * pages_per_segment + page_in_segment`, which never
 //! changes while the page is referenced. `alloc`, `retain` and `release` are
-//! lock-free; `add_segment` and `retire_segment` serialise on one mutex. See
+//! lock-free; the segment calls (`add_segment`, its two phases
+//! `reserve_segment` / `open_segment`, `cancel_segment`, `retire_segment`)
+//! serialise on one mutex. See
 //! `IMPLEMENTATION.md` beside this crate for why the lock-free paths are
 //! correct.
 
@@ -53,6 +55,8 @@ struct Chunk {
 struct Structural {
     /// Retired slot ids, reused lowest first.
     retired: BTreeSet<u32>,
+    /// Slot ids handed out by `reserve_segment`, not yet opened or cancelled.
+    reserved: BTreeSet<u32>,
 }
 
 /// A lock-free allocator of refcounted KV pages grouped in segments.
@@ -180,7 +184,7 @@ impl Segment {
             .collect();
         let refcounts = (0..pages).map(|_| AtomicU32::new(0)).collect();
         Self {
-            // Closed until `add_segment` opens it.
+            // Closed until `open_segment` (or `add_segment`) opens it.
             free: CachePadded(AtomicU32::new(CLOSED)),
             bits,
             refcounts,
@@ -228,6 +232,7 @@ impl SegmentAllocator {
             live: AtomicU32::new(0),
             structural: Mutex::new(Structural {
                 retired: BTreeSet::new(),
+                reserved: BTreeSet::new(),
             }),
         })
     }
@@ -664,27 +669,88 @@ impl SegmentAllocator {
     }
 
     // ----- segments ------------------------------------------------------------
-
-    /// The id the next [`add_segment`](Self::add_segment) will use (the
-    /// lowest retired id if any, else the next new one), or `None` when no
-    /// segment fits any more. Lets a caller prepare what belongs to the
-    /// segment under that id before its pages become allocatable.
-    pub fn next_segment_id(&self) -> Option<u32> {
-        let st = sync::lock(&self.structural);
-        match st.retired.first().copied() {
-            Some(id) => Some(id),
-            None => {
-                let id = self.high_water.load(Ordering::Relaxed);
-                (id < self.max_segments).then_some(id)
-            }
-        }
-    }
+    //
+    // A slot below `high_water` is in exactly one of three states: live (its
+    // `free` is a count), retired or reserved (its `free` is `CLOSED`; its
+    // id in `Structural::retired` or `Structural::reserved`). A closed slot
+    // has every page free and no allocator can take one, so for every call
+    // but the three below a reserved segment is the same as a retired one:
+    // its page ids are refused as `SegmentNotLive`, its pages count in
+    // neither `free_pages` nor `total_pages`, it is not in `segments()`.
 
     /// Add a segment of free pages; returns its id (the lowest retired id if
-    /// any, else the next new one).
+    /// any, else the next new one). [`reserve_segment`](Self::reserve_segment)
+    /// then [`open_segment`](Self::open_segment) in one step.
     pub fn add_segment(&self) -> Result<u32> {
         let mut st = sync::lock(&self.structural);
-        let id = match st.retired.first().copied() {
+        let id = self.reserve_locked(&mut st)?;
+        self.open_locked(&mut st, id)?;
+        Ok(id)
+    }
+
+    /// Reserve a segment id, closed: the id (the lowest retired one if any,
+    /// else the next new one) is the caller's until it calls
+    /// [`open_segment`](Self::open_segment) or
+    /// [`cancel_segment`](Self::cancel_segment), and no other reservation or
+    /// `add_segment` gets it. Lets a caller prepare what belongs to the
+    /// segment (its tensors) under its final id before any of its pages can
+    /// be allocated.
+    ///
+    /// A reserved segment is not live: its pages are neither free nor
+    /// allocatable and count in no page total, and `segment_count` leaves it
+    /// out. It does hold its id: `max_segments` bounds live, retired and
+    /// reserved ids together, so a reservation that is never opened nor
+    /// cancelled keeps one id (and its few bytes of metadata) from every
+    /// later growth. Fails with `IdSpaceExhausted` when no id is left.
+    pub fn reserve_segment(&self) -> Result<u32> {
+        let mut st = sync::lock(&self.structural);
+        self.reserve_locked(&mut st)
+    }
+
+    /// Make a reserved segment live, every page free. Fails with
+    /// `SegmentNotReserved` (and changes nothing) unless `segment_id` came
+    /// from [`reserve_segment`](Self::reserve_segment) and was neither opened
+    /// nor cancelled since.
+    pub fn open_segment(&self, segment_id: i64) -> Result<()> {
+        let mut st = sync::lock(&self.structural);
+        let id = Self::reserved_id(&st, segment_id)?;
+        self.open_locked(&mut st, id)
+    }
+
+    /// Give back a reserved id without opening it: it becomes a retired id,
+    /// which the next reservation reuses. Fails as
+    /// [`open_segment`](Self::open_segment) does.
+    pub fn cancel_segment(&self, segment_id: i64) -> Result<()> {
+        let mut st = sync::lock(&self.structural);
+        let id = Self::reserved_id(&st, segment_id)?;
+        st.reserved.remove(&id);
+        st.retired.insert(id);
+        Ok(())
+    }
+
+    /// Reserved segment ids, ascending (see [`reserve_segment`](Self::reserve_segment)).
+    pub fn reserved_segments(&self) -> Vec<u32> {
+        sync::lock(&self.structural)
+            .reserved
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// `segment_id` as a reserved id, else `SegmentNotReserved`.
+    fn reserved_id(st: &Structural, segment_id: i64) -> Result<u32> {
+        u32::try_from(segment_id)
+            .ok()
+            .filter(|id| st.reserved.contains(id))
+            .ok_or(CoreError::SegmentNotReserved {
+                segment: segment_id,
+            })
+    }
+
+    /// Take the lowest retired id, else create the next slot; the slot stays
+    /// `CLOSED`. Under the structural lock.
+    fn reserve_locked(&self, st: &mut Structural) -> Result<u32> {
+        let id = match st.retired.pop_first() {
             Some(id) => id,
             None => {
                 let id = self.high_water.load(Ordering::Relaxed);
@@ -695,20 +761,25 @@ impl SegmentAllocator {
                     });
                 }
                 self.create_slot(id);
+                // Release: pairs with the Acquire in `Resolver::new` / `claim`.
+                // Raised before the segment can become allocatable (in
+                // `open_locked`): a thread that gets an id from it through
+                // the summary bit (Acquire) sees the new bound, so a release
+                // of that id on any thread accepts it.
+                self.high_water.store(id + 1, Ordering::Release);
                 id
             }
         };
+        st.reserved.insert(id);
+        Ok(id)
+    }
+
+    /// Open reserved slot `id`. Under the structural lock.
+    fn open_locked(&self, st: &mut Structural, id: u32) -> Result<()> {
         let Some(segment) = self.segment(id) else {
             return Err(CoreError::Malformed(format!("segment slot {id} missing")));
         };
-        st.retired.remove(&id);
-        if id >= self.high_water.load(Ordering::Relaxed) {
-            // Release: pairs with the Acquire in `Resolver::new` / `claim`.
-            // Raised before the segment becomes allocatable: a thread that
-            // gets an id from it through the summary bit (Acquire) sees the
-            // new bound, so a release of that id on any thread accepts it.
-            self.high_water.store(id + 1, Ordering::Release);
-        }
+        st.reserved.remove(&id);
         // Release: pairs with the Acquire loads in `reserve` and `live_page`;
         // the slot's all-set bits and zero refcounts are visible to them.
         segment
@@ -716,7 +787,7 @@ impl SegmentAllocator {
             .store(self.pages_per_segment, Ordering::Release);
         self.mark_nonfull(id);
         self.live.fetch_add(1, Ordering::Relaxed);
-        Ok(id)
+        Ok(())
     }
 
     /// Build slot `id` (and its shelf) under the structural lock.
@@ -749,7 +820,8 @@ impl SegmentAllocator {
     }
 
     /// Retire a segment whose pages are all free. Its id may be reused by a
-    /// later `add_segment`; its page ids become invalid until then.
+    /// later `add_segment` or `reserve_segment`; its page ids become invalid
+    /// until then. A reserved id is not live: `InvalidSegment`.
     pub fn retire_segment(&self, segment_id: i64) -> Result<()> {
         let mut st = sync::lock(&self.structural);
         let live = self.live.load(Ordering::Relaxed);
@@ -760,7 +832,10 @@ impl SegmentAllocator {
         let Ok(id) = u32::try_from(segment_id) else {
             return Err(invalid);
         };
-        if id >= self.high_water.load(Ordering::Relaxed) || st.retired.contains(&id) {
+        if id >= self.high_water.load(Ordering::Relaxed)
+            || st.retired.contains(&id)
+            || st.reserved.contains(&id)
+        {
             return Err(invalid);
         }
         let Some(segment) = self.segment(id) else {
@@ -882,9 +957,14 @@ impl SegmentAllocator {
             };
             let free = seg.free.load(Ordering::Acquire);
             let retired = st.retired.contains(&s);
-            if retired != (free == CLOSED) {
+            let reserved = st.reserved.contains(&s);
+            if retired && reserved {
+                return bad(format!("segment {s} is both retired and reserved"));
+            }
+            let closed = retired || reserved;
+            if closed != (free == CLOSED) {
                 return bad(format!(
-                    "segment {s}: retired list says {retired}, free count {free}"
+                    "segment {s}: retired {retired}, reserved {reserved}, free count {free}"
                 ));
             }
             let mut set = 0u32;
@@ -903,9 +983,10 @@ impl SegmentAllocator {
             if last & !self.last_word_mask != 0 {
                 return bad(format!("segment {s}: bits set past its last page"));
             }
-            if retired {
+            if closed {
+                let state = if retired { "retired" } else { "reserved" };
                 if set != pps {
-                    return bad(format!("retired segment {s} has {} used pages", pps - set));
+                    return bad(format!("{state} segment {s} has {} used pages", pps - set));
                 }
                 continue;
             }
@@ -937,8 +1018,8 @@ impl SegmentAllocator {
                 self.live.load(Ordering::Relaxed)
             ));
         }
-        if st.retired.iter().any(|&r| r >= hw) {
-            return bad("a retired id is past the high water".into());
+        if st.retired.iter().chain(&st.reserved).any(|&r| r >= hw) {
+            return bad("a retired or reserved id is past the high water".into());
         }
         Ok(())
     }
@@ -1091,6 +1172,97 @@ mod tests {
         let again = a.add_segment()?;
         assert_eq!(again, s1);
         assert_eq!(a.refcount(&ids(&x[..4]))?, vec![1; 4]);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn reserved_segments_are_closed_until_opened() -> Result<()> {
+        let a = SegmentAllocator::new(1, 4)?.with_max_segments(3)?;
+        let r = a.reserve_segment()?;
+        assert_eq!(r, 0);
+        assert_eq!(a.reserved_segments(), vec![0]);
+        // Not live: no pages, none allocatable, its page ids refused.
+        assert_eq!(
+            (
+                a.segments(),
+                a.segment_count(),
+                a.total_pages(),
+                a.free_pages()
+            ),
+            (vec![], 0, 0, 0)
+        );
+        assert!(!a.is_live(r));
+        assert!(matches!(a.alloc(1), Err(CoreError::OutOfPages { .. })));
+        assert_eq!(
+            a.refcount(&[1]),
+            Err(not_live(1, 0)),
+            "a page of a reserved segment"
+        );
+        assert_eq!(
+            a.retire_segment(0),
+            Err(CoreError::InvalidSegment {
+                segment: 0,
+                live: 0
+            })
+        );
+        a.check_invariants()?;
+        // Its id is taken: neither a reservation nor add_segment gets it.
+        assert_eq!(a.reserve_segment()?, 1);
+        assert_eq!(a.add_segment()?, 2);
+        assert!(matches!(
+            a.reserve_segment(),
+            Err(CoreError::IdSpaceExhausted {
+                segments: 1,
+                limit: 3
+            })
+        ));
+        a.check_invariants()?;
+        a.open_segment(0)?;
+        assert_eq!(a.segments(), vec![0, 2]);
+        assert_eq!(a.free_pages(), 8);
+        assert_eq!(a.alloc(5)?, vec![0, 1, 2, 3, 8]);
+        // Once only; and only ids that were reserved.
+        for bad in [0, 2, 3, -1, 1 << 40] {
+            let e = Err(CoreError::SegmentNotReserved { segment: bad });
+            assert_eq!(a.open_segment(bad), e);
+            assert_eq!(a.cancel_segment(bad), e);
+        }
+        // A cancelled id is retired: the next reservation reuses it.
+        a.cancel_segment(1)?;
+        assert_eq!(a.reserved_segments(), vec![]);
+        assert_eq!(a.refcount(&[4]), Err(not_live(4, 1)));
+        a.check_invariants()?;
+        assert_eq!(a.reserve_segment()?, 1);
+        a.cancel_segment(1)?;
+        assert_eq!(a.add_segment()?, 1);
+        assert_eq!(a.alloc(3)?, vec![4, 5, 6]);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn invariant_checker_covers_reserved_segments() -> Result<()> {
+        let a = SegmentAllocator::new(1, 4)?;
+        let r = a.reserve_segment()?;
+        a.check_invariants()?;
+        let Some(seg) = a.segment(r) else {
+            return Err(CoreError::Malformed("slot missing".into()));
+        };
+        // Opened behind the bookkeeping's back: still listed as reserved.
+        seg.free.store(4, Ordering::Release);
+        assert!(matches!(a.check_invariants(), Err(CoreError::Malformed(_))));
+        seg.free.store(CLOSED, Ordering::Release);
+        // A reserved segment must have every page free.
+        seg.bits[0].fetch_and(!1, Ordering::AcqRel);
+        seg.refcounts[0].store(1, Ordering::Release);
+        assert!(matches!(a.check_invariants(), Err(CoreError::Malformed(_))));
+        seg.bits[0].fetch_or(1, Ordering::AcqRel);
+        seg.refcounts[0].store(0, Ordering::Release);
+        a.check_invariants()?;
+        // Both reserved and retired.
+        sync::lock(&a.structural).retired.insert(r);
+        assert!(matches!(a.check_invariants(), Err(CoreError::Malformed(_))));
+        sync::lock(&a.structural).retired.remove(&r);
+        a.cancel_segment(i64::from(r))?;
         a.check_invariants()
     }
 

@@ -82,6 +82,12 @@ pub enum CoreError {
         /// Segment ids currently live are below this bound (or the set is empty).
         live: u32,
     },
+    /// `open_segment` / `cancel_segment` of an id that `reserve_segment` did
+    /// not hand out, or that was already opened or cancelled.
+    SegmentNotReserved {
+        /// The id as given.
+        segment: i64,
+    },
     /// No further segment fits in the 31-bit page-id space.
     IdSpaceExhausted {
         /// Live segments.
@@ -180,6 +186,11 @@ impl fmt::Display for CoreError {
             Self::InvalidSegment { segment, live } => write!(
                 f,
                 "invalid segment id {segment}: not a live segment ({live} segments are live)"
+            ),
+            Self::SegmentNotReserved { segment } => write!(
+                f,
+                "segment {segment} is not reserved: open_segment and cancel_segment take an \
+                 id from reserve_segment, once"
             ),
             Self::IdSpaceExhausted { segments, limit } => write!(
                 f,

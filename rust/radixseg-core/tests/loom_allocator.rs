@@ -1,6 +1,8 @@
 #![cfg(loom)]
 //! Loom models of the allocator's lock-free paths: `alloc`, `retain` and
-//! `release` against each other and against `add_segment` / `retire_segment`.
+//! `release` against each other and against `add_segment` (whole, and its
+//! phases `reserve_segment` / `open_segment` / `cancel_segment`) /
+//! `retire_segment`.
 //! Configurations are tiny (one or two segments of two to four pages, two or
 //! three threads) so that loom can explore every interleaving and every
 //! permitted reordering within the preemption bound. Run them with
@@ -299,33 +301,52 @@ fn failed_batch_release_races_release() {
 /// afterwards the accounting is exact and the new pages are allocatable.
 #[test]
 fn alloc_races_add_segment() {
-    model("alloc_races_add_segment", || {
-        let a = allocator(2, 1);
-        let full = a.alloc(2).unwrap();
-        let (a1, a2) = (a.clone(), a.clone());
-        let t1 = thread::spawn(move || a1.add_segment().unwrap());
-        let t2 = thread::spawn(move || a2.alloc(1));
-        assert_eq!(t1.join().unwrap(), 1);
-        let r = t2.join().unwrap();
-        let got = match r {
-            Ok(v) => {
-                assert_eq!(v.len(), 1);
-                assert!((2..4).contains(&v[0]), "{v:?}");
-                v
-            }
-            Err(ref e) => {
-                assert!(is_out_of_pages(&r, 1), "{e:?}");
-                Vec::new()
-            }
-        };
-        assert_eq!(a.segments(), vec![0, 1]);
-        assert_eq!(a.total_pages(), 4);
-        quiescent(&a, 2 + got.len() as u64);
-        a.release(&ids(&got)).unwrap();
-        a.release(&ids(&full)).unwrap();
-        quiescent(&a, 0);
-        drain_and_restore(&a);
+    model("alloc_races_add_segment", || alloc_races_growth(false));
+}
+
+/// As above with the two phases of `add_segment` apart: segment 1 is
+/// reserved before the race and the other thread opens it.
+#[test]
+fn alloc_races_open_segment() {
+    model("alloc_races_open_segment", || alloc_races_growth(true));
+}
+
+fn alloc_races_growth(two_phases: bool) {
+    let a = allocator(2, 1);
+    let full = a.alloc(2).unwrap();
+    if two_phases {
+        assert_eq!(a.reserve_segment().unwrap(), 1);
+    }
+    let (a1, a2) = (a.clone(), a.clone());
+    let t1 = thread::spawn(move || {
+        if two_phases {
+            a1.open_segment(1).unwrap();
+        } else {
+            assert_eq!(a1.add_segment().unwrap(), 1);
+        }
     });
+    let t2 = thread::spawn(move || a2.alloc(1));
+    t1.join().unwrap();
+    let r = t2.join().unwrap();
+    let got = match r {
+        Ok(v) => {
+            assert_eq!(v.len(), 1);
+            assert!((2..4).contains(&v[0]), "{v:?}");
+            v
+        }
+        Err(ref e) => {
+            assert!(is_out_of_pages(&r, 1), "{e:?}");
+            Vec::new()
+        }
+    };
+    assert_eq!(a.segments(), vec![0, 1]);
+    assert_eq!(a.reserved_segments(), Vec::<u32>::new());
+    assert_eq!(a.total_pages(), 4);
+    quiescent(&a, 2 + got.len() as u64);
+    a.release(&ids(&got)).unwrap();
+    a.release(&ids(&full)).unwrap();
+    quiescent(&a, 0);
+    drain_and_restore(&a);
 }
 
 /// As above, but `add_segment` reopens a retired slot (its `free` goes
@@ -409,6 +430,35 @@ fn alloc_id_valid_while_add_segment_in_flight() {
         t1.join().unwrap();
         t2.join().unwrap();
         quiescent(&a, 2);
+    });
+}
+
+/// A reservation of a new slot (which raises the high water) and its
+/// cancellation race an allocation that finds segment 0 full: the reserved
+/// segment never gives a page, and a handle into it is refused.
+#[test]
+fn alloc_never_takes_from_a_reserved_segment() {
+    model("alloc_never_takes_from_a_reserved_segment", || {
+        let a = allocator(2, 1);
+        let full = a.alloc(2).unwrap();
+        let (a1, a2) = (a.clone(), a.clone());
+        let t1 = thread::spawn(move || {
+            let s = a1.reserve_segment().unwrap();
+            a1.cancel_segment(i64::from(s)).unwrap();
+            s
+        });
+        let t2 = thread::spawn(move || {
+            let r = a2.alloc(1);
+            assert!(is_out_of_pages(&r, 1), "{r:?}");
+            assert!(a2.retain(&[2]).is_err());
+        });
+        assert_eq!(t1.join().unwrap(), 1);
+        t2.join().unwrap();
+        quiescent(&a, 2);
+        assert_eq!(a.add_segment().unwrap(), 1);
+        a.release(&ids(&full)).unwrap();
+        quiescent(&a, 0);
+        drain_and_restore(&a);
     });
 }
 

@@ -12,7 +12,10 @@
 //! * invariant 4: `free_pages() + referenced == total_pages()`;
 //! * invariant 5: a failed call changes no refcount, free count or segment;
 //! * invariant 2: adding or retiring a segment changes no live page's refcount;
-//! * invariant 6: a retire succeeds iff the segment had no referenced page.
+//! * invariant 6: a retire succeeds iff the segment had no referenced page;
+//! * a reserved segment is closed (no page of it free, allocatable or
+//!   accepted as a handle) until opened, its id taken until opened or
+//!   cancelled, and open / cancel succeed once, for reserved ids only.
 //!
 //! Pages per segment are tiny (1..=8) and the segment cap low, so segments
 //! fill, empty, retire and get reused within one sequence. `PROPTEST_CASES`
@@ -33,6 +36,7 @@ fn bad() -> impl Strategy<Value = IdPick> {
         Just(IdPick::Raw(-1)),
         Just(IdPick::NearEnd(3)),
         any::<u16>().prop_map(IdPick::Retired),
+        any::<u16>().prop_map(IdPick::Reserved),
         any::<u16>().prop_map(IdPick::Free),
     ]
 }
@@ -60,6 +64,7 @@ fn segment() -> impl Strategy<Value = SegPick> {
     prop_oneof![
         3 => any::<u8>().prop_map(SegPick::Live),
         1 => any::<u8>().prop_map(SegPick::Retired),
+        1 => any::<u8>().prop_map(SegPick::Reserved),
         1 => (-1i8..=1).prop_map(SegPick::Near),
         1 => Just(SegPick::Raw(-1)),
     ]
@@ -81,6 +86,11 @@ fn action() -> impl Strategy<Value = Action> {
         1 => prop::collection::vec(any_id(), 1..=4).prop_map(Action::CheckRelease),
         3 => Just(Action::AddSegment),
         3 => segment().prop_map(Action::RetireSegment),
+        // The two phases of add_segment, and giving a reservation back.
+        2 => Just(Action::ReserveSegment),
+        2 => prop_oneof![3 => any::<u8>().prop_map(SegPick::Reserved), 1 => segment()]
+            .prop_map(Action::OpenSegment),
+        1 => segment().prop_map(Action::CancelSegment),
         1 => (0u8..3).prop_map(|k| Action::AllocOver { k, into: false }),
         1 => (0u32..8).prop_map(Action::IsLive),
     ]
@@ -127,4 +137,34 @@ fn failed_calls_change_nothing() {
         Action::AddSegment,
     ];
     run_actions(16, 4, 4, &script);
+}
+
+/// The reserved state, deterministically: a reservation is closed, keeps its
+/// id from `add_segment` and from the cap, opens or cancels once, and a
+/// cancelled id is reused first.
+#[test]
+fn reserve_open_cancel() {
+    use IdPick::{Free, Referenced, Reserved};
+    let script = [
+        Action::ReserveSegment,
+        Action::Alloc(1),
+        Action::Refcount(vec![Reserved(2)]),
+        Action::Retain(vec![Reserved(0)]),
+        Action::RetireSegment(SegPick::Reserved(0)),
+        Action::AddSegment,
+        Action::ReserveSegment,
+        Action::ReserveSegment,
+        Action::OpenSegment(SegPick::Live(0)),
+        Action::OpenSegment(SegPick::Reserved(0)),
+        Action::OpenSegment(SegPick::Raw(0)),
+        Action::Alloc(6),
+        Action::Release(vec![Referenced(0), Free(0)]),
+        Action::CancelSegment(SegPick::Reserved(0)),
+        Action::CancelSegment(SegPick::Raw(2)),
+        Action::ReserveSegment,
+        Action::CancelSegment(SegPick::Near(-1)),
+        Action::AddSegment,
+        Action::CancelSegment(SegPick::Raw(-1)),
+    ];
+    run_actions(1, 4, 3, &script);
 }

@@ -1,12 +1,12 @@
 //! The allocator model: `SegmentAllocator` against a refcount map.
 //!
-//! The oracle knows the live and retired segments, the high water of slots
-//! ever created and the refcount of every referenced page. For each action it
+//! The oracle knows the live, retired and reserved segments, the high water
+//! of slots ever created and the refcount of every referenced page. For each action it
 //! computes the exact result the allocator must give, `CoreError` included
 //! (the same variant, culprit and numbers), and after each action it compares
 //! the whole observable state: live segments, per-segment usage, free and
 //! total pages, the refcount of every page of every live segment, that pages
-//! of retired segments are refused, and `check_invariants()`. Since the
+//! of retired and reserved segments are refused, and `check_invariants()`. Since the
 //! oracle is not touched by a failing call, "a failed call changes nothing"
 //! (DESIGN.md invariant 5) is checked by the same comparison.
 //!
@@ -44,6 +44,8 @@ pub enum IdPick {
     Free(u16),
     /// A page of a retired segment.
     Retired(u16),
+    /// A page of a reserved (not yet opened) segment.
+    Reserved(u16),
     /// `high_water * pages_per_segment + k`: just inside or past the id space.
     NearEnd(i8),
     /// A referenced page plus 2^32 (would alias it if truncated to `u32`).
@@ -52,11 +54,13 @@ pub enum IdPick {
     Raw(i64),
 }
 
-/// How a segment id is chosen for `retire_segment`.
+/// How a segment id is chosen for `retire_segment`, `open_segment` and
+/// `cancel_segment`.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub enum SegPick {
     Live(u8),
     Retired(u8),
+    Reserved(u8),
     /// `high_water + k`.
     Near(i8),
     Raw(i64),
@@ -96,6 +100,12 @@ pub enum Action {
     CheckRelease(Vec<IdPick>),
     AddSegment,
     RetireSegment(SegPick),
+    /// The first phase of `add_segment`: an id, closed.
+    ReserveSegment,
+    /// The second phase, of any segment id (a reserved one succeeds).
+    OpenSegment(SegPick),
+    /// Give a reserved id back.
+    CancelSegment(SegPick),
     /// `is_live` of an arbitrary slot id.
     IsLive(u32),
 }
@@ -204,6 +214,8 @@ struct Oracle {
     high_water: u32,
     live: BTreeSet<u32>,
     retired: BTreeSet<u32>,
+    /// Reserved, neither opened nor cancelled yet.
+    reserved: BTreeSet<u32>,
     /// Refcount of every referenced page (absent = free).
     rc: BTreeMap<u32, u32>,
 }
@@ -236,8 +248,12 @@ impl Oracle {
                 pick(&self.referenced(), k).map_or(past_end, i64::from)
             }
             IdPick::Free(k) => pick(&self.free_ids(), k).map_or(past_end, i64::from),
-            IdPick::Retired(k) => {
-                let segs: Vec<u32> = self.retired.iter().copied().collect();
+            IdPick::Retired(k) | IdPick::Reserved(k) => {
+                let closed = match p {
+                    IdPick::Retired(_) => &self.retired,
+                    _ => &self.reserved,
+                };
+                let segs: Vec<u32> = closed.iter().copied().collect();
                 pick(&segs, k).map_or(past_end, |s| {
                     i64::from(s) * i64::from(self.pps) + i64::from(k) % i64::from(self.pps)
                 })
@@ -258,6 +274,10 @@ impl Oracle {
             }
             SegPick::Retired(k) => {
                 let segs: Vec<u32> = self.retired.iter().copied().collect();
+                pick(&segs, k).map_or(i64::from(self.high_water), i64::from)
+            }
+            SegPick::Reserved(k) => {
+                let segs: Vec<u32> = self.reserved.iter().copied().collect();
                 pick(&segs, k).map_or(i64::from(self.high_water), i64::from)
             }
             SegPick::Near(k) => i64::from(self.high_water) + i64::from(k),
@@ -392,9 +412,32 @@ impl Oracle {
     }
 
     fn add(&mut self, s: u32) {
+        self.reserve(s);
+        self.open(s);
+    }
+
+    fn reserve(&mut self, s: u32) {
         self.retired.remove(&s);
-        self.live.insert(s);
+        self.reserved.insert(s);
         self.high_water = self.high_water.max(s + 1);
+    }
+
+    fn open(&mut self, s: u32) {
+        self.reserved.remove(&s);
+        self.live.insert(s);
+    }
+
+    fn cancel(&mut self, s: u32) {
+        self.reserved.remove(&s);
+        self.retired.insert(s);
+    }
+
+    /// What `open_segment` and `cancel_segment` of `seg` must answer.
+    fn expect_reserved(&self, seg: i64) -> Result<u32, CoreError> {
+        u32::try_from(seg)
+            .ok()
+            .filter(|s| self.reserved.contains(s))
+            .ok_or(CoreError::SegmentNotReserved { segment: seg })
     }
 
     fn expect_retire(&self, seg: i64) -> Result<(), CoreError> {
@@ -428,6 +471,8 @@ fn agree(a: &SegmentAllocator, o: &Oracle) {
     }
     let live: Vec<u32> = o.live.iter().copied().collect();
     assert_eq!(a.segments(), live, "live segments");
+    let reserved: Vec<u32> = o.reserved.iter().copied().collect();
+    assert_eq!(a.reserved_segments(), reserved, "reserved segments");
     assert_eq!(a.segment_count() as usize, o.live.len());
     assert_eq!(a.total_pages(), o.total());
     assert_eq!(a.free_pages(), o.free_ids().len() as u64, "free pages");
@@ -458,8 +503,8 @@ fn agree(a: &SegmentAllocator, o: &Oracle) {
         let want = o.rc.get(&(id as u32)).copied().unwrap_or(0);
         assert_eq!(rc, want, "refcount of page {id}");
     }
-    // Pages of retired segments are refused.
-    for &s in &o.retired {
+    // Pages of retired and reserved segments are refused.
+    for &s in o.retired.iter().chain(&o.reserved) {
         let id = i64::from(s) * i64::from(o.pps);
         assert_eq!(
             a.refcount(&[id]),
@@ -599,6 +644,29 @@ fn step(a: &SegmentAllocator, o: &mut Oracle, act: &Action) {
         Action::IsLive(s) => {
             assert_eq!(a.is_live(*s), o.live.contains(s), "is_live({s})");
         }
+        Action::ReserveSegment => {
+            let want = o.expect_add();
+            assert_eq!(a.reserve_segment(), want, "reserve_segment");
+            if let Ok(s) = want {
+                o.reserve(s);
+            }
+        }
+        Action::OpenSegment(p) | Action::CancelSegment(p) => {
+            let seg = o.resolve_seg(*p);
+            let want = o.expect_reserved(seg);
+            let open = matches!(act, Action::OpenSegment(_));
+            let got = if open {
+                a.open_segment(seg)
+            } else {
+                a.cancel_segment(seg)
+            };
+            assert_eq!(got, want.clone().map(|_| ()), "{act:?}: segment {seg}");
+            match want {
+                Ok(s) if open => o.open(s),
+                Ok(s) => o.cancel(s),
+                Err(_) => {}
+            }
+        }
     }
 }
 
@@ -651,6 +719,7 @@ fn run_config(c: &Config, actions: &[Action]) {
         high_water: 0,
         live: BTreeSet::new(),
         retired: BTreeSet::new(),
+        reserved: BTreeSet::new(),
         rc: BTreeMap::new(),
     };
     if c.pps > 4096 {
@@ -694,8 +763,17 @@ fn run_config(c: &Config, actions: &[Action]) {
             &Action::RetireSegment(SegPick::Raw(i64::from(s))),
         );
     }
+    // And every reservation can be given back.
+    for s in o.reserved.clone() {
+        step(
+            &a,
+            &mut o,
+            &Action::CancelSegment(SegPick::Raw(i64::from(s))),
+        );
+    }
     agree(&a, &o);
     assert_eq!(a.total_pages(), 0);
+    assert!(a.reserved_segments().is_empty());
 }
 
 /// The decoded form of an input, for reading a crash artifact.

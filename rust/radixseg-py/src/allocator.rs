@@ -89,10 +89,27 @@ impl SegmentAllocator {
         self.inner.add_segment().py(py)
     }
 
-    /// The id the next `add_segment` will use (None: no segment fits).
-    fn next_segment_id(&self) -> PyResult<Option<u32>> {
+    /// Reserve a segment id, closed (its pages not yet allocatable).
+    fn reserve_segment(&self, py: Python<'_>) -> PyResult<u32> {
         self.alive()?;
-        Ok(self.inner.next_segment_id())
+        self.inner.reserve_segment().py(py)
+    }
+
+    /// Make a reserved segment live, every page free.
+    fn open_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
+        self.alive()?;
+        self.inner.open_segment(segment).py(py)
+    }
+
+    /// Give back a reserved id without opening it.
+    fn cancel_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
+        self.alive()?;
+        self.inner.cancel_segment(segment).py(py)
+    }
+
+    /// Reserved segment ids, ascending.
+    fn reserved_segments(&self) -> Vec<u32> {
+        self.inner.reserved_segments()
     }
 
     /// Whether a segment id is live.

@@ -123,6 +123,9 @@ pub(crate) fn to_py(py: Python<'_>, e: CoreError) -> PyErr {
         CoreError::InvalidSegment { segment, .. } => {
             (InvalidArgument::new_err(msg), vec![("segment", segment)])
         }
+        CoreError::SegmentNotReserved { segment } => {
+            (InvalidArgument::new_err(msg), vec![("segment", segment)])
+        }
         CoreError::IdSpaceExhausted { segments, limit } => (
             OutOfPages::new_err(msg),
             vec![
