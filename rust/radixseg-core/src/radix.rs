@@ -195,6 +195,19 @@ struct Walk {
     last: u32,
 }
 
+/// Where a walk down the tree stops, found without changing anything
+/// (see `RadixTree::walk`).
+#[derive(Default)]
+struct Path {
+    /// The nodes whose first page matched, below the root, in order.
+    nodes: Vec<u32>,
+    /// Pages matched.
+    pages: usize,
+    /// Pages matched of the last node when fewer than all of it (it is
+    /// split there when the path is applied).
+    split: Option<u32>,
+}
+
 /// Hash state for the tree's tables: a per-tree random seed and a 64-bit
 /// finaliser. Keys are already well-spread integers, so one mix suffices;
 /// the seed keeps crafted prompts from colliding on purpose.
@@ -423,7 +436,11 @@ impl RadixTree {
         T: Copy + Into<i64>,
         P: Copy + Into<i64>,
     {
-        self.insert_adopting(tokens, page_ids, namespace, usize::MAX)
+        let n_pages = tokens.len() / self.page_size;
+        check_page_count(page_ids.len(), n_pages)?;
+        let toks = self.whole_page_tokens(tokens)?;
+        let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
+        self.insert_adopting(&toks, &ids, namespace, usize::MAX)
     }
 
     /// [`insert`](Self::insert), except that each newly cached page at
@@ -432,40 +449,35 @@ impl RadixTree {
     /// [`finish`](Self::finish) does for the request's fresh pages, whose
     /// reference it would otherwise retain and release at once. The caller
     /// has validated those ids as referenced and releases only the rest.
-    fn insert_adopting<T, P>(
+    /// `toks` are validated whole pages, `ids` one per page.
+    fn insert_adopting(
         &mut self,
-        tokens: &[T],
-        page_ids: &[P],
+        toks: &[u32],
+        ids: &[i64],
         namespace: u64,
         adopt_from: usize,
-    ) -> Result<usize>
-    where
-        T: Copy + Into<i64>,
-        P: Copy + Into<i64>,
-    {
+    ) -> Result<usize> {
         let ps = self.page_size;
-        let n_pages = tokens.len() / ps;
-        if page_ids.len() != n_pages {
-            return Err(CoreError::LengthMismatch {
-                what: "insert: page_ids must hold one id per whole page of tokens \
-                       (tokens.len() / page_size)",
-                expected: n_pages as u64,
-                actual: page_ids.len() as u64,
-            });
-        }
-        let toks = self.whole_page_tokens(tokens)?;
-        let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
+        let n_pages = ids.len();
+        debug_assert_eq!(toks.len(), n_pages * ps);
         if n_pages == 0 {
             return Ok(0);
         }
-        // The caller's ids for the cached part that are not the tree's own
-        // pages there (those are referenced by the tree) must be referenced.
-        let mut foreign = Vec::new();
-        let cached = match self.roots.get(&namespace) {
-            Some(&root) => self.peek(root, &toks, &ids, &mut foreign),
-            None => 0,
+        // One walk down the tree, changing nothing yet, finds the cached
+        // prefix; the caller's ids there that are not the tree's own pages
+        // (those are referenced by the tree) must be referenced.
+        let path = match self.roots.get(&namespace) {
+            Some(&root) => self.walk(root, toks),
+            None => Path::default(),
         };
+        let mut foreign = Vec::new();
+        self.path_pages(&path, |i, p| {
+            if ids[i] != i64::from(p) {
+                foreign.push(ids[i]);
+            }
+        });
         self.check_referenced(&foreign)?;
+        let cached = path.pages;
         let fresh = n_pages - cached;
         // Root, split and new leaf at most.
         self.ensure_slots(3)?;
@@ -478,8 +490,8 @@ impl RadixTree {
         }
         let t = self.tick();
         let root = self.root_for(namespace, t);
-        let walk = self.descend(root, &toks, t, None);
-        debug_assert_eq!(walk.pages, cached);
+        // Arena compaction moved no node: the path still holds.
+        let walk = self.apply(root, &path, t);
         if fresh > 0 {
             self.add_leaf(walk.node, &toks[cached * ps..], &ids[cached..]);
         }
@@ -550,7 +562,7 @@ impl RadixTree {
         }
         // Every token, the partial last page included, even when nothing is
         // cached: the same tokens must be valid wherever they are passed.
-        check_tokens(tokens)?;
+        let toks = tokens_u32(tokens)?;
         let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
         if let Some(node) = node {
             let idx = self.resolve(node)?;
@@ -567,7 +579,7 @@ impl RadixTree {
         // now and release below, which would leave every refcount as it is.
         let (cached, adopted) = if cache {
             let c =
-                self.insert_adopting(&tokens[..full * ps], &ids[..full], namespace, owned_from)?;
+                self.insert_adopting(&toks[..full * ps], &ids[..full], namespace, owned_from)?;
             (c, (c / ps).max(owned_from).min(full)..full)
         } else {
             (0, full..full)
@@ -937,9 +949,12 @@ impl RadixTree {
 
     /// Validate every token and return the whole-page prefix as `u32`s.
     fn whole_page_tokens<T: Copy + Into<i64>>(&self, tokens: &[T]) -> Result<Vec<u32>> {
-        check_tokens(tokens)?;
         let n = tokens.len() / self.page_size * self.page_size;
-        Ok(tokens[..n].iter().map(|&t| t.into() as u32).collect())
+        let toks = tokens_u32(&tokens[..n])?;
+        if check_tokens(&tokens[n..]).is_err() {
+            check_tokens(tokens)?; // the same error, indexed from the start
+        }
+        Ok(toks)
     }
 
     /// Every id must name a referenced page.
@@ -1231,18 +1246,19 @@ impl RadixTree {
 
     // ----- walking ------------------------------------------------------------------------
 
-    /// Pages of `toks` cached under `root`, without changing anything.
-    /// Appends to `foreign` each of the caller's `ids` in the cached part
-    /// that differs from the tree's page there.
-    fn peek(&self, root: u32, toks: &[u32], ids: &[i64], foreign: &mut Vec<i64>) -> usize {
+    /// Walk down from `root` along `toks` (whole pages), changing nothing:
+    /// which nodes match, and how far. One comparison pass over the tokens.
+    fn walk(&self, root: u32, toks: &[u32]) -> Path {
         let ps = self.page_size;
         let total = toks.len() / ps;
         let (mut node, mut pos) = (root, 0usize);
+        let mut path = Path::default();
         while pos < total {
             let rest = &toks[pos * ps..];
             let Some(child) = self.find_child(node, &rest[..ps]) else {
                 break;
             };
+            path.nodes.push(child);
             let c = &self.nodes[child as usize];
             let (start, len) = (c.start as usize, c.len as usize);
             let avail = len.min(total - pos);
@@ -1250,61 +1266,65 @@ impl RadixTree {
                 &self.tokens[start * ps..(start + avail) * ps],
                 &rest[..avail * ps],
             ) / ps;
-            let ours = self.pages[start..start + m].iter();
-            for (&id, &p) in ids[pos..pos + m].iter().zip(ours) {
-                if id != i64::from(p) {
-                    foreign.push(id);
-                }
-            }
-            pos += m;
-            if m < len {
-                break;
-            }
-            node = child;
-        }
-        pos
-    }
-
-    /// Walk `toks` down from `root` at clock `t`: refresh every node on the
-    /// path, split the node where the match ends inside it, and append the
-    /// matched page ids to `out`.
-    fn descend(&mut self, root: u32, toks: &[u32], t: u64, mut out: Option<&mut Vec<u32>>) -> Walk {
-        let ps = self.page_size;
-        let total = toks.len() / ps;
-        self.nodes[root as usize].last_access = t;
-        let (mut node, mut pos, mut last) = (root, 0usize, root);
-        while pos < total {
-            let rest = &toks[pos * ps..];
-            let Some(child) = self.find_child(node, &rest[..ps]) else {
-                break;
-            };
-            last = child;
-            let c = &mut self.nodes[child as usize];
-            // As SGLang: the node is refreshed even when only part of it
-            // matches (the part below the split keeps this tick).
-            c.last_access = t;
-            let (start, len) = (c.start as usize, c.len as usize);
-            let avail = len.min(total - pos);
-            let m = first_mismatch(
-                &self.tokens[start * ps..(start + avail) * ps],
-                &rest[..avail * ps],
-            ) / ps;
-            if let Some(o) = out.as_deref_mut() {
-                o.extend_from_slice(&self.pages[start..start + m]);
-            }
             pos += m;
             if m < len {
                 // m >= 1: `find_child` matched the first page.
-                node = self.split(child, m as u32);
+                path.split = Some(m as u32);
                 break;
             }
             node = child;
         }
+        path.pages = pos;
+        path
+    }
+
+    /// Call `f(position, page id)` for each page `path` matched, in order.
+    fn path_pages(&self, path: &Path, mut f: impl FnMut(usize, u32)) {
+        let mut pos = 0;
+        for (i, &n) in path.nodes.iter().enumerate() {
+            let c = &self.nodes[n as usize];
+            let take = match path.split {
+                Some(keep) if i + 1 == path.nodes.len() => keep,
+                _ => c.len,
+            } as usize;
+            for &p in &self.pages[c.start as usize..c.start as usize + take] {
+                f(pos, p);
+                pos += 1;
+            }
+        }
+    }
+
+    /// Make `path` (from [`walk`](Self::walk), the tree unchanged since)
+    /// the tree's: refresh the clock of every node on it to `t` (as SGLang,
+    /// a node is refreshed even when only part of it matches) and split the
+    /// node where the match ends inside one, so that the returned node's
+    /// path is exactly the matched prefix.
+    fn apply(&mut self, root: u32, path: &Path, t: u64) -> Walk {
+        self.nodes[root as usize].last_access = t;
+        for &n in &path.nodes {
+            self.nodes[n as usize].last_access = t;
+        }
+        let last = path.nodes.last().copied().unwrap_or(root);
+        let node = match path.split {
+            Some(keep) => self.split(last, keep),
+            None => last,
+        };
         Walk {
             node,
-            pages: pos,
+            pages: path.pages,
             last,
         }
+    }
+
+    /// [`walk`](Self::walk) then [`apply`](Self::apply); with `out`, the
+    /// matched page ids are appended to it.
+    fn descend(&mut self, root: u32, toks: &[u32], t: u64, out: Option<&mut Vec<u32>>) -> Walk {
+        let path = self.walk(root, toks);
+        if let Some(o) = out {
+            o.reserve(path.pages);
+            self.path_pages(&path, |_, p| o.push(p));
+        }
+        self.apply(root, &path, t)
     }
 
     /// Split `child` after `keep` pages: a new node takes the upper part and
@@ -1686,6 +1706,19 @@ impl RadixTree {
         }
         Ok(())
     }
+}
+
+/// `insert` takes one page id per whole page of tokens.
+fn check_page_count(given: usize, n_pages: usize) -> Result<()> {
+    if given == n_pages {
+        return Ok(());
+    }
+    Err(CoreError::LengthMismatch {
+        what: "insert: page_ids must hold one id per whole page of tokens \
+               (tokens.len() / page_size)",
+        expected: n_pages as u64,
+        actual: given as u64,
+    })
 }
 
 /// `tokens` as `u32`s, each checked to be in `0..2^31` in the same pass
