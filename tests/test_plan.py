@@ -291,6 +291,61 @@ def test_fit_and_devices_needed():
     assert p.tokens_per_segment == 198 * 16
 
 
+@pytest.mark.parametrize(
+    ("layers", "kv_heads", "tp", "head_dim", "page_size", "dtype", "segment_bytes"),
+    [
+        (80, 8, 8, 128, 16, "fp8", 64 << 20),  # Llama-3.1-70B at TP 8
+        (32, 8, 1, 128, 16, "bf16", 64 << 20),
+        (1, 2, 1, 8, 4, "fp8", 5000),  # the parts' 256-byte alignment decides
+        (3, 3, 1, 24, 1, "fp32", 10_000),
+        (2, 4, 2, 64, 8, "fp8_e5m2", 1 << 20),
+        (4, 2, 1, 16, 2, "fp16", 777_777),
+        (1, 1, 1, 8, 1, "fp32", 1 << 30),  # capped at 2**20 pages
+    ],
+)
+def test_pages_per_segment_is_what_the_pool_builds(
+    layers: int,
+    kv_heads: int,
+    tp: int,
+    head_dim: int,
+    page_size: int,
+    dtype: str,
+    segment_bytes: int,
+) -> None:
+    """Issue 17, point 2: the planner and KVPool size segments with one formula
+    (SegmentLayout.pages_fitting), so a plan's tokens per segment are the pool's."""
+    p = plan(
+        num_layers=layers,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        tp=tp,
+        kv_dtype=dtype,
+        page_size=page_size,
+        segment_bytes=segment_bytes,
+    )
+    pool = radixseg.KVPool(
+        layers,
+        kv_heads // tp,
+        head_dim,
+        page_size=page_size,
+        dtype=dtype,
+        segment_bytes=segment_bytes,
+    )
+    assert p.pages_per_segment == pool.pages_per_segment
+    assert p.tokens_per_segment == pool.tokens_per_segment
+    assert pool.segment_bytes <= segment_bytes
+    if pool.pages_per_segment < 1 << 20:  # one page more would not fit
+        bigger = radixseg.KVPool(
+            layers,
+            kv_heads // tp,
+            head_dim,
+            page_size=page_size,
+            dtype=dtype,
+            pages_per_segment=pool.pages_per_segment + 1,
+        )
+        assert bigger.segment_bytes > segment_bytes
+
+
 def test_report_and_export():
     p = plan(LLAMA_31_70B, kv_dtype="fp8", tp=8, device_bytes="80GiB")
     text = str(p)

@@ -5,17 +5,33 @@ A segment is one ``uint8`` buffer holding, in this order and each part
 same), and for FP8 storage the float32 scales of K and of V
 ``[layers, pages, page_size, kv_heads]``. :class:`~radixseg.KVPool` computes
 one layout and builds its tensor views from it; the Triton launchers take its
-element strides, the native CPU kernel its byte offsets, as plain values.
+element strides, the native CPU kernel its byte offsets, as plain values; the
+capacity planner (``radixseg plan``) sizes segments with
+:meth:`SegmentLayout.pages_fitting`, as the pool does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
-__all__ = ["ALIGN", "SegmentLayout"]
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    import torch
+
+__all__ = ["ALIGN", "ELEMENT_LIMIT", "MAX_PAGES_PER_SEGMENT", "SegmentLayout"]
 
 #: Byte alignment of each part of a segment.
 ALIGN = 256
+#: Most elements of one K or V tensor of a segment: kernels index inside a
+#: segment with 32-bit offsets.
+ELEMENT_LIMIT = 2**31 - 1
+#: Most pages of one segment (the core allocator's limit).
+MAX_PAGES_PER_SEGMENT = 1 << 20
+
+#: A page id or slot: a Python int, or elementwise for an integer array.
+_Index = TypeVar("_Index", int, "torch.Tensor", "npt.NDArray[np.int64]")
 
 
 def _round_up(x: int, to: int) -> int:
@@ -43,6 +59,53 @@ class SegmentLayout:
     pages_per_segment: int
     elem_bytes: int
     scales: bool
+
+    @staticmethod
+    def max_pages(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int) -> int:
+        """The most pages a segment of this geometry may hold: at most
+        :data:`MAX_PAGES_PER_SEGMENT`, and K (and V) under :data:`ELEMENT_LIMIT`
+        elements. 0 when a single page is past the element limit."""
+        elems_per_page = num_layers * page_size * num_kv_heads * head_dim
+        return min(MAX_PAGES_PER_SEGMENT, ELEMENT_LIMIT // elems_per_page)
+
+    @classmethod
+    def pages_fitting(
+        cls,
+        segment_bytes: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        elem_bytes: int,
+        scales: bool,
+    ) -> int:
+        """The largest ``pages_per_segment`` whose segment, every part aligned,
+        takes at most ``segment_bytes`` (within :meth:`max_pages`); 0 when not
+        even one page fits. How :class:`~radixseg.KVPool` and ``radixseg plan``
+        turn a segment size in bytes into pages.
+
+        >>> SegmentLayout.pages_fitting(64 << 20, 32, 8, 128, 16, 1, True)
+        62
+        """
+
+        def size(pages: int) -> int:
+            geometry = (num_layers, num_kv_heads, head_dim, page_size)
+            return cls(*geometry, pages, elem_bytes, scales).segment_bytes
+
+        # Alignment only adds bytes, so the unaligned count bounds the answer.
+        per_token = num_kv_heads * (2 * head_dim * elem_bytes + (8 if scales else 0))
+        lo = 0  # size(lo) <= segment_bytes < size(hi + 1)
+        hi = min(
+            cls.max_pages(num_layers, num_kv_heads, head_dim, page_size),
+            segment_bytes // (num_layers * page_size * per_token),
+        )
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if size(mid) <= segment_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     @property
     def tokens(self) -> int:
@@ -107,6 +170,18 @@ class SegmentLayout:
             "pages_per_segment": self.pages_per_segment,
         }
 
-    def split(self, page_id: int) -> tuple[int, int]:
-        """``(segment, page in segment)`` of a page id."""
-        return divmod(page_id, self.pages_per_segment)
+    def split(self, page_id: _Index) -> tuple[_Index, _Index]:
+        """``(segment, page in segment)`` of a page id, or elementwise of an
+        integer tensor or array of them.
+
+        >>> SegmentLayout(1, 1, 8, 4, 16, 4, False).split(35)
+        (2, 3)
+        """
+        segment = page_id // self.pages_per_segment
+        return segment, page_id - segment * self.pages_per_segment
+
+    def split_slot(self, slot: _Index) -> tuple[_Index, _Index]:
+        """``(segment, token slot in segment)`` of a slot (``page_id * page_size +
+        offset``), or elementwise of an integer tensor or array of them."""
+        segment = slot // self.tokens
+        return segment, slot - segment * self.tokens

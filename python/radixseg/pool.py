@@ -62,8 +62,6 @@ FP8_MAX: dict[torch.dtype, float] = {
     torch.float8_e5m2: 57344.0,
 }
 _STORAGE_DTYPES = tuple(SHORT_NAMES)  # every KV storage dtype, FP8 first
-_ELEMENT_LIMIT = 2**31 - 1
-_PAGES_PER_SEGMENT_LIMIT = 1 << 20
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _UNCHECKED_GROWTH = 256 << 20
 
@@ -248,8 +246,10 @@ class KVPool(Uncopyable):
     device : str or torch.device
         Where segments live.
     segment_bytes : int, optional
-        Target bytes per segment (default 64 MiB); pages per segment are
-        derived from it. Give this or ``pages_per_segment``, not both.
+        The most bytes per segment (default 64 MiB): pages per segment is the
+        largest count whose segment fits in it (``SegmentLayout.pages_fitting``,
+        which ``radixseg plan`` uses too). Give this or ``pages_per_segment``,
+        not both.
     pages_per_segment : int, optional
         Pages per segment, ``1..=2**20``.
     budget_bytes : int, "auto" or None
@@ -322,9 +322,10 @@ class KVPool(Uncopyable):
         # Bytes of one page across layers: K and V, plus their scales for FP8.
         per_token = self.num_kv_heads * (2 * self.head_dim * self._elem + (8 if self.fp8 else 0))
         self.page_bytes = self.num_layers * ps * per_token
-        elems_per_page = self.num_layers * ps * self.num_kv_heads * self.head_dim
-        pps_limit = min(_PAGES_PER_SEGMENT_LIMIT, _ELEMENT_LIMIT // elems_per_page)
+        geometry = (self.num_layers, self.num_kv_heads, self.head_dim, ps)
+        pps_limit = SegmentLayout.max_pages(*geometry)
         if pps_limit < 1:
+            elems_per_page = self.num_layers * ps * self.num_kv_heads * self.head_dim
             raise InvalidArgument(
                 f"one page holds {elems_per_page:,} elements per tensor, past the "
                 f"2**31 - 1 a segment allows; lower num_layers, page_size or head_dim"
@@ -347,19 +348,19 @@ class KVPool(Uncopyable):
                 if segment_bytes is None
                 else as_count(segment_bytes, "segment_bytes")
             )
-            if sb < self.page_bytes:
+            pps = SegmentLayout.pages_fitting(sb, *geometry, self._elem, self.fp8)
+            if pps < 1:
+                one = SegmentLayout(*geometry, 1, self._elem, self.fp8).segment_bytes
                 raise InvalidArgument(
-                    f"segment_bytes={sb:,} is smaller than one page ({self.page_bytes:,} B "
-                    f"= {self.num_layers} layers x {ps} tokens x {per_token:,} B)"
+                    f"segment_bytes={sb:,} is smaller than one page (a one-page segment takes "
+                    f"{one:,} B: {self.num_layers} layers x {ps} tokens x {per_token:,} B, "
+                    f"each part 256-byte aligned)"
                 )
-            pps = min(pps_limit, sb // self.page_bytes)
         self.pages_per_segment = pps
 
         #: Where every byte of a segment lives (one description for the views
         #: below, the Triton launchers and the native CPU kernel).
-        self.layout = SegmentLayout(
-            self.num_layers, self.num_kv_heads, self.head_dim, ps, pps, self._elem, self.fp8
-        )
+        self.layout = SegmentLayout(*geometry, pps, self._elem, self.fp8)
         self.segment_bytes = self.layout.segment_bytes
 
         if isinstance(budget_bytes, str) and budget_bytes != "auto":
@@ -917,9 +918,7 @@ class KVPool(Uncopyable):
         self, slots: torch.Tensor
     ) -> list[tuple[_Segment, torch.Tensor, torch.Tensor | None]]:
         """Split slots by segment: ``(segment, offsets in it, positions in slots or None)``."""
-        tps = self.tokens_per_segment
-        seg_ids = slots // tps
-        within = slots - seg_ids * tps
+        seg_ids, within = self.layout.split_slot(slots)
         lo, hi = int(seg_ids.min()), int(seg_ids.max())
         if lo == hi:
             return [(self._live_segment(lo), within, None)]

@@ -29,6 +29,7 @@ from radixseg._dtypes import FP8_DTYPES, SHORT_NAMES, kv_dtype_named
 from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, HFConfig, KVGeometry, kv_geometry
 from radixseg.capacity.report import SCALE_BYTES, Plan
 from radixseg.capacity.units import MAX_VALUE, _check_int, parse_bytes, parse_count
+from radixseg.layout import SegmentLayout
 
 __all__ = [
     "MAX_LAYERS",
@@ -101,7 +102,9 @@ def plan(
     page_size : int
         Tokens per page, a power of two in 1..=1024.
     segment_bytes : int or str
-        Bytes of one segment on one device; default 64 MiB.
+        The most bytes of one segment on one device; default 64 MiB. Pages per
+        segment are what ``KVPool(segment_bytes=...)`` makes of it
+        (:meth:`radixseg.layout.SegmentLayout.pages_fitting`).
     memory_fraction : float
         Share of ``device_bytes`` the KV cache and the weights may use, in
         (0, 1]. Default 1.0: the whole device, no headroom for activations
@@ -172,11 +175,25 @@ def plan(
     # the context: the full-attention layers (the windowed ones when there are none).
     seg_layers = full or windowed
     per_page = page_size * seg_layers * (kv_layer_dev + sc_layer_dev)
-    pages_per_segment = segment_bytes // per_page
+    if g.mla:
+        # No KVPool layout holds MLA latents (K and V are separate parts there):
+        # whole pages of the latent, unaligned.
+        pages_per_segment = segment_bytes // per_page
+    else:
+        # What KVPool(segment_bytes=...) builds for this geometry on one device.
+        geometry = (seg_layers, heads, g.head_dim, page_size)
+        if SegmentLayout.max_pages(*geometry) < 1:
+            raise InvalidArgument(
+                f"one page of {page_size} tokens x {seg_layers} layers x {heads} KV heads x "
+                f"{g.head_dim} is past the 2**31 - 1 elements a segment's tensor may hold; "
+                "lower page_size"
+            )
+        pages_per_segment = SegmentLayout.pages_fitting(segment_bytes, *geometry, dtype_bytes, fp8)
     if pages_per_segment < 1:
         raise InvalidArgument(
             f"segment_bytes={segment_bytes:,} is smaller than one page ({per_page:,} B: "
-            f"{page_size} tokens x {per_page // page_size:,} B/token per device); "
+            f"{page_size} tokens x {per_page // page_size:,} B/token per device, each "
+            "part of a segment 256-byte aligned); "
             "raise segment_bytes or lower page_size"
         )
 

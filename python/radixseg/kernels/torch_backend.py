@@ -59,16 +59,16 @@ def gather_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized K and V of ``pages`` (page ids, any integer tensor), each
     ``[len(pages) * page_size, kv_heads, head_dim]`` in ``dtype``, page after page."""
-    ps, pps = pool.page_size, pool.pages_per_segment
+    ps = pool.page_size
     h, d = pool.num_kv_heads, pool.head_dim
     pages = pages.to(device="cpu", dtype=torch.int64)
     k = torch.empty((pages.numel(), ps, h, d), dtype=dtype, device=pool.device)
     v = torch.empty_like(k)
-    seg = pages // pps
+    seg, within = pool.layout.split(pages)
     for sid in torch.unique(seg).tolist():
         sel = (seg == sid).nonzero().squeeze(1)
         views = pool.segment(sid)
-        idx = (pages[sel] - sid * pps).to(pool.device)
+        idx = within[sel].to(pool.device)
         sel = sel.to(pool.device)
         for src, scale, dst in ((views.k, views.k_scale, k), (views.v, views.v_scale, v)):
             # index_select has no float8 kernels everywhere: move the bytes.
@@ -113,7 +113,7 @@ def paged_attention_torch(
     total_q, q_heads, head_dim = q.shape
     kv_heads = pool.num_kv_heads
     group = q_heads // kv_heads
-    ps, pps = pool.page_size, pool.pages_per_segment
+    ps = pool.page_size
     dev = q.device
     out = torch.zeros((total_q, q_heads, head_dim), dtype=compute_dtype, device=dev)
     lse = torch.full((total_q, q_heads), -math.inf, dtype=compute_dtype, device=dev)
@@ -135,14 +135,14 @@ def paged_attention_torch(
         s_i: torch.Tensor | None = None
         for c0 in range(0, pages.size, chunk_pages):
             chunk = pages[c0 : c0 + chunk_pages]
-            segs = chunk // pps
+            segs, within = pool.layout.split(chunk)
             for sid in np.unique(segs).tolist():
                 sel = np.flatnonzero(segs == sid)
                 o_c, s_c = _segment_part(
                     pool,
                     layer,
                     sid,
-                    chunk[sel] - sid * pps,
+                    within[sel],
                     c0 + sel,
                     qi,
                     q_pos,
