@@ -2,7 +2,8 @@
 
 ``mypy.stubtest`` cannot see attributes set on instances, so this provokes
 each error the binding maps (one match over ``CoreError`` in
-``rust/radixseg-py/src/errors.rs``) and ``KVPool``'s budget error, and checks
+``rust/radixseg-py/src/errors.rs``) and ``KVPool``'s budget and device
+errors (classes of the binding too), and checks
 the attributes set on the raised instance against the stub's declarations
 for its class and its bases.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ast
 import pathlib
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -109,20 +111,23 @@ def unbalanced_unlock() -> None:
     t.unlock(node)
 
 
+def pool(**kw: Any) -> radixseg.KVPool:
+    return radixseg.KVPool(
+        num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, pages_per_segment=8, **kw
+    )
+
+
 def budget() -> None:
-    probe = radixseg.KVPool(
-        num_layers=1, num_kv_heads=1, head_dim=8, page_size=4, pages_per_segment=8
-    )
-    pool = radixseg.KVPool(
-        num_layers=1,
-        num_kv_heads=1,
-        head_dim=8,
-        page_size=4,
-        pages_per_segment=8,
-        budget_bytes=probe.segment_bytes,
-    )
-    pool.alloc(8)
-    pool.alloc(1)
+    p = pool(budget_bytes=pool().segment_bytes)
+    p.alloc(8)
+    p.alloc(1)
+
+
+def device_out_of_memory() -> None:
+    def refuse(nbytes: int, device: object) -> NoReturn:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    pool(tensor_factory=refuse).alloc(1)
 
 
 CASES: list[tuple[Callable[[], None], type[Exception], set[str]]] = [
@@ -141,6 +146,11 @@ CASES: list[tuple[Callable[[], None], type[Exception], set[str]]] = [
     (
         budget,
         radixseg.BudgetExhausted,
+        {"requested", "available", "reserved_bytes", "budget_bytes"},
+    ),
+    (
+        device_out_of_memory,
+        radixseg.DeviceOutOfMemory,
         {"requested", "available", "reserved_bytes", "budget_bytes"},
     ),
 ]

@@ -11,6 +11,7 @@ import sys as _sys
 from radixseg import attention
 from radixseg._core import (
     BudgetExhausted,
+    DeviceOutOfMemory,
     DoubleFree,
     InvalidArgument,
     InvalidHandle,
@@ -23,7 +24,7 @@ from radixseg._core import (
 from radixseg.allocator import SegmentAllocator
 from radixseg.cache import PrefixCache, Request
 from radixseg.capacity import Plan, plan
-from radixseg.pool import DeviceOutOfMemory, KVPool, SegmentTensors
+from radixseg.pool import KVPool, SegmentTensors
 from radixseg.tree import MatchResult, RadixTree
 
 # ``radixseg.plan`` is the planner function. The module that shared its name is

@@ -10,6 +10,7 @@ __all__ = [
     "PAGE_ID_LIMIT",
     "TOKEN_LIMIT",
     "BudgetExhausted",
+    "DeviceOutOfMemory",
     "DoubleFree",
     "InvalidArgument",
     "InvalidHandle",
@@ -48,6 +49,7 @@ class OutOfPages(RadixsegError):
     budget_bytes: int | None  # with requested and available
 
 class BudgetExhausted(OutOfPages): ...
+class DeviceOutOfMemory(OutOfPages): ...
 
 class InvalidHandle(RadixsegError):
     page_id: int  # a page id that names no referenced page

@@ -39,6 +39,7 @@ import torch
 from radixseg._convert import Uncopyable, as_count
 from radixseg._core import (
     BudgetExhausted,
+    DeviceOutOfMemory,
     InvalidArgument,
     InvalidHandle,
     OutOfPages,
@@ -49,7 +50,7 @@ from radixseg.allocator import SegmentAllocator
 from radixseg.layout import SegmentLayout
 
 __all__ = [
-    "DeviceOutOfMemory",
+    "DeviceOutOfMemory",  # defined in radixseg._core beside the other errors
     "KVPool",
     "SegmentTensors",
     "dequantize_fp8",
@@ -64,15 +65,6 @@ FP8_MAX: dict[torch.dtype, float] = {
 _STORAGE_DTYPES = tuple(SHORT_NAMES)  # every KV storage dtype, FP8 first
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _UNCHECKED_GROWTH = 256 << 20
-
-
-class DeviceOutOfMemory(OutOfPages):
-    """The device refused memory for a new segment and eviction freed none.
-
-    Raised by :meth:`KVPool.alloc` after catching the tensor factory's error
-    (``torch.OutOfMemoryError`` or any other); the original is ``__cause__``.
-    Nothing changed: the pool, the allocator and every live page are as before.
-    """
 
 
 class SegmentTensors(NamedTuple):

@@ -1,5 +1,6 @@
-//! The Python exception hierarchy, rooted at `RadixsegError`, and the one
-//! mapping from the core's `CoreError` to it. `to_py` names every variant
+//! The Python exception hierarchy, rooted at `RadixsegError` (every class
+//! radixseg raises, `KVPool`'s `BudgetExhausted` and `DeviceOutOfMemory`
+//! included), and the one mapping from the core's `CoreError` to it. `to_py` names every variant
 //! (no wildcard arm; `CoreError` is not `#[non_exhaustive]`, the two crates
 //! release together), so a new variant does not compile until it has a class
 //! and its numbers here; `python/radixseg/_core.pyi` declares the attributes.
@@ -26,6 +27,15 @@ create_exception!(
     BudgetExhausted,
     OutOfPages,
     "Growing the pool would exceed its byte budget, and eviction could not make room."
+);
+create_exception!(
+    radixseg,
+    DeviceOutOfMemory,
+    OutOfPages,
+    "The device refused memory for a new segment (or, without a budget, has too little free \
+     for the segments needed) and eviction freed none. Raised by KVPool.alloc; the tensor \
+     factory's error (torch.OutOfMemoryError or any other) is __cause__. Nothing changed. \
+     Attributes: requested, available, reserved_bytes, budget_bytes."
 );
 create_exception!(
     radixseg,
@@ -64,6 +74,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RadixsegError", py.get_type::<RadixsegError>())?;
     m.add("OutOfPages", py.get_type::<OutOfPages>())?;
     m.add("BudgetExhausted", py.get_type::<BudgetExhausted>())?;
+    m.add("DeviceOutOfMemory", py.get_type::<DeviceOutOfMemory>())?;
     m.add("InvalidHandle", py.get_type::<InvalidHandle>())?;
     m.add("DoubleFree", py.get_type::<DoubleFree>())?;
     m.add("SegmentBusy", py.get_type::<SegmentBusy>())?;
