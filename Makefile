@@ -7,7 +7,7 @@ export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-python test-rust test-aarch64 lint loom ci bench fuzz-check fuzz-smoke
+.PHONY: install demo test test-python test-rust test-aarch64 lint loom ci bench bench-venv fuzz-check fuzz-smoke
 
 # Create the venv and install what is missing; a no-op when all is present.
 # SGLang (the peer the SGLang adapter test and the benchmarks compare with) goes
@@ -23,6 +23,25 @@ $(VENV)/.radixseg-deps: pyproject.toml benchmarks/requirements-bench.txt
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "matplotlib>=3.7"
 	$(PY) -c "import transformers" 2>/dev/null || $(PY) -m pip install -q "transformers==5.24.0"
 	touch $@
+
+# A second venv for one benchmark peer: SGLang's Rust tree core (the tree behind
+# its default UnifiedRadixCache) loads only with torch 2.11-2.14 and Python 3.11,
+# so benchmarks/_sglang_rust.py runs it from here (bench_radix.py calls it through
+# a subprocess). Pins: benchmarks/requirements-bench-venv.txt. A no-op when present.
+BENCH_VENV ?= $(HOME)/.cache/radixseg/bench-venv
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PYTHON ?= python3.11
+
+$(BENCH_VENV)/.radixseg-bench-deps: benchmarks/requirements-bench-venv.txt benchmarks/requirements-bench.txt
+	test -x $(BENCH_PY) || $(BENCH_PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -c "import torch, numpy, tvm_ffi, orjson, pybase64, msgspec, zmq; assert torch.__version__.startswith('2.14.1')" 2>/dev/null \
+	  || $(BENCH_PY) -m pip install -q -r benchmarks/requirements-bench-venv.txt
+	$(BENCH_PY) -c "import importlib.util as u; assert u.find_spec('sglang')" 2>/dev/null \
+	  || $(BENCH_PY) -m pip install -q --no-deps "sglang==0.5.23"
+	$(BENCH_PY) benchmarks/_sglang_rust.py --probe
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.radixseg-bench-deps
 
 install: $(VENV)/.radixseg-deps
 	maturin develop --release --quiet
