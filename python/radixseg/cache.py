@@ -92,8 +92,11 @@ class Request(Uncopyable):
 
     @property
     def tokens(self) -> torch.Tensor:
-        """``int32 [seq_len]``: the tokens whose KV the request holds (a copy)."""
-        return torch.from_numpy(self._record.tokens())
+        """``int32 [seq_len]``: the tokens whose KV the request holds (a copy):
+        the cached prefix it reused and those it was extended with. After it
+        ended, the tokens it held then."""
+        prefix = self._prompt[: self.cached_len].astype(np.int32)
+        return torch.from_numpy(np.concatenate((prefix, self._record.new_tokens())))
 
     @property
     def page_ids(self) -> torch.Tensor:

@@ -598,49 +598,52 @@ impl RadixTree {
     }
 
     /// [`finish`](Self::finish) for a caller that keeps its own books (a
-    /// [`Request`](crate::Request)): `tokens` are validated, `pages` holds one
-    /// id per page of `tokens` (the partial last page included), the first
-    /// `owned_from` are the pages on the path of `node`, which is locked, and
-    /// the caller holds one reference to each of the rest. So nothing about
-    /// the input needs checking, and one walk down the tree both finds the
-    /// cached prefix and places the new leaf: no per-token validation, copy
-    /// or second comparison pass. All or nothing, as `finish`.
+    /// [`Request`](crate::Request)): `node` is locked and its path holds
+    /// the sequence's first `owned_from` pages; `tail` are the validated
+    /// tokens past them; `pages` holds one id per page of the sequence (the
+    /// partial last page included), and the caller holds one reference to
+    /// each past the first `owned_from`. So nothing about the input needs
+    /// checking, and one walk down from `node` over the new tokens only
+    /// both finds what is cached and places the new leaf. The matched path
+    /// is refreshed as an insert from the root would (`node` and its
+    /// ancestors). All or nothing, as `finish`.
     pub(crate) fn finish_owned(
         &mut self,
-        tokens: &[u32],
+        tail: &[u32],
         pages: &[u32],
-        namespace: u64,
         node: NodeId,
         cache: bool,
         owned_from: usize,
     ) -> Result<usize> {
         let ps = self.page_size;
-        debug_assert_eq!(pages.len(), tokens.len().div_ceil(ps));
+        let full = (owned_from * ps + tail.len()) / ps;
+        debug_assert_eq!(pages.len(), (owned_from * ps + tail.len()).div_ceil(ps));
         let idx = self.resolve(node)?;
         if self.nodes[idx as usize].own == 0 {
             return Err(CoreError::UnbalancedUnlock { node: idx });
         }
-        let full = tokens.len() / ps;
         let (cached, adopted) = if cache && full > 0 {
-            // Root, split and new leaf at most, and arena room for every
+            // Split and new leaf at most, and arena room for every new
             // page: checked before anything changes, so nothing below fails.
-            self.ensure_slots(3)?;
-            self.check_arena_room(full)?;
+            self.ensure_slots(2)?;
+            self.check_arena_room(full - owned_from)?;
             let t = self.tick();
-            let root = self.root_for(namespace, t);
-            let walk = self.descend(root, &tokens[..full * ps], t, None);
-            // The locked path holds the first `owned_from` pages.
-            debug_assert!(walk.pages >= owned_from);
-            if walk.pages < full {
-                self.ensure_arena(full - walk.pages)?;
-                self.add_leaf(
-                    walk.node,
-                    &tokens[walk.pages * ps..full * ps],
-                    &pages[walk.pages..full],
-                );
+            let mut up = idx;
+            while up != NIL {
+                self.nodes[up as usize].last_access = t;
+                up = self.nodes[up as usize].parent;
+            }
+            let new = &tail[..(full - owned_from) * ps];
+            let path = self.walk(idx, new);
+            let walk = self.apply(idx, &path, t);
+            let cached = owned_from + walk.pages;
+            if cached < full {
+                self.ensure_arena(full - cached)?;
+                let from = (cached - owned_from) * ps;
+                self.add_leaf(walk.node, &new[from..], &pages[cached..full]);
             }
             self.refresh(walk.last);
-            (walk.pages, walk.pages.max(owned_from)..full)
+            (cached, cached..full)
         } else {
             (0, full..full)
         };
@@ -654,6 +657,23 @@ impl RadixTree {
             .collect();
         self.allocator.release(&rest)?;
         Ok(cached * ps)
+    }
+
+    /// The tokens of the path from the root to `node` (a live node).
+    pub(crate) fn path_tokens(&self, node: NodeId) -> Result<Vec<u32>> {
+        let ps = self.page_size;
+        let mut runs = Vec::new();
+        let mut cur = self.resolve(node)?;
+        while self.nodes[cur as usize].parent != NIL {
+            let n = &self.nodes[cur as usize];
+            runs.push((n.start as usize * ps, (n.start + n.len) as usize * ps));
+            cur = n.parent;
+        }
+        let mut out = Vec::with_capacity(runs.iter().map(|(a, b)| b - a).sum());
+        for &(a, b) in runs.iter().rev() {
+            out.extend_from_slice(&self.tokens[a..b]);
+        }
+        Ok(out)
     }
 
     /// Protect `node` and its ancestors from eviction until a matching

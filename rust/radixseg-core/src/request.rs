@@ -41,9 +41,14 @@ impl RequestState {
 }
 
 /// A running sequence's tokens, pages and prefix lock (see the module docs).
+///
+/// The tokens of the matched prefix are not copied: they are the tree's, on
+/// the path to the locked node, which the lock keeps. The request holds the
+/// tokens past them (`new_tokens`), so that beginning a request on a long
+/// cached prefix copies no tokens and ending it compares only the new ones.
 #[derive(Debug)]
 pub struct Request {
-    tokens: Vec<u32>,
+    tail: Vec<u32>,
     pages: Vec<u32>,
     namespace: u64,
     node: NodeId,
@@ -53,10 +58,21 @@ pub struct Request {
 }
 
 impl Request {
-    /// Tokens whose KV the request holds (matched prefix + extended), each
-    /// in `0..2^31`.
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+    /// Tokens past the matched prefix (each in `0..2^31`): what
+    /// [`extend`](Self::extend) appended. The whole sequence is
+    /// [`RadixTree::request_tokens`].
+    pub fn new_tokens(&self) -> &[u32] {
+        &self.tail
+    }
+
+    /// Tokens whose KV the request holds: the matched prefix and the new ones.
+    pub fn seq_len(&self) -> usize {
+        self.matched_len() + self.tail.len()
+    }
+
+    /// Tokens of the matched prefix (whole pages).
+    pub fn matched_len(&self) -> usize {
+        self.matched_pages * self.page_size
     }
 
     /// Its pages in order: the matched ones first (held by the lock), then
@@ -114,14 +130,14 @@ impl Request {
         let mut fresh = fresh.into_iter();
         let mut slots = Vec::with_capacity(reqs.len());
         for (r, &t) in reqs.iter_mut().zip(tokens) {
-            let pos = r.tokens.len();
+            let pos = r.seq_len();
             if r.needs_page() {
                 // Counted above: exactly one page per request whose last is full.
                 if let Some(p) = fresh.next() {
                     r.pages.push(p);
                 }
             }
-            r.tokens.push(Into::<i64>::into(t) as u32);
+            r.tail.push(Into::<i64>::into(t) as u32);
             r.push_slots(pos, &mut slots);
         }
         Ok(slots)
@@ -153,7 +169,7 @@ impl Request {
             // Page ids are below PAGE_ID_LIMIT = 2^31, page counts too.
             indices.extend(r.pages.iter().map(|&p| p as i32));
             indptr.push(indices.len() as i32);
-            let n = r.tokens.len();
+            let n = r.seq_len();
             last.push(if n == 0 {
                 0
             } else {
@@ -184,10 +200,10 @@ impl Request {
     ) -> Result<Vec<i64>> {
         self.check_running()?;
         check_tokens(tokens)?;
-        let start = self.tokens.len();
+        let start = self.seq_len();
         self.take_pages(allocator, start + tokens.len())?;
         // In range: checked above.
-        self.tokens
+        self.tail
             .extend(tokens.iter().map(|&t| Into::<i64>::into(t) as u32));
         let mut slots = Vec::with_capacity(tokens.len());
         self.push_slots(start, &mut slots);
@@ -196,7 +212,7 @@ impl Request {
 
     /// Whether one more token needs a new page (the last one is full).
     fn needs_page(&self) -> bool {
-        (self.tokens.len() + 1).div_ceil(self.page_size) > self.pages.len()
+        (self.seq_len() + 1).div_ceil(self.page_size) > self.pages.len()
     }
 
     /// Allocate the pages that `seq_len` tokens need past those held,
@@ -219,10 +235,10 @@ impl Request {
             out.extend(self.pages[start..].iter().map(|&p| i64::from(p)));
             return;
         }
-        let mut pos = start;
-        while pos < self.tokens.len() {
+        let (mut pos, end) = (start, self.seq_len());
+        while pos < end {
             let (page, off) = (pos / ps, pos % ps);
-            let run = (ps - off).min(self.tokens.len() - pos);
+            let run = (ps - off).min(end - pos);
             let base = i64::from(self.pages[page]) * ps as i64;
             out.extend((off..off + run).map(|o| base + o as i64));
             pos += run;
@@ -234,19 +250,19 @@ impl Request {
     /// cannot be dropped. All or nothing.
     pub fn truncate(&mut self, allocator: &SegmentAllocator, seq_len: usize) -> Result<()> {
         self.check_running()?;
-        let floor = self.matched_pages * self.page_size;
-        if seq_len > self.tokens.len() || seq_len < floor {
+        let floor = self.matched_len();
+        if seq_len > self.seq_len() || seq_len < floor {
             return Err(CoreError::InvalidInput(format!(
                 "truncate to {seq_len} tokens: the request holds {} and its matched prefix \
                  of {floor} cannot be dropped",
-                self.tokens.len()
+                self.seq_len()
             )));
         }
         let keep = seq_len.div_ceil(self.page_size);
         let extra: Vec<i64> = self.pages[keep..].iter().map(|&p| i64::from(p)).collect();
         allocator.release(&extra)?;
         self.pages.truncate(keep);
-        self.tokens.truncate(seq_len);
+        self.tail.truncate(seq_len - floor);
         Ok(())
     }
 }
@@ -255,23 +271,37 @@ impl RadixTree {
     /// Start a request: match and lock the longest cached prefix of `tokens`
     /// (whole pages; with `leave_last`, of all tokens but the last, so that
     /// the last prompt token is always computed) and record it. Every token
-    /// is validated, in the same pass that copies them. The request holds no
-    /// page references for the matched pages; the lock keeps them cached.
+    /// is validated. The request holds no page references for the matched
+    /// pages and no copy of their tokens; the lock keeps them cached.
     pub fn begin_request<T: Copy + Into<i64>>(
         &mut self,
         tokens: &[T],
         namespace: u64,
         leave_last: bool,
     ) -> Result<Request> {
+        let toks = tokens_u32(tokens)?;
+        self.begin_valid(&toks, namespace, leave_last)
+    }
+
+    /// [`begin_request`](Self::begin_request) of tokens given as `u32`s
+    /// (an `int32` array reinterpreted: no copy); each must be below 2^31.
+    pub fn begin_request_u32(
+        &mut self,
+        tokens: &[u32],
+        namespace: u64,
+        leave_last: bool,
+    ) -> Result<Request> {
+        check_tokens(tokens)?;
+        self.begin_valid(tokens, namespace, leave_last)
+    }
+
+    fn begin_valid(&mut self, toks: &[u32], namespace: u64, leave_last: bool) -> Result<Request> {
         let ps = self.page_size();
-        let mut toks = tokens_u32(tokens)?;
         let query = toks.len().saturating_sub(usize::from(leave_last)) / ps * ps;
         let m = self.match_whole(&toks[..query], namespace)?;
         self.lock(m.node)?;
-        // The copy keeps its capacity: the prompt's rest is extended next.
-        toks.truncate(m.length);
         Ok(Request {
-            tokens: toks,
+            tail: Vec::new(),
             matched_pages: m.page_ids.len(),
             pages: m.page_ids,
             namespace,
@@ -281,20 +311,25 @@ impl RadixTree {
         })
     }
 
+    /// The tokens whose KV `req` holds: its matched prefix (read from the
+    /// tree, on the locked path) and its new tokens. Refused once it ended
+    /// (its path may be evicted by then).
+    pub fn request_tokens(&self, req: &Request) -> Result<Vec<u32>> {
+        req.check_running()?;
+        let mut out = self.path_tokens(req.node)?;
+        debug_assert_eq!(out.len(), req.matched_len());
+        out.extend_from_slice(&req.tail);
+        Ok(out)
+    }
+
     /// End `req`: with `cache`, insert its whole pages (the tree takes over
     /// the references of pages it did not cache yet); then unlock its node and
     /// drop its page references. All or nothing; a request that already
     /// ended is refused. Returns the tokens that were already cached.
     pub fn end_request(&mut self, req: &mut Request, cache: bool) -> Result<usize> {
         req.check_running()?;
-        let cached = self.finish_owned(
-            &req.tokens,
-            &req.pages,
-            req.namespace,
-            req.node,
-            cache,
-            req.matched_pages,
-        )?;
+        let cached =
+            self.finish_owned(&req.tail, &req.pages, req.node, cache, req.matched_pages)?;
         req.state = if cache {
             RequestState::Finished
         } else {
@@ -305,7 +340,8 @@ impl RadixTree {
 
     /// [`end_request`](Self::end_request) with the request's tokens replaced
     /// by `tokens` (same count) first, in one step: on any error the request
-    /// keeps its old tokens and stays running.
+    /// keeps its old tokens and stays running. The matched prefix cannot
+    /// change: its KV is cached under those tokens.
     pub fn end_request_with<T: Copy + Into<i64>>(
         &mut self,
         req: &mut Request,
@@ -313,26 +349,26 @@ impl RadixTree {
         tokens: &[T],
     ) -> Result<usize> {
         req.check_running()?;
-        if tokens.len() != req.tokens.len() {
+        if tokens.len() != req.seq_len() {
             return Err(CoreError::LengthMismatch {
-                what: "set_tokens: one token per token the request holds",
-                expected: req.tokens.len() as u64,
+                what: "finish(tokens=...): one token per token the request holds",
+                expected: req.seq_len() as u64,
                 actual: tokens.len() as u64,
             });
         }
-        // New tokens may leave the locked path: the validating `finish`
-        // (which retains whatever it caches that the request did not own).
-        let cached = self.finish(
-            tokens,
-            &req.pages,
-            req.namespace,
-            Some(req.node),
-            cache,
-            req.matched_pages,
-        )?;
-        req.tokens.clear();
-        req.tokens
-            .extend(tokens.iter().map(|&t| Into::<i64>::into(t) as u32));
+        let toks = tokens_u32(tokens)?;
+        let matched = req.matched_len();
+        let prefix = self.path_tokens(req.node)?;
+        if let Some(i) = (0..matched).find(|&i| toks[i] != prefix[i]) {
+            return Err(CoreError::InvalidInput(format!(
+                "finish(tokens=...): token {i} is {} but the request's cached prefix of \
+                 {matched} tokens has {} there; only tokens past the prefix can be replaced",
+                toks[i], prefix[i]
+            )));
+        }
+        let tail = toks[matched..].to_vec();
+        let cached = self.finish_owned(&tail, &req.pages, req.node, cache, req.matched_pages)?;
+        req.tail = tail;
         req.state = if cache {
             RequestState::Finished
         } else {
@@ -431,10 +467,21 @@ mod tests {
         let mut s = t
             .begin_request(&[1i64, 2, 3, 4, 9], 0, false)
             .expect("begin");
-        assert_eq!((s.tokens().len(), s.matched_pages()), (4, 2));
+        assert_eq!((s.seq_len(), s.matched_pages()), (4, 2));
+        assert_eq!(t.request_tokens(&s).expect("running"), vec![1, 2, 3, 4]);
         let mut other = t
             .begin_request(&[1i64, 2, 3, 4, 7], 0, false)
             .expect("begin");
+        other.extend(&a, &[7i64]).expect("extend");
+        // The cached prefix cannot be replaced; what follows it can.
+        assert!(t
+            .end_request_with(&mut other, true, &[1i64, 2, 3, 5, 7])
+            .is_err());
+        assert_eq!(other.state(), RequestState::Running);
+        assert_eq!(
+            t.request_tokens(&other).expect("running"),
+            vec![1, 2, 3, 4, 7]
+        );
         t.end_request(&mut s, false).expect("abort");
         // Ending `s` again would drop `other`'s lock if it were not refused.
         assert!(t.end_request(&mut s, false).is_err());
@@ -449,7 +496,11 @@ mod tests {
         let (a, mut t) = setup(4);
         let mut r = t.begin_request(&[0i64; 0], 0, false).expect("begin");
         r.extend(&a, &[1i64; 60]).expect("15 pages");
-        let before = (r.tokens().to_vec(), r.page_ids().to_vec(), a.free_pages());
+        let before = (
+            r.new_tokens().to_vec(),
+            r.page_ids().to_vec(),
+            a.free_pages(),
+        );
         assert!(matches!(
             r.extend(&a, &[1i64; 8]),
             Err(CoreError::OutOfPages { .. })
@@ -459,12 +510,16 @@ mod tests {
             Err(CoreError::InvalidToken { index: 1, .. })
         ));
         assert_eq!(
-            (r.tokens().to_vec(), r.page_ids().to_vec(), a.free_pages()),
+            (
+                r.new_tokens().to_vec(),
+                r.page_ids().to_vec(),
+                a.free_pages()
+            ),
             before
         );
         r.truncate(&a, 5).expect("truncate");
         assert_eq!(
-            (r.tokens().len(), r.page_ids().len(), a.free_pages()),
+            (r.seq_len(), r.page_ids().len(), a.free_pages()),
             (5, 2, 14)
         );
         assert!(r.truncate(&a, 6).is_err());
@@ -473,13 +528,13 @@ mod tests {
             .end_request_with(&mut r, true, &[1i64, 2, 3, 4, -5])
             .is_err());
         assert_eq!(
-            (r.tokens(), r.state()),
+            (r.new_tokens(), r.state()),
             (&[1, 1, 1, 1, 1][..], RequestState::Running)
         );
         t.end_request_with(&mut r, true, &[9i64, 8, 7, 6, 5])
             .expect("finish");
         assert_eq!(
-            (r.tokens(), r.state()),
+            (r.new_tokens(), r.state()),
             (&[9, 8, 7, 6, 5][..], RequestState::Finished)
         );
         assert_eq!(t.cached_pages(), 1);
@@ -508,7 +563,7 @@ mod tests {
                 let cache = round % 5 != 0;
                 let mut r = t1.begin_request(&toks, 0, false).expect("begin");
                 let m = t2.acquire(&toks, 0).expect("acquire");
-                assert_eq!(r.tokens().len(), m.length);
+                assert_eq!(r.seq_len(), m.length);
                 let rest = &toks[m.length..];
                 let fits = r.extend(&a1, rest);
                 let need = len.div_ceil(ps as usize) - m.page_ids.len();
@@ -563,10 +618,10 @@ mod tests {
         assert_eq!(pt.2, vec![2, 1, 2]);
         for (r, s) in refs.iter().zip(&slots) {
             let last = *r.page_ids().last().expect("a page");
-            assert_eq!(*s, i64::from(last) * 2 + (r.tokens().len() as i64 - 1) % 2);
+            assert_eq!(*s, i64::from(last) * 2 + (r.seq_len() as i64 - 1) % 2);
         }
         // All or nothing: a bad token, a length mismatch, too few pages.
-        let before: Vec<usize> = refs.iter().map(|r| r.tokens().len()).collect();
+        let before: Vec<usize> = refs.iter().map(|r| r.seq_len()).collect();
         assert!(Request::extend_each(&a, &mut refs, &[1i64, -1, 1]).is_err());
         assert!(Request::extend_each(&a, &mut refs, &[1i64]).is_err());
         let hog = a.alloc(a.free_pages() as usize).expect("the rest");
@@ -574,10 +629,7 @@ mod tests {
             Request::extend_each(&a, &mut refs, &[1i64, 1, 1]),
             Err(CoreError::OutOfPages { .. })
         ));
-        assert_eq!(
-            refs.iter().map(|r| r.tokens().len()).collect::<Vec<_>>(),
-            before
-        );
+        assert_eq!(refs.iter().map(|r| r.seq_len()).collect::<Vec<_>>(), before);
         a.release(&hog.iter().map(|&p| i64::from(p)).collect::<Vec<_>>())
             .expect("release");
         for r in rs.iter_mut() {

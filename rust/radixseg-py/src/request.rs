@@ -61,6 +61,11 @@ impl Registry {
     }
 }
 
+/// Tokens (below 2^31 by validation) as an int32 array.
+fn i32_array<'py>(py: Python<'py>, toks: &[u32]) -> Bound<'py, PyArray1<i32>> {
+    PyArray1::from_slice(py, bytemuck::cast_slice::<u32, i32>(toks))
+}
+
 fn lock(rec: &Mutex<Request>) -> MutexGuard<'_, Request> {
     rec.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -91,18 +96,30 @@ impl RequestRecord {
     ) -> PyResult<Self> {
         tree.alive()?;
         let t = &tree.tree;
-        let req = with_slice!(tokens, s => maybe_detach(py, s.len(), || {
-            t.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .begin_request(s, namespace, leave_last)
-        }))
+        let lock_tree = || t.lock().unwrap_or_else(PoisonError::into_inner);
+        let req = match tokens {
+            // int32 tokens are read in place as u32 (the core checks each is
+            // below 2^31, so the reinterpretation changes no value): no copy.
+            Ids::I32(a) => {
+                let s: &[u32] = bytemuck::cast_slice(a.as_slice()?);
+                maybe_detach(py, s.len(), || {
+                    lock_tree().begin_request_u32(s, namespace, leave_last)
+                })
+            }
+            Ids::I64(a) => {
+                let s = a.as_slice()?;
+                maybe_detach(py, s.len(), || {
+                    lock_tree().begin_request(s, namespace, leave_last)
+                })
+            }
+        }
         .py(py)?;
         let prompt_len = tokens.len() as u64;
         let pages = req.page_ids().len();
         let reg = &tree.registry;
         reg.prompt_tokens.fetch_add(prompt_len, Ordering::Relaxed);
         reg.reused_tokens
-            .fetch_add(req.tokens().len() as u64, Ordering::Relaxed);
+            .fetch_add(req.seq_len() as u64, Ordering::Relaxed);
         let rec = StdArc::new(Mutex::new(req));
         let id = reg.add(&rec);
         Ok(Self {
@@ -193,11 +210,22 @@ impl RequestRecord {
         self.with(py, pages, |r| r.truncate(a, seq_len))
     }
 
-    /// int32 copy of the tokens whose KV the request holds.
+    /// int32 copy of the tokens whose KV the request holds (the matched
+    /// prefix read from the tree); refused once the request ended.
     fn tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
-        // Tokens are below 2^31 (validated when they came in).
-        let toks = self.read(|r| r.tokens().iter().map(|&t| t as i32).collect())?;
-        Ok(PyArray1::from_vec(py, toks))
+        let tree = &self.tree;
+        let toks = self.with(py, 0, |r| {
+            tree.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .request_tokens(r)
+        })?;
+        Ok(i32_array(py, &toks))
+    }
+
+    /// int32 copy of the tokens past the matched prefix (what `extend` added).
+    fn new_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let toks = self.read(|r| i32_array(py, r.new_tokens()))?;
+        Ok(toks)
     }
 
     /// int32 copy of the request's page ids (as they were when it ended, after that).
@@ -210,7 +238,7 @@ impl RequestRecord {
     /// Tokens held.
     #[getter]
     fn seq_len(&self) -> PyResult<usize> {
-        self.read(|r| r.tokens().len())
+        self.read(Request::seq_len)
     }
 
     /// Pages held.
