@@ -603,10 +603,32 @@ impl SegmentAllocator {
             page_id: page_id as u32,
         })?;
         Self::validate_multiplicity(&mut r, ids)?;
+        self.release_validated(&mut r, ids)
+    }
+
+    /// [`release`](Self::release) for a caller that holds one reference per
+    /// occurrence of each id (the radix tree, on eviction: one per cached
+    /// page): the ids are not sorted to count repeats. A page whose count is
+    /// already 0 is still refused ([`CoreError::DoubleFree`]) and nothing
+    /// changes.
+    pub fn release_held(&self, ids: &[u32]) -> Result<()> {
+        let mut r = Resolver::new(self);
+        self.release_validated(&mut r, ids)
+    }
+
+    /// Drop one reference to each page of `ids` (validated by the caller),
+    /// then publish the pages that reached 0. A page already at 0 (another
+    /// thread released it meanwhile) undoes every decrement of this call.
+    fn release_validated<P: Copy + Into<i64>>(
+        &self,
+        r: &mut Resolver<'_>,
+        ids: &[P],
+    ) -> Result<()> {
         // Phase A: decrement. A page that reaches 0 keeps its bit clear, so no
         // allocator can take it before phase B; that makes undo safe.
         let mut zeroed: SmallVec<[u32; 32]> = SmallVec::new();
         for (i, &id) in ids.iter().enumerate() {
+            let id: i64 = id.into();
             let prev = r
                 .page(id)
                 .ok()
@@ -625,6 +647,7 @@ impl SegmentAllocator {
                     // to restore from 0 (once each); only the other
                     // decrements need the guard.
                     for &done in &ids[..i] {
+                        let done: i64 = done.into();
                         if let Ok((_, s, p)) = r.page(done) {
                             let rc = &s.refcounts[p];
                             if let Some(k) = zeroed.iter().position(|&z| i64::from(z) == done) {
@@ -1051,6 +1074,24 @@ mod tests {
 
     fn ids(v: &[u32]) -> Vec<i64> {
         v.iter().map(|&x| i64::from(x)).collect()
+    }
+
+    #[test]
+    fn release_held_drops_one_reference_per_occurrence() {
+        let a = SegmentAllocator::new(1, 64).expect("config");
+        a.add_segment().expect("segment");
+        let p = a.alloc(3).expect("pages");
+        a.retain(&ids(&p[..1])).expect("retain"); // p[0] held twice
+        a.release_held(&[p[0], p[1], p[0]]).expect("release");
+        assert_eq!(a.refcount(&ids(&p)).expect("live"), vec![0, 0, 1]);
+        assert_eq!(a.free_pages(), 63);
+        // A page at 0 is refused and every decrement of the call undone.
+        assert!(matches!(
+            a.release_held(&[p[2], p[1]]),
+            Err(CoreError::DoubleFree { .. })
+        ));
+        assert_eq!(a.refcount(&ids(&p)).expect("live"), vec![0, 0, 1]);
+        a.check_invariants().expect("consistent");
     }
 
     #[test]

@@ -759,7 +759,7 @@ impl RadixTree {
         // Phase 1: choose victims, reversibly. A chosen node's clock is set
         // to u64::MAX so that its other heap entries are stale.
         let mut victims: Vec<(u32, u64)> = Vec::new();
-        let mut ids: Vec<i64> = Vec::new();
+        let mut ids: Vec<u32> = Vec::new();
         let mut released = 0usize;
         while released < n_pages {
             let Some(Reverse(e)) = self.lru.pop() else {
@@ -775,7 +775,7 @@ impl RadixTree {
             if parent == NIL {
                 continue;
             }
-            ids.extend(self.pages[start..start + len].iter().map(|&p| i64::from(p)));
+            ids.extend_from_slice(&self.pages[start..start + len]);
             released += len;
             let p = &mut self.nodes[parent as usize];
             p.children -= 1;
@@ -787,8 +787,9 @@ impl RadixTree {
                 }));
             }
         }
-        // Phase 2: the one call that can fail.
-        if let Err(e) = self.allocator.release(&ids) {
+        // Phase 2: the one call that can fail. The tree holds one reference
+        // per cached page: no repeats to count.
+        if let Err(e) = self.allocator.release_held(&ids) {
             for &(idx, tick) in victims.iter().rev() {
                 let n = &mut self.nodes[idx as usize];
                 n.last_access = tick;
