@@ -27,7 +27,7 @@ import numpy.typing as npt
 import torch
 
 from radixseg._convert import Uncopyable, as_count, as_id_array, as_namespace
-from radixseg._core import InvalidArgument, OutOfPages, RequestRecord
+from radixseg._core import InvalidArgument, RequestRecord
 from radixseg.pool import KVPool
 from radixseg.tree import RadixTree
 
@@ -204,14 +204,13 @@ class PrefixCache(Uncopyable):
         record = req._record
         if self.max_context_len is not None:
             self._check_len(record.seq_len + new.size)
-        try:
-            # Validation, the pages the tokens need and their slots: one core
-            # call, all or nothing, so there is nothing to undo if interrupted.
-            return torch.from_numpy(record.extend(new))
-        except OutOfPages as short:
-            need = int(short.requested)
-        # Grow the pool (or evict) until the allocation fits, then take it.
-        return torch.from_numpy(self.pool._alloc_with(need, lambda: record.extend(new)))
+        # Validation, the pages the tokens need and their slots: one core
+        # call, all or nothing, so there is nothing to undo if interrupted.
+        got = record.extend(new, True)
+        if got.__class__ is int:  # the pages it needs are not free
+            # Grow the pool (or evict) until the allocation fits, then take it.
+            got = self.pool._alloc_with(got, lambda: record.extend(new), tried=True)
+        return torch.from_numpy(got)
 
     def extend_each(self, reqs: Sequence[Request], tokens: Any) -> torch.Tensor:
         """A decode step: append ``tokens[i]`` to ``reqs[i]``; returns the
@@ -228,11 +227,10 @@ class PrefixCache(Uncopyable):
             for r in records:
                 self._check_len(r.seq_len + 1)
         extend_each = self.tree.extend_each
-        try:
-            return torch.from_numpy(extend_each(records, toks))
-        except OutOfPages as short:
-            need = int(short.requested)
-        return torch.from_numpy(self.pool._alloc_with(need, lambda: extend_each(records, toks)))
+        got = extend_each(records, toks, True)
+        if got.__class__ is int:
+            got = self.pool._alloc_with(got, lambda: extend_each(records, toks), tried=True)
+        return torch.from_numpy(got)
 
     def truncate(self, req: Request, seq_len: int) -> None:
         """Undo :meth:`extend` calls: keep the first ``seq_len`` tokens and release

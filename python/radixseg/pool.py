@@ -646,18 +646,19 @@ class KVPool(Uncopyable):
             pass
         return self._alloc_with(n, lambda: self.allocator.alloc(n))
 
-    def _alloc_with(self, n: int, take: Callable[[], _T]) -> _T:
+    def _alloc_with(self, n: int, take: Callable[[], _T], *, tried: bool = False) -> _T:
         """Make room for ``n`` pages and call ``take`` (which allocates them, raising
         ``OutOfPages`` when they are not free): growing by segments, evicting
-        under pressure, retrying ``take`` after each step. All or nothing: the
-        segments this call added are retired again when it fails."""
+        under pressure, retrying ``take`` after each step (``tried``: the caller
+        just found the pages short, so the first step makes room). All or
+        nothing: the segments this call added are retired again when it fails."""
         with self._locked():
-            return self._alloc_slow(n, take)
+            return self._alloc_slow(n, take, tried)
 
-    def _alloc_slow(self, n: int, take: Callable[[], _T]) -> _T:
+    def _alloc_slow(self, n: int, take: Callable[[], _T], tried: bool = False) -> _T:
         added: list[int] = []
         try:
-            return self._make_room(n, take, added)
+            return self._make_room(n, take, added, tried)
         except _NoRoom as e:
             short = e
         except BaseException:
@@ -667,7 +668,7 @@ class KVPool(Uncopyable):
         self._retire(added)
         raise self._exhausted(n, short.need, self.room_segments(short.need), short.failure)
 
-    def _make_room(self, n: int, take: Callable[[], _T], added: list[int]) -> _T:
+    def _make_room(self, n: int, take: Callable[[], _T], added: list[int], tried: bool) -> _T:
         """The loop of :meth:`_alloc_slow` (a function of its own so that an
         exception on its head reaches the caller's ``except``): grow, evict,
         retry ``take``; ids of added segments go to ``added``. Raises
@@ -675,10 +676,13 @@ class KVPool(Uncopyable):
         pps = self.pages_per_segment
         failure: _GrowthFailed | None = None
         while True:
-            try:
-                return take()
-            except OutOfPages:
-                pass
+            # ``tried``: skip the first take unless pages were freed meanwhile.
+            if not tried or self.allocator.free_pages() >= n:
+                try:
+                    return take()
+                except OutOfPages:
+                    pass
+            tried = False
             short = max(1, n - self.allocator.free_pages())
             need = -(-short // pps)
             room = self.room_segments(need)

@@ -125,6 +125,29 @@ impl<'py> Ids<'py> {
     }
 }
 
+/// `Ok(Err(pages asked for))` in place of `OutOfPages` when `short_ok`: the
+/// request path's common miss (the pool must grow or evict first) without
+/// building an exception object.
+fn short_as_value<T>(
+    r: Result<T, radixseg_core::CoreError>,
+    short_ok: bool,
+) -> Result<Result<T, u64>, radixseg_core::CoreError> {
+    match r {
+        Err(radixseg_core::CoreError::OutOfPages { requested, .. }) if short_ok => {
+            Ok(Err(requested))
+        }
+        other => other.map(Ok),
+    }
+}
+
+/// Slots as an int64 array, or the pages asked for as an int.
+fn slots_or_short(py: Python<'_>, r: Result<Vec<i64>, u64>) -> PyResult<Bound<'_, PyAny>> {
+    match r {
+        Ok(slots) => Ok(PyArray1::from_vec(py, slots).into_any()),
+        Err(requested) => Ok(requested.into_pyobject(py)?.into_any()),
+    }
+}
+
 fn ids_array(py: Python<'_>, ids: Vec<u32>) -> Bound<'_, PyArray1<i32>> {
     // Page ids are below 2^31 by construction (PAGE_ID_LIMIT).
     PyArray1::from_vec(py, ids.into_iter().map(|x| x as i32).collect())

@@ -10,7 +10,10 @@ use numpy::PyArray1;
 use pyo3::prelude::*;
 use radixseg_core::{Arc, CoreError, Request, RequestState};
 
-use super::{check_born, fork_generation, maybe_detach, CoreResultExt, Ids, RadixTree};
+use super::{
+    check_born, fork_generation, maybe_detach, short_as_value, slots_or_short, CoreResultExt, Ids,
+    RadixTree,
+};
 
 /// The running requests of one tree (weakly held, for the invariant check
 /// and the running count) and the hit-rate counters of every request begun.
@@ -164,16 +167,21 @@ impl RequestRecord {
 #[pymethods]
 impl RequestRecord {
     /// Append tokens, allocating the pages they need; returns their int64
-    /// slots. All or nothing (`OutOfPages` when the allocator is short).
+    /// slots. All or nothing: `OutOfPages` when the allocator is short, or
+    /// with `short_ok` the pages it asked for, as an int.
+    #[pyo3(signature = (tokens, short_ok = false))]
     fn extend<'py>(
         &self,
         py: Python<'py>,
         tokens: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        short_ok: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let ids = Ids::new(tokens)?;
         let a = &self.allocator;
-        let slots = with_slice!(&ids, s => self.with(py, s.len(), |r| r.extend(a, s))?);
-        Ok(PyArray1::from_vec(py, slots))
+        let got = with_slice!(&ids, s => self.with(py, s.len(), |r| {
+            short_as_value(r.extend(a, s), short_ok)
+        })?);
+        slots_or_short(py, got)
     }
 
     /// End the request: cache its whole pages (`cache`) or not, unlock, and

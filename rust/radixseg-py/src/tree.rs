@@ -9,7 +9,9 @@ use std::sync::{Arc as StdArc, Mutex};
 use crate::allocator::SegmentAllocator;
 use crate::errors::{to_py, CoreResultExt};
 use crate::request::{Batch, Registry, RequestRecord};
-use crate::{check_born, fork_generation, ids_array, maybe_detach, Ids};
+use crate::{
+    check_born, fork_generation, ids_array, maybe_detach, short_as_value, slots_or_short, Ids,
+};
 
 /// The radix prefix tree over an allocator's pages (the Rust core). Use the
 /// `radixseg.RadixTree` subclass, which takes and returns torch tensors.
@@ -140,21 +142,25 @@ impl RadixTree {
 
     /// A decode step: append `tokens[i]` to `requests[i]`, allocating the
     /// pages the requests whose last page is full need, all in one call;
-    /// returns the new tokens' int64 slots. All or nothing (`OutOfPages`
-    /// for the batch when the allocator is short).
+    /// returns the new tokens' int64 slots. All or nothing: `OutOfPages`
+    /// for the batch when the allocator is short, or with `short_ok` the
+    /// pages it asked for, as an int.
+    #[pyo3(signature = (requests, tokens, short_ok = false))]
     fn extend_each<'py>(
         &self,
         py: Python<'py>,
         requests: Vec<Bound<'py, RequestRecord>>,
         tokens: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        short_ok: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         self.alive()?;
         let ids = Ids::new(tokens)?;
         let batch = Batch::new(&self.tree, requests)?;
         let a = &self.allocator.get().inner;
-        let slots =
-            with_slice!(&ids, s => batch.with(py, |reqs| Request::extend_each(a, reqs, s))?);
-        Ok(PyArray1::from_vec(py, slots))
+        let got = with_slice!(&ids, s => batch.with(py, |reqs| {
+            short_as_value(Request::extend_each(a, reqs, s), short_ok)
+        })?);
+        slots_or_short(py, got)
     }
 
     /// FlashInfer's paged-KV CSR of `requests`, int32: `(kv_indptr [B + 1],
