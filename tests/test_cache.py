@@ -340,3 +340,32 @@ def test_extend_each_grows_and_evicts_under_the_budget() -> None:
     for r in reqs:
         cache.abort(r)
     cache.check_invariants(exclusive=True)
+
+
+def test_once_the_budget_is_spent_extend_evicts_in_the_same_call() -> None:
+    probe = KVPool(1, 1, 8, page_size=4, pages_per_segment=8)
+    pool, cache = make(budget_bytes=probe.segment_bytes)
+
+    def serve(i: int) -> None:
+        r = cache.begin([i] * 16, leave_last=False)
+        cache.extend(r, r.uncached)  # 4 pages: two prompts fill the segment
+        cache.finish(r)
+
+    for i in range(2):
+        serve(i)
+    assert pool._eviction_point() == -1  # the pool has not been short yet
+    serve(2)  # short: the pool finds its budget spent and evicts prompt 0
+    assert pool._eviction_point() == 1 and pool.stats()["evicted_pages"] == 4
+    serve(3)  # evicted inside the core call: prompt 1 goes, LRU as before
+    s = pool.stats()
+    assert (s["evicted_pages"], s["cached_pages"], s["segments"]) == (8, 8, 1)
+    gone = cache.begin([1] * 16, leave_last=False)
+    assert gone.cached_len == 0
+    cache.abort(gone)
+    # A larger budget: the hint no longer holds, and the pool grows instead.
+    pool.budget_bytes = 2 * probe.segment_bytes
+    assert pool._eviction_point() == -1
+    serve(4)
+    s = pool.stats()
+    assert (s["evicted_pages"], s["segments"]) == (8, 2)
+    cache.check_invariants()

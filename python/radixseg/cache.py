@@ -206,7 +206,9 @@ class PrefixCache(Uncopyable):
             self._check_len(record.seq_len + new.size)
         # Validation, the pages the tokens need and their slots: one core
         # call, all or nothing, so there is nothing to undo if interrupted.
-        got = record.extend(new, True)
+        # Once the pool's budget is spent, the core evicts for the shortfall in
+        # the same call (evict_at); otherwise the pool decides: grow or evict.
+        got = record.extend(new, True, self.pool._eviction_point())
         if got.__class__ is int:  # the pages it needs are not free
             # Grow the pool (or evict) until the allocation fits, then take it.
             got = self.pool._alloc_with(got, lambda: record.extend(new), tried=True)
@@ -227,7 +229,7 @@ class PrefixCache(Uncopyable):
             for r in records:
                 self._check_len(r.seq_len + 1)
         extend_each = self.tree.extend_each
-        got = extend_each(records, toks, True)
+        got = extend_each(records, toks, True, self.pool._eviction_point())
         if got.__class__ is int:
             got = self.pool._alloc_with(got, lambda: extend_each(records, toks), tried=True)
         return torch.from_numpy(got)
@@ -310,6 +312,7 @@ class PrefixCache(Uncopyable):
         begun, requested, reused = self.tree.request_counters()
         return {
             **tree_cache_stats(self.tree),
+            "evicted_pages": self.tree.evicted_pages(),
             "requests": begun,
             "running_requests": self.tree.running_requests(),
             "prompt_tokens": requested,

@@ -385,6 +385,8 @@ class KVPool(Uncopyable):
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._cache: AttachedCache | None = None
+        # (budget, segment count) when an allocation found the budget spent.
+        self._budget_spent: tuple[int, int] | None = None
         with _normal_tensors():
             self._table = torch.zeros((0, 4), dtype=torch.int64, device=self.device)
         self._released_since_check = 0
@@ -646,6 +648,16 @@ class KVPool(Uncopyable):
             pass
         return self._alloc_with(n, lambda: self.allocator.alloc(n))
 
+    def _eviction_point(self) -> int:
+        """The segment count at which an allocation last found the (fixed)
+        budget spent, while the budget is unchanged; else -1. At that count a
+        shortfall can only be met by eviction, so the request path evicts in
+        the same core call as its allocation instead of coming here."""
+        spent = self._budget_spent
+        if spent is not None and spent[0] == self.budget_bytes:
+            return spent[1]
+        return -1
+
     def _alloc_with(self, n: int, take: Callable[[], _T], *, tried: bool = False) -> _T:
         """Make room for ``n`` pages and call ``take`` (which allocates them, raising
         ``OutOfPages`` when they are not free): growing by segments, evicting
@@ -686,6 +698,9 @@ class KVPool(Uncopyable):
             short = max(1, n - self.allocator.free_pages())
             need = -(-short // pps)
             room = self.room_segments(need)
+            if room == 0 and isinstance(self.budget_bytes, int):
+                # Growth is over until the segment count or the budget changes.
+                self._budget_spent = (self.budget_bytes, self.allocator.segment_count())
             evictable = self._cache.evictable_pages() if self._cache is not None else 0
             if short > room * pps + evictable:
                 break  # growth and eviction together cannot cover it: fail now

@@ -324,6 +324,8 @@ pub struct RadixTree {
     inner_nodes: usize,
     /// Live namespace roots.
     root_nodes: usize,
+    /// Pages released by `evict`, ever.
+    evicted_pages: u64,
 }
 
 impl std::fmt::Debug for RadixTree {
@@ -364,6 +366,7 @@ impl RadixTree {
             evictable_pages: 0,
             inner_nodes: 0,
             root_nodes: 0,
+            evicted_pages: 0,
         }
     }
 
@@ -802,6 +805,7 @@ impl RadixTree {
             return Err(e);
         }
         // Phase 3: commit. Children precede their parents in `victims`.
+        self.evicted_pages += released as u64;
         for &(idx, _) in &victims {
             self.remove_node(idx);
         }
@@ -880,6 +884,11 @@ impl RadixTree {
     /// `namespace_count`).
     pub fn node_count(&self) -> usize {
         self.inner_nodes
+    }
+
+    /// Pages [`evict`](Self::evict) has released since the tree was made.
+    pub fn evicted_pages(&self) -> u64 {
+        self.evicted_pages
     }
 
     /// Namespaces with a root node.

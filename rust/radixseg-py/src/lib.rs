@@ -140,6 +140,35 @@ fn short_as_value<T>(
     }
 }
 
+/// Retry `extend` after evicting the shortfall from `tree` while the
+/// allocator is short, as the pool does once its budget is spent, but only
+/// while the allocator still has `evict_at` segments (the count at which
+/// the pool found it could not grow; -1: never evict here, let the pool
+/// decide). Stops when eviction cannot cover the shortfall or frees nothing.
+fn extend_evicting<T>(
+    allocator: &radixseg_core::SegmentAllocator,
+    tree: &std::sync::Mutex<radixseg_core::RadixTree>,
+    evict_at: i64,
+    mut extend: impl FnMut() -> Result<T, radixseg_core::CoreError>,
+) -> Result<T, radixseg_core::CoreError> {
+    let mut res = extend();
+    while let Err(radixseg_core::CoreError::OutOfPages { requested, .. }) = res {
+        if evict_at < 0 || i64::from(allocator.segment_count()) != evict_at {
+            break;
+        }
+        let short = requested.saturating_sub(allocator.free_pages()).max(1) as usize;
+        let mut t = tree
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.evictable_pages() < short || t.evict(short)? == 0 {
+            break;
+        }
+        drop(t);
+        res = extend();
+    }
+    res
+}
+
 /// Slots as an int64 array, or the pages asked for as an int.
 fn slots_or_short(py: Python<'_>, r: Result<Vec<i64>, u64>) -> PyResult<Bound<'_, PyAny>> {
     match r {

@@ -11,8 +11,8 @@ use pyo3::prelude::*;
 use radixseg_core::{Arc, CoreError, Request, RequestState};
 
 use super::{
-    check_born, fork_generation, maybe_detach, short_as_value, slots_or_short, CoreResultExt, Ids,
-    RadixTree,
+    check_born, extend_evicting, fork_generation, maybe_detach, short_as_value, slots_or_short,
+    CoreResultExt, Ids, RadixTree,
 };
 
 /// The running requests of one tree (weakly held, for the invariant check
@@ -168,18 +168,21 @@ impl RequestRecord {
 impl RequestRecord {
     /// Append tokens, allocating the pages they need; returns their int64
     /// slots. All or nothing: `OutOfPages` when the allocator is short, or
-    /// with `short_ok` the pages it asked for, as an int.
-    #[pyo3(signature = (tokens, short_ok = false))]
+    /// with `short_ok` the pages it asked for, as an int. With `evict_at`
+    /// (the pool's segment count when it found its budget spent), a
+    /// shortfall is first met by evicting from the tree, in this call.
+    #[pyo3(signature = (tokens, short_ok = false, evict_at = -1))]
     fn extend<'py>(
         &self,
         py: Python<'py>,
         tokens: &Bound<'py, PyAny>,
         short_ok: bool,
+        evict_at: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let ids = Ids::new(tokens)?;
-        let a = &self.allocator;
+        let (a, tree) = (&self.allocator, &self.tree);
         let got = with_slice!(&ids, s => self.with(py, s.len(), |r| {
-            short_as_value(r.extend(a, s), short_ok)
+            short_as_value(extend_evicting(a, tree, evict_at, || r.extend(a, s)), short_ok)
         })?);
         slots_or_short(py, got)
     }

@@ -10,7 +10,8 @@ use crate::allocator::SegmentAllocator;
 use crate::errors::{to_py, CoreResultExt};
 use crate::request::{Batch, Registry, RequestRecord};
 use crate::{
-    check_born, fork_generation, ids_array, maybe_detach, short_as_value, slots_or_short, Ids,
+    check_born, extend_evicting, fork_generation, ids_array, maybe_detach, short_as_value,
+    slots_or_short, Ids,
 };
 
 /// The radix prefix tree over an allocator's pages (the Rust core). Use the
@@ -145,22 +146,30 @@ impl RadixTree {
     /// returns the new tokens' int64 slots. All or nothing: `OutOfPages`
     /// for the batch when the allocator is short, or with `short_ok` the
     /// pages it asked for, as an int.
-    #[pyo3(signature = (requests, tokens, short_ok = false))]
+    /// `evict_at` as `RequestRecord.extend`'s.
+    #[pyo3(signature = (requests, tokens, short_ok = false, evict_at = -1))]
     fn extend_each<'py>(
         &self,
         py: Python<'py>,
         requests: Vec<Bound<'py, RequestRecord>>,
         tokens: &Bound<'py, PyAny>,
         short_ok: bool,
+        evict_at: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.alive()?;
         let ids = Ids::new(tokens)?;
         let batch = Batch::new(&self.tree, requests)?;
-        let a = &self.allocator.get().inner;
+        let (a, tree) = (&self.allocator.get().inner, &self.tree);
         let got = with_slice!(&ids, s => batch.with(py, |reqs| {
-            short_as_value(Request::extend_each(a, reqs, s), short_ok)
+            let step = extend_evicting(a, tree, evict_at, || Request::extend_each(a, reqs, s));
+            short_as_value(step, short_ok)
         })?);
         slots_or_short(py, got)
+    }
+
+    /// Pages `evict` has released since the tree was made.
+    fn evicted_pages(&self) -> PyResult<u64> {
+        self.read(radixseg_core::RadixTree::evicted_pages)
     }
 
     /// FlashInfer's paged-KV CSR of `requests`, int32: `(kv_indptr [B + 1],
