@@ -64,6 +64,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _sglang
+import _sglang_rust
 from _common import best_of, fmt_row, stopwatch, write_json
 
 VOCAB = 32_000
@@ -230,18 +231,64 @@ def run_radixseg(w: Workload, page_size: int, check: bool) -> SideResult:
             cached += plen
     if check:
         tree.check_invariants()
+    return _tree_result("radixseg", sw.seconds, w, cached, evicted * ps, tree)
+
+
+def _tree_result(
+    impl: str, seconds: float, w: Workload, cached: int, evicted: int, tree: Any
+) -> SideResult:
+    """A radixseg side's result: its counts and its tree's size."""
     return SideResult(
-        impl="radixseg",
-        seconds=sw.seconds,
-        requests=len(prepared),
-        prompt_tokens=sum(len(p) for p, _ in prepared),
+        impl=impl,
+        seconds=seconds,
+        requests=len(w.requests),
+        prompt_tokens=sum(len(p) for p, _ in w.requests),
         cached_tokens=cached,
-        evicted_tokens=evicted * ps,
+        evicted_tokens=evicted,
         nodes=tree.node_count(),
         tree_tokens=tree.cached_tokens(),
         metadata_bytes=tree.metadata_bytes(),
         metadata_method="metadata_bytes() (every heap byte, capacities)",
     )
+
+
+def run_prefix_cache(w: Workload, page_size: int, check: bool) -> SideResult:
+    """The same trace through ``PrefixCache`` (begin, extend, finish), the API
+    engines call, over a ``KVPool`` whose budget is the peers' capacity: the
+    pool grows by segments up to it, then evicts exactly the shortfall."""
+    import radixseg
+
+    pages = w.pool_tokens // page_size
+    pps = _pages_per_segment(pages)
+    layout = radixseg.layout.SegmentLayout(1, 1, 1, page_size, pps, 1, True)
+    pool = radixseg.KVPool(
+        1,
+        1,
+        1,
+        page_size=page_size,
+        pages_per_segment=pps,
+        dtype="fp8_e4m3",
+        budget_bytes=pages // pps * layout.segment_bytes,
+    )
+    cache = radixseg.PrefixCache(pool)
+    prepared = [
+        (np.ascontiguousarray(p), np.ascontiguousarray(o) if len(o) else None)
+        for p, o in w.requests
+    ]
+    cached = 0
+    begin, extend, finish = cache.begin, cache.extend, cache.finish
+    with stopwatch() as sw:
+        for prompt, output in prepared:
+            req = begin(prompt, leave_last=False)
+            extend(req, prompt[req.cached_len :])
+            if output is not None:
+                extend(req, output)
+            finish(req)
+            cached += req.cached_len
+    if check:
+        cache.check_invariants(exclusive=True)
+    evicted = pool.stats()["evicted_pages"] * page_size
+    return _tree_result("prefixcache", sw.seconds, w, cached, evicted, cache.tree)
 
 
 # ----- SGLang (Python RadixCache) -----------------------------------------------
@@ -331,6 +378,89 @@ def run_sglang(w: Workload, page_size: int) -> SideResult:
     )
 
 
+# ----- decode step -------------------------------------------------------------------
+
+
+def _decode_contexts(n_reqs: int, seed: int, quick: bool) -> list[np.ndarray]:
+    """``n_reqs`` distinct contexts of 1K-32K tokens (1K-4K quick)."""
+    rng = np.random.default_rng(seed + 4)
+    hi = 4096 if quick else 32768
+    return [_toks(rng, int(rng.integers(1024, hi + 1))) for _ in range(n_reqs)]
+
+
+def decode_radixseg(ctx: list[np.ndarray], page_size: int, steps: int) -> dict[str, float]:
+    """Microseconds per request per decode step through ``PrefixCache``: one
+    ``extend_each`` (a token for every request, pages where one fills), and
+    the same plus the step's ``page_table`` for every request."""
+    import radixseg
+
+    pps = 1 << 16 if page_size == 1 else 4096
+    pool = radixseg.KVPool(1, 1, 1, page_size=page_size, pages_per_segment=pps, dtype="fp8_e4m3")
+    cache = radixseg.PrefixCache(pool)
+    reqs = []
+    for c in ctx:
+        r = cache.begin(c, leave_last=False)
+        cache.extend(r, c)
+        reqs.append(r)
+    n = len(reqs)
+    toks = [np.full(n, t, dtype=np.int32) for t in range(2 * steps)]
+    # The first step after prefill grows each request's token and page lists
+    # once (capacity doubling, amortized over the next ``seq_len`` steps): out
+    # of the timed region, which measures the steady state.
+    cache.extend_each(reqs, toks[0])
+    with stopwatch() as alone:
+        for t in toks[:steps]:
+            cache.extend_each(reqs, t)
+    with stopwatch() as table:
+        for t in toks[steps:]:
+            cache.extend_each(reqs, t)
+            cache.page_table(reqs)
+    for r in reqs:
+        cache.abort(r)
+    cache.check_invariants(exclusive=True)
+    per = 1e6 / (steps * n)
+    return {"extend_each": alone.seconds * per, "with_page_table": table.seconds * per}
+
+
+def decode_sglang(ctx: list[np.ndarray], page_size: int, steps: int) -> dict[str, float]:
+    """SGLang 0.5.23's decode bookkeeping on CPU for the same batch, as
+    ``alloc_for_decode`` does it: ``alloc(bs)`` (page size 1) or
+    ``alloc_decode`` with each request's last slot (paged), then the new
+    slots written into ``req_to_token``. Its page table (``kv_indices``) is
+    built from ``req_to_token`` on the GPU by the attention backend, so it is
+    not part of this figure."""
+    _sglang.radix_cache_class()  # installs the import stand-ins
+    n = len(ctx)
+    lens = [len(c) for c in ctx]
+    width = max(lens) + 2 * steps + 2 * page_size
+    size = (sum(-(-(x + 2 * steps + 1) // page_size) for x in lens) + n) * page_size
+    alloc = _sglang.allocator(size, page_size)
+    req_to_token = torch.zeros((n, width), dtype=torch.int32)
+    for i, x in enumerate(lens):
+        req_to_token[i, :x] = alloc.alloc(-(-x // page_size) * page_size)[:x].to(torch.int32)
+    idx = torch.arange(n)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    seq_lens_cpu = seq_lens.clone()
+
+    def step() -> None:  # alloc_for_decode_default, page_size 1 or paged
+        nonlocal seq_lens, seq_lens_cpu
+        if page_size == 1:
+            out = alloc.alloc(n)
+        else:
+            last_loc = req_to_token[idx, seq_lens - 1].to(torch.int64)
+            out = alloc.alloc_decode(seq_lens + 1, seq_lens_cpu + 1, last_loc)
+        assert out is not None
+        req_to_token[idx, seq_lens] = out.to(torch.int32)
+        seq_lens = seq_lens + 1
+        seq_lens_cpu = seq_lens_cpu + 1
+
+    step()  # as radixseg's side: one untimed step
+    with stopwatch() as sw:
+        for _ in range(steps):
+            step()
+    return {"alloc_decode": sw.seconds * 1e6 / (steps * n)}
+
+
 # ----- 10M-token sequence ----------------------------------------------------------
 
 
@@ -375,6 +505,36 @@ def _best(run: Callable[..., SideResult], run_args: tuple[Any, ...], repeat: int
     )
 
 
+# The issue-18 targets, checked on every run.
+TARGET_VS_RUST = 5.0  # PrefixCache and the raw tree, x SGLang's Rust tree
+TARGET_PATH_OVERHEAD = 1.5  # PrefixCache time / raw-tree lifecycle time
+TARGET_NS_PER_TOKEN = {1: 4.0, 16: 2.0}  # long-context, insert + match per prompt token
+TARGET_DECODE_US = 2.0  # per request per decode step, page table included
+
+
+def _row(name: str, ps: int, w: Workload, s: SideResult, ref: SideResult | None) -> list[str]:
+    speed = f"{ref.seconds / s.seconds:.1f}x" if ref is not None else "-"
+    return [
+        name,
+        str(ps),
+        str(w.pool_tokens),
+        s.impl,
+        f"{s.req_per_s:,.0f}",
+        f"{s.seconds:.3f}",
+        speed,
+        f"{1e9 * s.seconds / max(s.prompt_tokens, 1):.2f}",
+        f"{100 * s.hit_rate:.2f}",
+        str(s.nodes),
+        str(s.evicted_tokens),
+        str(s.tree_tokens),
+        f"{s.bytes_per_token:.2f}",
+    ]
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small traces (smoke run)")
@@ -388,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3, help="runs per side; the fastest is kept")
+    ap.add_argument("--decode-requests", type=int, default=256)
+    ap.add_argument("--decode-steps", type=int, default=64)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
 
@@ -397,12 +559,20 @@ def main(argv: list[str] | None = None) -> int:
     if use_sglang and not _sglang.available():
         print("sglang is not installed: running radixseg only (see benchmarks/_sglang.py)")
         use_sglang = False
+    rust_why = _sglang_rust.skip_reason() if use_sglang else "--skip-sglang"
+    use_rust = rust_why is None
+    rust_versions = _sglang_rust.bench_venv_versions() if use_rust else None
 
     sgl_version = _sglang.installed_version() if use_sglang else "-"
     print(
         f"radixseg {radixseg.__version__}, sglang {sgl_version}, "
         f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}"
     )
+    if use_rust:
+        print(f"SGLang Rust tree core in the bench venv: {rust_versions}")
+    else:
+        print(f"SGLang Rust tree core not run: {rust_why}")
+    ref_name = "sglang-rust" if use_rust else "sglang-py"
     heads = [
         "workload",
         "ps",
@@ -410,45 +580,44 @@ def main(argv: list[str] | None = None) -> int:
         "impl",
         "req/s",
         "time s",
-        "speedup",
+        f"x {ref_name}",
+        "ns/ptok",
         "hit %",
         "nodes",
         "evicted tok",
         "tree tok",
         "B/tok",
     ]
-    widths = [14, 3, 9, 10, 10, 8, 8, 7, 8, 11, 9, 7]
+    widths = [14, 3, 8, 11, 9, 7, 15, 7, 6, 6, 11, 8, 6]
     print(fmt_row(heads, widths))
     rows: list[dict[str, Any]] = []
     mismatches: list[str] = []
+    checks: list[tuple[str, str, bool]] = []
     for name in args.workload:
         w = WORKLOADS[name](args.seed, args.quick)
         for ps in args.page_size:
-            sides = [_best(run_radixseg, (w, ps, args.check), args.repeat)]
+            sides = [
+                _best(run_radixseg, (w, ps, args.check), args.repeat),
+                _best(run_prefix_cache, (w, ps, args.check), args.repeat),
+            ]
             if use_sglang:
                 sides.append(_best(run_sglang, (w, ps), args.repeat))
-            base = sides[-1].seconds
-            for s in sides:
-                speed = f"{base / s.seconds:.1f}x" if use_sglang else "-"
-                print(
-                    fmt_row(
-                        [
-                            name,
-                            str(ps),
-                            str(w.pool_tokens),
-                            s.impl,
-                            f"{s.req_per_s:,.0f}",
-                            f"{s.seconds:.3f}",
-                            speed,
-                            f"{100 * s.hit_rate:.2f}",
-                            str(s.nodes),
-                            str(s.evicted_tokens),
-                            str(s.tree_tokens),
-                            f"{s.bytes_per_token:.2f}",
-                        ],
-                        widths,
-                    )
+            if use_rust:
+                got = _sglang_rust.run_in_bench_venv(
+                    name,
+                    ps,
+                    args.seed,
+                    args.quick,
+                    args.repeat,
+                    check=args.check,
+                    torch_threads=args.torch_threads,
                 )
+                if got is not None:
+                    sides.append(SideResult(**got))
+            by = {s.impl: s for s in sides}
+            ref = by.get(ref_name)
+            for s in sides:
+                print(fmt_row(_row(name, ps, w, s, ref), widths))
                 rows.append(
                     {
                         "workload": name,
@@ -458,29 +627,105 @@ def main(argv: list[str] | None = None) -> int:
                         "hit_rate": s.hit_rate,
                         "req_per_s": s.req_per_s,
                         "bytes_per_token": s.bytes_per_token,
-                        "speedup_vs_sglang": base / s.seconds,
+                        f"speedup_vs_{ref_name}": ref.seconds / s.seconds if ref else None,
                     }
                 )
-            if use_sglang:
-                a, b = sides[0], sides[-1]
-                if (a.cached_tokens, a.evicted_tokens, a.nodes, a.tree_tokens) != (
-                    b.cached_tokens,
-                    b.evicted_tokens,
-                    b.nodes,
-                    b.tree_tokens,
-                ):
+            base = sides[0]
+            for s in sides[1:]:
+                a, b = (
+                    (base.cached_tokens, base.evicted_tokens, base.nodes, base.tree_tokens),
+                    (
+                        s.cached_tokens,
+                        s.evicted_tokens,
+                        s.nodes,
+                        s.tree_tokens,
+                    ),
+                )
+                if a != b:
                     mismatches.append(
-                        f"{name} ps={ps}: cached {a.cached_tokens} vs {b.cached_tokens}, evicted "
-                        f"{a.evicted_tokens} vs {b.evicted_tokens}, nodes {a.nodes} vs {b.nodes}, "
-                        f"tree tokens {a.tree_tokens} vs {b.tree_tokens}"
+                        f"{name} ps={ps} {s.impl}: (cached, evicted, nodes, tree tokens) "
+                        f"{b} vs radixseg {a}"
                     )
+            raw, pc = by["radixseg"], by["prefixcache"]
+            cell = f"{name} ps={ps}"
+            if "sglang-rust" in by:
+                rust = by["sglang-rust"]
+                for s in (pc, raw):
+                    x = rust.seconds / s.seconds
+                    checks.append(
+                        (
+                            cell,
+                            f"{s.impl} {x:.1f}x SGLang Rust (>= {TARGET_VS_RUST:g}x)",
+                            x >= TARGET_VS_RUST,
+                        )
+                    )
+            over = pc.seconds / raw.seconds
+            checks.append(
+                (
+                    cell,
+                    f"prefixcache {over:.2f}x the raw tree's time (<= {TARGET_PATH_OVERHEAD:g}x)",
+                    over <= TARGET_PATH_OVERHEAD,
+                )
+            )
+            if name == "long-context" and ps in TARGET_NS_PER_TOKEN:
+                for s in (raw, pc):
+                    ns = 1e9 * s.seconds / s.prompt_tokens
+                    lim = TARGET_NS_PER_TOKEN[ps]
+                    checks.append(
+                        (cell, f"{s.impl} {ns:.2f} ns per prompt token (<= {lim:g})", ns <= lim)
+                    )
+    print(
+        "\nns/ptok: seconds per prompt token (each prompt is matched and inserted once). "
+        f"x {ref_name}: its time / this side's."
+    )
     if use_sglang:
-        print("\nSGLang B/tok: " + rows[-1]["metadata_method"] + " (a lower bound)")
+        print("SGLang B/tok is a lower bound; see each side's metadata_method in --json.")
         print(
-            "identical hit rate, evictions, node counts and tree size on every run"
+            "identical hit rate, evictions, node counts and tree size on every side and run"
             if not mismatches
             else "DIFFERENCES:\n  " + "\n  ".join(mismatches)
         )
+
+    # Decode step: every running request extended by one token, plus the page table.
+    ctx = _decode_contexts(args.decode_requests, args.seed, args.quick)
+    steps = max(1, args.decode_steps // (4 if args.quick else 1))
+    lo, hi = min(len(c) for c in ctx), max(len(c) for c in ctx)
+    print(
+        f"\ndecode step: {len(ctx)} running requests, contexts {lo:,}-{hi:,} tokens, "
+        f"{steps} steps; microseconds per request per step"
+    )
+    dheads = ["ps", "extend_each", "+ page_table", "SGLang alloc_decode", "target"]
+    dwidths = [3, 12, 13, 20, 8]
+    print(fmt_row(dheads, dwidths))
+    decode: list[dict[str, Any]] = []
+    for ps in args.page_size:
+        ours = decode_radixseg(ctx, ps, steps)
+        theirs = decode_sglang(ctx, ps, steps) if use_sglang else {}
+        us = ours["with_page_table"]
+        print(
+            fmt_row(
+                [
+                    str(ps),
+                    f"{ours['extend_each']:.3f}",
+                    f"{us:.3f}",
+                    f"{theirs['alloc_decode']:.3f}" if theirs else "-",
+                    f"<= {TARGET_DECODE_US:g}",
+                ],
+                dwidths,
+            )
+        )
+        checks.append(
+            (
+                f"decode ps={ps}",
+                f"{us:.2f} us per request with the page table (<= {TARGET_DECODE_US:g})",
+                us <= TARGET_DECODE_US,
+            )
+        )
+        decode.append({"page_size": ps, **ours, **{f"sglang_{k}": v for k, v in theirs.items()}})
+    print(
+        "SGLang's figure is its CPU bookkeeping only (alloc + req_to_token write); it builds "
+        "kv_indices from req_to_token on the GPU."
+    )
 
     n = 1_000_000 if args.quick else LONG_TOKENS
     ls = long_sequence(n)
@@ -490,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{ls['metadata_bytes_per_token']:.2f} B/token"
     )
 
+    print("\ntargets:")
+    for cell, what, ok in checks:
+        print(f"  {_verdict(ok):4}  {cell:22} {what}")
+    if not use_rust:
+        print(f"  (the targets against SGLang's Rust tree were not checked: {rust_why})")
+
     if args.json:
         write_json(
             args.json,
@@ -498,7 +749,10 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": args.seed,
                 "rows": rows,
                 "mismatches": mismatches,
+                "decode": decode,
                 "long_sequence": ls,
+                "targets": [{"cell": c, "what": w, "met": ok} for c, w, ok in checks],
+                "sglang_rust": rust_versions,
             },
         )
     return 0
