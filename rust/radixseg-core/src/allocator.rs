@@ -33,13 +33,26 @@ const ALLOC_RETRIES: u32 = 4;
 
 /// One segment's bookkeeping; its bytes live in Python.
 struct Segment {
-    /// Free pages not reserved by an allocating thread, or `CLOSED`.
-    /// Invariant: `free <= popcount(bits)` at all times.
-    free: CachePadded<AtomicU32>,
+    /// The words every alloc and release writes, on their own cache lines.
+    head: CachePadded<Head>,
     /// Bit `i % 64` of word `i / 64` is 1 iff page `i` is free and unclaimed.
     bits: Box<[AtomicU64]>,
     /// Per-page refcount; 0 = free.
     refcounts: Box<[AtomicU32]>,
+}
+
+/// A segment's hot counters.
+struct Head {
+    /// Free pages not reserved by an allocating thread, or `CLOSED`.
+    /// Invariant: `free <= popcount(bits)` at all times.
+    free: AtomicU32,
+    /// Scan hint: the first bitmap word that may hold a set bit. Only a hint:
+    /// `claim_bits` starts there but wraps round to cover every word, so no
+    /// result depends on it. Exact when one thread uses the allocator (every
+    /// word below it is then 0), which keeps `alloc` lowest-first; racing
+    /// calls can leave it too high, which costs only order, and a scan that
+    /// wraps lowers it again.
+    scan: AtomicU32,
 }
 
 /// 64 segment slots and the summary word saying which may have free pages.
@@ -133,15 +146,34 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// The segment holding `page_id`, live or retired, and the id of its
+    /// first page: a caller walks a run of ids in that segment by offset
+    /// (`id - first`, checked against the segment's length) without
+    /// resolving each id again.
+    #[inline]
+    fn segment_of(&mut self, page_id: i64) -> Result<(u32, &'a Segment, i64)> {
+        let (seg, segment, page) = self.page(page_id)?;
+        Ok((seg, segment, page_id - page as i64))
+    }
+
     /// As `page`, but an id of a retired segment is an error.
     #[inline]
     fn live_page(&mut self, page_id: i64) -> Result<(u32, &'a Segment, usize)> {
         let (seg, segment, page) = self.page(page_id)?;
-        if segment.free.load(Ordering::Acquire) == CLOSED {
+        if segment.head.free.load(Ordering::Acquire) == CLOSED {
             return Err(not_live(page_id, seg));
         }
         Ok((seg, segment, page))
     }
+}
+
+/// The refcount of page `page_id` if it lies in `segment`, whose first page
+/// is `first` (see [`Resolver::segment_of`]); `None` once a run leaves it.
+#[inline]
+fn refcount_in(segment: &Segment, first: i64, page_id: i64) -> Option<&AtomicU32> {
+    usize::try_from(page_id.wrapping_sub(first))
+        .ok()
+        .and_then(|p| segment.refcounts.get(p))
 }
 
 fn not_live(page_id: i64, segment: u32) -> CoreError {
@@ -185,7 +217,10 @@ impl Segment {
         let refcounts = (0..pages).map(|_| AtomicU32::new(0)).collect();
         Self {
             // Closed until `open_segment` (or `add_segment`) opens it.
-            free: CachePadded(AtomicU32::new(CLOSED)),
+            head: CachePadded(Head {
+                free: AtomicU32::new(CLOSED),
+                scan: AtomicU32::new(0),
+            }),
             bits,
             refcounts,
         }
@@ -308,7 +343,7 @@ impl SegmentAllocator {
     /// re-check through the Acquire half of the clear.
     fn mark_full(&self, chunk: &Chunk, bit: u32, segment: &Segment) {
         chunk.summary.fetch_and(!(1 << bit), Ordering::AcqRel);
-        let f = segment.free.load(Ordering::Acquire);
+        let f = segment.head.free.load(Ordering::Acquire);
         if f != 0 && f != CLOSED {
             chunk.summary.fetch_or(1 << bit, Ordering::Release);
         }
@@ -332,23 +367,19 @@ impl SegmentAllocator {
             return Ok(());
         }
         let start = out.len();
+        // `n` may be huge (it comes from the caller): reserve no more than
+        // the pool holds (a larger request fails with `OutOfPages` anyway).
+        out.reserve(n.min(self.total_pages() as usize));
         let mut attempt = 0;
         loop {
+            // `claim` gives each page refcount 1 as it wins the page's bit.
             let got = self.claim(n, out);
             if got == n {
-                let mut r = Resolver::new(self);
-                for &id in &out[start..] {
-                    if let Ok((_, segment, page)) = r.page(i64::from(id)) {
-                        // Relaxed: the ids reach other threads only through
-                        // the caller's own synchronisation.
-                        segment.refcounts[page].store(1, Ordering::Relaxed);
-                    }
-                }
                 return Ok(());
             }
             // Give back what was claimed; nobody has seen these ids yet.
-            let claimed: Vec<u32> = out.drain(start..).collect();
-            self.publish(&claimed);
+            self.give_back(&out[start..]);
+            out.truncate(start);
             let available = self.free_pages();
             attempt += 1;
             // A shortfall with enough free pages means other threads held
@@ -385,7 +416,7 @@ impl SegmentAllocator {
                     self.claim_bits(seg, segment, took, out);
                     remaining -= took;
                 }
-                let left = segment.free.load(Ordering::Relaxed);
+                let left = segment.head.free.load(Ordering::Relaxed);
                 if left == 0 || left == CLOSED {
                     self.mark_full(chunk, bit, segment);
                 }
@@ -400,7 +431,7 @@ impl SegmentAllocator {
     /// Take up to `want` from a segment's free count; returns how many.
     #[inline]
     fn reserve(segment: &Segment, want: usize) -> usize {
-        let mut cur = segment.free.load(Ordering::Relaxed);
+        let mut cur = segment.head.free.load(Ordering::Relaxed);
         loop {
             if cur == 0 || cur == CLOSED {
                 return 0;
@@ -408,7 +439,7 @@ impl SegmentAllocator {
             let take = (cur as usize).min(want) as u32;
             // Acquire: pairs with the Release increment in `publish`,
             // so the page bits set before it are visible to `claim_bits`.
-            match segment.free.compare_exchange_weak(
+            match segment.head.free.compare_exchange_weak(
                 cur,
                 cur - take,
                 Ordering::Acquire,
@@ -421,12 +452,18 @@ impl SegmentAllocator {
     }
 
     /// Clear `k` set bits of a segment, which our reservation guarantees exist
-    /// (every reservation is backed by a set bit no other reservation claims).
+    /// (every reservation is backed by a set bit no other reservation claims),
+    /// and give each page won refcount 1. The scan starts at the segment's
+    /// hint and wraps round, so it covers every word whatever the hint says.
     fn claim_bits(&self, seg: u32, segment: &Segment, k: usize, out: &mut Vec<u32>) {
         let base = seg * self.pages_per_segment;
+        let words = segment.bits.len();
         let mut need = k;
         loop {
-            for (wi, word) in segment.bits.iter().enumerate() {
+            let hint = segment.head.scan.load(Ordering::Relaxed) as usize;
+            let first = if hint < words { hint } else { 0 };
+            for wi in (first..words).chain(0..first) {
+                let word = &segment.bits[wi];
                 let mut cur = word.load(Ordering::Relaxed);
                 while cur != 0 && need > 0 {
                     let mask = lowest_bits(cur, need);
@@ -434,13 +471,22 @@ impl SegmentAllocator {
                     let prev = word.fetch_and(!mask, Ordering::Acquire);
                     let mut got = prev & mask;
                     need -= got.count_ones() as usize;
+                    let page0 = wi * 64;
                     while got != 0 {
-                        out.push(base + (wi as u32) * 64 + got.trailing_zeros());
+                        let page = page0 + got.trailing_zeros() as usize;
+                        // Relaxed: the ids reach other threads only through
+                        // the caller's own synchronisation.
+                        segment.refcounts[page].store(1, Ordering::Relaxed);
+                        out.push(base + page as u32);
                         got &= got - 1;
                     }
                     cur = prev & !mask;
                 }
                 if need == 0 {
+                    // Every word scanned before this one is empty (as far as
+                    // we saw); this one too unless it kept bits.
+                    let next = if cur == 0 { wi + 1 } else { wi };
+                    segment.head.scan.store(next as u32, Ordering::Relaxed);
                     return;
                 }
             }
@@ -449,11 +495,31 @@ impl SegmentAllocator {
         }
     }
 
+    /// Undo a partial claim: drop the reference `claim_bits` gave each page
+    /// and publish those that reach 0. Nobody else should have seen these
+    /// ids; should a misbehaving caller have released one meanwhile (it is
+    /// at 0 and published) it is skipped, and should one have retained it,
+    /// it stays referenced, so the structures stay consistent even then.
+    #[cold]
+    fn give_back(&self, ids: &[u32]) {
+        let mut r = Resolver::new(self);
+        let mut zeroed: Vec<u32> = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if let Ok((_, s, p)) = r.page(i64::from(id)) {
+                if decrement(&s.refcounts[p]) == Some(1) {
+                    zeroed.push(id);
+                }
+            }
+        }
+        self.publish(&zeroed);
+    }
+
     /// Make distinct pages with refcount 0 and clear bits allocatable: set
     /// their bits (one `fetch_or` per run of ids in one bitmap word), then add
     /// them to their segments' free counts (one `fetch_add` per run of ids in
     /// one segment). Bits before counts keeps `free <= set bits`.
     fn publish(&self, ids: &[u32]) {
+        let pps = self.pages_per_segment;
         let mut i = 0;
         while i < ids.len() {
             let (seg, _) = self.split(ids[i]);
@@ -461,18 +527,22 @@ impl SegmentAllocator {
                 i += 1;
                 continue;
             };
+            // Page ids are below 2^31, so `base + pps` fits a u32; an id
+            // outside this segment gives an offset `>= pps` (it wraps below).
+            let base = seg * pps;
             let mut count = 0u32;
+            let mut lowest_word = u32::MAX;
             while i < ids.len() {
-                let (s, page) = self.split(ids[i]);
-                if s != seg {
+                let page = ids[i].wrapping_sub(base);
+                if page >= pps {
                     break;
                 }
                 let word = page / 64;
                 let mut mask = 1u64 << (page % 64);
                 i += 1;
                 while i < ids.len() {
-                    let (s, p) = self.split(ids[i]);
-                    if s != seg || p / 64 != word {
+                    let p = ids[i].wrapping_sub(base);
+                    if p >= pps || p / 64 != word {
                         break;
                     }
                     mask |= 1 << (p % 64);
@@ -482,9 +552,16 @@ impl SegmentAllocator {
                 // (pairs with the Acquire `fetch_and` in `claim_bits`).
                 segment.bits[word as usize].fetch_or(mask, Ordering::Release);
                 count += mask.count_ones();
+                lowest_word = lowest_word.min(word);
+            }
+            // Lower the scan hint to the lowest word given bits (a hint: see
+            // `Head::scan`). Before the count, so an allocator whose
+            // reservation sees the count sees the hint too.
+            if lowest_word < segment.head.scan.load(Ordering::Relaxed) {
+                segment.head.scan.fetch_min(lowest_word, Ordering::Relaxed);
             }
             // Release: pairs with the Acquire CAS in `reserve`.
-            let prev = segment.free.fetch_add(count, Ordering::Release);
+            let prev = segment.head.free.fetch_add(count, Ordering::Release);
             if prev == 0 {
                 self.mark_nonfull(seg);
             }
@@ -494,33 +571,47 @@ impl SegmentAllocator {
     // ----- refcounts -----------------------------------------------------------
 
     /// Check, without writing, that every id names a referenced page; a page
-    /// with refcount 0 of a live segment is reported by `on_free`.
+    /// with refcount 0 of a live segment is reported by `on_free`. Returns
+    /// whether the ids strictly increase (then no id repeats). Resolves the
+    /// segment once per run of ids in one segment.
     fn validate_referenced(
         r: &mut Resolver<'_>,
         ids: &[i64],
         on_free: fn(i64) -> CoreError,
-    ) -> Result<()> {
-        for &id in ids {
-            let (seg, segment, page) = r.page(id)?;
-            if segment.refcounts[page].load(Ordering::Relaxed) == 0 {
-                // A retired segment has every refcount at 0.
-                return Err(if segment.free.load(Ordering::Acquire) == CLOSED {
-                    not_live(id, seg)
-                } else {
-                    on_free(id)
-                });
+    ) -> Result<bool> {
+        let mut increasing = true;
+        let mut i = 0;
+        while let Some(&id0) = ids.get(i) {
+            let (seg, segment, first) = r.segment_of(id0)?;
+            while let Some(&id) = ids.get(i) {
+                let Some(rc) = refcount_in(segment, first, id) else {
+                    break;
+                };
+                if rc.load(Ordering::Relaxed) == 0 {
+                    // A retired segment has every refcount at 0.
+                    return Err(if segment.head.free.load(Ordering::Acquire) == CLOSED {
+                        not_live(id, seg)
+                    } else {
+                        on_free(id)
+                    });
+                }
+                if i > 0 && ids[i - 1] >= id {
+                    increasing = false;
+                }
+                i += 1;
             }
         }
-        Ok(())
+        Ok(increasing)
     }
 
     /// A page listed `k` times in one release needs refcount `>= k`. Checked
     /// before any write, so every error a caller could have seen coming
     /// leaves the state as it was: a caller that gets an error still holds
     /// every reference it held. Free for the common strictly increasing batch
-    /// (ids as `alloc` returns them); otherwise one sort of a copy.
-    fn validate_multiplicity(r: &mut Resolver<'_>, ids: &[i64]) -> Result<()> {
-        if ids.windows(2).all(|w| w[0] < w[1]) {
+    /// (ids as `alloc` returns them; `increasing` says so, from
+    /// `validate_referenced`); otherwise one sort of a copy.
+    fn validate_multiplicity(r: &mut Resolver<'_>, ids: &[i64], increasing: bool) -> Result<()> {
+        if increasing {
             return Ok(());
         }
         let mut sorted: SmallVec<[i64; 32]> = SmallVec::from_slice(ids);
@@ -588,10 +679,10 @@ impl SegmentAllocator {
     /// operation whose last step is the release.
     pub fn check_release(&self, ids: &[i64]) -> Result<()> {
         let mut r = Resolver::new(self);
-        Self::validate_referenced(&mut r, ids, |page_id| CoreError::DoubleFree {
+        let increasing = Self::validate_referenced(&mut r, ids, |page_id| CoreError::DoubleFree {
             page_id: page_id as u32,
         })?;
-        Self::validate_multiplicity(&mut r, ids)
+        Self::validate_multiplicity(&mut r, ids, increasing)
     }
 
     /// Drop one reference from each page (duplicates drop one each); a page
@@ -599,10 +690,10 @@ impl SegmentAllocator {
     /// invalid or would go below 0, nothing changes.
     pub fn release(&self, ids: &[i64]) -> Result<()> {
         let mut r = Resolver::new(self);
-        Self::validate_referenced(&mut r, ids, |page_id| CoreError::DoubleFree {
+        let increasing = Self::validate_referenced(&mut r, ids, |page_id| CoreError::DoubleFree {
             page_id: page_id as u32,
         })?;
-        Self::validate_multiplicity(&mut r, ids)?;
+        Self::validate_multiplicity(&mut r, ids, increasing)?;
         self.release_validated(&mut r, ids)
     }
 
@@ -619,6 +710,7 @@ impl SegmentAllocator {
     /// Drop one reference to each page of `ids` (validated by the caller),
     /// then publish the pages that reached 0. A page already at 0 (another
     /// thread released it meanwhile) undoes every decrement of this call.
+    /// Resolves the segment once per run of ids in one segment.
     fn release_validated<P: Copy + Into<i64>>(
         &self,
         r: &mut Resolver<'_>,
@@ -626,45 +718,61 @@ impl SegmentAllocator {
     ) -> Result<()> {
         // Phase A: decrement. A page that reaches 0 keeps its bit clear, so no
         // allocator can take it before phase B; that makes undo safe.
-        let mut zeroed: SmallVec<[u32; 32]> = SmallVec::new();
-        for (i, &id) in ids.iter().enumerate() {
-            let id: i64 = id.into();
-            let prev = r
-                .page(id)
-                .ok()
-                .and_then(|(_, s, p)| decrement(&s.refcounts[p]));
-            match prev {
-                Some(1) => zeroed.push(id as u32),
-                Some(_) => {}
-                None => {
-                    // Only reachable when another thread releases the same
-                    // pages at once (validation caught every other case):
-                    // restore what we decremented. Another holder may have
-                    // taken one of those pages to 0 and published it
-                    // meanwhile; never resurrect such a page (refuse 0), so
-                    // the structures stay consistent even then.
-                    // Pages we took to 0 are unpublished, so they are ours
-                    // to restore from 0 (once each); only the other
-                    // decrements need the guard.
-                    for &done in &ids[..i] {
-                        let done: i64 = done.into();
-                        if let Ok((_, s, p)) = r.page(done) {
-                            let rc = &s.refcounts[p];
-                            if let Some(k) = zeroed.iter().position(|&z| i64::from(z) == done) {
-                                zeroed.swap_remove(k);
-                                rc.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                let _ = Self::increment(rc, done);
-                            }
-                        }
-                    }
-                    return Err(CoreError::DoubleFree { page_id: id as u32 });
+        let mut zeroed: SmallVec<[u32; 32]> = SmallVec::with_capacity(ids.len());
+        let mut i = 0;
+        while let Some(&id0) = ids.get(i) {
+            let id0: i64 = id0.into();
+            let Ok((_, segment, first)) = r.segment_of(id0) else {
+                return Err(self.undo_release(r, &ids[..i], zeroed, id0));
+            };
+            while let Some(&id) = ids.get(i) {
+                let id: i64 = id.into();
+                let Some(rc) = refcount_in(segment, first, id) else {
+                    break;
+                };
+                match decrement(rc) {
+                    Some(1) => zeroed.push(id as u32),
+                    Some(_) => {}
+                    None => return Err(self.undo_release(r, &ids[..i], zeroed, id)),
                 }
+                i += 1;
             }
         }
         // Phase B: publish the freed pages.
         self.publish(&zeroed);
         Ok(())
+    }
+
+    /// Restore the decrements of a release that met `failed`, a page at 0.
+    /// Only reachable when another thread releases the same pages at once
+    /// (validation caught every other case). Another holder may have taken
+    /// one of those pages to 0 and published it meanwhile; never resurrect
+    /// such a page (refuse 0), so the structures stay consistent even then.
+    /// Pages we took to 0 (`zeroed`) are unpublished, so they are ours to
+    /// restore from 0 (once each); only the other decrements need the guard.
+    #[cold]
+    fn undo_release<P: Copy + Into<i64>>(
+        &self,
+        r: &mut Resolver<'_>,
+        done: &[P],
+        mut zeroed: SmallVec<[u32; 32]>,
+        failed: i64,
+    ) -> CoreError {
+        for &id in done {
+            let id: i64 = id.into();
+            if let Ok((_, s, p)) = r.page(id) {
+                let rc = &s.refcounts[p];
+                if let Some(k) = zeroed.iter().position(|&z| i64::from(z) == id) {
+                    zeroed.swap_remove(k);
+                    rc.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let _ = Self::increment(rc, id);
+                }
+            }
+        }
+        CoreError::DoubleFree {
+            page_id: failed as u32,
+        }
     }
 
     /// Drop references taken by a `retain` that failed part-way.
@@ -803,9 +911,12 @@ impl SegmentAllocator {
             return Err(CoreError::Malformed(format!("segment slot {id} missing")));
         };
         st.reserved.remove(&id);
+        // Every page is free: scan from the first word.
+        segment.head.scan.store(0, Ordering::Relaxed);
         // Release: pairs with the Acquire loads in `reserve` and `live_page`;
         // the slot's all-set bits and zero refcounts are visible to them.
         segment
+            .head
             .free
             .store(self.pages_per_segment, Ordering::Release);
         self.mark_nonfull(id);
@@ -866,7 +977,7 @@ impl SegmentAllocator {
         };
         // AcqRel: only a segment with every page free and unreserved closes;
         // Acquire pairs with the releases' Release increments.
-        if let Err(cur) = segment.free.compare_exchange(
+        if let Err(cur) = segment.head.free.compare_exchange(
             self.pages_per_segment,
             CLOSED,
             Ordering::AcqRel,
@@ -891,7 +1002,7 @@ impl SegmentAllocator {
         (0..hw)
             .filter(|&s| {
                 self.segment(s)
-                    .is_some_and(|seg| seg.free.load(Ordering::Acquire) != CLOSED)
+                    .is_some_and(|seg| seg.head.free.load(Ordering::Acquire) != CLOSED)
             })
             .collect()
     }
@@ -899,7 +1010,7 @@ impl SegmentAllocator {
     /// Whether `segment_id` is live.
     pub fn is_live(&self, segment_id: u32) -> bool {
         self.segment(segment_id)
-            .is_some_and(|s| s.free.load(Ordering::Acquire) != CLOSED)
+            .is_some_and(|s| s.head.free.load(Ordering::Acquire) != CLOSED)
     }
 
     /// `(segment id, referenced pages)` for each live segment, ascending. A
@@ -908,7 +1019,7 @@ impl SegmentAllocator {
         let hw = self.high_water.load(Ordering::Acquire);
         (0..hw)
             .filter_map(|s| {
-                let f = self.segment(s)?.free.load(Ordering::Acquire);
+                let f = self.segment(s)?.head.free.load(Ordering::Acquire);
                 (f != CLOSED).then(|| (s, self.pages_per_segment - f))
             })
             .collect()
@@ -930,7 +1041,7 @@ impl SegmentAllocator {
                 let bit = summary.trailing_zeros();
                 summary &= summary - 1;
                 if let Some(segment) = self.segment(c * CHUNK + bit) {
-                    let f = segment.free.load(Ordering::Acquire);
+                    let f = segment.head.free.load(Ordering::Acquire);
                     if f != CLOSED {
                         free += u64::from(f);
                     }
@@ -978,7 +1089,7 @@ impl SegmentAllocator {
             let Some(seg) = self.segment(s) else {
                 return bad(format!("segment slot {s} below high water {hw} missing"));
             };
-            let free = seg.free.load(Ordering::Acquire);
+            let free = seg.head.free.load(Ordering::Acquire);
             let retired = st.retired.contains(&s);
             let reserved = st.reserved.contains(&s);
             if retired && reserved {
@@ -1092,6 +1203,58 @@ mod tests {
         ));
         assert_eq!(a.refcount(&ids(&p)).expect("live"), vec![0, 0, 1]);
         a.check_invariants().expect("consistent");
+    }
+
+    #[test]
+    fn scan_hint_is_only_a_hint() -> Result<()> {
+        let a = SegmentAllocator::new(1, 200)?;
+        let s = a.add_segment()?;
+        let all = a.alloc(200)?;
+        let seg = a.segment(s).ok_or(CoreError::Malformed("slot".into()))?;
+        // A claim leaves the hint past the words it emptied.
+        assert_eq!(seg.head.scan.load(Ordering::Relaxed), 4);
+        // A release lowers it to the lowest word it gave bits to.
+        a.release_held(&[3, 130, 131])?;
+        assert_eq!(seg.head.scan.load(Ordering::Relaxed), 0);
+        assert_eq!(a.alloc(1)?, vec![3]);
+        // Word 0 is empty again; the claim stopped there, so the next scan
+        // starts at word 1 (empty too: a hint need not be tight).
+        assert_eq!(seg.head.scan.load(Ordering::Relaxed), 1);
+        // Too high (as racing calls can leave it), or past the end: the scan
+        // wraps round and still finds every free page.
+        a.release_held(&[5, 70])?;
+        for stale in [3, u32::MAX] {
+            seg.head.scan.store(stale, Ordering::Relaxed);
+            let got = a.alloc(4)?;
+            let mut sorted = got.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, vec![5, 70, 130, 131]);
+            a.check_invariants()?;
+            a.release_held(&got)?;
+        }
+        let held: Vec<u32> = all
+            .into_iter()
+            .filter(|p| ![5, 70, 130, 131].contains(p))
+            .collect();
+        a.release(&ids(&held))?;
+        assert_eq!(a.free_pages(), 200);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn failed_alloc_leaves_claimed_pages_free() -> Result<()> {
+        let a = SegmentAllocator::new(1, 100)?;
+        a.add_segment()?;
+        a.add_segment()?;
+        let held = a.alloc(150)?;
+        // Claims the 50 free pages, sets their refcounts, then gives them back.
+        assert!(matches!(a.alloc(51), Err(CoreError::OutOfPages { .. })));
+        let rest: Vec<i64> = (150..200).collect();
+        assert_eq!(a.refcount(&rest)?, vec![0; 50]);
+        a.check_invariants()?;
+        assert_eq!(a.alloc(50)?, (150..200).collect::<Vec<u32>>());
+        a.release_held(&held)?;
+        a.check_invariants()
     }
 
     #[test]
@@ -1289,9 +1452,9 @@ mod tests {
             return Err(CoreError::Malformed("slot missing".into()));
         };
         // Opened behind the bookkeeping's back: still listed as reserved.
-        seg.free.store(4, Ordering::Release);
+        seg.head.free.store(4, Ordering::Release);
         assert!(matches!(a.check_invariants(), Err(CoreError::Malformed(_))));
-        seg.free.store(CLOSED, Ordering::Release);
+        seg.head.free.store(CLOSED, Ordering::Release);
         // A reserved segment must have every page free.
         seg.bits[0].fetch_and(!1, Ordering::AcqRel);
         seg.refcounts[0].store(1, Ordering::Release);
