@@ -369,3 +369,23 @@ def test_once_the_budget_is_spent_extend_evicts_in_the_same_call() -> None:
     s = pool.stats()
     assert (s["evicted_pages"], s["segments"]) == (8, 2)
     cache.check_invariants()
+
+
+def test_finish_with_tokens_keeps_the_cached_prefix() -> None:
+    _pool, cache = make(page_size=2)
+    a = cache.begin([1, 2, 3, 4, 5], leave_last=False)
+    cache.extend(a, a.uncached)
+    cache.finish(a)
+    b = cache.begin([1, 2, 3, 4, 9], leave_last=False)
+    assert b.cached_len == 4
+    cache.extend(b, [0, 0, 0])  # placeholders for what is sampled later
+    before = (b.tokens.tolist(), b.page_ids.tolist(), b.state)
+    with pytest.raises(InvalidArgument, match="token 2 is 7 but the request's cached prefix"):
+        cache.finish(b, tokens=[1, 2, 7, 4, 9, 8, 6])
+    assert (b.tokens.tolist(), b.page_ids.tolist(), b.state) == before
+    cache.finish(b, tokens=[1, 2, 3, 4, 9, 8, 6])
+    assert b.state == "finished" and b.tokens.tolist() == [1, 2, 3, 4, 9, 8, 6]
+    c = cache.begin([1, 2, 3, 4, 9, 8, 6], leave_last=False)
+    assert c.cached_len == 6  # the replaced tokens were cached
+    cache.abort(c)
+    cache.check_invariants(exclusive=True)

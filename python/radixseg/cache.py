@@ -7,6 +7,10 @@ An engine calls, per request::
     ...                                   # decode: extend(req, [token]) per step
     cache.finish(req)                     # cache its pages for later requests
 
+and per decode step of a batch, ``cache.extend_each(reqs, next_tokens)`` (one
+token per request, one core call) and ``cache.page_table(reqs)`` (FlashInfer's
+CSR, one core call).
+
 Page references: a request holds a lock on the node that ends its matched
 prefix, which keeps the matched pages cached (no per-page references, so
 ``begin`` costs the same for a 10-token and a 10M-token prefix), and one
@@ -15,6 +19,14 @@ request's whole pages into the tree (the tree takes its own reference to pages
 it did not already cache), unlocks, and drops the request's references:
 duplicates of already-cached pages and the partially filled last page go back
 to the allocator. ``abort`` does the same without inserting.
+
+Speed: each of these calls is one call into the Rust core, which validates
+its input in the pass that uses it. The request's state lives there, and it
+keeps no copy of the matched prefix's tokens (they are on the locked path), so
+``finish`` compares only the tokens past the prefix. Once the pool's fixed
+budget is spent, ``extend`` evicts for its shortfall inside the same call.
+``python benchmarks/bench_radix.py`` times this path beside the raw tree and
+SGLang's trees; ``benchmarks/bench_request_path.py`` per call.
 """
 
 from __future__ import annotations
@@ -255,7 +267,9 @@ class PrefixCache(Uncopyable):
 
         ``tokens`` (``[seq_len]`` ints, optional) replaces the tokens the
         request was extended with, for callers that extend with placeholders
-        before the sampled tokens are known. A request ends exactly once: a
+        before the sampled tokens are known; its first ``cached_len`` must be
+        the reused prefix (the cached KV is that prefix's), else
+        :class:`InvalidArgument`. A request ends exactly once: a
         second ``finish`` or ``abort`` raises :class:`InvalidArgument` and
         changes nothing, whatever thread or copy calls it.
         """
