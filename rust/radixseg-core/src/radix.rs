@@ -11,6 +11,9 @@
 //! Eviction is least-recently-used over unlocked leaves through a lazily
 //! pruned binary heap. Every call validates its input before it changes
 //! anything, so an error leaves the tree (and the allocator) as it was.
+//! The `_u32` calls read `int32` arrays in place (their bits as `u32`) and
+//! validate in the same walk that compares: the matched tokens equal the
+//! tree's, which are valid, so only the rest are checked.
 //! `RADIX.md` beside this crate explains the layout and its costs.
 
 use crate::allocator::SegmentAllocator;
@@ -40,8 +43,11 @@ const MIN_COMPACT_PAGES: usize = 4096;
 const MIN_ARENA_GROWTH: usize = 256;
 /// Node arena growth headroom: at least this many slots, else 1/8.
 const MIN_NODE_GROWTH: usize = 64;
-/// Tokens compared per `memcmp` before locating the first mismatch.
-const COMPARE_CHUNK: usize = 64;
+/// Tokens compared per `memcmp` (vectorized by the C library) while the
+/// keys agree, then per smaller `memcmp` inside the chunk that differs,
+/// before locating the first mismatch one token at a time. Long chunks pay
+/// the call once per 2 KiB; the short ones bound the search in the last.
+const COMPARE_CHUNKS: [usize; 2] = [512, 32];
 
 // ----- public types ------------------------------------------------------------
 
@@ -206,6 +212,10 @@ struct Path {
     /// Pages matched of the last node when fewer than all of it (it is
     /// split there when the path is applied).
     split: Option<u32>,
+    /// The caller's page ids along the matched prefix that are not the
+    /// tree's own pages there, when the walk was given ids (as `insert`
+    /// must check them: each must be referenced).
+    foreign: Vec<i64>,
 }
 
 /// Hash state for the tree's tables: a per-tree random seed and a 64-bit
@@ -255,13 +265,15 @@ fn mix64(mut x: u64) -> u64 {
 }
 
 /// Index of the first position where `a` and `b` differ (or the shorter
-/// length). Whole chunks go through `memcmp`.
+/// length). Whole chunks go through `memcmp` (see `COMPARE_CHUNKS`).
 #[inline]
 fn first_mismatch(a: &[u32], b: &[u32]) -> usize {
     let n = a.len().min(b.len());
     let mut i = 0;
-    while i + COMPARE_CHUNK <= n && a[i..i + COMPARE_CHUNK] == b[i..i + COMPARE_CHUNK] {
-        i += COMPARE_CHUNK;
+    for chunk in COMPARE_CHUNKS {
+        while i + chunk <= n && a[i..i + chunk] == b[i..i + chunk] {
+            i += chunk;
+        }
     }
     while i < n && a[i] == b[i] {
         i += 1;
@@ -395,20 +407,42 @@ impl RadixTree {
     where
         T: Copy + Into<i64>,
     {
-        let toks = self.whole_page_tokens(tokens)?;
-        self.match_whole(&toks, namespace)
+        let toks = tokens_u32(tokens)?;
+        let whole = toks.len() / self.page_size * self.page_size;
+        self.match_whole(&toks[..whole], namespace)
+    }
+
+    /// [`match_prefix`](Self::match_prefix) of tokens given as the bits of
+    /// an `int32` array (read in place: no copy). A value of 2^31 or more is
+    /// a negative `int32`, refused as [`CoreError::InvalidToken`] with that
+    /// negative value, as the same array given as `int64` would be. One pass
+    /// over the tokens: the matched ones are compared with the tree's (which
+    /// are valid, so equal ones are too), only the rest are checked.
+    pub fn match_prefix_u32(&mut self, tokens: &[u32], namespace: u64) -> Result<MatchResult> {
+        let path = self.locate::<u32>(tokens, namespace, None)?;
+        self.match_path(&path, namespace)
     }
 
     /// [`match_prefix`](Self::match_prefix) of tokens already validated and
     /// cut to whole pages.
     pub(crate) fn match_whole(&mut self, toks: &[u32], namespace: u64) -> Result<MatchResult> {
         debug_assert_eq!(toks.len() % self.page_size, 0);
+        let path = match self.roots.get(&namespace) {
+            Some(&root) => self.walk::<u32>(root, toks, None),
+            None => Path::default(),
+        };
+        self.match_path(&path, namespace)
+    }
+
+    /// Make `path` (found in `namespace`, the tree unchanged since) the
+    /// match's: the matched page ids, refreshed and split as `apply` does.
+    fn match_path(&mut self, path: &Path, namespace: u64) -> Result<MatchResult> {
         // A root and a split may be needed.
         self.ensure_slots(2)?;
         let t = self.tick();
         let root = self.root_for(namespace, t);
-        let mut page_ids = Vec::new();
-        let walk = self.descend(root, toks, t, Some(&mut page_ids));
+        let page_ids = self.path_page_ids(path);
+        let walk = self.apply(root, path, t);
         self.refresh(walk.last);
         Ok(MatchResult {
             length: walk.pages * self.page_size,
@@ -439,26 +473,54 @@ impl RadixTree {
         T: Copy + Into<i64>,
         P: Copy + Into<i64>,
     {
-        let n_pages = tokens.len() / self.page_size;
-        check_page_count(page_ids.len(), n_pages)?;
-        let toks = self.whole_page_tokens(tokens)?;
+        check_page_count(page_ids.len(), tokens.len() / self.page_size)?;
+        let toks = tokens_u32(tokens)?;
         let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
-        self.insert_adopting(&toks, &ids, namespace, usize::MAX)
+        self.insert_in(&toks, &ids, namespace)
     }
 
-    /// [`insert`](Self::insert), except that each newly cached page at
+    /// [`insert`](Self::insert) of tokens and page ids given as the bits of
+    /// `int32` arrays (read in place: no copy), refused as the same arrays
+    /// given as `int64` would be (see
+    /// [`match_prefix_u32`](Self::match_prefix_u32)).
+    pub fn insert_u32(
+        &mut self,
+        tokens: &[u32],
+        page_ids: &[u32],
+        namespace: u64,
+    ) -> Result<usize> {
+        check_page_count(page_ids.len(), tokens.len() / self.page_size)?;
+        self.insert_in(tokens, page_ids, namespace)
+    }
+
+    /// [`insert`](Self::insert) of counted ids: one walk validates the
+    /// tokens past the cached prefix and compares the ids along it.
+    fn insert_in<P: PageArg>(
+        &mut self,
+        tokens: &[u32],
+        ids: &[P],
+        namespace: u64,
+    ) -> Result<usize> {
+        let whole = ids.len() * self.page_size;
+        let path = self.locate(tokens, namespace, Some(ids))?;
+        self.insert_path(&tokens[..whole], ids, namespace, usize::MAX, path)
+    }
+
+    /// [`insert`](Self::insert) along `path` (what [`locate`](Self::locate)
+    /// found for `toks`, whole validated pages, and `ids`, one per page,
+    /// the tree unchanged since), except that each newly cached page at
     /// position `adopt_from` or later keeps the caller's reference, handed
     /// over to the tree, instead of taking one of its own: what
     /// [`finish`](Self::finish) does for the request's fresh pages, whose
     /// reference it would otherwise retain and release at once. The caller
     /// has validated those ids as referenced and releases only the rest.
-    /// `toks` are validated whole pages, `ids` one per page.
-    fn insert_adopting(
+    fn insert_path<P: PageArg>(
         &mut self,
         toks: &[u32],
-        ids: &[i64],
+        ids: &[P],
         namespace: u64,
         adopt_from: usize,
+        path: Path,
     ) -> Result<usize> {
         let ps = self.page_size;
         let n_pages = ids.len();
@@ -466,20 +528,10 @@ impl RadixTree {
         if n_pages == 0 {
             return Ok(0);
         }
-        // One walk down the tree, changing nothing yet, finds the cached
-        // prefix; the caller's ids there that are not the tree's own pages
-        // (those are referenced by the tree) must be referenced.
-        let path = match self.roots.get(&namespace) {
-            Some(&root) => self.walk(root, toks),
-            None => Path::default(),
-        };
-        let mut foreign = Vec::new();
-        self.path_pages(&path, |i, p| {
-            if ids[i] != i64::from(p) {
-                foreign.push(ids[i]);
-            }
-        });
-        self.check_referenced(&foreign)?;
+        // The caller's ids along the cached prefix that are not the tree's
+        // own pages there (those are referenced by the tree) must be
+        // referenced.
+        self.check_referenced(&path.foreign)?;
         let cached = path.pages;
         let fresh = n_pages - cached;
         // Root, split and new leaf at most.
@@ -489,7 +541,7 @@ impl RadixTree {
             // Validates the new pages and takes the tree's references, all or
             // none; the last call that can fail. Adopted pages keep theirs.
             let adopted = adopt_from.clamp(cached, n_pages);
-            self.allocator.retain(&ids[cached..adopted])?;
+            self.allocator.retain(&values(&ids[cached..adopted]))?;
         }
         let t = self.tick();
         let root = self.root_for(namespace, t);
@@ -522,6 +574,14 @@ impl RadixTree {
         Ok(m)
     }
 
+    /// [`acquire`](Self::acquire) of tokens given as the bits of an `int32`
+    /// array (see [`match_prefix_u32`](Self::match_prefix_u32)).
+    pub fn acquire_u32(&mut self, tokens: &[u32], namespace: u64) -> Result<MatchResult> {
+        let m = self.match_prefix_u32(tokens, namespace)?;
+        self.lock(m.node)?;
+        Ok(m)
+    }
+
     /// End a request started by [`acquire`](Self::acquire): optionally
     /// [`insert`](Self::insert) its whole pages (`cache`), then unlock `node`
     /// (when given) and release the caller's reference to each page in
@@ -546,14 +606,44 @@ impl RadixTree {
         T: Copy + Into<i64>,
         P: Copy + Into<i64>,
     {
-        let ps = self.page_size;
-        let expected = tokens.len().div_ceil(ps);
-        if page_ids.len() != expected {
+        self.check_finish_lengths(tokens.len(), page_ids.len(), owned_from)?;
+        let toks = tokens_u32(tokens)?;
+        let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
+        self.finish_in(&toks, &ids, namespace, node, cache, owned_from)
+    }
+
+    /// [`finish`](Self::finish) of tokens and page ids given as the bits of
+    /// `int32` arrays (read in place: no copy), refused as the same arrays
+    /// given as `int64` would be (see
+    /// [`match_prefix_u32`](Self::match_prefix_u32)).
+    pub fn finish_u32(
+        &mut self,
+        tokens: &[u32],
+        page_ids: &[u32],
+        namespace: u64,
+        node: Option<NodeId>,
+        cache: bool,
+        owned_from: usize,
+    ) -> Result<usize> {
+        self.check_finish_lengths(tokens.len(), page_ids.len(), owned_from)?;
+        self.finish_in(tokens, page_ids, namespace, node, cache, owned_from)
+    }
+
+    /// `finish` takes one page id per page of tokens, the partial last page
+    /// included, and at most that many matched pages.
+    fn check_finish_lengths(
+        &self,
+        tokens: usize,
+        page_ids: usize,
+        owned_from: usize,
+    ) -> Result<()> {
+        let expected = tokens.div_ceil(self.page_size);
+        if page_ids != expected {
             return Err(CoreError::LengthMismatch {
                 what: "finish: page_ids must hold one id per page of tokens, \
                        a trailing partial page included (ceil(tokens.len() / page_size))",
                 expected: expected as u64,
-                actual: page_ids.len() as u64,
+                actual: page_ids as u64,
             });
         }
         if owned_from > expected {
@@ -563,26 +653,52 @@ impl RadixTree {
                 actual: owned_from as u64,
             });
         }
+        Ok(())
+    }
+
+    /// [`finish`](Self::finish) of counted ids (`check_finish_lengths`).
+    fn finish_in<P: PageArg>(
+        &mut self,
+        tokens: &[u32],
+        ids: &[P],
+        namespace: u64,
+        node: Option<NodeId>,
+        cache: bool,
+        owned_from: usize,
+    ) -> Result<usize> {
+        let ps = self.page_size;
+        let full = tokens.len() / ps;
         // Every token, the partial last page included, even when nothing is
         // cached: the same tokens must be valid wherever they are passed.
-        let toks = tokens_u32(tokens)?;
-        let ids: Vec<i64> = page_ids.iter().map(|&p| p.into()).collect();
+        // With `cache`, one walk compares the cached prefix (tokens and ids)
+        // and validates the rest.
+        let path = if cache {
+            self.locate(tokens, namespace, Some(&ids[..full]))?
+        } else {
+            check_token_bits(tokens, 0)?;
+            Path::default()
+        };
         if let Some(node) = node {
             let idx = self.resolve(node)?;
             if self.nodes[idx as usize].own == 0 {
                 return Err(CoreError::UnbalancedUnlock { node: idx });
             }
         }
-        let owned = &ids[owned_from..];
-        self.allocator.check_release(owned)?;
-        let full = tokens.len() / ps;
+        // The caller's pages, converted once for the check and the release.
+        let owned = values(&ids[owned_from..]);
+        self.allocator.check_release(&owned)?;
         // The insert retains, never releases, so the release stays valid.
         // The request's own pages that the tree caches anew (positions
         // `adopted`) pass the request's reference to the tree: no retain
         // now and release below, which would leave every refcount as it is.
         let (cached, adopted) = if cache {
-            let c =
-                self.insert_adopting(&toks[..full * ps], &ids[..full], namespace, owned_from)?;
+            let c = self.insert_path(
+                &tokens[..full * ps],
+                &ids[..full],
+                namespace,
+                owned_from,
+                path,
+            )?;
             (c, (c / ps).max(owned_from).min(full)..full)
         } else {
             (0, full..full)
@@ -591,11 +707,17 @@ impl RadixTree {
             self.unlock(node)?;
         }
         // Duplicates of cached pages and the partial last page.
-        let rest: Vec<i64> = ids[owned_from..adopted.start.max(owned_from)]
-            .iter()
-            .chain(&ids[adopted.end.max(owned_from)..])
-            .copied()
-            .collect();
+        let (a, b) = (adopted.start.max(owned_from), adopted.end.max(owned_from));
+        let rest: Vec<i64> = if a == b {
+            owned
+        } else {
+            let o = owned_from;
+            owned[..a - o]
+                .iter()
+                .chain(&owned[b - o..])
+                .copied()
+                .collect()
+        };
         self.allocator.release(&rest)?;
         Ok(cached)
     }
@@ -637,7 +759,7 @@ impl RadixTree {
                 up = self.nodes[up as usize].parent;
             }
             let new = &tail[..(full - owned_from) * ps];
-            let path = self.walk(idx, new);
+            let path = self.walk::<u32>(idx, new, None);
             let walk = self.apply(idx, &path, t);
             let cached = owned_from + walk.pages;
             if cached < full {
@@ -977,16 +1099,6 @@ impl RadixTree {
 
     // ----- input ------------------------------------------------------------------
 
-    /// Validate every token and return the whole-page prefix as `u32`s.
-    fn whole_page_tokens<T: Copy + Into<i64>>(&self, tokens: &[T]) -> Result<Vec<u32>> {
-        let n = tokens.len() / self.page_size * self.page_size;
-        let toks = tokens_u32(&tokens[..n])?;
-        if check_tokens(&tokens[n..]).is_err() {
-            check_tokens(tokens)?; // the same error, indexed from the start
-        }
-        Ok(toks)
-    }
-
     /// Every id must name a referenced page.
     fn check_referenced(&self, ids: &[i64]) -> Result<()> {
         if ids.is_empty() {
@@ -1276,9 +1388,34 @@ impl RadixTree {
 
     // ----- walking ------------------------------------------------------------------------
 
+    /// Walk down `namespace`'s tree along `tokens` (the bits of `int32`s, a
+    /// trailing partial page included), changing nothing, and validate the
+    /// tokens past the matched prefix: the matched ones equal the tree's,
+    /// which are valid, so each token is read once, compared or checked.
+    /// With `ids` (one per whole page), the walk also collects the caller's
+    /// ids along the prefix that are not the tree's pages there.
+    fn locate<P: PageArg>(
+        &self,
+        tokens: &[u32],
+        namespace: u64,
+        ids: Option<&[P]>,
+    ) -> Result<Path> {
+        let ps = self.page_size;
+        let whole = tokens.len() / ps * ps;
+        let path = match self.roots.get(&namespace) {
+            Some(&root) => self.walk(root, &tokens[..whole], ids),
+            None => Path::default(),
+        };
+        let from = path.pages * ps;
+        check_token_bits(&tokens[from..], from)?;
+        Ok(path)
+    }
+
     /// Walk down from `root` along `toks` (whole pages), changing nothing:
-    /// which nodes match, and how far. One comparison pass over the tokens.
-    fn walk(&self, root: u32, toks: &[u32]) -> Path {
+    /// which nodes match, and how far. One comparison pass over the tokens;
+    /// with `ids` (one per page), one over the ids of the matched pages in
+    /// the same loop, collecting those that are not the tree's.
+    fn walk<P: PageArg>(&self, root: u32, toks: &[u32], ids: Option<&[P]>) -> Path {
         let ps = self.page_size;
         let total = toks.len() / ps;
         let (mut node, mut pos) = (root, 0usize);
@@ -1296,6 +1433,16 @@ impl RadixTree {
                 &self.tokens[start * ps..(start + avail) * ps],
                 &rest[..avail * ps],
             ) / ps;
+            if let Some(ids) = ids {
+                let (given, own) = (&ids[pos..pos + m], &self.pages[start..start + m]);
+                if !P::same(given, own) {
+                    for (&g, &p) in given.iter().zip(own) {
+                        if g.value() != i64::from(p) {
+                            path.foreign.push(g.value());
+                        }
+                    }
+                }
+            }
             pos += m;
             if m < len {
                 // m >= 1: `find_child` matched the first page.
@@ -1308,20 +1455,18 @@ impl RadixTree {
         path
     }
 
-    /// Call `f(position, page id)` for each page `path` matched, in order.
-    fn path_pages(&self, path: &Path, mut f: impl FnMut(usize, u32)) {
-        let mut pos = 0;
+    /// The page ids of the pages `path` matched, in order.
+    fn path_page_ids(&self, path: &Path) -> Vec<u32> {
+        let mut out = Vec::with_capacity(path.pages);
         for (i, &n) in path.nodes.iter().enumerate() {
             let c = &self.nodes[n as usize];
             let take = match path.split {
                 Some(keep) if i + 1 == path.nodes.len() => keep,
                 _ => c.len,
             } as usize;
-            for &p in &self.pages[c.start as usize..c.start as usize + take] {
-                f(pos, p);
-                pos += 1;
-            }
+            out.extend_from_slice(&self.pages[c.start as usize..c.start as usize + take]);
         }
+        out
     }
 
     /// Make `path` (from [`walk`](Self::walk), the tree unchanged since)
@@ -1344,17 +1489,6 @@ impl RadixTree {
             pages: path.pages,
             last,
         }
-    }
-
-    /// [`walk`](Self::walk) then [`apply`](Self::apply); with `out`, the
-    /// matched page ids are appended to it.
-    fn descend(&mut self, root: u32, toks: &[u32], t: u64, out: Option<&mut Vec<u32>>) -> Walk {
-        let path = self.walk(root, toks);
-        if let Some(o) = out {
-            o.reserve(path.pages);
-            self.path_pages(&path, |_, p| o.push(p));
-        }
-        self.apply(root, &path, t)
     }
 
     /// Split `child` after `keep` pages: a new node takes the upper part and
@@ -1388,10 +1522,10 @@ impl RadixTree {
 
     /// A new unlocked leaf under `parent` holding `toks` / `ids` (validated,
     /// retained, arena room reserved).
-    fn add_leaf<P: Copy + Into<i64>>(&mut self, parent: u32, toks: &[u32], ids: &[P]) {
+    fn add_leaf<P: PageArg>(&mut self, parent: u32, toks: &[u32], ids: &[P]) {
         let start = self.pages.len() as u32;
         // Page ids are below PAGE_ID_LIMIT (validated by the caller).
-        self.pages.extend(ids.iter().map(|&p| p.into() as u32));
+        P::store(ids, &mut self.pages);
         self.tokens.extend_from_slice(toks);
         let len = ids.len();
         let t = self.tick();
@@ -1738,6 +1872,68 @@ impl RadixTree {
     }
 }
 
+/// A page id as a caller passes it: an `i64`, or a `u32` holding the bits of
+/// an `int32` (an `int32` array read in place), whose value is its `int32`
+/// reading, so that a bad id is refused with the value the caller gave.
+trait PageArg: Copy {
+    /// The id's value, as the allocator checks it and errors report it.
+    fn value(self) -> i64;
+    /// Whether `ids` are exactly the tree's `pages` (same length).
+    fn same(ids: &[Self], pages: &[u32]) -> bool;
+    /// Append `ids` (validated: each below 2^31) to the tree's page arena.
+    fn store(ids: &[Self], arena: &mut Vec<u32>);
+}
+
+impl PageArg for i64 {
+    #[inline]
+    fn value(self) -> i64 {
+        self
+    }
+    #[inline]
+    fn same(ids: &[Self], pages: &[u32]) -> bool {
+        ids.iter().zip(pages).all(|(&i, &p)| i == i64::from(p))
+    }
+    fn store(ids: &[Self], arena: &mut Vec<u32>) {
+        arena.extend(ids.iter().map(|&p| p as u32));
+    }
+}
+
+impl PageArg for u32 {
+    #[inline]
+    fn value(self) -> i64 {
+        i64::from(self as i32)
+    }
+    #[inline]
+    fn same(ids: &[Self], pages: &[u32]) -> bool {
+        ids == pages
+    }
+    fn store(ids: &[Self], arena: &mut Vec<u32>) {
+        arena.extend_from_slice(ids);
+    }
+}
+
+/// The values of `ids`, for the allocator's calls.
+fn values<P: PageArg>(ids: &[P]) -> Vec<i64> {
+    ids.iter().map(|&p| p.value()).collect()
+}
+
+/// Every token, the bits of an `int32`, must be below 2^31 (a non-negative
+/// `int32`), else [`CoreError::InvalidToken`] naming the first bad one by its
+/// `int32` value and its index plus `base`. One branch-free pass.
+pub(crate) fn check_token_bits(tokens: &[u32], base: usize) -> Result<()> {
+    let any = tokens.iter().fold(0u32, |acc, &t| acc | t);
+    if any < 1 << 31 {
+        return Ok(());
+    }
+    match tokens.iter().position(|&t| t >= 1 << 31) {
+        Some(i) => Err(CoreError::InvalidToken {
+            index: base + i,
+            value: i64::from(tokens[i] as i32),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// `insert` takes one page id per whole page of tokens.
 fn check_page_count(given: usize, n_pages: usize) -> Result<()> {
     if given == n_pages {
@@ -1815,6 +2011,22 @@ mod tests {
     fn check(a: &SegmentAllocator, t: &RadixTree) {
         t.check_invariants().unwrap();
         a.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn first_mismatch_finds_the_first_difference() {
+        let a: Vec<u32> = (0..2000).collect();
+        for len in [0, 1, 31, 32, 33, 511, 512, 513, 1100, 2000] {
+            assert_eq!(first_mismatch(&a[..len], &a), len);
+            assert_eq!(first_mismatch(&a, &a[..len]), len);
+            for at in [0, 1, 31, 32, 100, 511, 512, 544, 1099] {
+                if at < len {
+                    let mut b = a[..len].to_vec();
+                    b[at] = u32::MAX;
+                    assert_eq!(first_mismatch(&a, &b), at, "len {len} at {at}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -2081,6 +2293,239 @@ mod tests {
             (t.cached_sequences(), t.node_count(), a.free_pages())
         );
         check(&a, &t);
+    }
+
+    /// Two trees over two allocators in step: one driven through the
+    /// generic calls with `int64` values, the other through the `_u32` calls
+    /// with the same values' `int32` bits.
+    struct Twin {
+        wide: (Arc<SegmentAllocator>, RadixTree),
+        bits: (Arc<SegmentAllocator>, RadixTree),
+    }
+
+    type State = (Vec<CachedSequence>, u64, Vec<u32>, usize, u64);
+
+    fn state(a: &SegmentAllocator, t: &RadixTree) -> State {
+        let all: Vec<i64> = (0..64).collect();
+        (
+            t.cached_sequences(),
+            a.free_pages(),
+            a.refcount(&all).unwrap(),
+            t.locked_pages(),
+            t.clock,
+        )
+    }
+
+    fn int32_bits(v: &[i64]) -> Vec<u32> {
+        v.iter()
+            .map(|&x| i32::try_from(x).unwrap() as u32)
+            .collect()
+    }
+
+    impl Twin {
+        fn new(page_size: u32) -> Self {
+            Self {
+                wide: setup(page_size, 64),
+                bits: setup(page_size, 64),
+            }
+        }
+
+        /// Run one call on each tree; both must give the same result and
+        /// leave the same state, and a failing call must change nothing.
+        fn run<R: std::fmt::Debug>(
+            &mut self,
+            wide: impl FnOnce(&mut RadixTree) -> Result<R>,
+            bits: impl FnOnce(&mut RadixTree) -> Result<R>,
+        ) -> Result<R> {
+            let before = state(&self.wide.0, &self.wide.1);
+            let r = wide(&mut self.wide.1);
+            let s = bits(&mut self.bits.1);
+            assert_eq!(format!("{r:?}"), format!("{s:?}"));
+            let after = state(&self.wide.0, &self.wide.1);
+            assert_eq!(after, state(&self.bits.0, &self.bits.1));
+            if r.is_err() {
+                assert_eq!(before, after, "a failing call changed the tree");
+            }
+            check(&self.wide.0, &self.wide.1);
+            check(&self.bits.0, &self.bits.1);
+            r
+        }
+
+        fn alloc(&self, n: usize) -> Vec<i64> {
+            let w = self.wide.0.alloc(n).unwrap();
+            assert_eq!(w, self.bits.0.alloc(n).unwrap());
+            i64s(&w)
+        }
+
+        fn release(&self, ids: &[i64]) {
+            self.wide.0.release(ids).unwrap();
+            self.bits.0.release(ids).unwrap();
+        }
+
+        fn matches(&mut self, toks: &[i64], acquire: bool) -> Result<MatchResult> {
+            let b = int32_bits(toks);
+            if acquire {
+                self.run(|t| t.acquire(toks, 0), |t| t.acquire_u32(&b, 0))
+            } else {
+                self.run(|t| t.match_prefix(toks, 0), |t| t.match_prefix_u32(&b, 0))
+            }
+        }
+
+        fn insert(&mut self, toks: &[i64], ids: &[i64]) -> Result<usize> {
+            let (b, p) = (int32_bits(toks), int32_bits(ids));
+            self.run(|t| t.insert(toks, ids, 0), |t| t.insert_u32(&b, &p, 0))
+        }
+
+        fn finish(
+            &mut self,
+            toks: &[i64],
+            ids: &[i64],
+            node: Option<NodeId>,
+            cache: bool,
+            owned_from: usize,
+        ) -> Result<usize> {
+            let (b, p) = (int32_bits(toks), int32_bits(ids));
+            self.run(
+                |t| t.finish(toks, ids, 0, node, cache, owned_from),
+                |t| t.finish_u32(&b, &p, 0, node, cache, owned_from),
+            )
+        }
+    }
+
+    fn is_token_error(r: Result<impl std::fmt::Debug>, at: usize, bad: i64) -> bool {
+        matches!(r, Err(CoreError::InvalidToken { index, value }) if index == at && value == bad)
+    }
+
+    #[test]
+    fn int32_bits_and_int64_values_agree() {
+        for ps in [1usize, 2, 4] {
+            let mut tw = Twin::new(ps as u32);
+            let base: Vec<i64> = (1..=4 * ps as i64).collect();
+            let ids = tw.alloc(4);
+            assert_eq!(tw.insert(&base, &ids).unwrap(), 0);
+            tw.release(&ids);
+            let cat = |parts: &[&[i64]]| parts.concat();
+
+            // Matches: hits, misses, a partial last page.
+            let m = tw.matches(&cat(&[&base[..3 * ps], &[9]]), false).unwrap();
+            assert_eq!(m.length, 3 * ps);
+            assert_eq!(tw.matches(&[7; 5], false).unwrap().length, 0);
+            // Bad tokens: first, after a matched prefix, in the partial last
+            // page, in an unmatched page, as the i32 extremes.
+            for (toks, at, bad) in [
+                (cat(&[&[-5], &base]), 0, -5),
+                (cat(&[&base[..2 * ps], &[-1]]), 2 * ps, -1),
+                (
+                    cat(&[&base, &vec![8; ps], &[i64::from(i32::MIN)]]),
+                    5 * ps,
+                    -(1 << 31),
+                ),
+                (cat(&[&base[..ps], &vec![8; ps], &[3, -7]]), 2 * ps + 1, -7),
+            ] {
+                for acquire in [false, true] {
+                    assert!(is_token_error(tw.matches(&toks, acquire), at, bad));
+                }
+            }
+
+            // Inserts that fail: length, tokens, page ids (bad value, out of
+            // range, a free page among the new ones and among the duplicates).
+            // A partial last page where there can be one.
+            let tail: &[i64] = if ps > 1 { &[1] } else { &[] };
+            let more = cat(&[&base[..2 * ps], &vec![6; 2 * ps], tail]);
+            let new = tw.alloc(4);
+            assert!(matches!(
+                tw.insert(&more, &new[..3]),
+                Err(CoreError::LengthMismatch { .. })
+            ));
+            let mut bad_tok = more.clone();
+            bad_tok[3 * ps] = -2;
+            assert!(is_token_error(tw.insert(&bad_tok, &new), 3 * ps, -2));
+            if ps > 1 {
+                let mut bad_tail = more.clone();
+                bad_tail[4 * ps] = -3;
+                assert!(is_token_error(tw.insert(&bad_tail, &new), 4 * ps, -3));
+            }
+            for bad in [-1, i64::from(i32::MAX), i64::from(i32::MIN)] {
+                for at in [1, 3] {
+                    let mut ids = new.clone();
+                    ids[at] = bad;
+                    let r = tw.insert(&more, &ids);
+                    assert!(
+                        matches!(r, Err(CoreError::InvalidHandle { page_id, .. }) if page_id == bad)
+                    );
+                }
+            }
+            let free = tw.alloc(1);
+            tw.release(&free);
+            for at in [0, 3] {
+                let mut ids = new.clone();
+                ids[at] = free[0];
+                assert!(matches!(
+                    tw.insert(&more, &ids),
+                    Err(CoreError::InvalidHandle { .. })
+                ));
+            }
+            // And one that works: two cached pages, two new ones.
+            assert_eq!(tw.insert(&more, &new).unwrap(), 2 * ps);
+            tw.release(&new);
+
+            // A request: acquire, then finish with bad input, then for real.
+            let prompt = cat(&[&base[..3 * ps], &vec![5; ps]]);
+            let m = tw.matches(&prompt, true).unwrap();
+            assert_eq!(m.length, 3 * ps);
+            let full = cat(&[&prompt, &vec![4; ps], &[2]]);
+            let own = tw.alloc(3);
+            let pages = cat(&[&i64s(&m.page_ids), &own]);
+            let node = Some(m.node);
+            assert!(matches!(
+                tw.finish(&full, &pages[..5], node, true, 3),
+                Err(CoreError::LengthMismatch { .. })
+            ));
+            assert!(matches!(
+                tw.finish(&full, &pages, node, true, 7),
+                Err(CoreError::LengthMismatch { .. })
+            ));
+            for cache in [true, false] {
+                let mut bad = full.clone();
+                bad[5 * ps] = -4;
+                assert!(is_token_error(
+                    tw.finish(&bad, &pages, node, cache, 3),
+                    5 * ps,
+                    -4
+                ));
+                bad[5 * ps] = 2;
+                bad[4 * ps] = -6;
+                assert!(is_token_error(
+                    tw.finish(&bad, &pages, node, cache, 3),
+                    4 * ps,
+                    -6
+                ));
+                for (at, v) in [(4, -1), (5, i64::from(i32::MAX)), (1, -9)] {
+                    if at < 3 && !cache {
+                        continue; // the matched pages are then not read
+                    }
+                    let mut ids = pages.clone();
+                    ids[at] = v;
+                    let r = tw.finish(&full, &ids, node, cache, 3);
+                    assert!(
+                        matches!(r, Err(CoreError::InvalidHandle { page_id, .. }) if page_id == v)
+                    );
+                }
+            }
+            let stale = NodeId::from_raw(m.node.to_raw() + (2 << 32));
+            assert!(matches!(
+                tw.finish(&full, &pages, Some(stale), true, 3),
+                Err(CoreError::InvalidNode { .. })
+            ));
+            assert_eq!(tw.finish(&full, &pages, node, true, 3).unwrap(), 3 * ps);
+            assert!(matches!(
+                tw.finish(&full, &pages, node, true, 3),
+                Err(CoreError::UnbalancedUnlock { .. })
+            ));
+            // Everything cached is found again, by both.
+            let m = tw.matches(&full, false).unwrap();
+            assert_eq!(m.length, full.len() / ps * ps);
+        }
     }
 
     #[test]

@@ -59,6 +59,23 @@ impl RadixTree {
     }
 }
 
+/// Ids as the core's calls read them: an int32 array's bits in place (the
+/// `_u32` calls refuse a negative value as the same int64 array would be
+/// refused), or an int64 array's values.
+enum Slice<'a> {
+    Bits(&'a [u32]),
+    Wide(&'a [i64]),
+}
+
+impl<'a> Slice<'a> {
+    fn of(ids: &'a Ids<'_>) -> PyResult<Self> {
+        Ok(match ids {
+            Ids::I32(a) => Slice::Bits(bytemuck::cast_slice(a.as_slice()?)),
+            Ids::I64(a) => Slice::Wide(a.as_slice()?),
+        })
+    }
+}
+
 #[pymethods]
 impl RadixTree {
     #[new]
@@ -93,7 +110,10 @@ impl RadixTree {
         namespace: u64,
     ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
         let ids = Ids::new(tokens)?;
-        let m = with_slice!(&ids, s => self.with(py, s.len(), |t| t.match_prefix(s, namespace))?);
+        let m = match Slice::of(&ids)? {
+            Slice::Bits(s) => self.with(py, s.len(), |t| t.match_prefix_u32(s, namespace))?,
+            Slice::Wide(s) => self.with(py, s.len(), |t| t.match_prefix(s, namespace))?,
+        };
         Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
     }
 
@@ -106,9 +126,13 @@ impl RadixTree {
         page_ids: &Bound<'_, PyAny>,
         namespace: u64,
     ) -> PyResult<usize> {
-        let pages = Ids::new(page_ids)?.to_vec()?;
+        let pages = Ids::new(page_ids)?;
         let tokens = Ids::new(tokens)?;
         let n = tokens.len();
+        if let (Slice::Bits(s), Slice::Bits(p)) = (Slice::of(&tokens)?, Slice::of(&pages)?) {
+            return self.with(py, n, |t| t.insert_u32(s, p, namespace));
+        }
+        let pages = pages.to_vec()?;
         with_slice!(&tokens, s => self.with(py, n, |t| t.insert(s, &pages, namespace)))
     }
 
@@ -122,7 +146,10 @@ impl RadixTree {
         namespace: u64,
     ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
         let ids = Ids::new(tokens)?;
-        let m = with_slice!(&ids, s => self.with(py, s.len(), |t| t.acquire(s, namespace))?);
+        let m = match Slice::of(&ids)? {
+            Slice::Bits(s) => self.with(py, s.len(), |t| t.acquire_u32(s, namespace))?,
+            Slice::Wide(s) => self.with(py, s.len(), |t| t.acquire(s, namespace))?,
+        };
         Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
     }
 
@@ -245,10 +272,16 @@ impl RadixTree {
         cache: bool,
         owned_from: usize,
     ) -> PyResult<usize> {
-        let pages = Ids::new(page_ids)?.to_vec()?;
+        let pages = Ids::new(page_ids)?;
         let node = node.map(NodeId::from_raw);
         let tokens = Ids::new(tokens)?;
         let n = tokens.len().max(pages.len());
+        if let (Slice::Bits(s), Slice::Bits(p)) = (Slice::of(&tokens)?, Slice::of(&pages)?) {
+            return self.with(py, n, |t| {
+                t.finish_u32(s, p, namespace, node, cache, owned_from)
+            });
+        }
+        let pages = pages.to_vec()?;
         with_slice!(&tokens, s => self.with(py, n, |t| {
             t.finish(s, &pages, namespace, node, cache, owned_from)
         }))
