@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,6 +221,8 @@ def test_bad_input_changes_nothing() -> None:
         assert (r.tokens.tolist(), r.page_ids.tolist(), pool.allocator.free_pages()) == state
     with pytest.raises(InvalidArgument, match=r"invalid token id 2147483648 at position 1"):
         cache.begin([0, 2**31])
+    with pytest.raises(InvalidArgument, match=r"invalid token id -5 at position 2"):
+        cache.begin(np.array([0, 1, -5], dtype=np.int32))  # read in place as u32
     with pytest.raises(TypeError, match="namespace must be an int"):
         cache.begin([1], namespace="a")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="namespace"):

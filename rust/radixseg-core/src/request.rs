@@ -15,7 +15,7 @@
 //!   marks the request ended, so it ends exactly once.
 
 use crate::error::{CoreError, Result};
-use crate::radix::{check_tokens, tokens_u32, NodeId, RadixTree};
+use crate::radix::{check_token_bits, check_tokens, tokens_u32, NodeId, RadixTree};
 use crate::SegmentAllocator;
 
 /// Where a request is in its life.
@@ -283,15 +283,16 @@ impl RadixTree {
         self.begin_valid(&toks, namespace, leave_last)
     }
 
-    /// [`begin_request`](Self::begin_request) of tokens given as `u32`s
-    /// (an `int32` array reinterpreted: no copy); each must be below 2^31.
+    /// [`begin_request`](Self::begin_request) of an `int32` array's bits
+    /// read as `u32` (no copy); a negative token is reported with its
+    /// `int32` value.
     pub fn begin_request_u32(
         &mut self,
         tokens: &[u32],
         namespace: u64,
         leave_last: bool,
     ) -> Result<Request> {
-        check_tokens(tokens)?;
+        check_token_bits(tokens, 0)?;
         self.begin_valid(tokens, namespace, leave_last)
     }
 
