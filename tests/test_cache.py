@@ -392,3 +392,22 @@ def test_finish_with_tokens_keeps_the_cached_prefix() -> None:
     assert c.cached_len == 6  # the replaced tokens were cached
     cache.abort(c)
     cache.check_invariants(exclusive=True)
+
+
+def test_page_table_into_a_reused_buffer() -> None:
+    _pool, cache = make(page_size=2)
+    reqs = [cache.begin([n] * n, namespace=n) for n in (3, 5, 1)]
+    for r in reqs:
+        cache.extend(r, r.uncached)
+    want = [t.tolist() for t in cache.page_table(reqs)]
+    buf = torch.full((16,), -1, dtype=torch.int32)
+    indptr, indices, last = cache.page_table(reqs, out=buf)
+    assert [indptr.tolist(), indices.tolist(), last.tolist()] == want
+    assert indices.data_ptr() == buf.data_ptr() and buf[len(want[1]) :].eq(-1).all()
+    with pytest.raises(InvalidArgument, match="buffer must hold every page"):
+        cache.page_table(reqs, out=torch.zeros(2, dtype=torch.int32))
+    for bad in (torch.zeros(16, dtype=torch.int64), torch.zeros(4, 4, dtype=torch.int32)):
+        with pytest.raises(InvalidArgument, match="contiguous 1-D int32 CPU tensor"):
+            cache.page_table(reqs, out=bad)
+    for r in reqs:
+        cache.abort(r)

@@ -286,17 +286,46 @@ class PrefixCache(Uncopyable):
     # ----- page tables -------------------------------------------------------------
 
     def page_table(
-        self, reqs: list[Request], device: str | torch.device | None = None
+        self,
+        reqs: list[Request],
+        device: str | torch.device | None = None,
+        *,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FlashInfer's paged-KV CSR for ``reqs``, all ``int32``.
 
         Returns ``kv_indptr [B + 1]``, ``kv_indices [kv_indptr[-1]]`` (page
         ids, request after request) and ``kv_last_page_len [B]`` (tokens in
         each request's last page, ``1..=page_size``; 0 for an empty request),
-        on ``device`` (default CPU).
+        on ``device`` (default CPU). With ``out`` (a contiguous 1-D ``int32``
+        CPU tensor of at least ``kv_indptr[-1]`` elements, reused across decode
+        steps), ``kv_indices`` is written into its front and returned as a
+        view of it: at page size 1 the table has one entry per token, and a
+        fresh one per step costs page faults on top of the copy.
         """
-        arrays = self.tree.page_table(self._records(reqs))
-        indptr, indices, last = (torch.from_numpy(a) for a in arrays)
+        records = self._records(reqs)
+        if out is None:
+            arrays = self.tree.page_table(records)
+            indptr, indices, last = (torch.from_numpy(a) for a in arrays)
+        else:
+            if (
+                not isinstance(out, torch.Tensor)
+                or out.dtype != torch.int32
+                or out.device.type != "cpu"
+                or out.dim() != 1
+                or not out.is_contiguous()
+            ):
+                raise InvalidArgument(
+                    "out must be a contiguous 1-D int32 CPU tensor, got "
+                    + (
+                        f"{out.dtype} {tuple(out.shape)} on {out.device}"
+                        if isinstance(out, torch.Tensor)
+                        else type(out).__name__
+                    )
+                )
+            ptr, _, lst = self.tree.page_table(records, out.detach().numpy())
+            indptr, last = torch.from_numpy(ptr), torch.from_numpy(lst)
+            indices = out[: int(ptr[-1])]
         if device is not None:
             indptr, indices, last = (x.to(device) for x in (indptr, indices, last))
         return indptr, indices, last

@@ -150,6 +150,13 @@ impl Request {
     /// FlashInfer takes them: more than `2^31 - 1` pages in all is
     /// [`CoreError::TreeCapacity`]; a request that ended is refused.
     pub fn page_table(reqs: &[&Request]) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
+        let mut indices = vec![0; Self::page_table_len(reqs)?];
+        let (indptr, last) = Self::page_table_into(reqs, &mut indices)?;
+        Ok((indptr, indices, last))
+    }
+
+    /// Pages in the page table of `reqs` (refused as [`page_table`](Self::page_table)).
+    pub fn page_table_len(reqs: &[&Request]) -> Result<usize> {
         // An ended request's pages may be another's by now.
         for r in reqs {
             r.check_running()?;
@@ -161,14 +168,34 @@ impl Request {
                 limit: i32::MAX as u64,
             });
         }
+        Ok(total)
+    }
+
+    /// [`page_table`](Self::page_table) with `kv_indices` written into the
+    /// front of `indices` (a buffer reused across decode steps, so a step
+    /// does not allocate and fault in a fresh one); returns `kv_indptr` and
+    /// `kv_last_page_len`. A buffer shorter than the table is refused and
+    /// left as it was.
+    pub fn page_table_into(reqs: &[&Request], indices: &mut [i32]) -> Result<(Vec<i32>, Vec<i32>)> {
+        let total = Self::page_table_len(reqs)?;
+        if indices.len() < total {
+            return Err(CoreError::LengthMismatch {
+                what: "page_table(out=...): the buffer must hold every page of the table",
+                expected: total as u64,
+                actual: indices.len() as u64,
+            });
+        }
         let mut indptr = Vec::with_capacity(reqs.len() + 1);
-        let mut indices = Vec::with_capacity(total);
         let mut last = Vec::with_capacity(reqs.len());
         indptr.push(0);
+        let mut at = 0;
         for r in reqs {
             // Page ids are below PAGE_ID_LIMIT = 2^31, page counts too.
-            indices.extend(r.pages.iter().map(|&p| p as i32));
-            indptr.push(indices.len() as i32);
+            for (dst, &p) in indices[at..at + r.pages.len()].iter_mut().zip(&r.pages) {
+                *dst = p as i32;
+            }
+            at += r.pages.len();
+            indptr.push(at as i32);
             let n = r.seq_len();
             last.push(if n == 0 {
                 0
@@ -176,7 +203,7 @@ impl Request {
                 (n - (r.pages.len() - 1) * r.page_size) as i32
             });
         }
-        Ok((indptr, indices, last))
+        Ok((indptr, last))
     }
 
     fn check_running(&self) -> Result<()> {

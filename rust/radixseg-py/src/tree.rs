@@ -1,7 +1,7 @@
 //! `RadixTree`: the core's prefix tree behind a mutex, with the requests
 //! it has begun (`request.rs`) registered beside it.
 
-use numpy::PyArray1;
+use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use radixseg_core::{Arc, CoreError, NodeId, Request};
 use std::sync::{Arc as StdArc, Mutex};
@@ -22,6 +22,11 @@ pub(crate) struct RadixTree {
     pub(crate) allocator: Py<SegmentAllocator>,
     pub(crate) registry: StdArc<Registry>,
     pub(crate) born: u64,
+}
+
+/// The requests of a locked batch, shared.
+fn table<'a>(reqs: &'a [&'a mut Request]) -> Vec<&'a Request> {
+    reqs.iter().map(|r| &**r).collect()
 }
 
 impl RadixTree {
@@ -202,10 +207,15 @@ impl RadixTree {
     /// FlashInfer's paged-KV CSR of `requests`, int32: `(kv_indptr [B + 1],
     /// kv_indices, kv_last_page_len [B])`, built in one call.
     #[allow(clippy::type_complexity)]
+    /// With `out` (a writable 1-D int32 array), `kv_indices` is written into
+    /// its front and `out` itself is returned in its place: a buffer reused
+    /// across decode steps.
+    #[pyo3(signature = (requests, out = None))]
     fn page_table<'py>(
         &self,
         py: Python<'py>,
         requests: Vec<Bound<'py, RequestRecord>>,
+        out: Option<Bound<'py, PyArray1<i32>>>,
     ) -> PyResult<(
         Bound<'py, PyArray1<i32>>,
         Bound<'py, PyArray1<i32>>,
@@ -213,15 +223,29 @@ impl RadixTree {
     )> {
         self.alive()?;
         let batch = Batch::new(&self.tree, requests)?;
-        let (indptr, indices, last) = batch.with(py, |reqs| {
-            let all: Vec<&Request> = reqs.iter().map(|r| &**r).collect();
-            Request::page_table(&all)
-        })?;
-        Ok((
-            PyArray1::from_vec(py, indptr),
-            PyArray1::from_vec(py, indices),
-            PyArray1::from_vec(py, last),
-        ))
+        match out {
+            None => {
+                let (indptr, indices, last) =
+                    batch.with(py, |reqs| Request::page_table(&table(reqs)))?;
+                Ok((
+                    PyArray1::from_vec(py, indptr),
+                    PyArray1::from_vec(py, indices),
+                    PyArray1::from_vec(py, last),
+                ))
+            }
+            Some(buf) => {
+                let (indptr, last) = {
+                    let mut rw = buf.try_readwrite()?;
+                    let dst = rw.as_slice_mut()?;
+                    batch.with(py, |reqs| Request::page_table_into(&table(reqs), dst))?
+                };
+                Ok((
+                    PyArray1::from_vec(py, indptr),
+                    buf,
+                    PyArray1::from_vec(py, last),
+                ))
+            }
+        }
     }
 
     /// Requests begun with `begin_request` that have not ended.
