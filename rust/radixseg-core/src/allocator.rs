@@ -718,12 +718,13 @@ impl SegmentAllocator {
     ) -> Result<()> {
         // Phase A: decrement. A page that reaches 0 keeps its bit clear, so no
         // allocator can take it before phase B; that makes undo safe.
-        let mut zeroed: SmallVec<[u32; 32]> = SmallVec::with_capacity(ids.len());
+        let mut zeroed: SmallVec<[u32; 32]> = SmallVec::new();
+        zeroed.reserve(ids.len());
         let mut i = 0;
         while let Some(&id0) = ids.get(i) {
             let id0: i64 = id0.into();
             let Ok((_, segment, first)) = r.segment_of(id0) else {
-                return Err(self.undo_release(r, &ids[..i], zeroed, id0));
+                return Err(self.undo_release(r, &ids[..i], &mut zeroed, id0));
             };
             while let Some(&id) = ids.get(i) {
                 let id: i64 = id.into();
@@ -733,7 +734,7 @@ impl SegmentAllocator {
                 match decrement(rc) {
                     Some(1) => zeroed.push(id as u32),
                     Some(_) => {}
-                    None => return Err(self.undo_release(r, &ids[..i], zeroed, id)),
+                    None => return Err(self.undo_release(r, &ids[..i], &mut zeroed, id)),
                 }
                 i += 1;
             }
@@ -755,7 +756,7 @@ impl SegmentAllocator {
         &self,
         r: &mut Resolver<'_>,
         done: &[P],
-        mut zeroed: SmallVec<[u32; 32]>,
+        zeroed: &mut SmallVec<[u32; 32]>,
         failed: i64,
     ) -> CoreError {
         for &id in done {
@@ -1238,6 +1239,38 @@ mod tests {
             .collect();
         a.release(&ids(&held))?;
         assert_eq!(a.free_pages(), 200);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn release_runs_are_all_or_nothing() -> Result<()> {
+        // Five pages a segment: the run 2..8 crosses from segment 0 into 1.
+        let a = SegmentAllocator::new(1, 5)?;
+        a.add_segment()?;
+        a.add_segment()?;
+        assert_eq!(a.alloc(10)?, (0..10).collect::<Vec<u32>>());
+        let all: Vec<i64> = (0..10).collect();
+        a.retain(&[2])?;
+        a.release_held(&[2, 3, 4, 5, 6, 7])?;
+        assert_eq!(a.refcount(&all)?, vec![1, 1, 1, 0, 0, 0, 0, 0, 1, 1]);
+        // A page at 0 after pages that were decremented: all undone.
+        assert_eq!(
+            a.release_held(&[8, 9, 6, 7]),
+            Err(CoreError::DoubleFree { page_id: 6 })
+        );
+        // Likewise with a page at 0 right after one taken to 0.
+        assert_eq!(
+            a.release_held(&[2, 3]),
+            Err(CoreError::DoubleFree { page_id: 3 })
+        );
+        assert_eq!(
+            a.release(&[0, 1, 3]),
+            Err(CoreError::DoubleFree { page_id: 3 })
+        );
+        assert_eq!(a.refcount(&all)?, vec![1, 1, 1, 0, 0, 0, 0, 0, 1, 1]);
+        a.check_invariants()?;
+        a.release(&[0, 1, 2, 8, 9])?;
+        assert_eq!(a.free_pages(), 10);
         a.check_invariants()
     }
 
