@@ -485,8 +485,12 @@ impl SegmentAllocator {
                 if need == 0 {
                     // Every word scanned before this one is empty (as far as
                     // we saw); this one too unless it kept bits.
+                    // Written only when it moves: the line is shared with
+                    // `free`, which other threads are updating.
                     let next = if cur == 0 { wi + 1 } else { wi };
-                    segment.head.scan.store(next as u32, Ordering::Relaxed);
+                    if next != hint {
+                        segment.head.scan.store(next as u32, Ordering::Relaxed);
+                    }
                     return;
                 }
             }
