@@ -366,6 +366,17 @@ impl SegmentAllocator {
         if n == 0 {
             return Ok(());
         }
+        // Short already (the request path's common miss under a spent budget,
+        // before it evicts): fail without claiming pages only to give them back.
+        let free = self.free_pages();
+        if (free as usize) < n {
+            return Err(CoreError::OutOfPages {
+                requested: n as u64,
+                available: free,
+                total: self.total_pages(),
+                segments: self.live.load(Ordering::Relaxed),
+            });
+        }
         let start = out.len();
         // `n` may be huge (it comes from the caller): reserve no more than
         // the pool holds (a larger request fails with `OutOfPages` anyway).
