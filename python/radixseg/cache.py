@@ -72,7 +72,7 @@ class Request(Uncopyable):
         self._record = record
         self._prompt = prompt
         self.namespace = record.namespace
-        self.cached_len = record.seq_len
+        self.cached_len = record.matched_len
 
     @property
     def prompt(self) -> torch.Tensor:

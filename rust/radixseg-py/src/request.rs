@@ -87,6 +87,12 @@ pub(crate) struct RequestRecord {
     /// Pages held, as of the last change (decides whether an `end` releases
     /// the GIL; read without the record's lock).
     pages_hint: AtomicUsize,
+    /// Its namespace (fixed for its life; read without the lock).
+    #[pyo3(get)]
+    namespace: u64,
+    /// Tokens of the cached prefix it reused (fixed for its life).
+    #[pyo3(get)]
+    matched_len: usize,
 }
 
 impl RequestRecord {
@@ -123,6 +129,7 @@ impl RequestRecord {
         reg.prompt_tokens.fetch_add(prompt_len, Ordering::Relaxed);
         reg.reused_tokens
             .fetch_add(req.seq_len() as u64, Ordering::Relaxed);
+        let matched_len = req.matched_len();
         let rec = StdArc::new(Mutex::new(req));
         let id = reg.add(&rec);
         Ok(Self {
@@ -133,6 +140,8 @@ impl RequestRecord {
             id,
             born: tree.born,
             pages_hint: AtomicUsize::new(pages),
+            namespace,
+            matched_len,
         })
     }
 
@@ -268,12 +277,6 @@ impl RequestRecord {
     #[getter]
     fn state(&self) -> PyResult<&'static str> {
         self.read(|r| r.state().name())
-    }
-
-    /// The namespace.
-    #[getter]
-    fn namespace(&self) -> PyResult<u64> {
-        self.read(Request::namespace)
     }
 
     /// The handle of the node the request locks (None once it ended).
