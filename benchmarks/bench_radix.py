@@ -207,7 +207,6 @@ def run_radixseg(w: Workload, page_size: int, check: bool) -> SideResult:
     for _ in range(pages // pps):
         alloc.add_segment()
     tree = radixseg.RadixTree(alloc)
-    out_of_pages = radixseg.OutOfPages
 
     # Preferred input form: contiguous int32 numpy arrays.
     prepared = [
@@ -221,11 +220,10 @@ def run_radixseg(w: Workload, page_size: int, check: bool) -> SideResult:
         for prompt, full in prepared:
             matched, plen, node = tree.acquire(prompt)  # match + lock + retain
             need = (len(full) + ps - 1) // ps - plen // ps
-            try:
-                new = alloc.alloc(need)
-            except out_of_pages:
-                evicted += tree.evict(need - alloc.free_pages())
-                new = alloc.alloc(need)
+            short = need - alloc.free_pages()  # as SGLang's side checks available_size()
+            if short > 0:
+                evicted += tree.evict(short)
+            new = alloc.alloc(need)
             ids = cat((matched, new)) if plen else new
             tree.finish(full, ids, 0, node, True, plen // ps)  # insert + unlock + release
             cached += plen
