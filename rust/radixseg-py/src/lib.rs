@@ -125,6 +125,23 @@ impl<'py> Ids<'py> {
     }
 }
 
+/// Ids as the core's calls read them: an int32 array's bits in place (the
+/// `_u32` calls refuse a negative value as the same int64 array would be
+/// refused), or an int64 array's values.
+pub(crate) enum Slice<'a> {
+    Bits(&'a [u32]),
+    Wide(&'a [i64]),
+}
+
+impl<'a> Slice<'a> {
+    pub(crate) fn of(ids: &'a Ids<'_>) -> PyResult<Self> {
+        Ok(match ids {
+            Ids::I32(a) => Slice::Bits(bytemuck::cast_slice(a.as_slice()?)),
+            Ids::I64(a) => Slice::Wide(a.as_slice()?),
+        })
+    }
+}
+
 /// `Ok(Err(pages asked for))` in place of `OutOfPages` when `short_ok`: the
 /// request path's common miss (the pool must grow or evict first) without
 /// building an exception object.

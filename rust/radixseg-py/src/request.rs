@@ -12,7 +12,7 @@ use radixseg_core::{Arc, CoreError, Request, RequestState};
 
 use super::{
     check_born, extend_evicting, fork_generation, maybe_detach, short_as_value, slots_or_short,
-    CoreResultExt, Ids, RadixTree,
+    CoreResultExt, Ids, RadixTree, Slice,
 };
 
 /// The running requests of one tree (weakly held, for the invariant check
@@ -106,21 +106,13 @@ impl RequestRecord {
         tree.alive()?;
         let t = &tree.tree;
         let lock_tree = || t.lock().unwrap_or_else(PoisonError::into_inner);
-        let req = match tokens {
-            // int32 tokens are read in place as u32 (the core checks each is
-            // below 2^31, so the reinterpretation changes no value): no copy.
-            Ids::I32(a) => {
-                let s: &[u32] = bytemuck::cast_slice(a.as_slice()?);
-                maybe_detach(py, s.len(), || {
-                    lock_tree().begin_request_u32(s, namespace, leave_last)
-                })
-            }
-            Ids::I64(a) => {
-                let s = a.as_slice()?;
-                maybe_detach(py, s.len(), || {
-                    lock_tree().begin_request(s, namespace, leave_last)
-                })
-            }
+        let req = match Slice::of(tokens)? {
+            Slice::Bits(s) => maybe_detach(py, s.len(), || {
+                lock_tree().begin_request_u32(s, namespace, leave_last)
+            }),
+            Slice::Wide(s) => maybe_detach(py, s.len(), || {
+                lock_tree().begin_request(s, namespace, leave_last)
+            }),
         }
         .py(py)?;
         let prompt_len = tokens.len() as u64;

@@ -11,7 +11,7 @@ use crate::errors::{to_py, CoreResultExt};
 use crate::request::{Batch, Registry, RequestRecord};
 use crate::{
     check_born, extend_evicting, fork_generation, ids_array, maybe_detach, short_as_value,
-    slots_or_short, Ids,
+    slots_or_short, Ids, Slice,
 };
 
 /// The radix prefix tree over an allocator's pages (the Rust core). Use the
@@ -30,6 +30,34 @@ fn table<'a>(reqs: &'a [&'a mut Request]) -> Vec<&'a Request> {
 }
 
 impl RadixTree {
+    /// `match_prefix`, or with `lock` `acquire`: `(page_ids, length, node)`.
+    fn matched<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        namespace: u64,
+        lock: bool,
+    ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
+        let ids = Ids::new(tokens)?;
+        let m = match Slice::of(&ids)? {
+            Slice::Bits(s) => self.with(py, s.len(), |t| {
+                if lock {
+                    t.acquire_u32(s, namespace)
+                } else {
+                    t.match_prefix_u32(s, namespace)
+                }
+            })?,
+            Slice::Wide(s) => self.with(py, s.len(), |t| {
+                if lock {
+                    t.acquire(s, namespace)
+                } else {
+                    t.match_prefix(s, namespace)
+                }
+            })?,
+        };
+        Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
+    }
+
     pub(crate) fn alive(&self) -> PyResult<()> {
         check_born(self.born, "RadixTree")
     }
@@ -61,23 +89,6 @@ impl RadixTree {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(f(&guard))
-    }
-}
-
-/// Ids as the core's calls read them: an int32 array's bits in place (the
-/// `_u32` calls refuse a negative value as the same int64 array would be
-/// refused), or an int64 array's values.
-enum Slice<'a> {
-    Bits(&'a [u32]),
-    Wide(&'a [i64]),
-}
-
-impl<'a> Slice<'a> {
-    fn of(ids: &'a Ids<'_>) -> PyResult<Self> {
-        Ok(match ids {
-            Ids::I32(a) => Slice::Bits(bytemuck::cast_slice(a.as_slice()?)),
-            Ids::I64(a) => Slice::Wide(a.as_slice()?),
-        })
     }
 }
 
@@ -114,12 +125,7 @@ impl RadixTree {
         tokens: &Bound<'py, PyAny>,
         namespace: u64,
     ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
-        let ids = Ids::new(tokens)?;
-        let m = match Slice::of(&ids)? {
-            Slice::Bits(s) => self.with(py, s.len(), |t| t.match_prefix_u32(s, namespace))?,
-            Slice::Wide(s) => self.with(py, s.len(), |t| t.match_prefix(s, namespace))?,
-        };
-        Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
+        self.matched(py, tokens, namespace, false)
     }
 
     /// Cache `tokens` (whole pages) with `page_ids`; returns tokens already cached.
@@ -150,12 +156,7 @@ impl RadixTree {
         tokens: &Bound<'py, PyAny>,
         namespace: u64,
     ) -> PyResult<(Bound<'py, PyArray1<i32>>, usize, i64)> {
-        let ids = Ids::new(tokens)?;
-        let m = match Slice::of(&ids)? {
-            Slice::Bits(s) => self.with(py, s.len(), |t| t.acquire_u32(s, namespace))?,
-            Slice::Wide(s) => self.with(py, s.len(), |t| t.acquire(s, namespace))?,
-        };
-        Ok((ids_array(py, m.page_ids), m.length, m.node.to_raw()))
+        self.matched(py, tokens, namespace, true)
     }
 
     /// Start a request: validate every token of the prompt `tokens`, match
