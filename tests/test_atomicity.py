@@ -584,3 +584,105 @@ def test_finish_with_tokens_is_all_or_nothing_under_interrupts() -> None:
             assert req.tokens.tolist() == [1, 2, 3, 4, 7, 8], inject.where
         cache.check_invariants(exclusive=True)
     assert lines is not None and lines > 5
+
+
+def _decode_step(cache: PrefixCache, reqs: list[Request], buf: torch.Tensor) -> None:
+    """One decode step of a batch: a token each, then the page table."""
+    cache.extend_each(reqs, [5] * len(reqs))
+    cache.page_table(reqs, out=buf)
+
+
+def test_keyboard_interrupt_at_every_line_of_a_decode_step() -> None:
+    """A KeyboardInterrupt between any two lines of extend_each (pool growth,
+    eviction by the pool, then eviction inside the core call once the budget
+    is spent) and page_table leaves the batch all stepped or not stepped at
+    all, and every page accounted for."""
+    probe = KVPool(1, 1, 8, page_size=1, pages_per_segment=4, dtype="fp32")
+    budget = 4 * probe.segment_bytes
+    pool = KVPool(1, 1, 8, page_size=1, pages_per_segment=4, dtype="fp32", budget_bytes=budget)
+    cache = PrefixCache(pool)
+    buf = torch.zeros(32, dtype=torch.int32)
+    steps = 6  # 10 of 12 pages used; then growth, pool eviction, core eviction
+
+    def setup() -> list[Request]:
+        pool.shrink(keep=0)
+        for t in (8, 9):  # two evictable cached prompts
+            cached = cache.begin([t] * 3, leave_last=False)
+            cache.extend(cached, cached.uncached)
+            cache.finish(cached)
+        reqs = [cache.begin([i], leave_last=False) for i in range(2)]
+        for r in reqs:
+            cache.extend(r, [1, 2])
+        return reqs
+
+    reqs = setup()
+    counter = _Injector(None)
+    sys.settrace(counter)
+    try:
+        for _ in range(steps):
+            _decode_step(cache, reqs, buf)
+    finally:
+        sys.settrace(None)
+    assert pool.stats()["evicted_pages"] == 6 and pool.stats()["segments"] == 4
+    # The pool evicted the first prompt; the second went inside the core call.
+    assert pool._eviction_point() == 4 and pool._counters["evicted_pages"] == 3
+    _drain(pool, cache, list(reqs))
+    cache.reset()
+    assert counter.lines > 20
+    for at in range(1, counter.lines + 1):
+        reqs = setup()
+        inject = _Injector(at)
+        before = [r.seq_len for r in reqs]
+        sys.settrace(inject)
+        try:
+            for _ in range(steps):
+                before = [r.seq_len for r in reqs]
+                _decode_step(cache, reqs, buf)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        after = [r.seq_len for r in reqs]
+        stepped = [b + 1 for b in before]
+        assert after in (before, stepped), (inject.where, before, after)
+        try:
+            _drain(pool, cache, list(reqs))
+        except Exception as e:
+            raise AssertionError(f"after an interrupt at {inject.where}: {e}") from e
+        cache.reset()
+    pool.shrink(keep=0)
+    assert pool.stats()["segments"] == 0
+
+
+def test_a_decode_step_racing_an_abort_is_all_or_nothing() -> None:
+    """One thread steps a batch while another aborts one of its requests:
+    either the step saw the request running (every request stepped) or it is
+    refused and no request changed."""
+    pool, cache = _cache(page_size=1, pps=8)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for trial in range(60):
+            reqs = [cache.begin([trial, i], leave_last=False) for i in range(3)]
+            for r in reqs:
+                cache.extend(r, r.uncached)
+            outcomes = _run_pair(
+                partial(cache.extend_each, reqs, [1, 2, 3]),
+                partial(cache.abort, reqs[1]),
+            )
+            assert outcomes[1] is None, outcomes
+            step = outcomes[0]
+            lens = [r.seq_len for i, r in enumerate(reqs) if i != 1]
+            if step is None:
+                assert lens == [3, 3], lens
+            else:
+                assert isinstance(step, InvalidArgument) and "already" in str(step), step
+                assert lens == [2, 2], lens
+            for i in (0, 2):
+                cache.abort(reqs[i])
+            cache.check_invariants(exclusive=True)
+    finally:
+        sys.setswitchinterval(interval)
+    cache.reset()
+    pool.shrink(keep=0)
+    assert pool.stats()["segments"] == 0
