@@ -498,3 +498,158 @@ def test_parse_sizes():
         parse_bytes("0.5")
     with pytest.raises(InvalidArgument, match="80XB"):
         parse_bytes("80XB")
+
+
+# Context parallelism (issue 19): cp ranks per TP rank, virtual pages of
+# page_size * cp tokens, page_size of them on each rank under the same page id.
+H200 = "141GB"
+LLAMA_70B_TP8 = {"kv_dtype": "fp8", "tp": 8}
+RATE_70B_TP8 = 20_480 + 640  # KV + FP8 scales per token per device at TP 8
+
+
+def test_cp_halves_the_bytes_per_rank():
+    one = plan(LLAMA_31_70B, **LLAMA_70B_TP8, context=10_000_001)
+    two = plan(LLAMA_31_70B, **LLAMA_70B_TP8, context=10_000_001, cp=2)
+    page = 16 * 20_480  # one 16-token page of KV on one device
+    assert one.pages_per_rank == 625_001 and two.pages_per_rank == 312_501  # ceil(L / (P R))
+    assert one.context_kv_bytes_per_rank == 625_001 * page
+    assert abs(2 * two.context_kv_bytes_per_rank - one.context_kv_bytes_per_rank) <= 2 * page
+    assert two.context_scale_bytes_per_rank == 312_501 * 16 * 640
+    # Whole segments of 198 pages on each rank: half, within one segment.
+    seg = one.reserved_bytes_per_rank // one.segments_per_rank
+    assert (one.segments_per_rank, two.segments_per_rank) == (
+        -(-625_001 // 198),
+        -(-312_501 // 198),
+    )
+    assert abs(2 * two.reserved_bytes_per_rank - one.reserved_bytes_per_rank) <= 2 * seg
+    # the segment is what KVPool builds for one device: 64 MiB at most
+    assert seg == radixseg.KVPool(80, 1, 128, page_size=16, dtype="fp8").segment_bytes <= 64 << 20
+    # The one-rank figures are the per-device ones, rounded up to whole pages.
+    assert one.cp == 1 and 0 <= one.context_kv_bytes_per_rank - one.context_kv_bytes_per_device
+    assert one.context_kv_bytes_per_rank - one.context_kv_bytes_per_device < page
+
+
+@pytest.mark.parametrize(("page_size", "cp"), [(16, 2), (16, 3), (1, 4), (8, 5)])
+def test_a_partly_filled_virtual_page_costs_a_page_on_every_rank(page_size, cp):
+    """L = P R + 1 tokens: the second virtual page holds one token, on rank 0
+    alone, yet its page id takes a page on every rank."""
+    kw = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "kv_dtype": "bf16"}
+    per_page = page_size * 2 * (2 * 2 * 8 * 2)  # P tokens x 2 layers x (K, V) bytes
+    p = plan(**kw, page_size=page_size, cp=cp, context=page_size * cp + 1)
+    assert p.pages_per_rank == 2
+    assert p.context_kv_bytes_per_rank == 2 * per_page
+    full = plan(**kw, page_size=page_size, cp=cp, context=2 * page_size * cp)
+    assert full.context_kv_bytes_per_rank == p.context_kv_bytes_per_rank
+    exact = plan(**kw, page_size=page_size, cp=cp, context=page_size * cp)
+    assert exact.pages_per_rank == 1 and exact.context_kv_bytes_per_rank == per_page
+
+
+def test_ranks_needed_for_llama_70b_at_10m_tokens():
+    """DESIGN.md: 10M tokens of Llama-3.1-70B FP8 are 204.8 GB of KV per device
+    at TP 8 (211.2 GB with radixseg's scales), past an H200's 141 GB."""
+    p = plan(LLAMA_31_70B, **LLAMA_70B_TP8, device_bytes=H200)
+    assert p.context_kv_bytes_per_device == 204_800_000_000
+    assert p.usable_bytes_per_device == 141_000_000_000
+    # The fewest R with ceil(L / (16 R)) pages of 16 tokens within the budget.
+    need = min(
+        r
+        for r in range(1, 65)
+        if -(-10_000_000 // (16 * r)) * 16 * RATE_70B_TP8 <= p.usable_bytes_per_device
+    )
+    assert need == p.ranks_needed == 2
+    assert p.devices_needed == 8 * p.ranks_needed  # the existing whole-group count agrees
+    # Two ranks hold twice what one device holds, both in whole pages.
+    assert p.max_context_with_cp == p.max_context_per_device == 6_676_128
+    two = plan(LLAMA_31_70B, **LLAMA_70B_TP8, device_bytes=H200, cp=2)
+    assert two.ranks_needed == 2
+    assert two.max_context_with_cp == 141_000_000_000 // (16 * RATE_70B_TP8) * 32 == 13_352_256
+    assert two.context_kv_bytes_per_rank + two.context_scale_bytes_per_rank <= 141_000_000_000
+    # Weights (70 GB in FP8, 8.75 GB per TP rank) leave less, still 2 ranks.
+    heavy = plan(LLAMA_31_70B, **LLAMA_70B_TP8, device_bytes=H200, weights_bytes="70GB")
+    assert heavy.ranks_needed == 2
+    # At TP 1 the whole model's 1.69 TB of KV + scales need 12 ranks.
+    tp1 = plan(LLAMA_31_70B, kv_dtype="fp8", device_bytes=H200)
+    assert tp1.ranks_needed == -(-10_000_000 * 168_960 // 141_000_000_000) == 12
+
+
+def test_ranks_needed_edges():
+    assert plan(LLAMA_31_8B, context=100_000, device_bytes="80GB").ranks_needed == 1
+    assert plan(LLAMA_31_8B).ranks_needed is None  # no device size: no fit figures
+    filled = plan(LLAMA_31_70B, device_bytes="80GB", weights_bytes="140GB", cp=2)
+    assert filled.ranks_needed is None and filled.max_context_with_cp == 0
+    assert "the weights alone fill the device" in filled.table()
+    # Windowed layers stop growing: Mistral-7B-v0.1 (every layer slides) fits anything.
+    p = plan(MISTRAL_7B_V01, kv_dtype="bf16", device_bytes="80GB", cp=2)
+    assert p.max_context_with_cp is None and p.ranks_needed == 1
+    # 4,096-token windows over virtual pages of 32 tokens: 128 pages per layer per rank.
+    assert p.pages_per_rank == 128
+    assert p.context_kv_bytes_per_rank == 128 * 16 * 131_072  # pages x tokens x B/token
+    # Scout: 12 full layers grow, 36 chunked layers stop at 8,192 tokens.
+    s = plan(LLAMA4_SCOUT, kv_dtype="bf16", context=1_000_000, cp=4)
+    assert s.context_kv_bytes_per_rank == 16 * 4_096 * (12 * 15_625 + 36 * 128)
+    assert s.reserved_bytes_per_rank > s.context_kv_bytes_per_rank
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"cp": 0}, "cp=0 is out of range: it must be an integer in 1..=1,024"),
+        ({"cp": 1025, "page_size": 1}, "cp=1025 is out of range"),
+        ({"cp": 2.0}, "cp=2.0"),
+        ({"cp": True}, "cp=True"),
+        ({"cp": "2"}, "cp='2'"),
+        ({"cp": 65}, "cp=65 with page_size=16 makes virtual pages of 1,040 tokens"),
+        ({"cp": 2, "page_size": 1024}, "use cp <= 1 or a smaller page_size"),
+    ],
+)
+def test_bad_cp_names_the_limits(kwargs, needle):
+    with pytest.raises(InvalidArgument) as e:
+        plan(LLAMA_31_8B, **kwargs)
+    assert needle in str(e.value)
+    # the largest allowed: page_size * cp == 1024
+    assert plan(LLAMA_31_8B, cp=64).cp == 64
+    assert plan(LLAMA_31_8B, cp=1024, page_size=1).cp == 1024
+
+
+def test_cli_cp(tmp_path, capsys):
+    path = write(tmp_path, LLAMA_31_70B)
+    argv = ["plan", "--config", str(path), "--kv-dtype", "fp8", "--context", "10M", "--tp", "8"]
+    argv += ["--device-memory", H200]
+    assert main(argv) == 0
+    one = capsys.readouterr().out
+    # cp=1: the per-rank rows stay out; the context does not fit, so the R it needs is named
+    assert "per rank" not in one
+    assert "\nranks needed     10,000,000 tokens do not fit one device: they need --cp 2" in one
+    assert main([*argv, "--cp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(one.split("\nranks needed")[0])  # the rest is as at cp=1
+    for s in (
+        "cp=2 context-parallel ranks per TP rank: virtual pages of 32 tokens",
+        "312,500 pages of 16 tokens: KV 102.4 GB (95.4 GiB) + FP8 scales 3.2 GB (3.0 GiB)",
+        "105.6 GB (98.4 GiB) per rank: 1,579 segments of 198 pages",
+        "13,352,256 tokens over 2 ranks",
+        "2 for 10,000,000 tokens (cp=2 fits)",
+    ):
+        assert s in out
+    assert main([*argv, "--cp", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["cp"] == 2 and d["ranks_needed"] == 2 and d["pages_per_rank"] == 312_500
+    assert d["context_kv_bytes_per_rank"] == 102_400_000_000
+    assert d["context_scale_bytes_per_rank"] == 3_200_000_000
+    assert d["reserved_bytes_per_rank"] == 1_579 * 198 * 16 * RATE_70B_TP8
+    assert d["max_context_with_cp"] == 13_352_256
+    assert main([*argv, "--cp", "1", "--context", "1M"]) == 0
+    fits = capsys.readouterr().out
+    assert "ranks needed" not in fits and "cp ranks" not in fits  # today's table
+    assert main([*argv, "--cp", "0"]) == 2
+    assert "cp=0 is out of range" in capsys.readouterr().err
+    assert main([*argv, "--cp", "128"]) == 2
+    assert "use cp <= 64" in capsys.readouterr().err
+
+
+def test_cli_cp_past_the_page_limit(capsys):
+    """A context needing more ranks than page_size allows says so."""
+    argv = ["plan", "--layers", "80", "--kv-heads", "8", "--head-dim", "128", "--context", "10M"]
+    assert main([*argv, "--device-memory", "1GB", "--page-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "past the 16 ranks page_size 64 allows" in out

@@ -4,7 +4,8 @@
 context to 10M tokens in a pool that starts empty, shares it with follow-up
 requests through the radix tree, and hands every byte back (see
 :mod:`radixseg.demo`). ``radixseg plan`` sizes the KV cache of a model from its
-``config.json``: bytes per token, per context, and what fits.
+``config.json``: bytes per token, per context, and what fits, on one device or
+over ``--cp`` context-parallel ranks.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _plan(args: argparse.Namespace) -> int:
             else parse_bytes(args.device_memory, "--device-memory"),
             weights_bytes=parse_bytes(args.weights, "--weights"),
             tp=args.tp,
+            cp=args.cp,
             context=parse_count(args.context, "--context"),
             page_size=args.page_size,
             segment_bytes=parse_bytes(args.segment_bytes, "--segment-bytes"),
@@ -152,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     q.add_argument("--context", default="10000000", help="tokens, e.g. 10000000 or 10M")
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    q.add_argument(
+        "--cp",
+        type=int,
+        default=1,
+        help="context-parallel ranks per TP rank, each holding 1/cp of the sequence's KV "
+        "(default 1; page_size x cp <= 1024); the ranks a context needs are always reported",
+    )
     q.add_argument("--device-memory", help="memory of one device, e.g. 80GB, 80GiB or bytes")
     q.add_argument("--weights", default="0", help="bytes of model weights, e.g. 140GB")
     q.add_argument(

@@ -8,13 +8,16 @@ a tensor-parallel (TP) degree and a device size, into a :class:`Plan`: KV bytes
 per token for the whole model and per device, the extra bytes radixseg spends
 on FP8 scales (always reported apart from the KV), tokens per segment, bytes for
 a given context, the largest context that fits on one device and how many
-devices a context needs. All sizes are in bytes; reports print GB (10^9 B) next
-to GiB (2^30 B). Nothing here touches a device.
+devices a context needs. With context parallelism (``cp`` ranks each holding
+1/cp of one sequence's KV, issue 19) it adds the bytes per rank, the largest
+context the ranks hold and the ranks a context needs. All sizes are in bytes;
+reports print GB (10^9 B) next to GiB (2^30 B). Nothing here touches a device.
 
 Example: Llama-3.1-70B in FP8 holds 80 layers x 8 KV heads x 128 dims x (K, V)
 x 1 B = 163,840 B per token; at TP 8 each device holds one KV head, so a
 10,000,000-token context needs 204.8 GB of KV per device, plus 6.4 GB of
-radixseg's float32 scales.
+radixseg's float32 scales. It needs 2 context-parallel ranks per TP rank on
+141 GB devices: 105.6 GB of KV and scales per rank.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import torch
 from radixseg._core import InvalidArgument
 from radixseg._dtypes import FP8_DTYPES, SHORT_NAMES, kv_dtype_named
 from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, HFConfig, KVGeometry, kv_geometry
-from radixseg.capacity.report import SCALE_BYTES, Plan
+from radixseg.capacity.report import MAX_PAGE_SIZE, SCALE_BYTES, Plan
 from radixseg.capacity.units import MAX_VALUE, _check_int, parse_bytes, parse_count
 from radixseg.layout import SegmentLayout
 
 __all__ = [
     "MAX_LAYERS",
+    "MAX_PAGE_SIZE",
     "MAX_VALUE",
     "SCALE_BYTES",
     "ConfigLike",
@@ -63,6 +67,7 @@ def plan(
     device_bytes: int | str | None = None,
     weights_bytes: int | str = 0,
     tp: int = 1,
+    cp: int = 1,
     context: int = 10_000_000,
     page_size: int = 16,
     segment_bytes: int | str = 64 << 20,
@@ -97,6 +102,14 @@ def plan(
     tp : int
         Tensor-parallel degree (>= 1); it must divide ``num_kv_heads`` or be a
         multiple of it.
+    cp : int
+        Context-parallel ranks per TP rank (issue 19), in 1..=1024 with
+        ``page_size * cp <= 1024``: a virtual page holds ``page_size * cp``
+        tokens and each rank stores ``page_size`` of them under the same page
+        id, so a page id costs one page on every rank, even one that holds no
+        token of a partly filled virtual page yet. Default 1: no context
+        parallelism. The ranks a context needs (``Plan.ranks_needed``) are
+        reported whatever ``cp`` is.
     context : int
         Tokens of the context to size (>= 1); default 10,000,000.
     page_size : int
@@ -134,6 +147,13 @@ def plan(
     >>> plan(p.geometry, kv_dtype="fp8", tp=8, device_bytes="80GB",
     ...      weights_bytes="140GB").max_context_per_device
     2959280
+
+    The same 10M tokens on 141 GB devices take 2 context-parallel ranks per TP
+    rank, each holding 312,500 pages of 16 tokens:
+
+    >>> cp = plan(p.geometry, kv_dtype="fp8", tp=8, cp=2, device_bytes="141GB")
+    >>> cp.ranks_needed, cp.pages_per_rank, cp.context_kv_bytes_per_rank / 1e9
+    (2, 312500, 102.4)
     """
     name, dtype_bytes, fp8 = _dtype(kv_dtype)
     g = kv_geometry(
@@ -149,9 +169,18 @@ def plan(
     )
     tp = _check_int("tp", tp, 1)
     context = _check_int("context", context, 1)
-    page_size = _check_int("page_size", page_size, 1, 1024)
+    page_size = _check_int("page_size", page_size, 1, MAX_PAGE_SIZE)
     if page_size & (page_size - 1):
-        raise InvalidArgument(f"page_size={page_size} must be a power of two in 1..=1024")
+        raise InvalidArgument(
+            f"page_size={page_size} must be a power of two in 1..={MAX_PAGE_SIZE}"
+        )
+    cp = _check_int("cp", cp, 1, MAX_PAGE_SIZE)
+    if page_size * cp > MAX_PAGE_SIZE:
+        raise InvalidArgument(
+            f"cp={cp} with page_size={page_size} makes virtual pages of {page_size * cp:,} "
+            f"tokens, past the largest page the allocator takes ({MAX_PAGE_SIZE:,} tokens): "
+            f"use cp <= {MAX_PAGE_SIZE // page_size} or a smaller page_size"
+        )
     segment_bytes = _check_int("segment_bytes", parse_bytes(segment_bytes, "segment_bytes"), 1)
     weights_bytes = parse_bytes(weights_bytes, "weights_bytes")
     device = None if device_bytes is None else parse_bytes(device_bytes, "device_bytes")
@@ -179,6 +208,7 @@ def plan(
         # No KVPool layout holds MLA latents (K and V are separate parts there):
         # whole pages of the latent, unaligned.
         pages_per_segment = segment_bytes // per_page
+        segment_size = pages_per_segment * per_page
     else:
         # What KVPool(segment_bytes=...) builds for this geometry on one device.
         geometry = (seg_layers, heads, g.head_dim, page_size)
@@ -189,6 +219,7 @@ def plan(
                 "lower page_size"
             )
         pages_per_segment = SegmentLayout.pages_fitting(segment_bytes, *geometry, dtype_bytes, fp8)
+        segment_size = SegmentLayout(*geometry, pages_per_segment, dtype_bytes, fp8).segment_bytes
     if pages_per_segment < 1:
         raise InvalidArgument(
             f"segment_bytes={segment_bytes:,} is smaller than one page ({per_page:,} B: "
@@ -215,6 +246,46 @@ def plan(
             devices = tp
         elif max_ctx > 0:
             devices = tp * -(-context // max_ctx)
+
+    # Context parallelism: what one of cp ranks holds, in whole pages. The pool
+    # that grows with the context (the one `segment` describes) takes whole
+    # segments; windowed layers beside full ones add their pages.
+    virtual = page_size * cp
+    rank_pages = _rank_pages(g, context, virtual)
+    pool_pages = -(-min(context, max(g.windows) if full == 0 else context) // virtual)
+    segments = -(-pool_pages // pages_per_segment)
+    window_pages = rank_pages - full * pool_pages if full else 0
+    max_ctx_cp: int | None = None
+    ranks: int | None = None
+    if usable is not None and usable <= 0:
+        max_ctx_cp = 0
+    elif usable is not None:
+        budget, page_bytes = usable, page_size * dev_rate
+
+        def fits(r: int) -> bool:
+            return _rank_pages(g, context, page_size * r) * page_bytes <= budget
+
+        # The most virtual pages per layer that fit (_largest's widest window,
+        # read as pages, is past every window's last page).
+        n = _largest(
+            lambda n: _rank_pages(g, n * virtual, virtual) * page_bytes,
+            budget,
+            full * page_bytes,
+            g,
+        )
+        max_ctx_cp = None if n is None else n * virtual
+        # The fewest ranks whose share fits. With ceil(context / page_size) of
+        # them each holds one page per layer, and more ranks hold no less.
+        hi = -(-context // page_size)
+        if fits(hi):
+            lo = 0  # invariant: lo ranks are too few, hi ranks fit
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            ranks = hi
 
     return Plan(
         geometry=g,
@@ -245,7 +316,26 @@ def plan(
         usable_bytes_per_device=usable,
         max_context_per_device=max_ctx,
         devices_needed=devices,
+        cp=cp,
+        pages_per_rank=pool_pages,
+        segments_per_rank=segments,
+        context_kv_bytes_per_rank=rank_pages * page_size * kv_layer_dev,
+        context_scale_bytes_per_rank=rank_pages * page_size * sc_layer_dev,
+        reserved_bytes_per_rank=segments * segment_size + window_pages * page_size * dev_rate,
+        max_context_with_cp=max_ctx_cp,
+        ranks_needed=ranks,
     )
+
+
+def _rank_pages(g: KVGeometry, context: int, virtual: int) -> int:
+    """Sum over layers of the pages one rank holds at ``context`` tokens, with
+    virtual pages of ``virtual`` tokens (windowed layers capped at their window).
+
+    Every rank allocates every virtual page id, so this is the number of
+    virtual pages a layer touches, the same on every rank.
+    """
+    pages = g.full_layers * -(-context // virtual)
+    return pages + sum(n * -(-min(context, w) // virtual) for w, n in g.windows.items())
 
 
 def _largest(cost: Callable[[int], int], budget: int, slope: int, g: KVGeometry) -> int | None:

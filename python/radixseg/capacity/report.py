@@ -8,11 +8,15 @@ from typing import Any
 
 from radixseg.capacity.geometry import KVGeometry
 
-__all__ = ["SCALE_BYTES", "Plan"]
+__all__ = ["MAX_PAGE_SIZE", "SCALE_BYTES", "Plan"]
 
 #: Bytes of one float32 scale. radixseg stores one per (token, KV head) for K
 #: and for V when the KV dtype is FP8 (one per token per layer for MLA).
 SCALE_BYTES = 4
+
+#: Tokens of the largest page the core allocator takes (``MAX_PAGE_SIZE`` in
+#: ``radixseg-core``); with context parallelism, of the largest virtual page.
+MAX_PAGE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,28 @@ class Plan:
     is rounded down to whole pages. ``devices_needed`` is ``tp`` times the
     number of TP groups that split the context between them (context
     parallelism), each group holding the weights once.
+
+    Context parallelism (``cp`` ranks per TP rank, issue 19): a virtual page
+    holds ``page_size * cp`` tokens, each rank stores ``page_size`` of them
+    under the same page id, so every page id costs one ``page_size``-token page
+    on every rank, filled or not. ``pages_per_rank`` is the page ids the
+    context takes in the pool that grows with it (the one ``pages_per_segment``
+    describes), ``ceil(context / (page_size * cp))``; ``segments_per_rank``
+    the segments holding them. ``context_kv_bytes_per_rank`` and
+    ``context_scale_bytes_per_rank`` are one rank's KV and scales in whole
+    pages (TP split applied; windowed layers capped at their window);
+    ``reserved_bytes_per_rank`` is what one rank's pool reserves: whole
+    segments, plus the pages of windowed layers beside full ones. At
+    ``cp == 1`` the per-rank figures are the per-device ones in whole pages
+    and segments. ``max_context_with_cp`` is the largest context ``cp`` ranks
+    hold in ``usable_bytes_per_device`` each (KV and scales in whole pages, a
+    multiple of ``page_size * cp``; ``None`` without ``device_bytes`` or when
+    every layer is windowed and the windows fit). ``ranks_needed`` is the
+    fewest ranks that hold ``context`` the same way, whatever ``cp`` is; it
+    may be past ``MAX_PAGE_SIZE // page_size``, the most ranks a page size allows;
+    ``None`` without ``device_bytes`` or when not even one page per layer
+    fits. The fit figures count pages, not whole segments, as the one-device
+    fit counts tokens.
     """
 
     geometry: KVGeometry
@@ -67,6 +93,14 @@ class Plan:
     usable_bytes_per_device: int | None
     max_context_per_device: int | None
     devices_needed: int | None
+    cp: int = 1
+    pages_per_rank: int = 0
+    segments_per_rank: int = 0
+    context_kv_bytes_per_rank: int = 0
+    context_scale_bytes_per_rank: int = 0
+    reserved_bytes_per_rank: int = 0
+    max_context_with_cp: int | None = None
+    ranks_needed: int | None = None
 
     def kv_bytes(self, context: int, per_device: bool = False) -> int:
         """KV bytes (no scales) for ``context`` tokens, windowed layers capped."""
@@ -223,10 +257,87 @@ class Plan:
                         f"context-parallel group{'s' if groups != 1 else ''} x tp {tp}",
                     )
                 )
+        rows += self._cp_rows()
         width = max(len(k) for k, _ in rows) + 2
         lines = ["radixseg capacity plan"]
         lines += [f"{k:<{width}}{v}".rstrip() if k or v else "" for k, v in rows]
         return "\n".join(lines)
+
+    def _cp_rows(self) -> list[tuple[str, str]]:
+        """Context-parallel rows: all of them when ``cp > 1``; one naming the
+        ranks needed when the context does not fit one device; else none. Keys
+        are no wider than the others, so the columns stay where they were."""
+        cp, ps, ctx, need = self.cp, self.page_size, self.context, self.ranks_needed
+        limit = ""
+        if need is not None and need * ps > MAX_PAGE_SIZE:
+            limit = (
+                f"; past the {MAX_PAGE_SIZE // ps} ranks page_size {ps} allows "
+                f"(virtual pages of at most {MAX_PAGE_SIZE:,} tokens): lower --page-size"
+            )
+        if cp == 1:
+            if need is None or need == 1:
+                return []
+            return [
+                ("", ""),
+                (
+                    "ranks needed",
+                    f"{ctx:,} tokens do not fit one device: they need --cp {need:,} "
+                    f"(context-parallel ranks per TP rank, each holding 1/{need:,} "
+                    f"of the KV){limit}",
+                ),
+            ]
+        rows = [
+            ("", ""),
+            (
+                "cp ranks",
+                f"cp={cp} context-parallel ranks per TP rank: virtual pages of "
+                f"{ps * cp:,} tokens, {ps} on each rank under the same page id",
+            ),
+            (
+                "per rank",
+                f"{self.pages_per_rank:,} pages of {ps} tokens: KV "
+                f"{_gb(self.context_kv_bytes_per_rank)}"
+                + (
+                    f" + FP8 scales {_gb(self.context_scale_bytes_per_rank)}"
+                    if self.context_scale_bytes_per_rank
+                    else ""
+                ),
+            ),
+            (
+                "reserved",
+                f"{_gb(self.reserved_bytes_per_rank)} per rank: {self.segments_per_rank:,} "
+                f"segment{'s' if self.segments_per_rank != 1 else ''} of "
+                f"{self.pages_per_segment:,} pages"
+                + (
+                    " plus the windowed layers' pages"
+                    if self.geometry.full_layers and self.geometry.windows
+                    else ""
+                ),
+            ),
+        ]
+        if self.usable_bytes_per_device is None:
+            return rows
+        if self.max_context_with_cp is None:
+            largest = "no limit: every layer is windowed"
+        else:
+            largest = (
+                f"{self.max_context_with_cp:,} tokens over {cp} ranks "
+                f"(whole virtual pages of {ps * cp:,})"
+            )
+        rows.append(("largest at cp", largest))
+        if self.usable_bytes_per_device <= 0:
+            rows.append(("ranks needed", "none: the weights alone fill the device"))
+        elif need is None:
+            rows.append(("ranks needed", "none: not one page per layer fits a device"))
+        else:
+            verdict = "fits" if need <= cp else "does not fit"
+            rows.append(
+                (
+                    "ranks needed",
+                    f"{need:,} for {ctx:,} tokens (cp={cp} {verdict}){limit}",
+                )
+            )
+        return rows
 
     def __str__(self) -> str:
         return self.table()
