@@ -104,7 +104,13 @@ Case = tuple[
 
 CASES: list[Case] = [
     # --- SegmentAllocator -------------------------------------------------------------
-    ("SegmentAllocator page_size 3", lambda w: SegmentAllocator(3, 8), InvalidArgument, "3"),
+    ("SegmentAllocator page_size 0", lambda w: SegmentAllocator(0, 8), InvalidArgument, "0"),
+    (
+        "SegmentAllocator page_size 1025",
+        lambda w: SegmentAllocator(1025, 8),
+        InvalidArgument,
+        "1025",
+    ),
     ("SegmentAllocator page_size str", lambda w: SegmentAllocator("16", 8), TypeError, "str"),
     ("SegmentAllocator pps 0", lambda w: SegmentAllocator(16, 0), InvalidArgument, "0"),
     ("SegmentAllocator pps huge", lambda w: SegmentAllocator(16, HUGE), InvalidArgument, str(HUGE)),

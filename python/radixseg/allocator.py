@@ -22,7 +22,9 @@ class SegmentAllocator(Uncopyable, _core.SegmentAllocator):
     Parameters
     ----------
     page_size : int
-        Tokens per page, a power of two in ``1..=1024``.
+        Tokens per page id, ``1..=1024`` (the radix tree matches in these
+        units; :class:`KVPool` stores power-of-two pages, and a sharded pool's
+        virtual page is ``page_size * ranks``).
     pages_per_segment : int
         Pages per segment (the unit of growth and release), ``1..=2**20``.
     max_segments : int, optional

@@ -85,6 +85,14 @@ def _resolve_backend(backend: Any, device: torch.device) -> str:
 # ----- argument checks ----------------------------------------------------------------------
 
 
+def _is_sharded(pool: Any) -> bool:
+    """Whether ``pool`` is a :class:`radixseg.distributed.ShardedKVPool` (whose
+    page tables are virtual and whose attention is collective)."""
+    from radixseg.distributed import ShardedKVPool
+
+    return isinstance(pool, ShardedKVPool)
+
+
 def _check_pool(pool: Any) -> KVPool:
     from radixseg.pool import KVPool
 
@@ -159,7 +167,9 @@ def _check_indptr(indptr: npt.NDArray[np.int64], n: int, what: str, length_of: s
 
 
 class _PageTable:
-    """Validated CSR page table: host copies for planning, int32 device copies for kernels."""
+    """Validated CSR page table: host copies for planning, int32 device copies for
+    kernels (none when ``device`` is None). ``page_size``: tokens per page of the
+    table, default the pool's (a sharded pool's tables count virtual pages)."""
 
     def __init__(
         self,
@@ -169,8 +179,9 @@ class _PageTable:
         indptr: npt.NDArray[np.int64],
         kv_indices: Any,
         kv_last_page_len: Any,
-        device: torch.device,
+        device: torch.device | None,
         check: bool,
+        page_size: int | None = None,
     ) -> None:
         indices = _host_index(kv_indices, "kv_indices")
         last = _host_index(kv_last_page_len, "kv_last_page_len")
@@ -184,7 +195,7 @@ class _PageTable:
                 f"kv_last_page_len must have one entry per request ({batch}), got {last.size}"
             )
         n_pages = np.diff(indptr)
-        ps = pool.page_size
+        ps = pool.page_size if page_size is None else page_size
         bad = (n_pages > 0) & ((last < 1) | (last > ps))
         if bad.any():
             i = int(np.argmax(bad))
@@ -211,7 +222,9 @@ class _PageTable:
                         f"reads only pages a request or the cache holds"
                     )
         self.kv_lens: npt.NDArray[np.int64] = np.where(n_pages > 0, (n_pages - 1) * ps + last, 0)
-        self.indptr, self.indices = indptr, indices
+        self.indptr, self.indices, self.last = indptr, indices, last
+        if device is None:
+            return
         self.d_indptr = _device_int32(kv_indptr, indptr, device)
         self.d_indices = _device_int32(kv_indices, indices, device)
         self.d_last = _device_int32(kv_last_page_len, last, device)
@@ -302,7 +315,9 @@ def _attention(
     )
     qo_lens = np.diff(qo_host)
     over = qo_lens > table.kv_lens
-    if not decode and over.any():
+    # Only causal extend places the new tokens at the end of the KV; without a
+    # mask, queries may outnumber keys (a sharded context's local part).
+    if not decode and causal and over.any():
         i = int(np.argmax(over))
         raise InvalidArgument(
             f"request {i} has {int(qo_lens[i])} new tokens but only {int(table.kv_lens[i])} KV "
@@ -459,7 +474,27 @@ def decode(
     ...                                      kv_last_page_len, return_lse=True)
     >>> out.shape, lse.shape
     (torch.Size([2, 4, 16]), torch.Size([2, 4]))
+
+    With a :class:`radixseg.distributed.ShardedKVPool` this is the collective
+    :func:`radixseg.distributed.decode` (the page table is the virtual one).
     """
+    if _is_sharded(pool):
+        from radixseg.distributed import decode as sharded_decode
+
+        return sharded_decode(
+            q,
+            pool,  # type: ignore[arg-type]
+            layer,
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len,
+            sm_scale,
+            return_lse,
+            num_splits=num_splits,
+            fp8_software=fp8_software,
+            backend=backend,
+            check=check,
+        )
     out, lse = _attention(
         q,
         pool,
@@ -496,6 +531,8 @@ def extend(
     fp8_software: bool | None = ...,
     backend: Backend = ...,
     check: bool = ...,
+    k: torch.Tensor | None = ...,
+    v: torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def extend(
@@ -514,6 +551,8 @@ def extend(
     fp8_software: bool | None = ...,
     backend: Backend = ...,
     check: bool = ...,
+    k: torch.Tensor | None = ...,
+    v: torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def extend(
     q: torch.Tensor,
@@ -531,6 +570,8 @@ def extend(
     fp8_software: bool | None = None,
     backend: Backend = "auto",
     check: bool = True,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """New tokens of each request attending to its cached prefix and to each other.
 
@@ -552,6 +593,11 @@ def extend(
         The page table covering prefix and new tokens, as in :func:`decode`.
     causal : bool
         Mask each new token's view of later new tokens.
+    k, v : Tensor ``[total_q, kv_heads, head_dim]``, optional
+        The new tokens' K/V. Only for a
+        :class:`radixseg.distributed.ShardedKVPool`, where they are required:
+        the call is then the collective :func:`radixseg.distributed.extend`
+        (virtual page table; each rank stores only its share of the new tokens).
 
     Other parameters are those of :func:`decode`.
 
@@ -577,6 +623,37 @@ def extend(
     >>> out.shape
     torch.Size([3, 2, 16])
     """
+    if _is_sharded(pool):
+        if k is None or v is None:
+            raise InvalidArgument(
+                "extend over a ShardedKVPool needs the new tokens' K/V: pass k= and v= "
+                "([total_q, kv_heads, head_dim], the same on every rank)"
+            )
+        from radixseg.distributed import extend as sharded_extend
+
+        return sharded_extend(
+            q,
+            pool,  # type: ignore[arg-type]
+            layer,
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len,
+            k,
+            v,
+            causal,
+            sm_scale,
+            return_lse=return_lse,
+            num_splits=num_splits,
+            fp8_software=fp8_software,
+            backend=backend,
+            check=check,
+        )
+    if k is not None or v is not None:
+        raise InvalidArgument(
+            "k/v are for a ShardedKVPool's extend; with a KVPool store the new tokens' K/V "
+            "in the pool first (store_kv) and leave k and v unset"
+        )
     out, lse = _attention(
         q,
         pool,
@@ -679,10 +756,14 @@ def store_kv(
     (NaN payloads aside); other pools store ``k.to(pool.dtype)``. ``check``
     validates slots and, for FP8, finiteness (host syncs). Slots must be
     distinct (as for ``KVPool.write``, which of two writes to one slot wins
-    is unspecified).
+    is unspecified). With a :class:`radixseg.distributed.ShardedKVPool`, rows
+    whose slot is ``-1`` (tokens another rank stores) are skipped.
     """
     pool = _check_pool(pool)
     layer = pool.check_layer(layer)
+    if _is_sharded(pool):
+        # Slots of tokens another rank stores are -1: keep this rank's rows.
+        slots, k, v = pool.owned(slots, k, v)  # type: ignore[attr-defined]
     slots_t = pool.check_slots(slots, check)
     k = pool.check_kv(k, slots_t.numel(), "k")
     v = pool.check_kv(v, slots_t.numel(), "v")

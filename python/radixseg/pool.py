@@ -376,7 +376,7 @@ class KVPool(Uncopyable):
         self.shrink_hysteresis = as_count(shrink_hysteresis, "shrink_hysteresis")
         self.auto_shrink = bool(auto_shrink)
 
-        self.allocator = SegmentAllocator(ps, pps, max_segments)
+        self.allocator = SegmentAllocator(self._tokens_per_page_id(ps), pps, max_segments)
         self._factory: TensorFactory = tensor_factory or _default_factory
         self._segments: list[_Segment | None] = []
         # uint8 numpy views of the segment buffers (CPU pools), rebuilt after
@@ -399,6 +399,12 @@ class KVPool(Uncopyable):
         }
 
     # ----- configuration helpers --------------------------------------------------
+
+    def _tokens_per_page_id(self, page_size: int) -> int:
+        """Tokens one page id stands for in the allocator and the radix tree: the
+        stored page here; a :class:`radixseg.distributed.ShardedKVPool` stores
+        ``page_size`` of the ``page_size * ranks`` tokens of a virtual page."""
+        return page_size
 
     @staticmethod
     def _positive(x: Any, what: str, limit: int) -> int:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from radixseg.pool import KVPool
 
-__all__ = ["gather_kv", "merge_states_torch", "paged_attention_torch"]
+__all__ = ["dense_attention_torch", "gather_kv", "merge_states_torch", "paged_attention_torch"]
 
 
 def merge_states_torch(
@@ -162,6 +162,69 @@ def paged_attention_torch(
         out[rows] = o_i.reshape(qo, q_heads, head_dim)
         lse[rows] = s_i.view(kv_heads, qo, group).permute(1, 0, 2).reshape(qo, q_heads)
     return out.to(out_dtype or q.dtype), lse.float()
+
+
+def dense_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qo_lens: npt.NDArray[np.int64],
+    *,
+    causal: bool,
+    sm_scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+    max_scores: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each request's new tokens over their own K/V, without a pool.
+
+    ``q [T, q_heads, head_dim]``, ``k``/``v [T, kv_heads, head_dim]``: request
+    ``i`` owns the next ``qo_lens[i]`` rows of all three, and with ``causal``
+    its row ``j`` sees its keys ``0..=j``. Returns ``(out [T, q_heads,
+    head_dim]`` in q's dtype, ``lse [T, q_heads]`` float32 natural log). Query
+    rows are processed in chunks of at most ``max_scores`` scores, so memory
+    stays bounded for long prompts. (The new part of a sharded extend: those
+    keys are on every rank, the cached context is not.)
+    """
+    total, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    out = torch.zeros((total, q_heads, head_dim), dtype=compute_dtype, device=q.device)
+    lse = torch.full((total, q_heads), -math.inf, dtype=compute_dtype, device=q.device)
+    start = 0
+    for n in (int(x) for x in qo_lens):
+        rows = slice(start, start + n)
+        start += n
+        if n == 0:
+            continue
+        kt = k[rows].to(compute_dtype).permute(1, 2, 0)  # [kv_heads, D, n]
+        vt = v[rows].to(compute_dtype).permute(1, 0, 2)  # [kv_heads, n, D]
+        step = max(1, max_scores // (q_heads * n))
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            qi = q[start - n + c0 : start - n + c1].to(compute_dtype)
+            qi = qi.view(c1 - c0, kv_heads, group, head_dim).permute(1, 0, 2, 3)
+            s = torch.matmul(qi.reshape(kv_heads, -1, head_dim), kt) * sm_scale
+            if causal:
+                t = torch.arange(c0, c1, device=q.device).repeat_interleave(group)
+                hidden = torch.arange(n, device=q.device)[None, :] > t[:, None]
+                s.masked_fill_(hidden[None], -math.inf)
+            s_max = s.amax(dim=-1, keepdim=True)
+            e = torch.exp(s - s_max)
+            total_e = e.sum(dim=-1)
+            o = torch.matmul(e, vt) / total_e.unsqueeze(-1)
+            at = slice(start - n + c0, start - n + c1)
+            out[at] = (
+                o.view(kv_heads, c1 - c0, group, head_dim)
+                .permute(1, 0, 2, 3)
+                .reshape(c1 - c0, q_heads, head_dim)
+            )
+            lse[at] = (
+                (s_max.squeeze(-1) + torch.log(total_e))
+                .view(kv_heads, c1 - c0, group)
+                .permute(1, 0, 2)
+                .reshape(c1 - c0, q_heads)
+            )
+    return out.to(q.dtype), lse.float()
 
 
 def fp8_codes_to_float(

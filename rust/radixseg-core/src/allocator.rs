@@ -230,14 +230,16 @@ impl Segment {
 impl SegmentAllocator {
     /// An allocator with no segments.
     ///
-    /// `page_size` is a power of two in `1..=1024` (tokens per page; kept for
-    /// slot arithmetic by callers); `pages_per_segment` is in `1..=2^20`.
+    /// `page_size` is in `1..=1024` (tokens per page id; kept for slot
+    /// arithmetic by callers and the tree, never used here; a context-parallel
+    /// pool's virtual page of `P * R` tokens need not be a power of two);
+    /// `pages_per_segment` is in `1..=2^20`.
     pub fn new(page_size: u32, pages_per_segment: u32) -> Result<Self> {
-        if !(1..=MAX_PAGE_SIZE).contains(&page_size) || !page_size.is_power_of_two() {
+        if !(1..=MAX_PAGE_SIZE).contains(&page_size) {
             return Err(CoreError::InvalidConfig {
                 what: "page_size",
                 value: page_size.into(),
-                rule: "must be a power of two in 1..=1024",
+                rule: "must be in 1..=1024",
             });
         }
         if !(1..=MAX_PAGES_PER_SEGMENT).contains(&pages_per_segment) {
@@ -1327,7 +1329,8 @@ mod tests {
     #[test]
     fn rejects_bad_config() {
         assert!(SegmentAllocator::new(0, 4).is_err());
-        assert!(SegmentAllocator::new(3, 4).is_err());
+        assert!(SegmentAllocator::new(1025, 4).is_err());
+        assert!(SegmentAllocator::new(48, 4).is_ok()); // 16-token pages x 3 ranks
         assert!(SegmentAllocator::new(2048, 4).is_err());
         assert!(SegmentAllocator::new(16, 0).is_err());
         assert!(SegmentAllocator::new(16, MAX_PAGES_PER_SEGMENT + 1).is_err());

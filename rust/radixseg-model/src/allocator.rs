@@ -171,11 +171,11 @@ fn resolve(c: &RawConfig) -> Config {
 
 /// What the constructor and `with_max_segments` must answer.
 fn expected_config(c: &Config) -> Result<u32, CoreError> {
-    if !(1..=MAX_PAGE_SIZE).contains(&c.page_size) || !c.page_size.is_power_of_two() {
+    if !(1..=MAX_PAGE_SIZE).contains(&c.page_size) {
         return Err(CoreError::InvalidConfig {
             what: "page_size",
             value: c.page_size.into(),
-            rule: "must be a power of two in 1..=1024",
+            rule: "must be in 1..=1024",
         });
     }
     if !(1..=MAX_PAGES_PER_SEGMENT).contains(&c.pps) {

@@ -44,7 +44,7 @@ impl SegmentAllocator {
                 )
             })
         };
-        let ps = as_u32("page_size", page_size, "must be a power of two in 1..=1024")?;
+        let ps = as_u32("page_size", page_size, "must be in 1..=1024")?;
         let pps = as_u32(
             "pages_per_segment",
             pages_per_segment,
