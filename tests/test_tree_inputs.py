@@ -2,7 +2,8 @@
 
 int32 arrays are read in place by the core (their bits as u32), int64 arrays
 by value; a negative int32 must be refused with the value the caller gave, and
-a failing call must change nothing on either path.
+a failing call must change nothing on either path. Page sizes need not be
+powers of two (a context-parallel pool's virtual page is page_size x ranks).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _err(out: Any, kind: str, **attrs: int) -> bool:
     return all(got[k] == v for k, v in attrs.items())
 
 
-@pytest.mark.parametrize("ps", [1, 2, 4])
+@pytest.mark.parametrize("ps", [1, 2, 4, 3, 48])
 def test_match_insert_acquire_finish_agree(ps: int) -> None:
     tw = Twin(ps)
     base = list(range(1, 4 * ps + 1))
@@ -152,7 +153,7 @@ def test_match_insert_acquire_finish_agree(ps: int) -> None:
     assert tw.run(lambda t, arr: t.match_prefix(arr(full)))[1][1] == len(full) // ps * ps
 
 
-@pytest.mark.parametrize("ps", [1, 2])
+@pytest.mark.parametrize("ps", [1, 2, 3])
 def test_random_sequences_agree(ps: int) -> None:
     """Seeded random requests (with a bad token or id now and then) through both paths."""
     rng = np.random.default_rng(ps)
@@ -190,3 +191,22 @@ def test_random_sequences_agree(ps: int) -> None:
             for _, _, t in tw.sides:
                 t.evict(2)
         assert tw.state(*tw.sides[0][1:]) == tw.state(*tw.sides[1][1:])
+
+
+@pytest.mark.parametrize("ps", [3, 12, 48])
+def test_page_size_need_not_be_a_power_of_two(ps: int) -> None:
+    """Whole pages of ``ps`` tokens are cached and matched, the trailing
+    partial page never, as at power-of-two sizes."""
+    a = SegmentAllocator(ps, 64)
+    a.add_segment()
+    t = RadixTree(a)
+    n = 3 * ps + ps // 2
+    toks = np.arange(n, dtype=np.int64)
+    pages = a.alloc(-(-n // ps))
+    t.insert(toks, pages[:3])
+    m = t.match_prefix(np.concatenate([toks[: 2 * ps + 1], [10**6]]))
+    assert (m.length, m.page_ids.tolist()) == (2 * ps, pages[:2].tolist())
+    assert t.match_prefix(toks).length == 3 * ps
+    a.release(pages)
+    assert t.evict(10) == 3 and a.free_pages() == 64
+    t.check_invariants()
