@@ -60,6 +60,31 @@ work), ``attention="gather"`` lets the model mask the window, and the
 ``"radixseg"`` attention computes windowed attention exactly (a context
 within the window is plain causal attention and takes the usual path).
 
+Context parallelism (one sequence's KV sharded over ranks, issue 19): give
+:func:`prefix_cache_for` a ``torch.distributed`` process group
+(``group=...``), or ``context_parallel=True`` for the whole world, and it
+returns a :class:`~radixseg.distributed.ShardedPrefixCache` over a
+:class:`~radixseg.distributed.ShardedKVPool`; :class:`RadixsegCache` over it
+is used exactly as above. Each rank loads the same model and runs the same
+``generate`` on the same prompts (the cache calls are collective and
+checked: different prompts raise :class:`~radixseg.distributed.RankMismatch`
+on every rank), each stores ``1/R`` of the KV, and every rank returns the
+same tokens as one process. ``page_size`` is then the page each rank stores;
+the prefix tree counts virtual pages of ``page_size * R`` tokens, so a prefix
+is reused in whole virtual pages. ``cache.stats()`` and ``pool.stats()`` are
+this rank's (``pool.stats_all()`` gathers every rank's). Decode steps use
+the collective :func:`radixseg.attention.decode`; prefill and extend steps
+hand the step's new K/V to the collective :func:`radixseg.attention.extend`.
+Sliding-window layers and ``attention="gather"`` read every token locally,
+so they are refused (:class:`~radixseg.InvalidArgument`) on a sharded cache::
+
+    dist.init_process_group("nccl")        # one process per rank, all running this
+    prefix = prefix_cache_for(model.config, dtype="bf16", device="cuda",
+                              group=dist.group.WORLD)
+    cache = RadixsegCache(prefix, prompt)
+    out = model.generate(prompt, cache=cache, max_new_tokens=16, do_sample=False)
+    cache.finish(out)                      # on every rank, like every cache call
+
 What is not supported, and raises :class:`~radixseg.InvalidArgument` rather
 than computing something wrong: right padding or holes in ``attention_mask``,
 chunked, linear-attention and soft-capped attention layers, beam search,
@@ -92,6 +117,7 @@ from radixseg import attention as _attn
 from radixseg._core import InvalidArgument
 from radixseg.cache import PrefixCache, Request
 from radixseg.capacity import kv_geometry
+from radixseg.distributed import ShardedKVPool, ShardedPrefixCache
 from radixseg.pool import KVPool
 
 __all__ = [
@@ -169,6 +195,26 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
     return g.num_layers, kv_heads, g.head_dim
 
 
+def _is_windowed(config: Any) -> bool:
+    """Whether ``config`` has sliding-window layers (``layer_types`` naming
+    them, or Mistral-style ``sliding_window`` without ``layer_types``)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types is not None:
+        return "sliding_attention" in types
+    return (
+        getattr(text, "sliding_window", None) is not None
+        and getattr(text, "use_sliding_window", True) is not False
+    )
+
+
+_WINDOW_UNDER_CP = (
+    "sliding-window attention is not supported under context parallelism (it reads the "
+    "window's tokens locally, and each rank holds only its share of them; windowed layer "
+    "groups are issue 20): use a full-attention model, or one process without group="
+)
+
+
 def prefix_cache_for(
     config: Any,
     *,
@@ -177,6 +223,8 @@ def prefix_cache_for(
     device: str | torch.device = "cpu",
     segment_bytes: int | None = None,
     budget_bytes: int | str | None = None,
+    group: Any = None,
+    context_parallel: bool = False,
     **pool_kwargs: Any,
 ) -> PrefixCache:
     """A :class:`PrefixCache` over a new :class:`KVPool` shaped for ``config``.
@@ -186,9 +234,22 @@ def prefix_cache_for(
     with per-token, per-head scales by default; ``"bf16"``, ``"fp16"`` or
     ``"fp32"`` store K/V as the model computed them). Other keyword arguments
     go to :class:`KVPool`.
+
+    Context parallelism: with a ``torch.distributed`` process ``group``, or
+    ``context_parallel=True`` (the default group, the whole world), this is
+    collective and returns a :class:`~radixseg.distributed.ShardedPrefixCache`
+    over a :class:`~radixseg.distributed.ShardedKVPool` (``page_size`` per
+    rank; other keyword arguments, ``verify`` included, go to it): call it
+    with the same arguments on every rank of the group. Sliding-window models
+    are refused there (:class:`InvalidArgument`).
     """
     layers, kv_heads, head_dim = model_geometry(config)
-    pool = KVPool(
+    sharded = context_parallel or group is not None
+    if sharded and _is_windowed(config):
+        raise InvalidArgument(
+            f"config {type(config).__name__} has sliding-window layers; {_WINDOW_UNDER_CP}"
+        )
+    pool = (ShardedKVPool if sharded else KVPool)(
         layers,
         kv_heads,
         head_dim,
@@ -197,9 +258,10 @@ def prefix_cache_for(
         device=device,
         segment_bytes=segment_bytes,
         budget_bytes=budget_bytes,
+        **({"group": group} if sharded else {}),
         **pool_kwargs,
     )
-    return PrefixCache(pool)
+    return ShardedPrefixCache(pool) if isinstance(pool, ShardedKVPool) else PrefixCache(pool)
 
 
 # ----- the mask the "radixseg" attention receives ----------------------------------------
@@ -351,14 +413,26 @@ class _Step:
 
 
 class _Handle:
-    """Attached to the key tensor a layer returns: where the attention reads from."""
+    """Attached to the key tensor a layer returns: where the attention reads from.
 
-    __slots__ = ("cache", "layer", "step")
+    ``kv``: the step's real rows of the layer's new K and V (``[N, kv_heads,
+    head_dim]``, the order of the attention's query rows), kept for a sharded
+    pool, whose collective extend needs them; ``None`` otherwise.
+    """
 
-    def __init__(self, cache: RadixsegCache, layer: int, step: _Step) -> None:
+    __slots__ = ("cache", "kv", "layer", "step")
+
+    def __init__(
+        self,
+        cache: RadixsegCache,
+        layer: int,
+        step: _Step,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.cache = cache
         self.layer = layer
         self.step = step
+        self.kv = kv
 
 
 class RadixsegLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
@@ -527,6 +601,11 @@ class RadixsegCache(Cache):
         :mod:`radixseg.attention` backend (``"auto"``: Triton on CUDA, the
         native kernel for decode steps and torch for prefill on CPU).
 
+    Over a :class:`~radixseg.distributed.ShardedPrefixCache` (context
+    parallelism, see :func:`prefix_cache_for`) every call of this cache, and
+    every forward pass, is collective: make the same calls on every rank.
+    Only ``attention="segments"`` and full-attention layers work there.
+
     Call :meth:`finish` with ``generate``'s output to keep the prompt and the
     generated tokens cached for later prompts, or :meth:`abort` to drop them;
     the cache is a context manager that aborts on exit if neither was called.
@@ -554,6 +633,18 @@ class RadixsegCache(Cache):
             raise InvalidArgument(
                 f"backend must be 'auto', 'triton', 'torch' or 'cpu', got {backend!r}"
             )
+        sharded = isinstance(prefix_cache, ShardedPrefixCache)
+        if isinstance(prefix_cache.pool, ShardedKVPool) and not sharded:
+            raise InvalidArgument(
+                "prefix_cache is a plain PrefixCache over a ShardedKVPool; use "
+                "radixseg.distributed.ShardedPrefixCache(pool) (or prefix_cache_for(..., group=))"
+            )
+        if sharded and attention == "gather":
+            raise InvalidArgument(
+                "attention='gather' is not supported under context parallelism: it would "
+                "gather every token on every rank, and each rank holds only its share; use "
+                "attention='segments' with attn_implementation='radixseg'"
+            )
         rows = _as_rows(input_ids)
         shape = (len(rows), rows[0].numel())
         pads = [0] * len(rows) if attention_mask is None else _left_padding(attention_mask, shape)
@@ -561,6 +652,8 @@ class RadixsegCache(Cache):
         self.pool = prefix_cache.pool
         self.attention = attention
         self.backend = backend
+        self.context_parallel = sharded
+        """Whether the KV is sharded over ranks (a ShardedPrefixCache): every call is collective."""
         self.namespace = namespace
         self._prompts = rows
         self.padding: list[int] = pads
@@ -668,7 +761,8 @@ class RadixsegCache(Cache):
         if self.attention == "gather":
             return self._gather(layer.layer_idx, k.dtype)
         step.consumed = False
-        setattr(k, _HANDLE, _Handle(self, layer.layer_idx, step))
+        kv = (kk, vv) if self.context_parallel else None
+        setattr(k, _HANDLE, _Handle(self, layer.layer_idx, step, kv))
         return k, v
 
     def _new_step(self, t: int) -> None:
@@ -866,7 +960,8 @@ class RadixsegCache(Cache):
         self.abort()
 
     def stats(self) -> dict[str, Any]:
-        """The pool's stats (JSON-exportable) plus this cache's length and reuse."""
+        """The pool's stats (JSON-exportable; this rank's under context parallelism)
+        plus this cache's length and reuse."""
         out = dict(self.pool.stats())
         out.update(
             batch=len(self.requests),
@@ -977,6 +1072,10 @@ def radixseg_attention(
     window = cache._check_mask(attention_mask, step, handle.layer)
     if attention_mask is None and kwargs.get("sliding_window") is not None:
         window = int(kwargs["sliding_window"])
+    if window is not None and cache.context_parallel:
+        raise InvalidArgument(
+            f"layer {handle.layer} has a sliding window of {window}; {_WINDOW_UNDER_CP}"
+        )
     b, hq, t, d = query.shape
     q = query.transpose(1, 2).reshape(b * t, hq, d)
     if step.rows is not None:
@@ -992,6 +1091,8 @@ def radixseg_attention(
         if all(step.counts[i] == 1 for i in step.active):
             out = _attn.decode(q, cache.pool, handle.layer, *table, **common)
         else:
+            if handle.kv is not None:  # sharded: the collective extend takes the new K/V
+                common["k"], common["v"] = handle.kv
             out = _attn.extend(
                 q, cache.pool, handle.layer, step.qo_indptr, *table, causal=True, **common
             )
