@@ -176,6 +176,13 @@ class PrefixCache(Uncopyable):
     def __init__(self, pool: KVPool, *, max_context_len: int | None = None) -> None:
         if not isinstance(pool, KVPool):
             raise TypeError(f"pool must be a KVPool, got {type(pool).__name__}")
+        ids = pool.allocator.page_size
+        if ids != pool.page_size and type(self) is PrefixCache:
+            raise TypeError(
+                f"this pool's page ids name virtual pages of {ids} tokens, {pool.page_size} of "
+                f"them stored here (a radixseg.distributed.ShardedKVPool); use "
+                f"radixseg.distributed.ShardedPrefixCache, which returns this rank's slots"
+            )
         self.pool = pool
         self.page_size = pool.page_size
         self.tree = RadixTree(pool.allocator)

@@ -300,7 +300,11 @@ class ShardedKVPool(KVPool):
             added = super()._grow(n_segments)
         except _GrowthFailed as e:
             failure = e
-        ok = self.comm.gather_ints([failure is None])[:, 0]
+        try:
+            ok = self.comm.gather_ints([failure is None])[:, 0]
+        except BaseException:
+            self._abandon_growth(added)  # interrupted in the collective: all or none here
+            raise
         if ok.all():
             return added
         # Some rank's device refused: this growth fails on every rank, and the
