@@ -526,6 +526,15 @@ def _rank_growth_failure(bad: int, nth: int, torch_oom: bool) -> dict[str, Any]:
 
     more = prompt(rng, 5 * v)  # three segments or more
     fails(lambda: cache.extend(x, more), nth)
+    # An interrupt on one rank while it grows: that rank gets it, the others
+    # leave the call with RankMismatch instead of waiting for it in the next
+    # collective; nothing changes anywhere.
+    if rank == bad:
+        factory.arm(nth, KeyboardInterrupt())
+        refused(KeyboardInterrupt, cache, reqs, lambda: cache.extend(x, more))  # type: ignore[arg-type]
+    else:
+        err = refused(RankMismatch, cache, reqs, lambda: cache.extend(x, more))
+        assert f"rank(s) [{bad}] of {pool.ranks} raised" in str(err), err
     fails(lambda: pool.alloc(3 * pool.pages_per_segment), nth)
     # A decode step that needs one page, with none free: y's last page is full.
     grow(cache, y, prompt(rng, v - 1))
@@ -613,6 +622,11 @@ def _rank_mismatch() -> None:
     ):
         with pytest.raises(RankMismatch, match=r"ShardedKVPool\(\.\.\.\)"):
             sharded_pool(**kw)
+    # Arguments one rank refuses: it raises its own error, the others do not
+    # wait for it in the geometry check but raise RankMismatch.
+    with pytest.raises(InvalidArgument) as bad:
+        sharded_pool(page_size=3 if rank == ranks - 1 else 4)
+    assert isinstance(bad.value, RankMismatch) == (rank != ranks - 1), bad.value
 
 
 def _rank_attention_options_differ() -> list[str]:
@@ -776,12 +790,6 @@ def test_rank_mismatch_is_raised_on_every_rank(spawned: Ranks) -> None:
     spawned.run(_rank_mismatch)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="radixseg.distributed.decode/extend's check compares the page table, layer and "
-    "q's shape (extend: also qo_indptr and causal) but not sm_scale or q's dtype: ranks "
-    "given different ones merge their partials silently",
-)
 def test_attention_options_that_differ_are_refused(spawned: Ranks) -> None:
     results = spawned.run(_rank_attention_options_differ)
     assert all(r == results[0] for r in results)  # refused or not, then on every rank

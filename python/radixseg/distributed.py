@@ -49,6 +49,7 @@ Usage, one process per rank::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Sequence
@@ -242,7 +243,14 @@ class ShardedKVPool(KVPool):
         self.rank = self.comm.rank
         self.ranks = self.comm.size
         self.verify = bool(verify)
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException as e:
+            # The other ranks are about to compare geometries: join them with a
+            # digest none of them can have, so they raise instead of waiting.
+            with contextlib.suppress(RankMismatch):
+                self.check_agreement("ShardedKVPool(...)", "failed on this rank", repr(e))
+            raise
         self.shard = ShardLayout(self.page_size, self.ranks, self.rank)
         self.virtual_page_size = self.shard.virtual_page_size
         # Every rank must agree on the geometry, or page ids mean different bytes.
@@ -295,27 +303,44 @@ class ShardedKVPool(KVPool):
 
     def _grow(self, n_segments: int) -> list[int]:
         failure: _GrowthFailed | None = None
+        other: BaseException | None = None
         added: list[int] = []
         try:
             added = super()._grow(n_segments)
         except _GrowthFailed as e:
             failure = e
+        except BaseException as e:
+            # An interrupt or a bad buffer: still join the agreement (as a
+            # failure), so the other ranks fail this growth instead of waiting.
+            other = e
+        # 0: grew, 1: the device refused, 2: anything else (interrupt, bug).
+        code = 2 if other is not None else int(failure is not None)
         try:
-            ok = self.comm.gather_ints([failure is None])[:, 0]
+            codes = self.comm.gather_ints([code])[:, 0]
         except BaseException:
             self._abandon_growth(added)  # interrupted in the collective: all or none here
             raise
-        if ok.all():
+        if other is not None:
+            raise other
+        if not codes.any():
             return added
-        # Some rank's device refused: this growth fails on every rank, and the
-        # ranks that grew give their new segments back.
+        # Some rank failed: this growth fails on every rank, and the ranks that
+        # grew give their new segments back.
         self._abandon_growth(added)
+        gone = [r for r in range(self.ranks) if codes[r] == 2]
+        if gone:
+            # Those ranks left the call; going on to evict or to report would
+            # wait for them in collectives they never join. Leave now.
+            raise RankMismatch(
+                f"rank(s) {gone} of {self.ranks} raised while adding segments (an interrupt or "
+                f"an error other than the device refusing memory) and left the call; this "
+                f"rank's growth was undone and nothing was changed"
+            )
         if failure is not None:
             raise failure
-        bad = [r for r in range(self.ranks) if not ok[r]]
+        bad = [r for r in range(self.ranks) if codes[r]]
         cause = RuntimeError(
-            f"rank(s) {bad} of {self.ranks} could not allocate a "
-            f"{self.segment_bytes:,}-byte segment"
+            f"rank(s) {bad} of {self.ranks} failed to add a {self.segment_bytes:,}-byte segment"
         )
         raise _GrowthFailed(0, cause) from cause
 
@@ -369,20 +394,29 @@ class ShardedKVPool(KVPool):
         return out
 
     def stats_all(self) -> dict[str, Any]:
-        """Collective: ``{"per_rank": [stats of rank 0, ...], "total": {...}}``,
-        the total summing every integer counter over ranks (``page_size`` and
-        other configuration keys are kept as they are)."""
+        """Collective: ``{"per_rank": [stats of rank 0, ...], "total": {...}}``.
+
+        Every numeric value of ``per_rank[r]`` is rank ``r``'s own (others,
+        such as ``None`` budgets, are the same on every rank); ``total`` sums
+        the integer counters over ranks and keeps the configuration keys
+        (``page_size``, ``segment_bytes``, ...) as they are.
+        """
         mine = self.stats()
-        keys = sorted(k for k, x in mine.items() if isinstance(x, int) and not isinstance(x, bool))
-        got = self.comm.gather_ints([int(mine[k]) for k in keys])
+        ints = sorted(k for k, x in mine.items() if type(x) is int)
+        floats = sorted(k for k, x in mine.items() if type(x) is float)
+        got_i = self.comm.gather_ints([int(mine[k]) for k in ints])
+        got_f = torch.stack(
+            self.comm.gather(torch.tensor([float(mine[k]) for k in floats], dtype=torch.float64))
+        ).numpy()
         per_rank = []
         for r in range(self.ranks):
             d = dict(mine)
-            d.update({k: int(got[r, i]) for i, k in enumerate(keys)})
+            d.update({k: int(got_i[r, i]) for i, k in enumerate(ints)})
+            d.update({k: float(got_f[r, i]) for i, k in enumerate(floats)})
             per_rank.append(d)
         fixed = {"page_size", "pages_per_segment", "segment_bytes", "ranks", "virtual_page_size"}
         fixed |= {"bytes_per_token", "budget_bytes"}
-        total = {k: (mine[k] if k in fixed else int(got[:, i].sum())) for i, k in enumerate(keys)}
+        total = {k: (mine[k] if k in fixed else int(got_i[:, i].sum())) for i, k in enumerate(ints)}
         total.pop("rank", None)
         return {"per_rank": per_rank, "total": total}
 
@@ -610,17 +644,23 @@ def decode(
     rank attends over the tokens it holds; one all-gather of ``[batch,
     q_heads, head_dim + 1]`` fp32 per rank merges them. Returns what
     :func:`radixseg.attention.decode` returns, identical on every rank. With
-    ``check``, the ranks first compare the table (:class:`RankMismatch`).
+    ``check``, the ranks first compare the table, the layer, the scale and
+    q's shape and dtype (:class:`RankMismatch`); the values of ``q`` (and of
+    extend's ``k``/``v``) are not compared (hashing them costs what the
+    attention does).
     """
-    from radixseg.attention import _check_q
+    from radixseg.attention import _check_q, _check_scale
 
     pool = _sharded(pool)
     q = _check_q(q, pool)
     indptr, indices, lens = _virtual_lens(pool, q.shape[0], kv_indptr, kv_indices, kv_last_page_len)
+    scale = _check_scale(sm_scale, pool.head_dim)
     if check:
-        pool.check_agreement("decode", layer, tuple(q.shape), indices[: int(indptr[-1])], lens)
+        pool.check_agreement(
+            "decode", layer, tuple(q.shape), str(q.dtype), scale, indices[: int(indptr[-1])], lens
+        )
     opts = {
-        "sm_scale": sm_scale,
+        "sm_scale": scale,
         "num_splits": num_splits,
         "fp8_software": fp8_software,
         "backend": backend,
@@ -686,11 +726,19 @@ def extend(
             f"request {i} has {int(qo_lens[i])} new tokens but only {int(lens[i])} KV tokens; "
             f"the page table must count the new tokens"
         )
+    scale = _check_scale(sm_scale, pool.head_dim)
     if check:
         pool.check_agreement(
-            "extend", layer, tuple(q.shape), qo, indices[: int(indptr[-1])], lens, causal
+            "extend",
+            layer,
+            tuple(q.shape),
+            str(q.dtype),
+            scale,
+            qo,
+            indices[: int(indptr[-1])],
+            lens,
+            causal,
         )
-    scale = _check_scale(sm_scale, pool.head_dim)
     opts = {
         "sm_scale": scale,
         "num_splits": num_splits,
