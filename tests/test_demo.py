@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -95,6 +99,9 @@ def test_demo_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         (["--budget", "1B"], "budget 1 B allows 0 more segment(s)"),
         (["--device", "meta"], "cpu or cuda, not meta"),
         (["--device", "xyz"], "device='xyz' is not a device name"),
+        (["--ranks", "4"], "ranks must be in 1..=3, got 4"),
+        (["--ranks", "0"], "ranks must be an integer >= 1, got 0"),
+        (["--ranks", "2", "--page-size", "1024"], "page_size x ranks = 2048"),
         pytest.param(
             ["--device", "cuda"],
             "CUDA is not available",
@@ -113,3 +120,50 @@ def test_demo_without_chats_skips_the_trace(capsys: pytest.CaptureFixture[str]) 
     argv = ["demo", "--tokens", "20k", "--chunk", "4096", "--segment-bytes", "256KiB"]
     assert main([*argv, "--chats", "0", "--no-progress", "--plot", ""]) == 0
     assert "serve trace: 0 requests" in capsys.readouterr().out
+
+
+def test_demo_ranks_2_holds_half_per_rank_and_joins(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``--ranks 2``: the long context on two spawned gloo processes, each holding
+    half of what one process holds (within one segment), a decode step equal to
+    the dense reference, every byte handed back and every process joined."""
+    png = tmp_path / "ranks.png"
+    small: dict[str, Any] = {"tokens": 60_000, "chunk": 8_192, "segment_bytes": 256 << 10}
+    small.update(followups=2, chats=2, turns=1, system_prompts=1, system_len=64)
+    t0 = time.perf_counter()
+    r = run_demo(**small, plot=str(png), progress=False, ranks=2)
+    assert time.perf_counter() - t0 < 30
+    assert r.ranks == 2 and len(r.rank_peak_reserved_bytes) == 2
+    one, seg = r.one_process_peak_reserved_bytes, r.segment_bytes
+    assert one > 4 * seg  # several segments, so that "half" means something
+    for peak in r.rank_peak_reserved_bytes:
+        assert abs(peak - one / 2) <= seg
+    assert r.peak_reserved_bytes == sum(r.rank_peak_reserved_bytes)
+    assert r.final_reserved_bytes == 0
+    assert r.reused_tokens == 2 * 60_000 and r.verified_tokens > 0
+    assert r.decode_max_error is not None and r.decode_max_error < 1e-3
+    # Every rank was joined: no child is left, and their pids are gone.
+    assert len(r.worker_pids) == 2
+    assert multiprocessing.active_children() == []
+    for pid in r.worker_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    out = capsys.readouterr().out
+    assert "sharded over 2 ranks" in out and "the same bits on every rank" in out
+    assert "target <= 1/2 + one segment" in out and ": met)" in out
+    table = out[out.index("phase ") :]
+    assert f"\n{'chats':<10}{'main':>7}" in table and f"\n{'shrunk':<10}{'main':>7}" in table
+    for who in ("0", "1", "all", "1 proc"):
+        assert f"\n{'grown':<10}{who:>7}" in table and f"\n{'shrunk':<10}{who:>7}" in table
+    if importlib.util.find_spec("matplotlib"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_context_of_a_partial_last_page(capsys: pytest.CaptureFixture[str]) -> None:
+    """A context that ends inside a page: the follow-ups prefill its tail again
+    with their own KV, so the read-back covers the cached whole pages only."""
+    argv = ["demo", "--tokens", "20001", "--chunk", "4096", "--segment-bytes", "256KiB"]
+    assert main([*argv, "--chats", "0", "--no-progress", "--plot", ""]) == 0
+    out = capsys.readouterr().out
+    assert "reuses 20,000 cached tokens" in out and "read back 11,808 of 11,808" in out

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from radixseg import InvalidArgument, RadixsegError
+from radixseg._spawn import RankFailed
 from radixseg.capacity import parse_bytes, parse_count
 from radixseg.capacity import plan as make_plan
 from radixseg.demo import run_demo
@@ -53,10 +54,14 @@ def _demo(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             budget_bytes=None if args.budget is None else parse_bytes(args.budget, "--budget"),
             plot=args.plot or None,
+            ranks=args.ranks,
         )
     except RadixsegError as e:  # bad sizes, or a budget too small for the demo
         print(f"radixseg demo: error: {e}", file=sys.stderr)
         return 2
+    except RankFailed as e:  # --ranks: a rank raised or died; every process is joined
+        print(f"radixseg demo: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -126,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="fp8_e4m3", help="KV storage: fp8_e4m3, fp8_e5m2, bf16, fp16, fp32"
     )
     d.add_argument("--budget", help="most bytes the pool may hold, e.g. 2GB (default: none)")
+    d.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="run the long context sharded over this many spawned CPU processes (gloo, "
+        "context parallelism), each holding 1/ranks of it; 1 to 3 (default 1: one process)",
+    )
     d.add_argument(
         "--plot",
         default="radixseg-demo.png",

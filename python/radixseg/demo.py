@@ -21,14 +21,24 @@ What a fixed pool cannot do, in one run on a CPU:
 The model is tiny (1 layer, 1 KV head, head_dim 64, FP8 e4m3 with a float32
 scale per token) so that 10M tokens fit in ~1.4 GB of host memory; every
 byte count scales linearly with a real model's (see ``radixseg plan``).
+
+With ``ranks=R > 1`` (``radixseg demo --ranks 2``) phases 1-3 run on ``R``
+spawned processes joined by gloo (context parallelism, issue 19): each holds a
+:class:`radixseg.distributed.ShardedKVPool` with ``1/R`` of the context,
+the follow-ups' decode step is one collective call (checked against a dense
+fp32 reference over the same stored KV, computed while the context grows),
+and the figures are per rank, beside what one process would hold for the same
+calls (measured on a pool that allocates without writing). The chat trace
+stays in this process.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,18 +46,30 @@ from typing import Any, Literal
 import torch
 
 from radixseg import InvalidArgument, attention
+from radixseg._spawn import peak_rss_bytes, run_ranks
 from radixseg.cache import PrefixCache, Request
 from radixseg.capacity import plan
 from radixseg.pool import KVPool, dequantize_fp8, quantize_fp8
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "grow_context", "run_demo"]
 
 GB = 1e9
+HEAD_DIM = 64  # the demo model: 1 layer x 1 KV head x head_dim 64
+Q_HEADS = 8  # query heads of a decode step (grouped-query attention over the one KV head)
+MAX_RANKS = 3
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Figures of one demo run (all bytes are KV bytes of the tiny model)."""
+    """Figures of one demo run (all bytes are KV bytes of the tiny model).
+
+    With ``ranks > 1`` the context's figures (``peak_*``, ``final_reserved_bytes``)
+    are summed over the ranks, ``rank_peak_*`` are each rank's, and
+    ``one_process_peak_reserved_bytes`` is what one process's pool reserved for
+    the same calls; ``decode_max_error`` is the largest difference of the
+    checked decode rows from the dense fp32 reference and ``worker_pids`` the
+    (joined) rank processes.
+    """
 
     tokens: int
     trace_requests: int
@@ -60,6 +82,13 @@ class DemoResult:
     final_reserved_bytes: int
     peak_rss_bytes: int
     seconds: float
+    ranks: int = 1
+    segment_bytes: int = 0
+    rank_peak_reserved_bytes: tuple[int, ...] = ()
+    rank_peak_used_bytes: tuple[int, ...] = ()
+    one_process_peak_reserved_bytes: int = 0
+    decode_max_error: float | None = None
+    worker_pids: tuple[int, ...] = ()
 
 
 def _kv(chunk_index: int, n: int, head_dim: int) -> torch.Tensor:
@@ -68,27 +97,85 @@ def _kv(chunk_index: int, n: int, head_dim: int) -> torch.Tensor:
     return torch.randn(n, 1, head_dim, generator=g)
 
 
+def _stored(pool: KVPool, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 after a round trip through the pool's storage type."""
+    if pool.fp8:
+        return dequantize_fp8(*quantize_fp8(x, pool.dtype))
+    return x.to(pool.dtype).float()
+
+
+def grow_context(
+    cache: PrefixCache,
+    prompt: torch.Tensor,
+    chunk: int,
+    *,
+    store: bool = True,
+    each: Callable[[int, int, torch.Tensor | None], None] | None = None,
+) -> Request:
+    """Grow one request over ``prompt`` in ``chunk``-token steps; returns it, running.
+
+    Chunk ``i``'s K is ``_kv(i)`` (deterministic) and its V is ``-K``, written
+    to layer 0 (a :class:`radixseg.distributed.ShardedKVPool` keeps its own
+    rows); ``store=False`` only allocates (what one process would reserve,
+    without touching the bytes). ``each(i, n, kv)`` runs after every chunk
+    (``kv`` is ``None`` without ``store``). Used by the demo, on one process or
+    on every rank, and by ``benchmarks/bench_sharded.py``.
+    """
+    pool = cache.pool
+    req = cache.begin(prompt[:1])
+    for i, start in enumerate(range(0, prompt.numel(), chunk)):
+        part = prompt[start : start + chunk]
+        slots = cache.extend(req, part)
+        kv = None
+        if store:
+            kv = _kv(i, part.numel(), pool.head_dim).to(pool.device)
+            own, mine = kv, slots >= 0  # -1: a token another rank of a sharded pool stores
+            if not bool(mine.all()):
+                slots, own = slots[mine], kv[mine]  # select first: negate only this rank's rows
+            pool.write(0, slots, own, -own, check=False)
+        if each is not None:
+            each(i, part.numel(), kv)
+    return req
+
+
 Sample = tuple[float, int, int, str]  # seconds, reserved bytes, used bytes, phase
 
 HEADER = (
     f"{'phase':<10}{'tokens':>13}{'segments':>10}{'reserved GB':>12}{'used GB':>11}"
     f"{'cached tok':>13}{'hit':>7}{'grown':>7}{'s':>7}"
 )
+# With --ranks: one row per rank ("main" is this process's chat-trace pool,
+# "all" the ranks' sum, "1 proc" one process's pool making the same calls).
+HEADER_RANKS = f"{'phase':<10}{'rank':>7}" + HEADER[10:]
+
+
+def _fmt_row(
+    label: str, s: dict[str, Any], tokens: int, now: float | None, rank: str | None
+) -> str:
+    who = "" if rank is None else f"{rank:>7}"
+    when = f"{'-':>7}" if now is None else f"{now:>7.1f}"
+    return (
+        f"{label:<10}{who}{tokens:>13,}{s['segments']:>10,}{s['reserved_bytes'] / GB:>12.3f}"
+        f"{s['used_bytes'] / GB:>11.3f}{s['cached_tokens']:>13,}{s['hit_rate']:>7.1%}"
+        f"{s['segments_added']:>7,}{when}"
+    )
 
 
 def _row(
-    label: str, pool: KVPool, tokens: int, t0: float, out: list[str], samples: list[Sample]
+    label: str,
+    pool: KVPool,
+    tokens: int,
+    t0: float,
+    out: list[str],
+    samples: list[Sample],
+    rank: str | None = None,
 ) -> None:
     """Sample memory now; phases with a label also become a row of the final table."""
     s = pool.stats()
     now = time.perf_counter() - t0
     samples.append((now, s["reserved_bytes"], s["used_bytes"], label))
     if label:
-        out.append(
-            f"{label:<10}{tokens:>13,}{s['segments']:>10,}{s['reserved_bytes'] / GB:>12.3f}"
-            f"{s['used_bytes'] / GB:>11.3f}{s['cached_tokens']:>13,}{s['hit_rate']:>7.1%}"
-            f"{s['segments_added']:>7,}{now:>7.1f}"
-        )
+        out.append(_fmt_row(label, s, tokens, now, rank))
 
 
 class _Progress:
@@ -131,8 +218,12 @@ class _Progress:
     def update(self, n: int, pool: KVPool) -> None:
         if self._bar is not None:
             s = pool.stats()
+            self.advance(n, s["segments"], s["reserved_bytes"])
+
+    def advance(self, n: int, segments: int, reserved: int) -> None:
+        if self._bar is not None:
             self._bar.set_postfix(
-                segments=s["segments"], reserved=f"{s['reserved_bytes'] / GB:.2f}GB", refresh=False
+                segments=segments, reserved=f"{reserved / GB:.2f}GB", refresh=False
             )
             self._bar.update(n)
 
@@ -204,7 +295,15 @@ def _serve_trace(
     return served, prompt, reused
 
 
-def _plot(samples: list[Sample], fixed: int, tokens: int, path: str) -> str | None:
+# A line of the plot: legend label, seconds, bytes, and matplotlib keywords
+# (``step=True`` draws a step function).
+Line = tuple[str, list[float], list[int], dict[str, Any]]
+_MARKS = ("chats", "cached", "shrunk")
+
+
+def _plot(
+    lines: list[Line], marks: list[tuple[float, str]], fixed: int, tokens: int, path: str
+) -> str | None:
     """Write memory over time as a PNG; ``None`` when matplotlib is missing."""
     try:
         import matplotlib
@@ -213,14 +312,16 @@ def _plot(samples: list[Sample], fixed: int, tokens: int, path: str) -> str | No
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    t = [x[0] for x in samples]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax.axhline(fixed / GB, color="tab:red", ls="--", label=f"fixed pool for {tokens:,} tokens")
-    ax.step(
-        t, [x[1] / GB for x in samples], where="post", color="tab:blue", label="radixseg reserved"
-    )
-    ax.plot(t, [x[2] / GB for x in samples], color="tab:green", label="radixseg used")
-    for when, label in ((x[0], x[3]) for x in samples if x[3] in ("chats", "cached", "shrunk")):
+    for label, t, y, style in lines:
+        kw = dict(style)
+        gb = [b / GB for b in y]
+        if kw.pop("step", False):
+            ax.step(t, gb, where="post", label=label, **kw)
+        else:
+            ax.plot(t, gb, label=label, **kw)
+    for when, label in marks:
         ax.axvline(when, color="grey", lw=0.6)
         ax.annotate(label, (when, fixed / GB * 0.5), rotation=90, fontsize=8, color="grey")
     ax.set_xlabel("seconds")
@@ -232,6 +333,241 @@ def _plot(samples: list[Sample], fixed: int, tokens: int, path: str) -> str | No
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _prompt(seed: int, tokens: int) -> tuple[torch.Generator, torch.Tensor]:
+    """The demo's generator and the long context's tokens (its first draw): the
+    same on every rank and in this process."""
+    rng = torch.Generator().manual_seed(seed)
+    return rng, torch.randint(0, 128_000, (tokens,), generator=rng, dtype=torch.int32)
+
+
+def _read_back(
+    pool: KVPool, cache: PrefixCache, req: Request, tokens: int, chunk: int
+) -> tuple[int, int]:
+    """Compare the first, a middle and the last chunk of the grown context, read
+    through ``req``'s pages, with what :func:`grow_context` wrote: ``(exact,
+    compared)`` tokens. Only the prefix ``req`` found cached is compared (a
+    tail past the last whole page was prefilled again, with other KV); on a
+    sharded pool, only the tokens this rank stores."""
+    n_chunks = -(-tokens // chunk)
+    ok = expected = 0
+    for i in sorted({0, n_chunks // 2, n_chunks - 1}):
+        lo, end = i * chunk, min(tokens, (i + 1) * chunk)
+        hi = min(end, req.cached_len)
+        if hi <= lo:
+            continue
+        slots = cache.slots(req, lo, hi)
+        mine = slots >= 0  # a sharded pool's slots are -1 where another rank stores the token
+        k, v = pool.read(0, slots[mine])
+        written = _kv(i, end - lo, pool.head_dim)[: hi - lo][mine].to(pool.device)
+        want = _stored(pool, written)
+        ok += int(((k == want) & (v == -want)).all(dim=2).sum())
+        expected += int(mine.sum())
+    return ok, expected
+
+
+# ----- the long context over R ranks (--ranks) ---------------------------------------------
+
+_ROW_KEYS = (
+    "segments",
+    "reserved_bytes",
+    "used_bytes",
+    "cached_tokens",
+    "hit_rate",
+    "segments_added",
+)
+Row = tuple[str, int, dict[str, Any], float]  # phase, tokens, stats, seconds
+_REF_BLOCK = 16_384  # rows of KV per step of the dense reference
+
+
+@dataclass(frozen=True)
+class _LongContext:
+    """What every rank needs to run phases 1-3 (picklable)."""
+
+    tokens: int
+    chunk: int
+    followups: int
+    suffix: int
+    page_size: int
+    segment_bytes: int
+    dtype: str
+    budget_bytes: int | str | None
+    seed: int
+    t0: float  # this process's time.perf_counter() at the start (a system-wide clock)
+    check: bool = True  # compute the dense reference for the decode check
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 softmax attention of ``q [F, H, D]`` over ``k``, ``v`` ``[N, 1, D]``:
+    the partial ``(o [F, H, D], lse [F, H])``."""
+    s = torch.einsum("fhd,nd->fhn", q, k[:, 0]) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.einsum("fhn,nd->fhd", torch.exp(s - lse.unsqueeze(-1)), v[:, 0]), lse
+
+
+def _merge(
+    a: tuple[torch.Tensor, torch.Tensor] | None, b: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from radixseg.kernels.torch_backend import merge_states_torch
+
+    if a is None or b is None:
+        return a if b is None else b
+    return merge_states_torch(a[0], a[1], b[0], b[1])
+
+
+def _context_phases(
+    cache: PrefixCache,
+    cfg: _LongContext,
+    *,
+    rank: int = 0,
+    ranks: int = 1,
+    store: bool = True,
+    send: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Phases 1-3 on one pool: grow the context, cache it, share it with the
+    follow-ups (decode over it, read it back), hand everything back.
+
+    Run by every rank of a sharded pool (the same calls in the same order), and
+    with ``store=False`` by one process's pool that only allocates (what it
+    would reserve). With ``cfg.check`` a rank also computes a dense fp32
+    reference of the decode step for one query head of each follow-up, over
+    the chunks ``i % ranks == rank`` as the pool stores them (the ranks'
+    partials merge into the reference over the whole context).
+    """
+    pool = cache.pool
+    _, prompt = _prompt(cfg.seed, cfg.tokens)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    questions = [
+        torch.randint(0, 128_000, (cfg.suffix,), generator=g, dtype=torch.int32)
+        for _ in range(cfg.followups)
+    ]
+    q = torch.randn(cfg.followups, Q_HEADS, HEAD_DIM, generator=g)
+    cut = cfg.tokens // cache.page_size * cache.page_size  # what a follow-up finds cached
+    samples: list[Sample] = []
+    rows: list[Row] = []
+
+    def sample(label: str, tokens: int) -> dict[str, Any]:
+        s = pool.stats()
+        now = time.perf_counter() - cfg.t0
+        samples.append((now, s["reserved_bytes"], s["used_bytes"], label))
+        if label:
+            rows.append((label, tokens, {k: s[k] for k in _ROW_KEYS}, now))
+        return s
+
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None
+    first_ptr: int | None = None
+    done = 0
+
+    def each(i: int, n: int, kv: torch.Tensor | None) -> None:
+        nonlocal ref, first_ptr, done
+        if kv is not None and first_ptr is None:
+            first_ptr = pool.segment(0).k.data_ptr()
+        keep = min(n, max(0, cut - done))
+        if kv is not None and cfg.check and i % ranks == rank:
+            # In blocks: temporaries of a few MB stay off mmap, 3x faster on a CPU.
+            for at in range(0, keep, _REF_BLOCK):
+                k = _stored(pool, kv[at : min(keep, at + _REF_BLOCK)])
+                ref = _merge(ref, _dense(q[:, :1], k, -k))
+        done += n
+        s = sample("", done)
+        if send is not None and rank == 0:
+            send(("grow", n, s["segments"], s["reserved_bytes"]))
+
+    sample("", 0)
+    req = grow_context(cache, prompt, cfg.chunk, store=store, each=each)
+    sample("grown", done)
+    cache.finish(req)
+    sample("cached", done)
+
+    followers: list[Request] = []
+    followups: list[tuple[int, float, int]] = []  # cached, seconds to match, prefilled
+    suffix_ref: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for f, question in enumerate(questions):
+        b0 = time.perf_counter()
+        r = cache.begin(torch.cat([prompt, question]))
+        began = time.perf_counter() - b0
+        own = cache.extend(r, r.uncached)  # prefill: only the uncached suffix
+        if r.cached_len != cut:
+            raise AssertionError(f"follow-up {f} found {r.cached_len:,} tokens cached, not {cut:,}")
+        if store:
+            kv = _kv(-1 - f, own.numel(), HEAD_DIM).to(pool.device)
+            pool.write(0, own, kv, -kv, check=False)
+            if cfg.check and rank == 0:
+                k = _stored(pool, kv)
+                suffix_ref.append(_dense(q[f : f + 1, :1], k, -k))
+        followers.append(r)
+        followups.append((r.cached_len, began, own.numel()))
+
+    out: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "followups": followups}
+    if store:
+        # One decode step per follow-up over its whole context: a collective
+        # call on a sharded pool (one all-gather of [F, H, D + 1] fp32).
+        table = cache.page_table(followers, device=pool.device)
+        before = pool.stats()
+        d0 = time.perf_counter()
+        o, lse = attention.decode(q, pool, 0, *table, return_lse=True)
+        out["decode_seconds"] = time.perf_counter() - d0
+        after = pool.stats()
+        for key in ("collectives", "collective_bytes_sent", "collective_bytes_received"):
+            out[key] = after.get(key, 0) - before.get(key, 0)
+        out["decode"] = (o.cpu().numpy(), lse.cpu().numpy())
+        if ref is not None:
+            out["ref"] = (ref[0].numpy(), ref[1].numpy())
+        if suffix_ref:
+            out["suffix_ref"] = (
+                torch.cat([x[0] for x in suffix_ref]).numpy(),
+                torch.cat([x[1] for x in suffix_ref]).numpy(),
+            )
+    other = cache.begin(prompt[: min(cfg.tokens, 1 << 16)], namespace=1)
+    out["other_cached"] = other.cached_len
+    cache.abort(other)
+    if store:
+        out["read_back"] = _read_back(pool, cache, followers[0], cfg.tokens, cfg.chunk)
+        out["moved"] = pool.segment(0).k.data_ptr() != first_ptr
+    sample("shared", done + cfg.followups * cfg.suffix)
+
+    for r in followers:
+        cache.finish(r)
+    sample("finished", 0)
+    cache.evict(pool.stats()["cached_pages"])
+    sample("evicted", 0)
+    out["freed"] = pool.shrink()
+    final = sample("shrunk", 0)
+    cache.check_invariants()
+    out.update(
+        samples=samples,
+        rows=rows,
+        peak_reserved=final["peak_reserved_bytes"],
+        peak_used=max(x[2] for x in samples),
+        peak_segments=max(x[1] for x in samples) // pool.segment_bytes,
+        final_reserved=final["reserved_bytes"],
+        rss=peak_rss_bytes(),
+    )
+    return out
+
+
+def _rank_main(
+    rank: int, ranks: int, send: Callable[[Any], None], cfg: _LongContext
+) -> dict[str, Any]:
+    """One rank of ``--ranks``: its share of the context in a ShardedKVPool."""
+    import numpy as np
+
+    from radixseg.distributed import ShardedKVPool, ShardedPrefixCache
+
+    pool = ShardedKVPool(
+        1,
+        1,
+        HEAD_DIM,
+        page_size=cfg.page_size,
+        dtype=cfg.dtype,
+        device="cpu",
+        segment_bytes=cfg.segment_bytes,
+        budget_bytes=cfg.budget_bytes,
+    )
+    out = _context_phases(ShardedPrefixCache(pool), cfg, rank=rank, ranks=ranks, send=send)
+    out["held"] = int(pool.shard.local_lens(np.array([cfg.tokens]))[0])
+    return out
 
 
 def run_demo(
@@ -253,6 +589,7 @@ def run_demo(
     budget_bytes: int | str | None = None,
     plot: str | None = None,
     progress: bool | None = None,
+    ranks: int = 1,
 ) -> DemoResult:
     """Run the demo, print what happens and a table of memory by phase.
 
@@ -260,8 +597,12 @@ def run_demo(
     system prompts of ``system_len`` tokens (``reply`` decoded tokens per
     turn) come first; then one context of ``tokens`` tokens grows in
     ``chunk``-token steps and ``followups`` requests share it. ``progress``:
-    a tqdm bar on stderr (``None``: only on a terminal). Returns the figures
-    (see the module doc); raises ``AssertionError`` if a read-back check fails.
+    a tqdm bar on stderr (``None``: only on a terminal). ``ranks`` (1 to 3):
+    run the long context on that many spawned CPU processes, each holding
+    ``1/ranks`` of it (``budget_bytes`` then applies to each rank's pool).
+    Returns the figures (see the module doc); raises ``AssertionError`` if a
+    read-back or decode check fails, :class:`radixseg._spawn.RankFailed` if a
+    rank fails.
     """
     for name, value, least in (
         ("tokens", tokens, 1),
@@ -273,10 +614,13 @@ def run_demo(
         ("system_prompts", system_prompts, 1),
         ("system_len", system_len, 1),
         ("reply", reply, 0),
+        ("ranks", ranks, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise InvalidArgument(f"demo: {name} must be an integer >= {least}, got {value!r}")
-    head_dim = 64
+    if ranks > MAX_RANKS:
+        raise InvalidArgument(f"demo: ranks must be in 1..={MAX_RANKS}, got {ranks}")
+    head_dim = HEAD_DIM
     pool = KVPool(
         1,
         1,
@@ -287,29 +631,47 @@ def run_demo(
         segment_bytes=segment_bytes,
         budget_bytes=budget_bytes,
     )
+    if ranks > 1 and pool.device.type != "cpu":
+        raise InvalidArgument(
+            f"demo: --ranks runs its ranks on the CPU (gloo); device {pool.device} is for one "
+            f"process (several GPUs need NCCL, one per rank)"
+        )
+    if page_size * ranks > 1024:
+        raise InvalidArgument(
+            f"demo: page_size x ranks = {page_size * ranks} tokens per virtual page, past 1024"
+        )
     cache = PrefixCache(pool)
-    rng = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, 128_000, (tokens,), generator=rng, dtype=torch.int32)
+    rng, prompt = _prompt(seed, tokens)
     fixed = tokens * pool.bytes_per_token
     backend: Literal["triton", "cpu"] = "triton" if pool.device.type == "cuda" else "cpu"
     bar = _Progress(progress)
     t0 = time.perf_counter()
     lines: list[str] = []
     samples: list[Sample] = []
+    who = "main" if ranks > 1 else None  # the rank column of this process's rows
     storage = "FP8 e4m3 + fp32 scale" if pool.fp8 else str(pool.dtype).removeprefix("torch.")
+    sharded = (
+        f" sharded over {ranks} ranks (spawned CPU processes, gloo; the chat trace stays in "
+        f"this process)"
+        if ranks > 1
+        else ""
+    )
+    virtual = (
+        f" (virtual page {page_size * ranks} = {page_size} x {ranks} ranks)" if ranks > 1 else ""
+    )
     print(
         f"radixseg demo: {chats} chats x {turns} turns over {system_prompts} shared system "
-        f"prompts, then one context to {tokens:,} tokens, {followups} follow-ups sharing it, "
-        f"a second tenant, and everything handed back\n"
+        f"prompts, then one context to {tokens:,} tokens{sharded}, {followups} follow-ups "
+        f"sharing it, a second tenant, and everything handed back\n"
         f"model: 1 layer x 1 KV head x head_dim {head_dim}, {storage} = "
-        f"{pool.bytes_per_token} B/token; page {page_size} tokens; segment "
+        f"{pool.bytes_per_token} B/token; page {page_size} tokens{virtual}; segment "
         f"{pool.segment_bytes / 2**20:g} MiB = {pool.tokens_per_segment:,} tokens; "
         f"device {pool.device}\n"
         f"a fixed pool sized for {tokens:,} tokens reserves {fixed / GB:.3f} GB before the "
         f"first request; this pool starts with {pool.stats()['reserved_bytes']} B\n",
         flush=True,
     )
-    _row("start", pool, 0, t0, lines, samples)
+    _row("start", pool, 0, t0, lines, samples, who)
 
     # 0. A serving trace: shared system prompts and multi-turn chats.
     served, trace_prompt, trace_reused = _serve_trace(
@@ -334,23 +696,39 @@ def run_demo(
         f"over the segments ({backend})",
         flush=True,
     )
-    _row("chats", pool, trace_prompt, t0, lines, samples)
+    _row("chats", pool, trace_prompt, t0, lines, samples, who)
+    if ranks > 1:
+        del prompt  # each rank draws it again
+        cfg = _LongContext(
+            tokens,
+            chunk,
+            followups,
+            suffix,
+            page_size,
+            pool.segment_bytes,
+            dtype,
+            budget_bytes,
+            seed,
+            t0,
+        )
+        return _sharded_phases(
+            cfg, ranks, cache, bar, lines, samples, fixed, served, trace_hit, plot
+        )
 
     # 1. Grow one context chunk by chunk.
-    req = cache.begin(prompt[:1])
     first_ptr: int | None = None
     done = 0
     with bar.phase(f"grow to {tokens:,}", tokens, "tok") as b:
-        for i, start in enumerate(range(0, tokens, chunk)):
-            part = prompt[start : start + chunk]
-            slots = cache.extend(req, part)
-            kv = _kv(i, part.numel(), head_dim).to(pool.device)
-            pool.write(0, slots, kv, -kv, check=False)
+
+        def each(i: int, n: int, kv: torch.Tensor | None) -> None:
+            nonlocal first_ptr, done
             if first_ptr is None:
                 first_ptr = pool.segment(0).k.data_ptr()
-            done += part.numel()
+            done += n
             _row("", pool, done, t0, lines, samples)
-            b.update(part.numel(), pool)
+            b.update(n, pool)
+
+        req = grow_context(cache, prompt, chunk, each=each)
     _row("grown", pool, done, t0, lines, samples)
     peak = pool.stats()
     cache.finish(req)
@@ -377,7 +755,7 @@ def run_demo(
         )
     # One decode step per follow-up, attending over its whole context straight
     # from the segments (Triton on a GPU, the native kernel on a CPU).
-    q = torch.randn(len(followers), 8, head_dim, generator=rng).to(pool.device)
+    q = torch.randn(len(followers), Q_HEADS, head_dim, generator=rng).to(pool.device)
     d0 = time.perf_counter()
     table = cache.page_table(followers, device=pool.device)
     out = attention.decode(q, pool, 0, *table, backend=backend)
@@ -386,8 +764,8 @@ def run_demo(
         raise AssertionError("decode produced non-finite values")
     ctx = sum(r.seq_len for r in followers)
     print(
-        f"decode ({backend}): {len(followers)} requests x 8 query heads over {ctx:,} tokens "
-        f"of KV in {decode_s:.2f} s "
+        f"decode ({backend}): {len(followers)} requests x {Q_HEADS} query heads over {ctx:,} "
+        f"tokens of KV in {decode_s:.2f} s "
         f"({ctx * pool.bytes_per_token / decode_s / GB:.2f} GB/s of KV read)"
     )
     other = cache.begin(prompt[: min(tokens, 1 << 16)], namespace=1)
@@ -396,19 +774,7 @@ def run_demo(
 
     # The shared prefix reads back exactly what the first request wrote: the
     # first, a middle and the last chunk, in full, through a follow-up's pages.
-    n_chunks = -(-tokens // chunk)
-    ok = expected = 0
-    for i in sorted({0, n_chunks // 2, n_chunks - 1}):
-        lo, hi = i * chunk, min(tokens, (i + 1) * chunk)
-        k, v = pool.read(0, cache.slots(followers[0], lo, hi))
-        written = _kv(i, hi - lo, head_dim).to(pool.device)
-        want = (
-            dequantize_fp8(*quantize_fp8(written, pool.dtype))
-            if pool.fp8
-            else written.to(pool.dtype).float()
-        )
-        ok += int(((k == want) & (v == -want)).all(dim=2).sum())
-        expected += hi - lo
+    ok, expected = _read_back(pool, cache, followers[0], tokens, chunk)
     moved = pool.segment(0).k.data_ptr() != first_ptr
     print(
         f"read back {ok:,} of {expected:,} prefix tokens (whole chunks: first, middle, "
@@ -431,17 +797,6 @@ def run_demo(
     seconds = time.perf_counter() - t0
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    llama = plan(
-        {
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "hidden_size": 4096,
-            "model_type": "llama",
-        },
-        kv_dtype="fp8_e4m3",
-        context=tokens,
-    )
     print("\n" + HEADER)
     print("\n".join(lines))
     print(
@@ -450,18 +805,25 @@ def run_demo(
         f"shrink() returned {freed / GB:.3f} GB, {final['reserved_bytes']} B left; "
         f"hit rate {final['hit_rate']:.1%} over all requests ({trace_hit:.1%} in the chat "
         f"trace); {final['segments_added']} growth events; peak RSS {rss / GB:.2f} GB; "
-        f"{seconds:.1f} s\n"
-        f"the same run with Llama-3.1-8B in FP8 ({llama.kv_bytes_per_token:,} B/token): "
-        f"{llama.kv_bytes_per_token * tokens / GB:,.0f} GB of KV at its peak, 0 at rest "
-        f"(`radixseg plan` sizes any model)"
+        f"{seconds:.1f} s\n" + _llama_line(tokens)
     )
     if plot:
-        written_to = _plot(samples, fixed, tokens, plot)
-        print(
-            f"plot: {written_to}"
-            if written_to
-            else "plot: skipped (pip install matplotlib to get the PNG)"
-        )
+        lines_: list[Line] = [
+            (
+                "radixseg reserved",
+                [x[0] for x in samples],
+                [x[1] for x in samples],
+                {"color": "tab:blue", "step": True},
+            ),
+            (
+                "radixseg used",
+                [x[0] for x in samples],
+                [x[2] for x in samples],
+                {"color": "tab:green"},
+            ),
+        ]
+        marks = [(x[0], x[3]) for x in samples if x[3] in _MARKS]
+        _print_plot(_plot(lines_, marks, fixed, tokens, plot))
     if ok != expected or moved:
         raise AssertionError("the demo's read-back check failed")
     return DemoResult(
@@ -476,4 +838,231 @@ def run_demo(
         final_reserved_bytes=final["reserved_bytes"],
         peak_rss_bytes=rss,
         seconds=seconds,
+        segment_bytes=pool.segment_bytes,
+        rank_peak_reserved_bytes=(peak["reserved_bytes"],),
+        rank_peak_used_bytes=(peak["used_bytes"],),
+        one_process_peak_reserved_bytes=peak["reserved_bytes"],
+    )
+
+
+def _llama_line(tokens: int) -> str:
+    llama = plan(
+        {
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "hidden_size": 4096,
+            "model_type": "llama",
+        },
+        kv_dtype="fp8_e4m3",
+        context=tokens,
+    )
+    return (
+        f"the same run with Llama-3.1-8B in FP8 ({llama.kv_bytes_per_token:,} B/token): "
+        f"{llama.kv_bytes_per_token * tokens / GB:,.0f} GB of KV at its peak, 0 at rest "
+        f"(`radixseg plan` sizes any model)"
+    )
+
+
+def _print_plot(written_to: str | None) -> None:
+    print(
+        f"plot: {written_to}"
+        if written_to
+        else "plot: skipped (pip install matplotlib to get the PNG)"
+    )
+
+
+def _sharded_phases(
+    cfg: _LongContext,
+    ranks: int,
+    cache: PrefixCache,
+    bar: _Progress,
+    lines: list[str],
+    samples: list[Sample],
+    fixed: int,
+    served: int,
+    trace_hit: float,
+    plot: str | None,
+) -> DemoResult:
+    """Phases 1-3 on ``ranks`` spawned processes; this process keeps the chat
+    trace's pool (``cache``) and hands it back at the end."""
+    import numpy as np
+
+    pool, t0, tokens = cache.pool, cfg.t0, cfg.tokens
+    # What one process would reserve: a pool making the same calls, only allocating.
+    one = KVPool(
+        1, 1, HEAD_DIM, page_size=cfg.page_size, dtype=cfg.dtype, segment_bytes=cfg.segment_bytes
+    )
+    mirror = _context_phases(PrefixCache(one), cfg, store=False)
+    pids: list[int] = []
+
+    with bar.phase(f"grow to {tokens:,} over {ranks} ranks", tokens, "tok") as b:
+
+        def on_message(rank: int, m: Any) -> None:
+            if m[0] == "grow":
+                b.advance(*m[1:])
+
+        res = run_ranks(
+            _rank_main,
+            ranks,
+            cfg,
+            timeout_s=120 + tokens / 10_000,
+            on_message=on_message,
+            pids=pids,
+        )
+    lead = res[0]
+    print(f"long context: {ranks} ranks (pids {', '.join(map(str, pids))}), all joined")
+    for f, (cached, began, prefilled) in enumerate(lead["followups"]):
+        print(
+            f"follow-up {f + 1}: reuses {cached:,} cached tokens (matched in {began * 1e3:.1f} "
+            f"ms on rank 0), prefills {prefilled:,}",
+            flush=True,
+        )
+
+    # The decode step: the same bits on every rank, and equal to the dense fp32
+    # reference (one query head per follow-up) over the KV as stored.
+    o, lse = (torch.from_numpy(x) for x in lead["decode"])
+    same = all(
+        all(np.array_equal(a, b) for a, b in zip(r["decode"], lead["decode"], strict=True))
+        for r in res
+    )
+    ref = None
+    for r in res:
+        if "ref" in r:
+            ref = _merge(ref, tuple(torch.from_numpy(x) for x in r["ref"]))  # type: ignore[arg-type]
+    ref = _merge(ref, tuple(torch.from_numpy(x) for x in lead["suffix_ref"]))  # type: ignore[arg-type]
+    assert ref is not None
+    err = float((o[:, :1] - ref[0]).abs().max() / ref[0].abs().max().clamp_min(1e-30))
+    lse_err = float((lse[:, :1] - ref[1]).abs().max())
+    ok_decode = same and bool(torch.isfinite(o).all()) and err < 1e-3 and lse_err < 1e-3
+    ctx = sum(c + p for c, _, p in lead["followups"])
+    packed = (ranks - 1) * len(lead["followups"]) * Q_HEADS * (HEAD_DIM + 1) * 4
+    bits = "the same bits on every rank" if same else "ranks DIFFER"
+    seconds = max(r["decode_seconds"] for r in res)
+    print(
+        f"decode (cpu, {ranks} ranks): {len(lead['followups'])} requests x {Q_HEADS} query heads "
+        f"over {ctx:,} tokens of KV in {seconds:.2f} s, each rank over its share; "
+        f"{lead['collectives']} all-gathers, {lead['collective_bytes_received']:,} B received "
+        f"per rank ({packed:,} B = (R-1) x B x H x (D+1) x 4 for the packed fp32 partials, "
+        f"the rest the page-table check); {bits}; vs a dense "
+        f"fp32 reference over the stored KV ({len(lead['followups'])} query rows): max relative "
+        f"error {err:.1e}, log-sum-exp {lse_err:.1e}"
+    )
+    print(
+        f"tenant 2, same prompt start: reuses {lead['other_cached']} tokens (namespaces never "
+        f"share)"
+    )
+    ok = sum(r["read_back"][0] for r in res)
+    expected = sum(r["read_back"][1] for r in res)
+    moved = any(r["moved"] for r in res)
+    each_rank = ", ".join(f"rank {r['rank']}: {r['read_back'][1]:,}" for r in res)
+    print(
+        f"read back {ok:,} of {expected:,} prefix tokens (whole chunks: first, middle, last; "
+        f"{each_rank}) exactly; segment 0 {'MOVED' if moved else 'never moved'} on any rank "
+        f"while the pools grew",
+        flush=True,
+    )
+
+    # This process's chat-trace pool is handed back too.
+    cache.evict(pool.stats()["cached_pages"])
+    main_freed = pool.shrink()
+    _row("shrunk", pool, 0, t0, lines, samples, "main")
+    seconds_all = time.perf_counter() - t0
+
+    table = list(lines[:-1])  # this process's rows, its "shrunk" last
+    for i, (label, n, _, _) in enumerate(lead["rows"]):
+        per = [r["rows"][i][2] for r in res]
+        for r in res:
+            table.append(_fmt_row(label, r["rows"][i][2], n, r["rows"][i][3], str(r["rank"])))
+        total = {k: sum(s[k] for s in per) for k in ("segments", "reserved_bytes", "used_bytes")}
+        total.update(
+            cached_tokens=per[0]["cached_tokens"],
+            hit_rate=per[0]["hit_rate"],
+            segments_added=sum(s["segments_added"] for s in per),
+        )
+        table.append(_fmt_row(label, total, n, max(r["rows"][i][3] for r in res), "all"))
+        table.append(_fmt_row(label, mirror["rows"][i][2], n, None, "1 proc"))
+    table.append(lines[-1])
+    print("\n" + HEADER_RANKS)
+    print("\n".join(table))
+
+    one_peak = mirror["peak_reserved"]
+    seg = cfg.segment_bytes
+    target = one_peak / ranks + seg
+    worst = max(r["peak_reserved"] for r in res)
+    held = ", ".join(
+        f"rank {r['rank']} {r['peak_segments']} segments = {r['peak_reserved'] / GB:.3f} GB "
+        f"reserved, {r['peak_used'] / GB:.3f} GB used, {r['held']:,} tokens"
+        for r in res
+    )
+    rss = max(r["rss"] for r in res)
+    print(
+        f"\npeak per rank: {held}; one process making the same calls: "
+        f"{one_peak // seg} segments = {one_peak / GB:.3f} GB; worst rank / one process = "
+        f"{worst / one_peak:.3f} (target <= 1/{ranks} + one segment = {target / one_peak:.3f}: "
+        f"{'met' if worst <= target else 'NOT met'}); shrink() returned every segment on every "
+        f"rank ({sum(r['final_reserved'] for r in res)} B left) and {main_freed / GB:.3f} GB "
+        f"here ({pool.stats()['reserved_bytes']} B left); peak RSS per rank {rss / GB:.2f} GB; "
+        f"{seconds_all:.1f} s\n" + _llama_line(tokens)
+    )
+    if plot:
+        per_rank = [r["samples"] for r in res]
+        t = [x[0] for x in per_rank[0]]
+        lines_: list[Line] = [
+            (
+                "this process (chat trace)",
+                [x[0] for x in samples],
+                [x[1] for x in samples],
+                {"color": "tab:gray", "step": True},
+            ),
+        ]
+        for r, s in enumerate(per_rank):
+            lines_.append(
+                (
+                    f"rank {r} reserved",
+                    [x[0] for x in s],
+                    [x[1] for x in s],
+                    {
+                        "step": True,
+                        "lw": 1.2,
+                        "ls": ("-", "--", ":")[r % 3],
+                        "color": ("tab:orange", "tab:purple", "tab:brown")[r % 3],
+                    },
+                )
+            )
+        sums: list[tuple[int, str, dict[str, Any]]] = [
+            (1, "reserved", {"color": "tab:blue", "step": True, "lw": 2.0}),
+            (2, "used", {"color": "tab:green"}),
+        ]
+        for at, what, style in sums:
+            summed: list[int] = [sum(x[at] for x in xs) for xs in zip(*per_rank, strict=True)]
+            lines_.append((f"ranks' sum {what}", t, summed, style))
+        marks = [(x[0], x[3]) for x in samples if x[3] == "chats"]
+        marks += [(x[0], x[3]) for x in per_rank[0] if x[3] in _MARKS]
+        _print_plot(_plot(lines_, marks, fixed, tokens, plot))
+    if ok != expected or moved:
+        raise AssertionError("the demo's read-back check failed")
+    if not ok_decode:
+        raise AssertionError("the demo's sharded decode check failed")
+    peaks = tuple(r["peak_reserved"] for r in res)
+    left = sum(r["final_reserved"] for r in res) + pool.stats()["reserved_bytes"]
+    return DemoResult(
+        tokens=tokens,
+        trace_requests=served,
+        trace_hit_rate=trace_hit,
+        peak_segments=sum(p // seg for p in peaks),
+        peak_reserved_bytes=sum(peaks),
+        fixed_pool_bytes=fixed,
+        reused_tokens=sum(c for c, _, _ in lead["followups"]),
+        verified_tokens=ok,
+        final_reserved_bytes=left,
+        peak_rss_bytes=rss,
+        seconds=seconds_all,
+        ranks=ranks,
+        segment_bytes=seg,
+        rank_peak_reserved_bytes=peaks,
+        rank_peak_used_bytes=tuple(r["peak_used"] for r in res),
+        one_process_peak_reserved_bytes=one_peak,
+        decode_max_error=err,
+        worker_pids=tuple(pids),
     )
