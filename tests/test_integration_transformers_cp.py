@@ -139,8 +139,8 @@ def _refusals(group: Any) -> None:
     with pytest.raises(InvalidArgument, match="attention='gather' is not supported"):
         rt.RadixsegCache(prefix, ids, attention="gather")
     other = ShardedKVPool(*rt.model_geometry(windowed.config), dtype="fp32", group=group)
-    with pytest.raises(InvalidArgument, match="plain PrefixCache over a ShardedKVPool"):
-        rt.RadixsegCache(PrefixCache(other), ids)
+    with pytest.raises(TypeError, match=r"use radixseg\.distributed\.ShardedPrefixCache"):
+        PrefixCache(other)  # its slots would be in virtual units
     windowed.set_attn_implementation("radixseg")
     cache = rt.RadixsegCache(prefix, ids, backend="torch")
     with torch.no_grad(), pytest.raises(InvalidArgument, match=r"sliding window of 8; .*issue 20"):

@@ -633,12 +633,8 @@ class RadixsegCache(Cache):
             raise InvalidArgument(
                 f"backend must be 'auto', 'triton', 'torch' or 'cpu', got {backend!r}"
             )
+        # (A plain PrefixCache over a ShardedKVPool cannot exist: PrefixCache refuses it.)
         sharded = isinstance(prefix_cache, ShardedPrefixCache)
-        if isinstance(prefix_cache.pool, ShardedKVPool) and not sharded:
-            raise InvalidArgument(
-                "prefix_cache is a plain PrefixCache over a ShardedKVPool; use "
-                "radixseg.distributed.ShardedPrefixCache(pool) (or prefix_cache_for(..., group=))"
-            )
         if sharded and attention == "gather":
             raise InvalidArgument(
                 "attention='gather' is not supported under context parallelism: it would "
