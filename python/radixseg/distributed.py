@@ -91,8 +91,8 @@ class ShardLayout:
     """Where rank ``rank`` of ``ranks`` keeps its tokens (pure arithmetic).
 
     >>> s = ShardLayout(page_size=4, ranks=2, rank=1)
-    >>> s.local_lens(np.array([3, 4, 5, 8, 9, 13])).tolist()   # rank 1 gets tokens 4..8, 12..
-    [0, 0, 1, 4, 4, 4]
+    >>> s.local_lens(np.array([3, 4, 5, 8, 9, 13])).tolist()  # rank 1: tokens 4..7, 12..15, ...
+    [0, 0, 1, 4, 4, 5]
     """
 
     page_size: int
