@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +130,7 @@ def test_demo_ranks_2_holds_half_per_rank_and_joins(
     png = tmp_path / "ranks.png"
     small: dict[str, Any] = {"tokens": 60_000, "chunk": 8_192, "segment_bytes": 256 << 10}
     small.update(followups=2, chats=2, turns=1, system_prompts=1, system_len=64)
-    t0 = time.perf_counter()
     r = run_demo(**small, plot=str(png), progress=False, ranks=2)
-    assert time.perf_counter() - t0 < 30
     assert r.ranks == 2 and len(r.rank_peak_reserved_bytes) == 2
     one, seg = r.one_process_peak_reserved_bytes, r.segment_bytes
     assert one > 4 * seg  # several segments, so that "half" means something
