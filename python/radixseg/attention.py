@@ -263,6 +263,65 @@ def _check_splits(num_splits: Any) -> int | None:
     return num_splits
 
 
+def _check_local(
+    window_left: Any, chunk_size: Any, logits_soft_cap: Any, *, decode: bool, causal: bool
+) -> tuple[int, int, float]:
+    """``(window_left, chunk_size, soft_cap)`` with ``-1``, ``0`` and ``0.0`` for "off"."""
+    if isinstance(window_left, bool) or not isinstance(window_left, int):
+        raise TypeError(f"window_left must be an int, got {type(window_left).__name__}")
+    if window_left < -1:
+        raise InvalidArgument(
+            f"window_left must be >= -1 (-1: no window; W - 1 for a sliding window of W "
+            f"keys), got {window_left}"
+        )
+    chunk = 0
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise InvalidArgument(f"chunk_size must be >= 1 (or None: no chunks), got {chunk_size}")
+        chunk = chunk_size
+    cap = 0.0
+    if logits_soft_cap is not None:
+        if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)):
+            raise TypeError(
+                f"logits_soft_cap must be a float or None, got {type(logits_soft_cap).__name__}"
+            )
+        if not (math.isfinite(logits_soft_cap) and logits_soft_cap > 0):
+            raise InvalidArgument(
+                f"logits_soft_cap must be finite and > 0 (or None: no cap), got {logits_soft_cap}"
+            )
+        cap = float(logits_soft_cap)
+    if window_left >= 0 and chunk:
+        raise InvalidArgument(
+            f"window_left={window_left} and chunk_size={chunk} both given; a layer has a "
+            f"sliding window or chunks, not both"
+        )
+    if (window_left >= 0 or chunk) and not decode and not causal:
+        raise InvalidArgument(
+            "window_left and chunk_size need causal=True (they bound how far back a query "
+            "looks from its own position)"
+        )
+    return window_left, chunk, cap
+
+
+def _refuse_local_sharded(window_left: Any, chunk_size: Any, logits_soft_cap: Any) -> None:
+    if window_left != -1 or chunk_size is not None or logits_soft_cap is not None:
+        raise InvalidArgument(
+            "windowed attention under context parallelism is not supported: window_left, "
+            "chunk_size and logits_soft_cap need a KVPool, not a ShardedKVPool"
+        )
+
+
+def _cpu_decode_takes_local() -> bool:
+    """Whether the native CPU decode kernel takes window_left/chunk_size/soft_cap."""
+    import inspect
+
+    from radixseg.kernels.cpu import paged_decode_cpu
+
+    return "window_left" in inspect.signature(paged_decode_cpu).parameters
+
+
 # ----- attention -----------------------------------------------------------------------------
 
 
@@ -282,12 +341,20 @@ def _attention(
     fp8_software: bool | None,
     backend: Any,
     check: bool,
+    window_left: Any = -1,
+    chunk_size: Any = None,
+    logits_soft_cap: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pool = _check_pool(pool)
     q = _check_q(q, pool)
     layer = pool.check_layer(layer)
     scale = _check_scale(sm_scale, pool.head_dim)
     splits = _check_splits(num_splits)
+    window, chunk, cap = _check_local(
+        window_left, chunk_size, logits_soft_cap, decode=decode, causal=causal
+    )
+    local: dict[str, Any] = {"window_left": window, "chunk_size": chunk, "soft_cap": cap}
+    plain = window < 0 and not chunk and not cap
     chosen = _resolve_backend(backend, q.device)
     total_q = q.shape[0]
     if decode:
@@ -324,11 +391,12 @@ def _attention(
             f"tokens; store the new tokens' K/V in the pool (and count them in the page "
             f"table) before calling extend"
         )
-    if chosen == "cpu" and decode:
+    if chosen == "cpu" and decode and (plain or _cpu_decode_takes_local()):
         from radixseg.kernels.cpu import paged_decode_cpu
 
+        kw: dict[str, Any] = {} if plain else local
         return paged_decode_cpu(
-            q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale
+            q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale, **kw
         )
     if chosen in ("torch", "cpu"):
         return paged_attention_torch(
@@ -341,6 +409,7 @@ def _attention(
             table.kv_lens,
             causal=causal,
             sm_scale=scale,
+            **local,
         )
     from radixseg.kernels.paged_attention import paged_attention
 
@@ -362,6 +431,7 @@ def _attention(
         sm_scale=scale,
         num_splits=splits,
         fp8_software=fp8_software,
+        **local,
     )
 
 
@@ -380,6 +450,9 @@ def decode(
     fp8_software: bool | None = ...,
     backend: Backend = ...,
     check: bool = ...,
+    window_left: int = ...,
+    chunk_size: int | None = ...,
+    logits_soft_cap: float | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def decode(
@@ -396,6 +469,9 @@ def decode(
     fp8_software: bool | None = ...,
     backend: Backend = ...,
     check: bool = ...,
+    window_left: int = ...,
+    chunk_size: int | None = ...,
+    logits_soft_cap: float | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def decode(
     q: torch.Tensor,
@@ -411,6 +487,9 @@ def decode(
     fp8_software: bool | None = None,
     backend: Backend = "auto",
     check: bool = True,
+    window_left: int = -1,
+    chunk_size: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One query token per request attending to all of the request's KV.
 
@@ -448,6 +527,21 @@ def decode(
         Verify that every page is allocated (a refcount lookup per page).
         Bounds and CSR shapes are always checked; the CSR arrays are always
         read on the host to plan the launch.
+    window_left : int
+        Sliding window (FlashInfer's inclusive left window): the query at
+        position ``p`` sees keys ``p - window_left <= k <= p``, so a window of
+        ``W`` keys is ``window_left = W - 1``. ``-1`` (default): no window.
+    chunk_size : int, optional
+        Chunked local attention (Llama 4): the query at ``p`` sees keys ``k <=
+        p`` with ``k // chunk_size == p // chunk_size``, chunks counted from
+        position 0. Not together with ``window_left``.
+    logits_soft_cap : float, optional
+        Soft-capping (Gemma 2): scores become ``cap * tanh(sm_scale * q.k /
+        cap)`` before the softmax; ``lse`` is over the capped scores.
+
+        Pages wholly before the first key a query sees are not read: the cost
+        of a windowed or chunked query is its window or chunk, not its context.
+        None of the three works with a ``ShardedKVPool`` (``InvalidArgument``).
 
     Returns
     -------
@@ -479,6 +573,7 @@ def decode(
     :func:`radixseg.distributed.decode` (the page table is the virtual one).
     """
     if _is_sharded(pool):
+        _refuse_local_sharded(window_left, chunk_size, logits_soft_cap)
         from radixseg.distributed import decode as sharded_decode
 
         return sharded_decode(
@@ -510,6 +605,9 @@ def decode(
         fp8_software=fp8_software,
         backend=backend,
         check=check,
+        window_left=window_left,
+        chunk_size=chunk_size,
+        logits_soft_cap=logits_soft_cap,
     )
     return (out, lse) if return_lse else out
 
@@ -531,6 +629,9 @@ def extend(
     fp8_software: bool | None = ...,
     backend: Backend = ...,
     check: bool = ...,
+    window_left: int = ...,
+    chunk_size: int | None = ...,
+    logits_soft_cap: float | None = ...,
     k: torch.Tensor | None = ...,
     v: torch.Tensor | None = ...,
 ) -> torch.Tensor: ...
@@ -551,6 +652,9 @@ def extend(
     fp8_software: bool | None = ...,
     backend: Backend = ...,
     check: bool = ...,
+    window_left: int = ...,
+    chunk_size: int | None = ...,
+    logits_soft_cap: float | None = ...,
     k: torch.Tensor | None = ...,
     v: torch.Tensor | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -570,6 +674,9 @@ def extend(
     fp8_software: bool | None = None,
     backend: Backend = "auto",
     check: bool = True,
+    window_left: int = -1,
+    chunk_size: int | None = None,
+    logits_soft_cap: float | None = None,
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -592,7 +699,8 @@ def extend(
     kv_indptr, kv_indices, kv_last_page_len
         The page table covering prefix and new tokens, as in :func:`decode`.
     causal : bool
-        Mask each new token's view of later new tokens.
+        Mask each new token's view of later new tokens. ``window_left`` and
+        ``chunk_size`` need it.
     k, v : Tensor ``[total_q, kv_heads, head_dim]``, optional
         The new tokens' K/V. Only for a
         :class:`radixseg.distributed.ShardedKVPool`, where they are required:
@@ -624,6 +732,7 @@ def extend(
     torch.Size([3, 2, 16])
     """
     if _is_sharded(pool):
+        _refuse_local_sharded(window_left, chunk_size, logits_soft_cap)
         if k is None or v is None:
             raise InvalidArgument(
                 "extend over a ShardedKVPool needs the new tokens' K/V: pass k= and v= "
@@ -669,6 +778,9 @@ def extend(
         fp8_software=fp8_software,
         backend=backend,
         check=check,
+        window_left=window_left,
+        chunk_size=chunk_size,
+        logits_soft_cap=logits_soft_cap,
     )
     return (out, lse) if return_lse else out
 

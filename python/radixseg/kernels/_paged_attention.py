@@ -53,6 +53,14 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from one exp2, exact in sign and saturating at +-1 (Triton has no tanh)."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def paged_attention_kernel(
     Q,
     stride_qt,
@@ -82,6 +90,10 @@ def paged_attention_kernel(
     pages_per_segment,
     sm_scale_log2,
     kv_chunk,
+    window_left,
+    chunk_size,
+    softcap_in,
+    softcap_out,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -94,6 +106,8 @@ def paged_attention_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr,
+    LOCAL: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     P_BF16: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -108,6 +122,14 @@ def paged_attention_kernel(
     round the probabilities to bf16 before a float32 P.V product — what a bf16
     product does on a GPU, emulated for the interpreter, whose ``tl.dot``
     multiplies bf16 bit patterns as integers.
+
+    ``LOCAL``: 0 none; 1 a sliding window, where the row at position ``p``
+    sees keys from ``p - window_left``; 2 chunks, where it sees keys from
+    ``p - p % chunk_size``. Splits then start at the first key the tile's
+    first row sees (``kv_chunk`` covers the rest up to ``kv_len``), so pages
+    before it are never loaded. ``SOFTCAP``: scores are ``softcap_out *
+    tanh(softcap_in * q.k)``, with ``softcap_in = sm_scale / cap`` and
+    ``softcap_out = cap * log2(e)``, in place of ``sm_scale_log2 * q.k``.
     """
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -133,7 +155,18 @@ def paged_attention_kernel(
     # Query token i sits at KV position kv_len - q_len + i.
     q_pos = kv_len - q_len + tok
 
-    lo = split * kv_chunk
+    # The first key any row of the tile sees: its first row's (the lower
+    # bound grows with the position).
+    p0 = tl.maximum(kv_len - q_len + row0 // GROUP, 0)
+    if LOCAL == 1:
+        base = tl.maximum(p0 - window_left, 0)
+        row_lo = q_pos - window_left
+    elif LOCAL == 2:
+        base = p0 - p0 % chunk_size
+        row_lo = q_pos - q_pos % chunk_size
+    else:
+        base = 0
+    lo = base + split * kv_chunk
     hi = tl.minimum(kv_len, lo + kv_chunk)
     if CAUSAL:
         last_tok = tl.minimum(q_len - 1, (row0 + BLOCK_M - 1) // GROUP)
@@ -170,10 +203,15 @@ def paged_attention_kernel(
             k_scale = tl.load(ks_base + s_off, mask=n_ok, other=0.0)
             v_scale = tl.load(vs_base + s_off, mask=n_ok, other=0.0)
             qk = qk * k_scale[None, :]
-        qk = qk * sm_scale_log2
+        if SOFTCAP:
+            qk = softcap_out * _tanh(qk * softcap_in)
+        else:
+            qk = qk * sm_scale_log2
         keep = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             keep = keep & (n[None, :] <= q_pos[:, None])
+        if LOCAL != 0:
+            keep = keep & (n[None, :] >= row_lo[:, None])
         qk = tl.where(keep, qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))

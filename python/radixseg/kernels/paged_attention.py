@@ -94,6 +94,25 @@ def _tiles(
     return tile_req, tile_row.astype(np.int32)
 
 
+def _spans(
+    qo_lens: npt.NDArray[np.int64],
+    kv_lens: npt.NDArray[np.int64],
+    window_left: int,
+    chunk_size: int,
+) -> npt.NDArray[np.int64]:
+    """KV tokens each request's splits cover: from the first key its first new
+    token sees (a window or chunk start, else 0) to ``kv_len``."""
+    p0 = np.maximum(kv_lens - qo_lens, 0)
+    if window_left >= 0:
+        first = np.maximum(p0 - window_left, 0)
+    elif chunk_size > 0:
+        first = p0 - p0 % chunk_size
+    else:
+        return kv_lens
+    spans: npt.NDArray[np.int64] = kv_lens - first
+    return spans
+
+
 def plan_paged_attention(
     q: torch.Tensor,
     pool: KVPool,
@@ -109,6 +128,9 @@ def plan_paged_attention(
     sm_scale: float,
     num_splits: int | None = None,
     fp8_software: bool | None = None,
+    window_left: int = -1,
+    chunk_size: int = 0,
+    soft_cap: float = 0.0,
 ) -> tuple[Launch | None, Launch | None, torch.Tensor, torch.Tensor]:
     """Plan the attention launch and, with split-K, the merge launch.
 
@@ -117,6 +139,11 @@ def plan_paged_attention(
     merge, out, lse)``, where ``out [total_q, q_heads, head_dim]`` (q's dtype)
     and ``lse [total_q, q_heads]`` (float32, natural log) are what the
     launches fill; ``attention`` is ``None`` when there is nothing to compute.
+
+    ``window_left >= 0`` (sliding window), ``chunk_size > 0`` (chunked local
+    attention) and ``soft_cap > 0`` are :func:`radixseg.attention.decode`'s
+    ``window_left``, ``chunk_size`` and ``logits_soft_cap``. With a window or
+    chunks, splits cover only the keys from a request's first visible one.
     """
     total_q, q_heads, head_dim = q.shape
     kv_heads = pool.num_kv_heads
@@ -134,7 +161,7 @@ def plan_paged_attention(
 
     # Split-K: enough programs to fill the device twice over, but no split
     # shorter than MIN_SPLIT_TOKENS.
-    max_kv = int(kv_lens[qo_lens > 0].max())
+    max_kv = int(_spans(qo_lens, kv_lens, window_left, chunk_size)[qo_lens > 0].max())
     if num_splits is None:
         want = -(-2 * _sm_count(device) // (tile_req.size * kv_heads))
         num_splits = max(1, min(want, -(-max_kv // MIN_SPLIT_TOKENS), MAX_SPLITS))
@@ -189,6 +216,10 @@ def plan_paged_attention(
             **pool.layout.launch_args(layer),
             "sm_scale_log2": float(sm_scale * math.log2(math.e)),
             "kv_chunk": kv_chunk,
+            "window_left": int(window_left),
+            "chunk_size": max(1, int(chunk_size)),
+            "softcap_in": float(sm_scale / soft_cap) if soft_cap > 0 else 0.0,
+            "softcap_out": float(soft_cap * math.log2(math.e)),
         },
         constexprs={
             "GROUP": group,
@@ -203,6 +234,8 @@ def plan_paged_attention(
             "DOT_DTYPE": _TL_TYPES[dot],
             "DOT_PRECISION": "ieee" if dot == torch.float32 else "tf32",
             "CAUSAL": bool(causal),
+            "LOCAL": 1 if window_left >= 0 else 2 if chunk_size > 0 else 0,
+            "SOFTCAP": soft_cap > 0,
             "P_BF16": p_bf16,
             "INTERPRET": interpret,
         },
@@ -258,6 +291,9 @@ def paged_attention(
     sm_scale: float,
     num_splits: int | None = None,
     fp8_software: bool | None = None,
+    window_left: int = -1,
+    chunk_size: int = 0,
+    soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan and run; returns ``(out, lse)``. Rows of requests with no KV get
     output 0 and LSE ``-inf``."""
@@ -275,6 +311,9 @@ def paged_attention(
         sm_scale=sm_scale,
         num_splits=num_splits,
         fp8_software=fp8_software,
+        window_left=window_left,
+        chunk_size=chunk_size,
+        soft_cap=soft_cap,
     )
     if attention is not None:
         attention()

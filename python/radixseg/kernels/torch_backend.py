@@ -22,7 +22,13 @@ if TYPE_CHECKING:
 
     from radixseg.pool import KVPool
 
-__all__ = ["dense_attention_torch", "gather_kv", "merge_states_torch", "paged_attention_torch"]
+__all__ = [
+    "dense_attention_torch",
+    "first_visible",
+    "gather_kv",
+    "merge_states_torch",
+    "paged_attention_torch",
+]
 
 
 def merge_states_torch(
@@ -81,6 +87,18 @@ def gather_kv(
     return k.view(-1, h, d), v.view(-1, h, d)
 
 
+def first_visible(q_pos: int, window_left: int, chunk_size: int) -> int:
+    """The first KV position a query at ``q_pos`` sees: ``q_pos - window_left``
+    (clamped at 0) with a window, the start of its chunk with ``chunk_size``,
+    else 0. Positions are non-decreasing in ``q_pos``, so a block of rows
+    sees nothing before its first row's."""
+    if window_left >= 0:
+        return max(0, q_pos - window_left)
+    if chunk_size > 0:
+        return q_pos - q_pos % chunk_size
+    return 0
+
+
 def paged_attention_torch(
     q: torch.Tensor,
     pool: KVPool,
@@ -95,6 +113,9 @@ def paged_attention_torch(
     compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
     chunk_tokens: int = 1 << 15,
+    window_left: int = -1,
+    chunk_size: int = 0,
+    soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [total_q, q_heads, head_dim]`` over each request's paged KV.
 
@@ -104,6 +125,14 @@ def paged_attention_torch(
     ``kv_lens [B]`` tokens. Returns ``(out [total_q, q_heads, head_dim]``
     in ``out_dtype`` (default q's), ``lse [total_q, q_heads]`` float32
     natural log); rows without KV get 0 and ``-inf``.
+
+    ``window_left >= 0`` (a query at ``p`` sees keys ``k >= p - window_left``)
+    or ``chunk_size > 0`` (keys in ``p``'s chunk) narrow what a query sees,
+    on top of ``causal`` (which a single decode row needs not); ``soft_cap >
+    0`` maps scores to ``soft_cap * tanh(score / soft_cap)``. With a window
+    or chunks the rows are taken in blocks, and each block reads only the
+    pages from its first row's first visible key to its last row: the cost
+    per row is the window (or chunk) plus the block, not the context.
 
     Each chunk of pages is processed one segment at a time, straight from
     that segment's tensors (no gathered copy of the whole KV), and the partial
@@ -119,49 +148,105 @@ def paged_attention_torch(
     lse = torch.full((total_q, q_heads), -math.inf, dtype=compute_dtype, device=dev)
     chunk_pages = max(1, chunk_tokens // ps)
     offsets = torch.arange(ps, device=dev)
+    local = window_left >= 0 or chunk_size > 0
+    span = window_left + 1 if window_left >= 0 else chunk_size
     q_start = 0
     for i in range(len(qo_lens)):
         qo, kv_len = int(qo_lens[i]), int(kv_lens[i])
-        rows = slice(q_start, q_start + qo)
+        rows0 = q_start
         q_start += qo
         if qo == 0 or kv_len == 0:
             continue
-        # [kv_heads, qo * group, head_dim]: one matrix product per KV head.
-        qi = q[rows].to(compute_dtype).view(qo, kv_heads, group, head_dim)
-        qi = qi.permute(1, 0, 2, 3).reshape(kv_heads, qo * group, head_dim)
-        q_pos = torch.arange(kv_len - qo, kv_len, device=dev).repeat_interleave(group)
         pages = kv_indices[kv_indptr[i] : kv_indptr[i + 1]]
-        o_i: torch.Tensor | None = None
-        s_i: torch.Tensor | None = None
-        for c0 in range(0, pages.size, chunk_pages):
-            chunk = pages[c0 : c0 + chunk_pages]
-            segs, within = pool.layout.split(chunk)
-            for sid in np.unique(segs).tolist():
-                sel = np.flatnonzero(segs == sid)
-                o_c, s_c = _segment_part(
-                    pool,
-                    layer,
-                    sid,
-                    within[sel],
-                    c0 + sel,
-                    qi,
-                    q_pos,
-                    offsets,
-                    kv_len,
-                    causal,
-                    sm_scale,
-                    compute_dtype,
-                )
-                if o_i is None or s_i is None:
-                    o_i, s_i = o_c, s_c
-                else:
-                    o_i, s_i = merge_states_torch(o_i, s_i, o_c, s_c)
-        if o_i is None or s_i is None:
-            continue
-        o_i = o_i.view(kv_heads, qo, group, head_dim).permute(1, 0, 2, 3)
-        out[rows] = o_i.reshape(qo, q_heads, head_dim)
-        lse[rows] = s_i.view(kv_heads, qo, group).permute(1, 0, 2).reshape(qo, q_heads)
+        step = max(span, 64) if local else qo
+        for a in range(0, qo, step):
+            b = min(qo, a + step)
+            rows = slice(rows0 + a, rows0 + b)
+            # [kv_heads, rows * group, head_dim]: one matrix product per KV head.
+            qi = q[rows].to(compute_dtype).view(b - a, kv_heads, group, head_dim)
+            qi = qi.permute(1, 0, 2, 3).reshape(kv_heads, (b - a) * group, head_dim)
+            p0 = kv_len - qo + a
+            q_pos = torch.arange(p0, kv_len - qo + b, device=dev).repeat_interleave(group)
+            lo = first_visible(p0, window_left, chunk_size)
+            hi = kv_len - qo + b if causal else kv_len
+            q_lo = None
+            if window_left >= 0:
+                q_lo = (q_pos - window_left).clamp_min(0)
+            elif chunk_size > 0:
+                q_lo = q_pos - q_pos % chunk_size
+            first_page = lo // ps
+            o_i, s_i = _pages_part(
+                pool,
+                layer,
+                pages[first_page : -(-hi // ps)],
+                first_page,
+                chunk_pages,
+                qi,
+                q_pos,
+                q_lo,
+                offsets,
+                kv_len,
+                causal,
+                sm_scale,
+                soft_cap,
+                compute_dtype,
+            )
+            if o_i is None or s_i is None:
+                continue
+            n = b - a
+            o_i = o_i.view(kv_heads, n, group, head_dim).permute(1, 0, 2, 3)
+            out[rows] = o_i.reshape(n, q_heads, head_dim)
+            lse[rows] = s_i.view(kv_heads, n, group).permute(1, 0, 2).reshape(n, q_heads)
     return out.to(out_dtype or q.dtype), lse.float()
+
+
+def _pages_part(
+    pool: KVPool,
+    layer: int,
+    pages: npt.NDArray[np.int64],
+    first_page: int,
+    chunk_pages: int,
+    qi: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_lo: torch.Tensor | None,
+    offsets: torch.Tensor,
+    kv_len: int,
+    causal: bool,
+    sm_scale: float,
+    soft_cap: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Attention of ``qi`` over ``pages`` (page positions ``first_page`` on of the
+    request), ``chunk_pages`` at a time and one segment at a time, merged by LSE;
+    ``(None, None)`` without pages."""
+    o_i: torch.Tensor | None = None
+    s_i: torch.Tensor | None = None
+    for c0 in range(0, pages.size, chunk_pages):
+        chunk = pages[c0 : c0 + chunk_pages]
+        segs, within = pool.layout.split(chunk)
+        for sid in np.unique(segs).tolist():
+            sel = np.flatnonzero(segs == sid)
+            o_c, s_c = _segment_part(
+                pool,
+                layer,
+                sid,
+                within[sel],
+                first_page + c0 + sel,
+                qi,
+                q_pos,
+                q_lo,
+                offsets,
+                kv_len,
+                causal,
+                sm_scale,
+                soft_cap,
+                dtype,
+            )
+            if o_i is None or s_i is None:
+                o_i, s_i = o_c, s_c
+            else:
+                o_i, s_i = merge_states_torch(o_i, s_i, o_c, s_c)
+    return o_i, s_i
 
 
 def dense_attention_torch(
@@ -260,14 +345,17 @@ def _segment_part(
     page_pos: npt.NDArray[np.int64],
     qi: torch.Tensor,
     q_pos: torch.Tensor,
+    q_lo: torch.Tensor | None,
     offsets: torch.Tensor,
     kv_len: int,
     causal: bool,
     sm_scale: float,
+    soft_cap: float,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention ``(o [kv_heads, M, D], lse [kv_heads, M])`` of ``qi`` over the
-    pages ``within`` segment ``sid`` that sit at page positions ``page_pos`` of the request."""
+    pages ``within`` segment ``sid`` that sit at page positions ``page_pos`` of the request;
+    row ``r`` (KV position ``q_pos[r]``) sees no key before ``q_lo[r]``."""
     dev = qi.device
     views = pool.segment(sid)
     at = torch.from_numpy(within).to(dev)
@@ -312,9 +400,13 @@ def _segment_part(
         ]
         s *= scales[0]
     s *= sm_scale
+    if soft_cap > 0:
+        s.div_(soft_cap).tanh_().mul_(soft_cap)
     visible = valid[None, :]
     if causal:
         visible = visible & (pos[None, :] <= q_pos[:, None])
+    if q_lo is not None:
+        visible = visible & (pos[None, :] >= q_lo[:, None])
     s.masked_fill_(~visible[None], -math.inf)
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(m == -math.inf, torch.zeros_like(m), m)
