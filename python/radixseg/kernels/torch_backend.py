@@ -12,6 +12,7 @@ merged by log-sum-exp, so memory stays bounded at any context length.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -175,21 +176,9 @@ def paged_attention_torch(
             elif chunk_size > 0:
                 q_lo = q_pos - q_pos % chunk_size
             first_page = lo // ps
+            block = _Rows(qi, q_pos, q_lo, offsets, kv_len, causal, sm_scale, soft_cap)
             o_i, s_i = _pages_part(
-                pool,
-                layer,
-                pages[first_page : -(-hi // ps)],
-                first_page,
-                chunk_pages,
-                qi,
-                q_pos,
-                q_lo,
-                offsets,
-                kv_len,
-                causal,
-                sm_scale,
-                soft_cap,
-                compute_dtype,
+                pool, layer, pages[first_page : -(-hi // ps)], first_page, chunk_pages, block
             )
             if o_i is None or s_i is None:
                 continue
@@ -200,23 +189,33 @@ def paged_attention_torch(
     return out.to(out_dtype or q.dtype), lse.float()
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """A block of query rows of one request and what they attend with.
+
+    ``qi [kv_heads, M, D]`` (the compute dtype), ``q_pos [M]`` their KV
+    positions, ``q_lo [M]`` the first position each sees (None: 0),
+    ``offsets`` ``arange(page_size)``."""
+
+    qi: torch.Tensor
+    q_pos: torch.Tensor
+    q_lo: torch.Tensor | None
+    offsets: torch.Tensor
+    kv_len: int
+    causal: bool
+    sm_scale: float
+    soft_cap: float
+
+
 def _pages_part(
     pool: KVPool,
     layer: int,
     pages: npt.NDArray[np.int64],
     first_page: int,
     chunk_pages: int,
-    qi: torch.Tensor,
-    q_pos: torch.Tensor,
-    q_lo: torch.Tensor | None,
-    offsets: torch.Tensor,
-    kv_len: int,
-    causal: bool,
-    sm_scale: float,
-    soft_cap: float,
-    dtype: torch.dtype,
+    rows: _Rows,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Attention of ``qi`` over ``pages`` (page positions ``first_page`` on of the
+    """Attention of ``rows`` over ``pages`` (page positions ``first_page`` on of the
     request), ``chunk_pages`` at a time and one segment at a time, merged by LSE;
     ``(None, None)`` without pages."""
     o_i: torch.Tensor | None = None
@@ -226,22 +225,7 @@ def _pages_part(
         segs, within = pool.layout.split(chunk)
         for sid in np.unique(segs).tolist():
             sel = np.flatnonzero(segs == sid)
-            o_c, s_c = _segment_part(
-                pool,
-                layer,
-                sid,
-                within[sel],
-                first_page + c0 + sel,
-                qi,
-                q_pos,
-                q_lo,
-                offsets,
-                kv_len,
-                causal,
-                sm_scale,
-                soft_cap,
-                dtype,
-            )
+            o_c, s_c = _segment_part(pool, layer, sid, within[sel], first_page + c0 + sel, rows)
             if o_i is None or s_i is None:
                 o_i, s_i = o_c, s_c
             else:
@@ -343,19 +327,12 @@ def _segment_part(
     sid: int,
     within: npt.NDArray[np.int64],
     page_pos: npt.NDArray[np.int64],
-    qi: torch.Tensor,
-    q_pos: torch.Tensor,
-    q_lo: torch.Tensor | None,
-    offsets: torch.Tensor,
-    kv_len: int,
-    causal: bool,
-    sm_scale: float,
-    soft_cap: float,
-    dtype: torch.dtype,
+    rows: _Rows,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention ``(o [kv_heads, M, D], lse [kv_heads, M])`` of ``qi`` over the
-    pages ``within`` segment ``sid`` that sit at page positions ``page_pos`` of the request;
-    row ``r`` (KV position ``q_pos[r]``) sees no key before ``q_lo[r]``."""
+    """Partial attention ``(o [kv_heads, M, D], lse [kv_heads, M])`` of ``rows`` over the
+    pages ``within`` segment ``sid`` that sit at page positions ``page_pos`` of the request."""
+    qi, q_pos, q_lo, kv_len = rows.qi, rows.q_pos, rows.q_lo, rows.kv_len
+    dtype, offsets = qi.dtype, rows.offsets
     dev = qi.device
     views = pool.segment(sid)
     at = torch.from_numpy(within).to(dev)
@@ -399,11 +376,11 @@ def _segment_part(
             for x in (views.k_scale, views.v_scale)
         ]
         s *= scales[0]
-    s *= sm_scale
-    if soft_cap > 0:
-        s.div_(soft_cap).tanh_().mul_(soft_cap)
+    s *= rows.sm_scale
+    if rows.soft_cap > 0:
+        s.div_(rows.soft_cap).tanh_().mul_(rows.soft_cap)
     visible = valid[None, :]
-    if causal:
+    if rows.causal:
         visible = visible & (pos[None, :] <= q_pos[:, None])
     if q_lo is not None:
         visible = visible & (pos[None, :] >= q_lo[:, None])
