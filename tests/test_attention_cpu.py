@@ -4,12 +4,16 @@ Compared with a float64 reference written here (dequantize every page with
 ``gather_kv``, then plain softmax attention), in every storage format, with
 every instruction set this CPU has (AVX-512, AVX2, NEON, scalar), over requests
 whose pages are shuffled across several segments, with a request longer than
-one 4,096-token work chunk. Needs no Triton.
+one 4,096-token work chunk; and with sliding windows (``window_left``), chunks
+(``chunk_size``) and soft caps against the same reference, masked and capped.
+Needs no Triton.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,9 +71,19 @@ def make(
 
 
 def reference(
-    q: torch.Tensor, pool: KVPool, indptr: torch.Tensor, ids: torch.Tensor, lens: list[int]
+    q: torch.Tensor,
+    pool: KVPool,
+    indptr: torch.Tensor,
+    ids: torch.Tensor,
+    lens: list[int],
+    *,
+    window_left: int = -1,
+    chunk_size: int = 0,
+    soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 attention of one query token per request."""
+    """float64 attention of the query at position ``p = n - 1`` over keys
+    ``lo..n``: ``lo = max(0, p - window_left)`` or ``chunk_size * (p // chunk_size)``,
+    scores capped to ``soft_cap * tanh(s / soft_cap)``."""
     batch, q_heads, d = q.shape
     group = q_heads // pool.num_kv_heads
     out = torch.zeros(batch, q_heads, d, dtype=torch.float64)
@@ -77,9 +91,15 @@ def reference(
     for i, n in enumerate(lens):
         if n == 0:
             continue
+        p = n - 1
+        lo = max(0, p - window_left) if window_left >= 0 else 0
+        if chunk_size > 0:
+            lo = chunk_size * (p // chunk_size)
         k, v = gather_kv(pool, LAYER, ids[int(indptr[i]) : int(indptr[i + 1])], torch.float64)
-        k, v = k[:n].repeat_interleave(group, 1), v[:n].repeat_interleave(group, 1)
+        k, v = k[lo:n].repeat_interleave(group, 1), v[lo:n].repeat_interleave(group, 1)
         s = torch.einsum("hd,thd->ht", q[i].double(), k) * d**-0.5
+        if soft_cap > 0:
+            s = soft_cap * torch.tanh(s / soft_cap)
         lse[i] = torch.logsumexp(s, -1)
         out[i] = torch.einsum("ht,thd->hd", torch.softmax(s, -1), v)
     return out, lse
@@ -251,3 +271,113 @@ def test_arbitrary_tables_give_a_result_or_invalid_argument(
     except InvalidArgument:
         return
     assert out.size == len(lens) * q_heads * 32 and lse.size == len(lens) * q_heads
+
+
+MASK_LENS = [17, 97, 1, 0, 4100]
+MASKS: list[dict[str, Any]] = [
+    {"window_left": 0},  # the query's own key only
+    {"window_left": 5},  # smaller than a page of 16, may start inside one
+    {"window_left": 16},  # a page (plus the query)
+    {"window_left": 96},  # equal to the 97-token context
+    {"window_left": 200},  # larger than every context but one
+    {"window_left": 4097},  # spans two 4,096-token work chunks of the long request
+    {"chunk_size": 24},  # chunk edges inside pages of 16
+    {"chunk_size": 16},
+    {"chunk_size": 4096},
+    {"soft_cap": 1.5},  # soft cap alone
+    {"soft_cap": 50.0, "window_left": 7},  # and with a window
+    {"soft_cap": 3.0, "chunk_size": 40},
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.float32], ids=str)
+def test_windows_chunks_and_soft_caps_match_the_reference(
+    dtype: torch.dtype, page_size: int, isa: str
+) -> None:
+    pool, indptr, ids, _last = make(dtype, page_size, MASK_LENS, seed=7 + page_size)
+    q = torch.randn(len(MASK_LENS), 8, 32, generator=torch.Generator().manual_seed(3))  # GQA 4
+    table = (indptr.numpy(), ids.numpy(), np.array(MASK_LENS))
+    for mask in MASKS:
+        out, lse = paged_decode_cpu(q, pool, LAYER, *table, sm_scale=32**-0.5, isa=isa, **mask)
+        want, want_lse = reference(q, pool, indptr, ids, MASK_LENS, **mask)
+        close(out, want, f"out ({isa}, {mask})")
+        close(lse, want_lse, f"lse ({isa}, {mask})")
+        assert torch.equal(out[3], torch.zeros_like(out[3]))  # the empty request
+        assert bool((lse[3] == -math.inf).all())
+
+
+def test_signature_for_attention_to_detect() -> None:
+    params = inspect.signature(paged_decode_cpu).parameters
+    assert [(n, params[n].default) for n in ("window_left", "chunk_size", "soft_cap")] == [
+        ("window_left", -1),
+        ("chunk_size", 0),
+        ("soft_cap", 0.0),
+    ]
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in ("window_left", "isa"))
+
+
+def test_a_window_past_the_context_changes_not_a_bit() -> None:
+    pool, indptr, ids, _last = make(torch.float8_e4m3fn, 16, [9000, 5, 300])
+    q = torch.randn(3, 8, 32)
+    args = (q, pool, LAYER, indptr.numpy(), ids.numpy(), np.array([9000, 5, 300]))
+    full = paged_decode_cpu(*args, sm_scale=0.2, threads=2)
+    masks: list[dict[str, Any]] = [
+        {"window_left": 8999},
+        {"window_left": 1 << 62},
+        {"chunk_size": 9000},
+    ]
+    for mask in masks:
+        got = paged_decode_cpu(*args, sm_scale=0.2, threads=2, **mask)
+        assert torch.equal(full[0], got[0]) and torch.equal(full[1], got[1]), mask
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_and_inf_outside_the_window_are_never_read(isa: str) -> None:
+    """A NaN key before the window leaves the output finite (its page is not
+    read); inside the window it makes the row NaN, as without a window. An
+    infinite score is NaN uncapped and ``soft_cap`` with the cap."""
+    pool, indptr, ids, _last = make(torch.float32, 16, [40])
+
+    def key(token: int) -> torch.Tensor:  # the pool refuses inf/NaN: write the segment
+        page = int(ids[token // 16])
+        return pool.segment(page // pool.pages_per_segment).k[LAYER, page % 64, token % 16]
+
+    key(0)[:, 0] = math.nan  # token 0: outside a window of 20
+    key(33).zero_()
+    key(33)[:, 0] = math.inf  # token 33: score +inf where q[..., 0] > 0
+    q = torch.rand(1, 4, 32) + 0.5  # every q . k with token 33 is +inf
+    table = (indptr.numpy(), ids.numpy(), np.array([40]))
+    out, lse = paged_decode_cpu(q, pool, LAYER, *table, sm_scale=32**-0.5, isa=isa)
+    assert bool(out.isnan().all()) and bool(lse.isnan().all())
+    out, lse = paged_decode_cpu(q, pool, LAYER, *table, sm_scale=32**-0.5, isa=isa, window_left=20)
+    assert bool(out.isnan().all()) and bool(lse.isnan().all())  # +inf score, uncapped: NaN
+    out, lse = paged_decode_cpu(
+        q, pool, LAYER, *table, sm_scale=32**-0.5, isa=isa, window_left=20, soft_cap=5.0
+    )
+    want, want_lse = reference(q, pool, indptr, ids, [40], window_left=20, soft_cap=5.0)
+    close(out, want, f"capped inf ({isa})")
+    close(lse, want_lse, f"capped inf lse ({isa})")
+    out, lse = paged_decode_cpu(q, pool, LAYER, *table, sm_scale=32**-0.5, isa=isa, soft_cap=5.0)
+    assert bool(out.isnan().all()) and bool(lse.isnan().all())  # the NaN key is in view
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        ({"window_left": -2}, "window_left must be -1 .no window. or at least 0, got -2"),
+        ({"chunk_size": -1}, "chunk_size must be 0 .no chunks. or at least 1, got -1"),
+        ({"window_left": 3, "chunk_size": 8}, "window_left = 3 and chunk_size = 8 cannot both"),
+        ({"soft_cap": -1.0}, "soft_cap must be 0 .no cap. or a positive finite number, got -1"),
+        ({"soft_cap": math.nan}, "soft_cap must be .* got NaN"),
+        ({"soft_cap": math.inf}, "soft_cap must be .* got inf"),
+    ],
+)
+def test_bad_masks_are_refused(mask: dict[str, Any], message: str) -> None:
+    pool, indptr, ids, _last = make(torch.bfloat16, 16, [40, 20])
+    q = torch.randn(2, 4, 32)
+    with pytest.raises(InvalidArgument, match=message):
+        paged_decode_cpu(
+            q, pool, LAYER, indptr.numpy(), ids.numpy(), np.array([40, 20]), sm_scale=0.1, **mask
+        )

@@ -209,6 +209,9 @@ def decode_cpu(
     sm_scale: float,
     threads: int = 1,
     isa: str = "auto",
+    window_left: int = -1,
+    chunk_size: int = 0,
+    soft_cap: float = 0.0,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], str]: ...
 def cpu_isas() -> list[str]: ...
 def _after_fork_in_child() -> None: ...

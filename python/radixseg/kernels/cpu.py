@@ -5,6 +5,10 @@ reads each request's pages straight out of the segment buffers, decodes
 FP8/bf16/fp16 with AVX-512 or AVX2 where the CPU has them, with NEON on
 AArch64 (a portable scalar path elsewhere), runs an online softmax per chunk
 of 4,096 tokens on ``threads`` threads and merges the chunks by log-sum-exp.
+A sliding window (``window_left``) or a chunk size (``chunk_size``) limits
+each query to the keys its mask reaches, and the kernel reads only their
+pages; ``soft_cap`` caps the scores (Gemma 2), with a vector ``tanh``
+accurate to 1e-6 relative.
 The arguments are validated by :mod:`radixseg.attention` first and again,
 cheaply, in Rust.
 """
@@ -48,6 +52,9 @@ def paged_decode_cpu(
     sm_scale: float,
     threads: int | None = None,
     isa: str = "auto",
+    window_left: int = -1,
+    chunk_size: int = 0,
+    soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``q [batch, q_heads, head_dim]`` (CPU) over ``pool``.
 
@@ -56,6 +63,15 @@ def paged_decode_cpu(
     ``torch.get_num_threads()``. Returns ``(out [batch, q_heads, head_dim]``
     in q's dtype, ``lse [batch, q_heads]`` float32 natural log); requests
     without KV get 0 and ``-inf``.
+
+    Request ``i``'s query sits at position ``p = kv_lens[i] - 1``. With
+    ``window_left >= 0`` it sees keys ``>= p - window_left`` only
+    (FlashInfer's inclusive left window: pass ``sliding_window - 1``), with
+    ``chunk_size > 0`` keys ``>= chunk_size * (p // chunk_size)`` only (not
+    both); pages before the first visible key are not read. ``soft_cap > 0``
+    turns each score ``s`` (``sm_scale`` included) into
+    ``soft_cap * tanh(s / soft_cap)`` before the softmax and the LSE. Bad
+    values raise :class:`~radixseg.InvalidArgument`.
     """
     batch, q_heads, head_dim = q.shape
     qf = q.detach().to(torch.float32).contiguous().reshape(-1).numpy()
@@ -75,6 +91,9 @@ def paged_decode_cpu(
         float(sm_scale),
         torch.get_num_threads() if threads is None else int(threads),
         isa,
+        int(window_left),
+        int(chunk_size),
+        float(soft_cap),
     )
     o = torch.from_numpy(out).view(batch, q_heads, head_dim)
     return o.to(q.dtype), torch.from_numpy(lse).view(batch, q_heads)

@@ -1,7 +1,7 @@
 //! Validation of a decode call against the pool before any work starts, so
 //! that a refused call writes nothing; every message carries the numbers.
 
-use crate::{DecodeBatch, PoolGeometry, SegmentLayer};
+use crate::{DecodeBatch, DecodeOptions, PoolGeometry, SegmentLayer};
 use radixseg_core::{CoreError, Result};
 
 pub(crate) fn bad(message: String) -> CoreError {
@@ -22,6 +22,35 @@ pub(crate) fn check_geometry(g: &PoolGeometry) -> Result<()> {
     g.tokens_per_segment()
         .checked_mul(g.kv_heads * g.head_dim * 4)
         .ok_or_else(|| bad("segment geometry overflows usize".to_string()))?;
+    Ok(())
+}
+
+pub(crate) fn check_options(o: &DecodeOptions) -> Result<()> {
+    if o.window_left < -1 {
+        return Err(bad(format!(
+            "window_left must be -1 (no window) or at least 0, got {}",
+            o.window_left
+        )));
+    }
+    if o.chunk_size < 0 {
+        return Err(bad(format!(
+            "chunk_size must be 0 (no chunks) or at least 1, got {}",
+            o.chunk_size
+        )));
+    }
+    if o.window_left >= 0 && o.chunk_size > 0 {
+        return Err(bad(format!(
+            "window_left = {} and chunk_size = {} cannot both be set: a layer has a \
+             sliding window or chunked attention, not both",
+            o.window_left, o.chunk_size
+        )));
+    }
+    if !o.soft_cap.is_finite() || o.soft_cap < 0.0 {
+        return Err(bad(format!(
+            "soft_cap must be 0 (no cap) or a positive finite number, got {}",
+            o.soft_cap
+        )));
+    }
     Ok(())
 }
 

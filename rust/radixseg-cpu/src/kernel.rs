@@ -87,6 +87,42 @@ pub(crate) fn exp2_poly<S: Simd>(s: S, f: S::F) -> S::F {
     s.fma(p, f, s.splat(1.0))
 }
 
+/// `tanh(x)` clamped to `|x| <= TANH_CLAMP`, as the ratio of an odd
+/// polynomial of degree 13 and an even one of degree 6 (Eigen's
+/// `ptanh_float` coefficients). Relative error below 1e-6 over all `f32`
+/// (the tests measure it in every instruction set); NaN stays NaN (the
+/// clamps keep their second operand's NaN) and +-inf give +-tanh(clamp),
+/// 1 to within 3e-7.
+#[inline(always)]
+pub(crate) fn tanh<S: Simd>(s: S, x: S::F) -> S::F {
+    let x = s.min(s.splat(TANH_CLAMP), s.max(s.splat(-TANH_CLAMP), x));
+    let x2 = s.mul(x, x);
+    let mut p = s.splat(TANH_NUM[0]);
+    for c in &TANH_NUM[1..] {
+        p = s.fma(p, x2, s.splat(*c));
+    }
+    let mut q = s.splat(TANH_DEN[0]);
+    for c in &TANH_DEN[1..] {
+        q = s.fma(q, x2, s.splat(*c));
+    }
+    s.div(s.mul(x, p), q)
+}
+
+/// Past this, `tanh` is 1 to within 3e-7.
+const TANH_CLAMP: f32 = 7.905_311;
+/// Numerator coefficients of x^13, x^11, ..., x (times x after the Horner loop).
+const TANH_NUM: [f32; 7] = [
+    -2.760_768_5e-16,
+    2.000_188e-13,
+    -8.604_672e-11,
+    5.122_297e-8,
+    1.485_722_4e-5,
+    6.372_619_3e-4,
+    4.893_524_6e-3,
+];
+/// Denominator coefficients of x^6, x^4, x^2, 1.
+const TANH_DEN: [f32; 4] = [1.198_258_4e-6, 1.185_347_1e-4, 2.268_434_6e-3, 4.893_525e-3];
+
 /// One item: online softmax over its tokens, block by block; writes
 /// `part = [acc (group x d), m (group), l (group)]` with `m` in log2 units.
 #[inline(always)]
@@ -198,6 +234,8 @@ fn item_format<S: Simd, const F: u8>(
     l.fill(0.0);
     let mut left = item.tokens;
     let mut n = 0;
+    // The soft cap in log2 units (0: none); see `schedule::run`.
+    let cap = ctx.options.soft_cap * std::f32::consts::LOG2_E;
     let ahead = prefetch_distance(ps);
     for &page in &pages[..ahead.min(pages.len())] {
         prefetch_page(ctx, page, ps, item.head);
@@ -211,8 +249,10 @@ fn item_format<S: Simd, const F: u8>(
             Some(seg) => seg,
             None => continue, // unreachable: check_batch proved every page live
         };
-        let first_token = (page % pps) * ps;
-        let take = ps.min(left);
+        // The item's first page may start inside the request's window.
+        let skip = if i == 0 { item.skip } else { 0 };
+        let first_token = (page % pps) * ps + skip;
+        let take = (ps - skip).min(left);
         left -= take;
         let (mut t, end) = (first_token, first_token + take);
         while t < end {
@@ -256,7 +296,7 @@ fn item_format<S: Simd, const F: u8>(
             n += run;
             t += run;
             if n == BLOCK {
-                block(s, sc, q, n, g, d, acc, m, l);
+                block(s, sc, q, n, g, d, cap, acc, m, l);
                 n = 0;
             }
         }
@@ -269,7 +309,7 @@ fn item_format<S: Simd, const F: u8>(
         // Their probability is exactly 0; a stale scale (inf, NaN) would
         // turn that into NaN.
         sc.vs[n..].fill(1.0);
-        block(s, sc, q, n, g, d, acc, m, l);
+        block(s, sc, q, n, g, d, cap, acc, m, l);
     }
 }
 
@@ -296,6 +336,7 @@ fn block<S: Simd>(
     n: usize,
     g: usize,
     d: usize,
+    cap: f32,
     acc: &mut [f32],
     m: &mut [f32],
     l: &mut [f32],
@@ -307,7 +348,7 @@ fn block<S: Simd>(
     }
     for gi in 0..g {
         let row = &mut acc[gi * d..(gi + 1) * d];
-        softmax_step(s, sc, gi, n, &mut m[gi], &mut l[gi], row);
+        softmax_step(s, sc, gi, n, cap, &mut m[gi], &mut l[gi], row);
     }
     let mut g0 = 0;
     while g0 < g {
@@ -356,12 +397,14 @@ fn scores<S: Simd>(s: S, sc: &mut Scratch, qg: &[f32], gi: usize, d: usize) {
 /// leaves in `sc.alpha[gi]` what the head's accumulator must be multiplied
 /// by first. `sc.live[gi]` says whether the accumulator takes this block at
 /// all (not for a poisoned head, nor when every score is -inf).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn softmax_step<S: Simd>(
     s: S,
     sc: &mut Scratch,
     gi: usize,
     n: usize,
+    cap: f32,
     m: &mut f32,
     l: &mut f32,
     acc: &mut [f32],
@@ -375,7 +418,12 @@ fn softmax_step<S: Simd>(
     let mut mx = s.splat(f32::NEG_INFINITY);
     let mut nan = false;
     for (i, c) in p.chunks_exact_mut(lanes).enumerate() {
-        let x = s.mul(s.load(c), s.load(&sc.ks[i * lanes..]));
+        let mut x = s.mul(s.load(c), s.load(&sc.ks[i * lanes..]));
+        if cap > 0.0 {
+            // Soft cap: the queries were scaled by sm_scale / cap, so x is
+            // score / cap; tanh keeps NaN and takes +-inf to +-1.
+            x = s.mul(tanh(s, x), s.splat(cap));
+        }
         // Rows past n score -inf: probability 0.
         let x = s.pad(x, n.saturating_sub(i * lanes));
         nan |= s.has_nan(x);

@@ -8,8 +8,17 @@
 //! `[pages, page_size, kv_heads, head_dim]` codes and, for FP8,
 //! `[pages, page_size, kv_heads]` `f32` scales.
 //!
+//! A request may attend only part of its KV ([`DecodeOptions`]): a sliding
+//! window (`window_left`, FlashInfer's inclusive left window) or a chunk
+//! (`chunk_size`, Llama 4's chunked local attention). Its query at position
+//! `p = kv_len - 1` then sees positions `lo..kv_len` only, and the pages
+//! before `lo` are never read (the first page read may start inside it).
+//! Logits may be soft-capped (`cap * tanh(s / cap)`, Gemma 2); the `tanh`
+//! is a vector rational approximation in every instruction set (relative
+//! error below 1e-6; see `kernel::tanh`).
+//!
 //! The work is split into items of one (request, KV head, chunk of at most
-//! [`CHUNK_TOKENS`] tokens); each item runs an online softmax over blocks of
+//! [`CHUNK_TOKENS`] tokens of `lo..kv_len`); each item runs an online softmax over blocks of
 //! [`BLOCK`] tokens (decode the block's codes to `f32`, score, exponentiate,
 //! accumulate V), and the items of one (request, head) are merged by
 //! log-sum-exp in chunk order. The chunking does not depend on the thread
@@ -47,7 +56,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-use checks::{check_batch, check_geometry, check_segments};
+use checks::{check_batch, check_geometry, check_options, check_segments};
 pub use format::KvFormat;
 use isa::choose_isa;
 pub use isa::Isa;
@@ -125,6 +134,56 @@ pub struct DecodeBatch<'a> {
     pub sm_scale: f32,
 }
 
+/// Which keys each query sees, and how its logits are capped.
+///
+/// With the defaults ([`DecodeOptions::FULL`]) a query sees all of its
+/// request's KV and its scores are not capped. For a request of `n` KV
+/// tokens the query sits at position `p = n - 1`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeOptions {
+    /// Keys at positions `>= p - window_left` only (inclusive left window:
+    /// `window_left + 1` keys with the query's own); -1 turns it off.
+    pub window_left: i64,
+    /// Keys in the query's chunk only: positions `>= chunk_size * (p / chunk_size)`;
+    /// 0 turns it off. Not together with `window_left`.
+    pub chunk_size: i64,
+    /// Scores become `soft_cap * tanh(score / soft_cap)` (the score
+    /// including `sm_scale`) before the softmax and the log-sum-exp; 0 turns
+    /// it off.
+    pub soft_cap: f32,
+}
+
+impl DecodeOptions {
+    /// Every key, no cap.
+    pub const FULL: DecodeOptions = DecodeOptions {
+        window_left: -1,
+        chunk_size: 0,
+        soft_cap: 0.0,
+    };
+
+    /// First position a query over `kv_len` tokens sees (0 for no KV);
+    /// the options must have passed validation.
+    pub(crate) fn first_key(&self, kv_len: usize) -> usize {
+        let Some(p) = kv_len.checked_sub(1) else {
+            return 0;
+        };
+        if self.window_left >= 0 {
+            p.saturating_sub(usize::try_from(self.window_left).unwrap_or(usize::MAX))
+        } else if self.chunk_size > 0 {
+            let c = usize::try_from(self.chunk_size).unwrap_or(usize::MAX);
+            p / c * c
+        } else {
+            0
+        }
+    }
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self::FULL
+    }
+}
+
 /// log-sum-exps of one decode call; requests without KV get 0 and `-inf`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeOutput {
@@ -149,6 +208,27 @@ pub fn decode(
     threads: usize,
     isa: Isa,
 ) -> Result<DecodeOutput> {
+    decode_with(
+        geometry,
+        segments,
+        batch,
+        &DecodeOptions::FULL,
+        threads,
+        isa,
+    )
+}
+
+/// [`decode`] with a window, a chunk size or a soft cap ([`DecodeOptions`]);
+/// the pages before each request's first visible key are not read.
+pub fn decode_with(
+    geometry: &PoolGeometry,
+    segments: &[Option<SegmentLayer<'_>>],
+    batch: &DecodeBatch<'_>,
+    options: &DecodeOptions,
+    threads: usize,
+    isa: Isa,
+) -> Result<DecodeOutput> {
+    check_options(options)?;
     check_geometry(geometry)?;
     check_segments(geometry, segments)?;
     let n = check_batch(geometry, segments, batch)?;
@@ -157,6 +237,7 @@ pub fn decode(
         g: *geometry,
         segments,
         group: batch.q_heads / geometry.kv_heads,
+        options: *options,
     };
     let (out, lse) = run(&ctx, batch, n, threads.max(1), isa);
     Ok(DecodeOutput { out, lse, isa })

@@ -4,23 +4,27 @@
 
 use crate::isa::Isa;
 use crate::kernel::{run_item, Scratch};
-use crate::{DecodeBatch, PoolGeometry, SegmentLayer, CHUNK_TOKENS};
+use crate::{DecodeBatch, DecodeOptions, PoolGeometry, SegmentLayer, CHUNK_TOKENS};
 
 /// What every item reads.
 pub(crate) struct Ctx<'a, 'b> {
     pub(crate) g: PoolGeometry,
     pub(crate) segments: &'b [Option<SegmentLayer<'a>>],
     pub(crate) group: usize,
+    pub(crate) options: DecodeOptions,
 }
 
 /// One unit of work: request `req`, KV head `head`, pages `pages` of it
-/// holding `tokens` tokens.
+/// from `first_page` (an index into the page ids); it reads `tokens`
+/// tokens starting `skip` tokens into its first page (`skip > 0` only for
+/// a request's first item, when its window starts inside a page).
 #[derive(Clone, Copy)]
 pub(crate) struct Item {
     pub(crate) req: usize,
     pub(crate) head: usize,
     pub(crate) first_page: usize,
     pub(crate) pages: usize,
+    pub(crate) skip: usize,
     pub(crate) tokens: usize,
 }
 
@@ -32,17 +36,21 @@ fn items(ctx: &Ctx<'_, '_>, b: &DecodeBatch<'_>, n: usize) -> Vec<Item> {
         let first = b.indptr[req] as usize;
         let pages = b.indptr[req + 1] as usize - first;
         let len = b.kv_lens[req] as usize;
+        // Pages wholly before the first visible key are never read.
+        let lo = ctx.options.first_key(len);
         for head in 0..ctx.g.kv_heads {
-            let mut p = 0;
+            let mut p = lo / ps;
             while p < pages {
                 let take = chunk_pages.min(pages - p);
-                let tokens = (take * ps).min(len - p * ps);
+                let start = lo.max(p * ps);
+                let end = ((p + take) * ps).min(len);
                 out.push(Item {
                     req,
                     head,
                     first_page: first + p,
                     pages: take,
-                    tokens,
+                    skip: start - p * ps,
+                    tokens: end - start,
                 });
                 p += take;
             }
@@ -60,8 +68,15 @@ pub(crate) fn run(
     isa: Isa,
 ) -> (Vec<f32>, Vec<f32>) {
     let (g, d) = (ctx.group, ctx.g.head_dim);
-    // Queries scaled once so that scores are in log2 units (exp2 below).
-    let scale = b.sm_scale * std::f32::consts::LOG2_E;
+    // Queries scaled once so that scores are in log2 units (exp2 below);
+    // with a soft cap, so that `q . k` is what tanh takes, the kernel
+    // multiplying tanh's value by the cap in log2 units.
+    let cap = ctx.options.soft_cap;
+    let scale = if cap > 0.0 {
+        b.sm_scale / cap
+    } else {
+        b.sm_scale * std::f32::consts::LOG2_E
+    };
     let q: Vec<f32> = b.q.iter().map(|x| x * scale).collect();
     let work = items(ctx, b, n);
     // Per item: acc [group, d], then m [group], then l [group].

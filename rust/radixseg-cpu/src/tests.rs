@@ -148,8 +148,23 @@ impl Pool {
     }
 }
 
+/// First key position a query over `len` tokens sees, written out from the
+/// definitions (not `DecodeOptions::first_key`).
+fn lo_of(o: &DecodeOptions, len: usize) -> usize {
+    let p = len as i64 - 1;
+    if len == 0 {
+        0
+    } else if o.window_left >= 0 {
+        (p - o.window_left).max(0) as usize
+    } else if o.chunk_size > 0 {
+        (p / o.chunk_size * o.chunk_size) as usize
+    } else {
+        0
+    }
+}
+
 /// f64 softmax attention, the way the tests in Python define it.
-fn reference(pool: &Pool, b: &DecodeBatch<'_>) -> (Vec<f64>, Vec<f64>) {
+fn reference_with(pool: &Pool, b: &DecodeBatch<'_>, o: &DecodeOptions) -> (Vec<f64>, Vec<f64>) {
     let g = &pool.geo;
     let (d, ps) = (g.head_dim, g.page_size);
     let group = b.q_heads / g.kv_heads;
@@ -163,10 +178,16 @@ fn reference(pool: &Pool, b: &DecodeBatch<'_>) -> (Vec<f64>, Vec<f64>) {
             let h = qh / group;
             let q = &b.q[(r * b.q_heads + qh) * d..][..d];
             let (mut s, mut vs) = (Vec::new(), Vec::new());
-            for t in 0..len {
+            for t in lo_of(o, len)..len {
                 let k = pool.row(0, pages[t / ps], t % ps, h);
                 let dot: f64 = q.iter().zip(&k).map(|(a, b)| f64::from(*a) * b).sum();
-                s.push(dot * f64::from(b.sm_scale));
+                let score = dot * f64::from(b.sm_scale);
+                let cap = f64::from(o.soft_cap);
+                s.push(if cap > 0.0 {
+                    cap * (score / cap).tanh()
+                } else {
+                    score
+                });
                 vs.push(pool.row(1, pages[t / ps], t % ps, h));
             }
             if s.is_empty() {
@@ -214,6 +235,26 @@ fn check(
     head_dim: usize,
     lens: &[usize],
 ) {
+    check_with(
+        format,
+        page_size,
+        kv_heads,
+        group,
+        head_dim,
+        lens,
+        &DecodeOptions::FULL,
+    );
+}
+
+fn check_with(
+    format: KvFormat,
+    page_size: usize,
+    kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    lens: &[usize],
+    options: &DecodeOptions,
+) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (page_size * 31 + head_dim) as u64);
     let geo = PoolGeometry {
         page_size,
@@ -238,7 +279,7 @@ fn check(
         kv_lens: &kv_lens,
         sm_scale: 0.3,
     };
-    let (want, want_lse) = reference(&pool, &batch);
+    let (want, want_lse) = reference_with(&pool, &batch, options);
     let layers = pool.layers();
     let mut first: Option<DecodeOutput> = None;
     for isa in Isa::available() {
@@ -246,12 +287,14 @@ fn check(
             continue;
         }
         for threads in [1, 3] {
-            let got = decode(&geo, &layers, &batch, threads, isa).expect("valid input");
+            let got =
+                decode_with(&geo, &layers, &batch, options, threads, isa).expect("valid input");
             let scale = want.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
             for (i, (g, w)) in got.out.iter().zip(&want).enumerate() {
                 assert!(
                     (f64::from(*g) - w).abs() <= 2e-5 * scale,
-                    "{format:?} ps {page_size} {} threads {threads}: out[{i}] = {g}, want {w}",
+                    "{format:?} ps {page_size} {} threads {threads} {options:?}: \
+                     out[{i}] = {g}, want {w}",
                     isa.name()
                 );
             }
@@ -259,7 +302,7 @@ fn check(
                 assert!(
                     (w.is_infinite() && f64::from(*g) == *w)
                         || (f64::from(*g) - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{format:?} {}: lse {g}, want {w}",
+                    "{format:?} {} {options:?}: lse {g}, want {w}",
                     isa.name()
                 );
             }
@@ -489,6 +532,54 @@ fn bad_tables_are_refused_with_numbers() {
         err.contains("q holds 16 values; 1 requests x 3 heads x 16 dims need 48"),
         "{err}"
     );
+    let batch = batch_of(&q, 1, &[0, 1], &[0], &[3]);
+    let both = DecodeOptions {
+        window_left: 3,
+        chunk_size: 8,
+        soft_cap: 0.0,
+    };
+    let cases = [
+        (
+            window(-2),
+            "window_left must be -1 (no window) or at least 0, got -2",
+        ),
+        (
+            chunk(-1),
+            "chunk_size must be 0 (no chunks) or at least 1, got -1",
+        ),
+        (
+            both,
+            "window_left = 3 and chunk_size = 8 cannot both be set",
+        ),
+        (
+            capped(-1.0, DecodeOptions::FULL),
+            "soft_cap must be 0 (no cap) or a positive finite number, got -1",
+        ),
+        (capped(f32::NAN, DecodeOptions::FULL), "got NaN"),
+        (capped(f32::INFINITY, DecodeOptions::FULL), "got inf"),
+    ];
+    for (o, msg) in cases {
+        let err = decode_with(&geo, &segs, &batch, &o, 1, Isa::Auto)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(msg), "{err:?} does not say {msg:?}");
+    }
+}
+
+/// An e4m3 pool of 4 pages of 16 tokens whose every K and V element reads
+/// 1.0: its geometry, codes and (unit) scales.
+fn ones_e4m3(kv_heads: usize) -> (PoolGeometry, Vec<u8>, Vec<u8>) {
+    let geo = PoolGeometry {
+        page_size: 16,
+        pages_per_segment: 4,
+        kv_heads,
+        head_dim: 16,
+        format: KvFormat::E4m3,
+    };
+    let tokens = geo.tokens_per_segment() * kv_heads;
+    let codes = vec![0x38u8; tokens * 16];
+    let scales = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+    (geo, codes, scales)
 }
 
 #[test]
@@ -496,16 +587,7 @@ fn a_poisoned_query_head_leaves_the_rest_of_its_tile() {
     // Every K and V element is 1.0, so a finite head's output is 1.0.
     // Query heads 1 (+inf score), 4 (NaN) and 5 (both) read NaN; the
     // others share their tiles (4 + 2 + 1) and must be untouched.
-    let geo = PoolGeometry {
-        page_size: 16,
-        pages_per_segment: 4,
-        kv_heads: 1,
-        head_dim: 16,
-        format: KvFormat::E4m3,
-    };
-    let tokens = geo.tokens_per_segment();
-    let codes = vec![0x38u8; tokens * 16];
-    let scales: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
+    let (geo, codes, scales) = ones_e4m3(1);
     let seg = SegmentLayer {
         k: &codes,
         v: &codes,
@@ -596,17 +678,8 @@ fn a_block_of_minus_inf_scores_adds_nothing() {
     // scores them -inf: weight 0. The block after has finite scores, so
     // the accumulator is rescaled by exp(-inf) = 0 and must hold 0 (not
     // -inf * V) when that happens.
-    let geo = PoolGeometry {
-        page_size: 16,
-        pages_per_segment: 4,
-        kv_heads: 1,
-        head_dim: 16,
-        format: KvFormat::E4m3,
-    };
-    let tokens = geo.tokens_per_segment();
-    let codes = vec![0x38u8; tokens * 16];
-    let mut k_scale: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
-    let v_scale = k_scale.clone();
+    let (geo, codes, v_scale) = ones_e4m3(1);
+    let mut k_scale = v_scale.clone();
     for t in 0..16 {
         k_scale[4 * t..4 * t + 4].copy_from_slice(&f32::INFINITY.to_ne_bytes());
     }
@@ -645,17 +718,8 @@ fn a_block_of_minus_inf_scores_adds_nothing() {
 #[test]
 fn a_nan_score_makes_its_head_nan_and_leaves_the_others() {
     // The pool stores a NaN scale next to NaN input; the whole row reads NaN.
-    let geo = PoolGeometry {
-        page_size: 16,
-        pages_per_segment: 4,
-        kv_heads: 2,
-        head_dim: 16,
-        format: KvFormat::E4m3,
-    };
-    let tokens = geo.tokens_per_segment() * geo.kv_heads;
-    let codes = vec![0x38u8; tokens * 16]; // 1.0
-    let mut k_scale: Vec<u8> = (0..tokens).flat_map(|_| 1.0f32.to_ne_bytes()).collect();
-    let v_scale = k_scale.clone();
+    let (geo, codes, v_scale) = ones_e4m3(2);
+    let mut k_scale = v_scale.clone();
     // Token 40 (chunk 0, block 2), head 1.
     k_scale[(40 * 2 + 1) * 4..(40 * 2 + 2) * 4].copy_from_slice(&f32::NAN.to_ne_bytes());
     let seg = SegmentLayer {
@@ -687,4 +751,251 @@ fn a_nan_score_makes_its_head_nan_and_leaves_the_others() {
             isa.name()
         );
     }
+}
+
+/// A batch with `sm_scale` 1.
+fn batch_of<'a>(
+    q: &'a [f32],
+    q_heads: usize,
+    indptr: &'a [i64],
+    indices: &'a [i64],
+    kv_lens: &'a [i64],
+) -> DecodeBatch<'a> {
+    DecodeBatch {
+        q,
+        q_heads,
+        indptr,
+        indices,
+        kv_lens,
+        sm_scale: 1.0,
+    }
+}
+
+fn window(w: i64) -> DecodeOptions {
+    DecodeOptions {
+        window_left: w,
+        ..DecodeOptions::FULL
+    }
+}
+
+fn chunk(c: i64) -> DecodeOptions {
+    DecodeOptions {
+        chunk_size: c,
+        ..DecodeOptions::FULL
+    }
+}
+
+fn capped(cap: f32, o: DecodeOptions) -> DecodeOptions {
+    DecodeOptions { soft_cap: cap, ..o }
+}
+
+#[test]
+fn sliding_windows_match_the_reference() {
+    // Smaller than a page, inside a page, across pages, equal to and
+    // larger than the context, and across a 4,096-token work chunk.
+    let lens = [0, 1, 17, 97, 300];
+    for w in [0, 1, 5, 16, 40, 96, 97, 1000] {
+        check_with(KvFormat::E4m3, 16, 2, 4, 64, &lens, &window(w));
+        check_with(KvFormat::Bf16, 1, 1, 2, 32, &lens, &window(w));
+    }
+    check_with(
+        KvFormat::F32,
+        16,
+        1,
+        4,
+        32,
+        &[CHUNK_TOKENS * 2 + 37, 3],
+        &window(CHUNK_TOKENS as i64 + 5),
+    );
+}
+
+#[test]
+fn chunks_match_the_reference() {
+    let lens = [0, 1, 17, 97, 300, 64, 65];
+    for c in [1, 5, 16, 24, 64, 100, 1000] {
+        check_with(KvFormat::E5m2, 16, 2, 4, 64, &lens, &chunk(c));
+        check_with(KvFormat::F16, 1, 1, 3, 32, &lens, &chunk(c));
+    }
+}
+
+#[test]
+fn soft_caps_match_the_reference() {
+    let lens = [0, 1, 17, 97, 300];
+    for cap in [0.5f32, 3.0, 50.0] {
+        check_with(
+            KvFormat::E4m3,
+            16,
+            2,
+            4,
+            64,
+            &lens,
+            &capped(cap, DecodeOptions::FULL),
+        );
+        check_with(
+            KvFormat::Bf16,
+            16,
+            2,
+            2,
+            32,
+            &lens,
+            &capped(cap, window(20)),
+        );
+        check_with(KvFormat::F32, 1, 1, 4, 48, &lens, &capped(cap, chunk(24)));
+    }
+}
+
+#[test]
+fn windows_skip_the_pages_before_them() {
+    // The pages before the window are in a retired segment: a kernel that
+    // read them would find no segment (it checks every id first, so give
+    // it live ids whose bytes are NaN instead).
+    let geo = PoolGeometry {
+        page_size: 4,
+        pages_per_segment: 8,
+        kv_heads: 1,
+        head_dim: 16,
+        format: KvFormat::F32,
+    };
+    let tokens = geo.tokens_per_segment();
+    let mut k = vec![0u8; geo.kv_layer_bytes()];
+    let mut v = k.clone();
+    for t in 0..tokens {
+        // Pages 0..3 (tokens 0..12) hold NaN, the others 1.0.
+        let x = if t < 12 { f32::NAN } else { 1.0 };
+        for j in 0..16 {
+            k[(t * 16 + j) * 4..][..4].copy_from_slice(&x.to_ne_bytes());
+            v[(t * 16 + j) * 4..][..4].copy_from_slice(&x.to_ne_bytes());
+        }
+    }
+    let seg = SegmentLayer {
+        k: &k,
+        v: &v,
+        k_scale: &[],
+        v_scale: &[],
+    };
+    let q = vec![0.1f32; 16];
+    // 20 tokens over pages 0..5: position 19 with window 7 sees 12..20.
+    let batch = batch_of(&q, 1, &[0, 5], &[0, 1, 2, 3, 4], &[20]);
+    for isa in Isa::available() {
+        for (o, keys) in [(window(7), 8.0f32), (chunk(12), 8.0), (window(8), -1.0)] {
+            let got = decode_with(&geo, &[Some(seg)], &batch, &o, 1, isa).expect("valid");
+            if keys < 0.0 {
+                // One key more reaches token 11: NaN.
+                assert!(got.out.iter().all(|x| x.is_nan()), "{} {o:?}", isa.name());
+                continue;
+            }
+            assert!(
+                got.out.iter().all(|x| (x - 1.0).abs() < 1e-6),
+                "{} {o:?}: {:?}",
+                isa.name(),
+                got.out
+            );
+            let want = 1.6 + keys.ln();
+            assert!((got.lse[0] - want).abs() < 1e-5, "{} {o:?}", isa.name());
+        }
+    }
+}
+
+#[test]
+fn soft_capped_infinite_and_nan_scores() {
+    // With a cap, +-inf scores become +-cap (tanh(+-inf) = +-1) and NaN
+    // stays NaN; uncapped, the existing rules hold (checked above).
+    let (geo, codes, v_scale) = ones_e4m3(1);
+    let mut k_scale = v_scale.clone();
+    k_scale[..4].copy_from_slice(&f32::INFINITY.to_ne_bytes()); // token 0: score +inf
+    let seg = SegmentLayer {
+        k: &codes,
+        v: &codes,
+        k_scale: &k_scale,
+        v_scale: &v_scale,
+    };
+    let mut q = vec![0.25f32; 2 * 16];
+    q[16] = f32::NAN;
+    let batch = batch_of(&q, 2, &[0, 3], &[0, 1, 2], &[40]);
+    for isa in Isa::available() {
+        let o = capped(2.0, DecodeOptions::FULL);
+        let got = decode_with(&geo, &[Some(seg)], &batch, &o, 1, isa).expect("valid");
+        // Head 0: token 0 scores 2, the 39 others 2 tanh(2).
+        let (a, b) = (2.0f64, 2.0 * 2f64.tanh());
+        let want = (a.exp() + 39.0 * b.exp()).ln();
+        assert!(
+            (f64::from(got.lse[0]) - want).abs() < 1e-5,
+            "{}: {} vs {want}",
+            isa.name(),
+            got.lse[0]
+        );
+        assert!(got.out[..16].iter().all(|x| (x - 1.0).abs() < 1e-6));
+        assert!(got.out[16..].iter().all(|x| x.is_nan()) && got.lse[1].is_nan());
+    }
+}
+
+/// `kernel::tanh` in one instruction set over `xs`.
+fn tanh_in(isa: Isa, xs: &[f32]) -> Vec<f32> {
+    // Through the kernel itself: one token per request whose K row is x
+    // (f32), q = e_0, sm_scale = cap = 1, so lse = tanh(x) exactly
+    // (one key: lse = its score).
+    let n = xs.len();
+    let geo = PoolGeometry {
+        page_size: 1,
+        pages_per_segment: n,
+        kv_heads: 1,
+        head_dim: 16,
+        format: KvFormat::F32,
+    };
+    let mut k = vec![0u8; geo.kv_layer_bytes()];
+    for (t, x) in xs.iter().enumerate() {
+        k[t * 64..t * 64 + 4].copy_from_slice(&x.to_ne_bytes());
+    }
+    let v = vec![0u8; geo.kv_layer_bytes()];
+    let seg = SegmentLayer {
+        k: &k,
+        v: &v,
+        k_scale: &[],
+        v_scale: &[],
+    };
+    let mut q = vec![0.0f32; n * 16];
+    for r in 0..n {
+        q[r * 16] = 1.0;
+    }
+    let indptr: Vec<i64> = (0..=n as i64).collect();
+    let indices: Vec<i64> = (0..n as i64).collect();
+    let lens = vec![1i64; n];
+    let batch = batch_of(&q, 1, &indptr, &indices, &lens);
+    let o = capped(1.0, DecodeOptions::FULL);
+    decode_with(&geo, &[Some(seg)], &batch, &o, 1, isa)
+        .expect("valid")
+        .lse
+}
+
+#[test]
+fn tanh_is_within_1e_6_relative_in_every_isa() {
+    // A dense grid of magnitudes from 1e-30 to 20, both signs, plus the
+    // specials. The LSE path adds (m + log2(1)) * ln 2 with m = cap * log2(e)
+    // * tanh: two roundings, a few 1e-8 relative.
+    let mut xs = vec![0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    let mut x = 1e-30f32;
+    while x < 20.0 {
+        xs.push(x);
+        xs.push(-x);
+        x *= 1.0007;
+    }
+    let mut worst = 0.0f64;
+    for isa in Isa::available() {
+        let got = tanh_in(isa, &xs);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = f64::from(x).tanh();
+            if want.is_nan() {
+                assert!(g.is_nan(), "{} tanh({x}) = {g}", isa.name());
+                continue;
+            }
+            let err = if want == 0.0 {
+                f64::from(g).abs()
+            } else {
+                (f64::from(g) / want - 1.0).abs()
+            };
+            worst = worst.max(err);
+            assert!(err < 1e-6, "{} tanh({x}) = {g}, want {want}", isa.name());
+        }
+    }
+    eprintln!("tanh: worst relative error {worst:.3e}");
 }

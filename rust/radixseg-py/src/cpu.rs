@@ -74,10 +74,18 @@ type DecodeResult<'py> = (
 /// V, K-scale and V-scale inside every buffer. `q` is float32
 /// `[batch * q_heads * head_dim]`; the page table is int64 CSR. Returns
 /// `(out [batch * q_heads * head_dim], lse [batch * q_heads], isa)`, float32,
-/// natural-log LSE. Runs with the GIL released: no other thread may write
+/// natural-log LSE. `window_left` (-1: off) limits each query at position
+/// `p = kv_len - 1` to keys `>= p - window_left`, `chunk_size` (0: off) to
+/// keys of its chunk (`>= chunk_size * (p // chunk_size)`), not both;
+/// `soft_cap` (0: off) caps scores to `soft_cap * tanh(score / soft_cap)`.
+/// Runs with the GIL released: no other thread may write
 /// the layer meanwhile (as for any kernel reading it).
 #[pyfunction]
-#[pyo3(signature = (buffers, offsets, page_size, pages_per_segment, kv_heads, head_dim, format, q, q_heads, kv_indptr, kv_indices, kv_lens, sm_scale, threads=1, isa="auto"))]
+// The text signature is spelled out: pyo3 renders the default -1 as `...`.
+#[pyo3(
+    signature = (buffers, offsets, page_size, pages_per_segment, kv_heads, head_dim, format, q, q_heads, kv_indptr, kv_indices, kv_lens, sm_scale, threads=1, isa="auto", window_left=-1, chunk_size=0, soft_cap=0.0),
+    text_signature = "(buffers, offsets, page_size, pages_per_segment, kv_heads, head_dim, format, q, q_heads, kv_indptr, kv_indices, kv_lens, sm_scale, threads=1, isa='auto', window_left=-1, chunk_size=0, soft_cap=0.0)"
+)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_cpu<'py>(
     py: Python<'py>,
@@ -96,6 +104,9 @@ pub(crate) fn decode_cpu<'py>(
     sm_scale: f32,
     threads: usize,
     isa: &str,
+    window_left: i64,
+    chunk_size: i64,
+    soft_cap: f32,
 ) -> PyResult<DecodeResult<'py>> {
     let geometry = cpu::PoolGeometry {
         page_size,
@@ -128,9 +139,14 @@ pub(crate) fn decode_cpu<'py>(
         kv_lens: kv_lens.as_slice()?,
         sm_scale,
     };
+    let options = cpu::DecodeOptions {
+        window_left,
+        chunk_size,
+        soft_cap,
+    };
     let work = batch.indices.len() + batch.kv_lens.len();
     let result = maybe_detach(py, work, || {
-        cpu::decode(&geometry, &layers, &batch, threads, isa)
+        cpu::decode_with(&geometry, &layers, &batch, &options, threads, isa)
     });
     let r = result.py(py)?;
     Ok((

@@ -34,7 +34,13 @@ pub(crate) trait Simd: Copy {
     fn fma(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     fn add(self, a: Self::F, b: Self::F) -> Self::F;
     fn mul(self, a: Self::F, b: Self::F) -> Self::F;
+    /// Lane-wise maximum; NaN if `b` is NaN (every implementation), and
+    /// in some also if `a` is.
     fn max(self, a: Self::F, b: Self::F) -> Self::F;
+    /// Lane-wise minimum, NaN as for `max`.
+    fn min(self, a: Self::F, b: Self::F) -> Self::F;
+    /// `a / b`, correctly rounded.
+    fn div(self, a: Self::F, b: Self::F) -> Self::F;
     fn sum(self, a: Self::F) -> f32;
     /// `out[t] = sum(v[t])` for the `BLOCK` vectors of `v`.
     fn sums(self, v: &[Self::F; BLOCK], out: &mut [f32]);

@@ -146,6 +146,16 @@ impl Simd for Neon {
         unsafe { vmaxq_f32(a, b) }
     }
     #[inline(always)]
+    fn min(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON only. FMIN returns NaN when either lane is NaN.
+        unsafe { vminq_f32(a, b) }
+    }
+    #[inline(always)]
+    fn div(self, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON only (FDIV is part of AArch64's Advanced SIMD).
+        unsafe { vdivq_f32(a, b) }
+    }
+    #[inline(always)]
     fn sum(self, a: float32x4_t) -> f32 {
         // SAFETY: NEON only.
         unsafe { vaddvq_f32(a) }

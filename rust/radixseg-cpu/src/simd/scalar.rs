@@ -50,6 +50,18 @@ impl Simd for Scalar {
         }
     }
     #[inline(always)]
+    fn min(self, a: f32, b: f32) -> f32 {
+        if a.is_nan() || b.is_nan() {
+            f32::NAN
+        } else {
+            a.min(b)
+        }
+    }
+    #[inline(always)]
+    fn div(self, a: f32, b: f32) -> f32 {
+        a / b
+    }
+    #[inline(always)]
     fn sum(self, a: f32) -> f32 {
         a
     }

@@ -130,6 +130,17 @@ impl Simd for Avx512 {
         unsafe { _mm512_max_ps(a, b) }
     }
     #[inline(always)]
+    fn min(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F enabled. vminps, like vmaxps, returns its second
+        // operand when either is NaN.
+        unsafe { _mm512_min_ps(a, b) }
+    }
+    #[inline(always)]
+    fn div(self, a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F enabled.
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
     fn sum(self, a: __m512) -> f32 {
         // SAFETY: AVX-512F enabled.
         unsafe { _mm512_reduce_add_ps(a) }
@@ -302,6 +313,16 @@ impl Simd for Avx2 {
     fn max(self, a: __m256, b: __m256) -> __m256 {
         // SAFETY: AVX enabled (NaN in `b` survives, as for Avx512).
         unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    fn min(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX enabled (NaN in `b` survives, as for max).
+        unsafe { _mm256_min_ps(a, b) }
+    }
+    #[inline(always)]
+    fn div(self, a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX enabled.
+        unsafe { _mm256_div_ps(a, b) }
     }
     #[inline(always)]
     fn sum(self, a: __m256) -> f32 {
