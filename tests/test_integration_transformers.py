@@ -313,12 +313,8 @@ def test_bad_options_are_typed_errors():
 
 def test_unsupported_layer_types_are_refused():
     cfg = _qwen2_config()
-    cfg.layer_types = ["full_attention", "chunked_attention"]
-    with pytest.raises(InvalidArgument, match="chunked_attention"):
-        rt.prefix_cache_for(cfg)
-    cfg = _qwen2_config()
-    cfg.attn_logit_softcapping = 30.0
-    with pytest.raises(InvalidArgument, match=r"attn_logit_softcapping=30\.0"):
+    cfg.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(InvalidArgument, match="linear_attention"):
         rt.prefix_cache_for(cfg)
 
 
@@ -567,15 +563,20 @@ def test_fallback_without_a_radixseg_cache_handles_padding():
     assert torch.equal(got, ref)
 
 
-def test_mask_probe_recognises_causal_and_windowed_patterns():
+def test_mask_probe_recognises_causal_windowed_and_chunked_patterns():
     from transformers import masking_utils as mu
 
-    assert rt._pattern_is_causal(mu.causal_mask_function, None)
-    assert rt._pattern_is_causal(mu.sliding_window_causal_mask_function(5), 5)
-    assert not rt._pattern_is_causal(mu.sliding_window_causal_mask_function(5), None)
-    assert not rt._pattern_is_causal(mu.bidirectional_mask_function, None)
+    assert rt._mask_kind(mu.causal_mask_function, None) == "causal"
+    assert rt._mask_kind(mu.sliding_window_causal_mask_function(5), 5) == "sliding"
+    assert rt._mask_kind(mu.sliding_window_causal_mask_function(5), None) is None
+    assert rt._mask_kind(mu.bidirectional_mask_function, None) is None
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
-    assert not rt._pattern_is_causal(chunked, 4)
+    assert rt._mask_kind(chunked, 4) == "chunked"
+    # Chunks count from the first real token: row 0 left-padded by 3.
+    padded = mu.chunked_causal_mask_function(4, torch.tensor([3]))
+    assert rt._mask_kind(padded, 4, pad=3) == "chunked"
+    assert rt._mask_kind(padded, 4, pad=0) is None
+    assert rt._mask_kind(mu.bidirectional_mask_function, 4) is None
 
 
 # ----- inference_mode and grad mode ---------------------------------------------------------
@@ -811,3 +812,94 @@ def test_chunked_prefill_over_padding(attention):
     assert [r.seq_len for r in cache.requests] == [13, 22, 19]
     cache.finish(out)
     prefix.check_invariants()
+
+
+# ----- hybrid models: soft-capping (Gemma 2), sliding patterns (Gemma 3), chunks (Llama 4) ---
+
+
+def _hybrid(arch: str) -> torch.nn.Module:
+    t = transformers
+    small = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        **_COMMON,
+    )
+    if arch == "gemma2":  # layer 0 slides (window 6), layer 1 full
+        cfg = t.Gemma2Config(
+            num_hidden_layers=2, sliding_window=6, query_pre_attn_scalar=1, **small
+        )
+        cfg.attn_logit_softcapping = 0.3  # a cap tiny random scores reach: the test can fail
+    elif arch == "gemma3":
+        cfg = t.Gemma3TextConfig(num_hidden_layers=3, sliding_window=5, **small)
+        cfg.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    elif arch == "llama4":  # layers 0-2 chunked (chunks of 8), layer 3 full (NoPE)
+        cfg = t.Llama4TextConfig(
+            num_hidden_layers=4,
+            attention_chunk_size=8,
+            intermediate_size_mlp=64,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            **small,
+        )
+    else:
+        raise AssertionError(arch)
+    torch.manual_seed(7)
+    return t.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama4"])
+def test_hybrid_models_match_dynamic_cache(arch):
+    """fp32 greedy tokens equal eager attention + DynamicCache for a left-padded
+    batch whose contexts cross the window or several chunk edges, then for a
+    prompt reusing a cached prefix longer than the window or chunk."""
+    model = _hybrid(arch)
+    ids, mask = _left_padded([23, 11], seed=8)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = _gen_masked(model, ids, mask, 9)
+        ref_logits = model(ids, attention_mask=mask, use_cache=False).logits
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, segment_bytes=1 << 16)
+    model.set_attn_implementation("radixseg")
+    # Prefill logits too: random tiny models' greedy tokens barely depend on
+    # attention, their logits do (the mutation check: drop the cap, the chunk
+    # or the window and this fails).
+    real = mask.bool()
+    with torch.no_grad(), rt.RadixsegCache(prefix, ids, attention_mask=mask) as pre:
+        got_logits = model(ids, attention_mask=mask, cache=pre).logits
+    torch.testing.assert_close(got_logits[real], ref_logits[real])
+    cache = rt.RadixsegCache(prefix, ids, attention_mask=mask, backend="torch")
+    with torch.no_grad():
+        out = _gen_masked(model, ids, mask, 9, cache=cache)
+    assert torch.equal(out, ref)
+    cache.finish(out)
+    row = torch.cat([out[:1, :30], _prompts(1, 3, seed=9) % SMALL_VOCAB], 1)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref2 = _generate(model, row, 6)
+    model.set_attn_implementation("radixseg")
+    for backend in ("torch", "cpu"):
+        again = rt.RadixsegCache(prefix, row, backend=backend)
+        assert again.reused_tokens == 28  # past the window (6, 5) and 3 chunk edges (8)
+        with torch.no_grad():
+            assert torch.equal(_generate(model, row, 6, cache=again), ref2), backend
+        again.abort()
+    prefix.check_invariants()
+
+
+def test_the_soft_cap_changes_gemma2_logits():
+    """The Gemma 2 case above can fail: without its cap the logits move."""
+    model = _hybrid("gemma2")
+    ids, mask = _left_padded([23, 11], seed=8)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        capped = model(ids, attention_mask=mask, use_cache=False).logits
+        for mod in model.modules():
+            if getattr(mod, "attn_logit_softcapping", None):
+                mod.attn_logit_softcapping = None
+        plain = model(ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    assert (capped[real] - plain[real]).abs().max() > 1e-3

@@ -131,7 +131,7 @@ def _page_size_one(group: Any) -> list[torch.Tensor]:
 def _refusals(group: Any) -> None:
     """Windowed layers and attention='gather' read every token locally."""
     windowed = _mistral(8)
-    with pytest.raises(InvalidArgument, match="sliding-window layers; sliding-window attention"):
+    with pytest.raises(InvalidArgument, match="soft-capped layers; sliding-window, chunked"):
         rt.prefix_cache_for(windowed.config, dtype="fp32", group=group)
     pool = ShardedKVPool(*rt.model_geometry(windowed.config), dtype="fp32", group=group)
     prefix = ShardedPrefixCache(pool)  # built by hand: refused at the first forward
@@ -143,7 +143,8 @@ def _refusals(group: Any) -> None:
         PrefixCache(other)  # its slots would be in virtual units
     windowed.set_attn_implementation("radixseg")
     cache = rt.RadixsegCache(prefix, ids, backend="torch")
-    with torch.no_grad(), pytest.raises(InvalidArgument, match=r"sliding window of 8; .*issue 20"):
+    refusal = r"uses window_left=\[7\]; .*issue 20"
+    with torch.no_grad(), pytest.raises(InvalidArgument, match=refusal):
         _generate(windowed, ids, 2, cache=cache)
     cache.abort()
     assert pool.stats()["used_pages"] == 0

@@ -54,11 +54,14 @@ feeding the whole prompt again runs past the prompt the cache was given and
 raises :class:`~radixseg.InvalidArgument`.
 
 Sliding-window layers (Mistral's ``sliding_window``, Qwen/Gemma-style
-``layer_types`` with ``"sliding_attention"``) are supported: the cache keeps
-every token (a windowed layer group that keeps only its window is future
-work), ``attention="gather"`` lets the model mask the window, and the
-``"radixseg"`` attention computes windowed attention exactly (a context
-within the window is plain causal attention and takes the usual path).
+``layer_types`` with ``"sliding_attention"``), chunked local attention
+(Llama 4's ``"chunked_attention"`` layers, ``attention_chunk_size``) and
+attention logit soft-capping (Gemma 2's ``attn_logit_softcapping``) are
+supported: the ``"radixseg"`` attention passes the window (``window_left``),
+the chunk (``chunk_size``) or the cap (``logits_soft_cap``) to the kernels,
+which read only the pages the pattern reaches; ``attention="gather"`` lets
+the model mask them. The cache still keeps every token of every layer (layer
+groups that keep only their window are issue 20's next step).
 
 Context parallelism (one sequence's KV sharded over ranks, issue 19): give
 :func:`prefix_cache_for` a ``torch.distributed`` process group
@@ -75,8 +78,8 @@ is reused in whole virtual pages. ``cache.stats()`` and ``pool.stats()`` are
 this rank's (``pool.stats_all()`` gathers every rank's). Decode steps use
 the collective :func:`radixseg.attention.decode`; prefill and extend steps
 hand the step's new K/V to the collective :func:`radixseg.attention.extend`.
-Sliding-window layers and ``attention="gather"`` read every token locally,
-so they are refused (:class:`~radixseg.InvalidArgument`) on a sharded cache::
+Sliding-window, chunked and soft-capped layers and ``attention="gather"``
+are refused (:class:`~radixseg.InvalidArgument`) on a sharded cache::
 
     dist.init_process_group("nccl")        # one process per rank, all running this
     prefix = prefix_cache_for(model.config, dtype="bf16", device="cuda",
@@ -87,10 +90,10 @@ so they are refused (:class:`~radixseg.InvalidArgument`) on a sharded cache::
 
 What is not supported, and raises :class:`~radixseg.InvalidArgument` rather
 than computing something wrong: right padding or holes in ``attention_mask``,
-chunked, linear-attention and soft-capped attention layers, beam search,
+linear-attention layers, beam search,
 ``num_return_sequences > 1`` and other cache reordering or batch expansion,
 cropping (assisted decoding), prepared 4-D attention masks and mask patterns
-other than (sliding-window) causal with left padding.
+other than causal, sliding-window or chunked causal with left padding.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ ATTENTION_NAME = "radixseg"
 _HANDLE = "_radixseg_step"
 AttentionMode = Literal["segments", "gather"]
 Backend = Literal["auto", "triton", "torch", "cpu"]
-_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 # ----- model geometry -------------------------------------------------------------------
@@ -162,13 +165,8 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
     if other:
         raise InvalidArgument(
             f"config has layer types {other}; RadixsegCache supports "
-            f"{' and '.join(_SUPPORTED_LAYER_TYPES)} layers only (chunked and "
+            f"{', '.join(_SUPPORTED_LAYER_TYPES)} layers only (linear-attention and other "
             f"linear-attention layers are not implemented)"
-        )
-    if getattr(text, "attn_logit_softcapping", None):
-        raise InvalidArgument(
-            f"config sets attn_logit_softcapping={text.attn_logit_softcapping}; attention logit "
-            f"soft-capping is not supported by radixseg"
         )
     try:
         g = kv_geometry(text)
@@ -196,12 +194,15 @@ def model_geometry(config: Any) -> tuple[int, int, int]:
 
 
 def _is_windowed(config: Any) -> bool:
-    """Whether ``config`` has sliding-window layers (``layer_types`` naming
-    them, or Mistral-style ``sliding_window`` without ``layer_types``)."""
+    """Whether ``config`` has sliding-window or chunked layers (``layer_types``
+    naming them, or Mistral-style ``sliding_window`` without ``layer_types``)
+    or soft-capped attention logits."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None):
+        return True
     types = getattr(text, "layer_types", None)
     if types is not None:
-        return "sliding_attention" in types
+        return "sliding_attention" in types or "chunked_attention" in types
     return (
         getattr(text, "sliding_window", None) is not None
         and getattr(text, "use_sliding_window", True) is not False
@@ -209,8 +210,8 @@ def _is_windowed(config: Any) -> bool:
 
 
 _WINDOW_UNDER_CP = (
-    "sliding-window attention is not supported under context parallelism (it reads the "
-    "window's tokens locally, and each rank holds only its share of them; windowed layer "
+    "sliding-window, chunked and soft-capped attention are not supported under context "
+    "parallelism (the kernels mask by position within one rank's share; windowed layer "
     "groups are issue 20): use a full-attention model, or one process without group="
 )
 
@@ -247,7 +248,8 @@ def prefix_cache_for(
     sharded = context_parallel or group is not None
     if sharded and _is_windowed(config):
         raise InvalidArgument(
-            f"config {type(config).__name__} has sliding-window layers; {_WINDOW_UNDER_CP}"
+            f"config {type(config).__name__} has sliding-window, chunked or soft-capped "
+            f"layers; {_WINDOW_UNDER_CP}"
         )
     pool = (ShardedKVPool if sharded else KVPool)(
         layers,
@@ -271,23 +273,35 @@ def _causal(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
     return kv_idx <= q_idx
 
 
-def _pattern_is_causal(mask_function: Callable[..., Any], window: int | None) -> bool:
-    """Whether ``mask_function`` (before padding) is causal, windowed by ``window``.
+def _mask_kind(mask_function: Callable[..., Any], size: int | None, pad: int = 0) -> str | None:
+    """Which pattern ``mask_function`` (before padding) is: ``"causal"``,
+    ``"sliding"`` (causal, the last ``size`` keys) or ``"chunked"`` (causal
+    within chunks of ``size`` positions counted from the first real token,
+    ``pad`` being row 0's left padding), else ``None``.
 
-    Probes one query position against keys around its window's edges; mask
-    functions are index-based and accept broadcast tensors.
+    Probes one query position against keys around its window's or chunk's
+    edges; mask functions are index-based and accept broadcast tensors.
     """
-    q = (window or 0) + 8
+    q = pad + 2 * (size or 0) + 8
     kv = torch.arange(q + 3)
-    want = kv <= q
-    if window is not None:
-        want &= kv > q - window
+    causal = kv <= q
+    wants = {"causal": causal}
+    if size is not None:
+        wants = {
+            "sliding": causal & (kv > q - size),
+            "chunked": causal & ((kv - pad) // size == (q - pad) // size),
+        }
     zero = torch.zeros((), dtype=torch.long)
     try:
         got = mask_function(zero, zero, torch.tensor(q), kv)
     except Exception:
-        return False
-    return isinstance(got, torch.Tensor) and bool(torch.equal(got.expand_as(want), want))
+        return None
+    if not isinstance(got, torch.Tensor):
+        return None
+    for kind, want in wants.items():
+        if torch.equal(got.expand_as(want), want):
+            return kind
+    return None
 
 
 class _MaskInfo:
@@ -295,8 +309,9 @@ class _MaskInfo:
 
     Not a 4-D tensor: the radixseg path needs only each row's padding
     (``padding``, bool ``[batch, >= q_offset + q_length]`` or ``None``), the
-    window (``local_size``) and whether the pattern is the (sliding-window)
-    causal one it computes. Without a :class:`RadixsegCache` the attention
+    window or chunk (``local_size``) and which of the patterns it computes
+    the mask is (``kind``: ``"causal"``, ``"sliding"``, ``"chunked"``; ``None``
+    for any other). Without a :class:`RadixsegCache` the attention
     falls back to SDPA with the mask ``sdpa_mask`` would have built from the
     same arguments (:meth:`materialize`).
     """
@@ -307,6 +322,7 @@ class _MaskInfo:
         "batch_size",
         "causal",
         "checked",
+        "kind",
         "local_size",
         "padding",
         "q_length",
@@ -324,11 +340,13 @@ class _MaskInfo:
         padding = kwargs.get("attention_mask")
         self.padding: torch.Tensor | None = padding
         custom = bool(kwargs.get("use_vmap")) or not kwargs.get("allow_is_causal_skip", True)
-        self.causal = (
-            not custom
-            and int(kwargs.get("kv_offset", 0)) == 0
-            and _pattern_is_causal(kwargs.get("mask_function", _causal), self.local_size)
-        )
+        pad = 0
+        if padding is not None and padding.dim() == 2 and padding.shape[0] > 0:
+            pad = int((padding[0].cumsum(0) == 0).sum())
+        self.kind: str | None = None
+        if not custom and int(kwargs.get("kv_offset", 0)) == 0:
+            self.kind = _mask_kind(kwargs.get("mask_function", _causal), self.local_size, pad)
+        self.causal = self.kind is not None
         self.checked: object = None  # the _Step this mask was last verified against
 
     def materialize(self) -> torch.Tensor | None:
@@ -375,7 +393,6 @@ class _Step:
         "slots",
         "start",
         "t",
-        "windows",
     )
 
     def __init__(
@@ -409,7 +426,6 @@ class _Step:
         self.qo_indptr = qo
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = table
         self.consumed = True
-        self.windows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 class _Handle:
@@ -830,8 +846,9 @@ class RadixsegCache(Cache):
             v.view(b, n, h, d).transpose(1, 2).to(dtype),
         )
 
-    def _check_mask(self, mask: Any, step: _Step, layer: int) -> int | None:
-        """Verify what the model was given for this step; returns the layer's window."""
+    def _check_mask(self, mask: Any, step: _Step, layer: int) -> tuple[str, int | None]:
+        """Verify what the model was given for this step; returns the layer's
+        pattern (``"causal"``, ``"sliding"``, ``"chunked"``) and its window or chunk."""
         if mask is None:
             if any(self.padding):
                 raise InvalidArgument(
@@ -839,20 +856,21 @@ class RadixsegCache(Cache):
                     f"left padding {self.padding}: pass the same attention_mask to generate / "
                     "the model"
                 )
-            return None
+            return "causal", None
         if not isinstance(mask, _MaskInfo):
             raise InvalidArgument(
                 f"radixseg attention got an attention mask of type {type(mask).__name__} "
                 f"{tuple(getattr(mask, 'shape', ()))}; it supports the masks transformers builds "
-                f"from a 2-D attention_mask (left padding, causal or sliding-window causal), not "
+                f"from a 2-D attention_mask (left padding; causal, sliding-window or chunked), not "
                 f"prepared 4-D masks. Use attention='gather' with another implementation."
             )
         if mask.checked is step:
-            return mask.local_size
-        if not mask.causal:
+            assert mask.kind is not None
+            return mask.kind, mask.local_size
+        if mask.kind is None:
             raise InvalidArgument(
-                f"layer {layer}'s attention mask is not (sliding-window) causal with left "
-                f"padding (custom mask functions, bidirectional or chunked attention, token-type "
+                f"layer {layer}'s attention mask is not causal, sliding-window or chunked causal "
+                f"with left padding (custom mask functions, bidirectional attention, token-type "
                 f"or packed-sequence masks); radixseg attention cannot compute it. Use "
                 f"attention='gather' with attn_implementation='sdpa' or 'eager'."
             )
@@ -890,7 +908,7 @@ class RadixsegCache(Cache):
                     f"RadixsegCache(..., attention_mask=) the mask generate gets"
                 )
         mask.checked = step
-        return mask.local_size
+        return mask.kind, mask.local_size
 
     # ----- lifecycle --------------------------------------------------------------------
 
@@ -979,53 +997,6 @@ class RadixsegCache(Cache):
 # ----- the attention function -----------------------------------------------------------
 
 
-def _window_keys(
-    cache: RadixsegCache, step: _Step, window: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per active row: the slots of the keys its new queries can see, and the
-    ``[q, keys]`` bool mask (causal, at most ``window`` keys per query)."""
-    got = step.windows.get(window)
-    if got is not None:
-        return got
-    out = []
-    pc = cache.prefix_cache
-    for b in step.active:
-        n, q = step.kv_lens[b], step.counts[b]
-        lo = max(0, n - q + 1 - window)
-        qpos = torch.arange(n - q, n).unsqueeze(1)
-        kpos = torch.arange(lo, n).unsqueeze(0)
-        allowed = (kpos <= qpos) & (kpos > qpos - window)
-        out.append((pc.slots(cache.requests[b], lo, n), allowed.to(cache.pool.device)))
-    step.windows[window] = out
-    return out
-
-
-def _windowed(
-    q: torch.Tensor, cache: RadixsegCache, layer: int, step: _Step, window: int, scale: float
-) -> torch.Tensor:
-    """Sliding-window attention of the step's real queries ``q [N, Hq, D]`` -> ``[N, Hq, D]``.
-
-    Reads each row's window of keys from the pool (float32) and applies SDPA
-    with the window mask: exact, and O(queries x window) per row.
-    """
-    outs = []
-    at = 0
-    hq = q.shape[1]
-    for (slots, allowed), b in zip(_window_keys(cache, step, window), step.active, strict=True):
-        n = step.counts[b]
-        k, v = cache.pool.read(layer, slots, check=False)  # [m, Hkv, D] float32
-        group = hq // k.shape[1]
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, m, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-        qq = q[at : at + n].transpose(0, 1).float()  # [Hq, n, D]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qq, k, v, attn_mask=allowed, scale=scale
-        )
-        outs.append(o.transpose(0, 1).to(q.dtype))
-        at += n
-    return torch.cat(outs)
-
-
 def radixseg_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -1056,21 +1027,29 @@ def radixseg_attention(
         return sdpa_attention_forward(
             module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if kwargs.get("softcap") is not None:
-        raise InvalidArgument(
-            f"radixseg attention does not support logit soft-capping (softcap={kwargs['softcap']})"
-        )
     if dropout:
         raise InvalidArgument(f"radixseg attention is for inference; dropout={dropout} given")
     step = handle.step
     step.consumed = True
     cache = handle.cache
-    window = cache._check_mask(attention_mask, step, handle.layer)
+    kind, size = cache._check_mask(attention_mask, step, handle.layer)
     if attention_mask is None and kwargs.get("sliding_window") is not None:
-        window = int(kwargs["sliding_window"])
-    if window is not None and cache.context_parallel:
+        kind, size = "sliding", int(kwargs["sliding_window"])
+    # The kernels mask the window (FlashInfer's inclusive window_left: the
+    # last W keys are the query's own and W - 1 before it) or the chunk by
+    # position in the request, which starts at the row's first real token, as
+    # transformers counts chunks; pages outside are not read.
+    pattern: dict[str, Any] = {}
+    if kind == "sliding" and size is not None:
+        pattern["window_left"] = size - 1
+    elif kind == "chunked" and size is not None:
+        pattern["chunk_size"] = size
+    if kwargs.get("softcap"):
+        pattern["logits_soft_cap"] = float(kwargs["softcap"])
+    if pattern and cache.context_parallel:
         raise InvalidArgument(
-            f"layer {handle.layer} has a sliding window of {window}; {_WINDOW_UNDER_CP}"
+            f"layer {handle.layer} uses {', '.join(sorted(pattern))}={list(pattern.values())}; "
+            f"{_WINDOW_UNDER_CP}"
         )
     b, hq, t, d = query.shape
     q = query.transpose(1, 2).reshape(b * t, hq, d)
@@ -1079,10 +1058,13 @@ def radixseg_attention(
     scale = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
     if not step.active:
         out = q.new_zeros((0, hq, d))
-    elif window is not None and max(step.kv_lens) > window:
-        out = _windowed(q, cache, handle.layer, step, window, scale)
     else:
-        common: dict[str, Any] = {"sm_scale": scale, "backend": cache.backend, "check": False}
+        common: dict[str, Any] = {
+            "sm_scale": scale,
+            "backend": cache.backend,
+            "check": False,
+            **pattern,
+        }
         table = (step.kv_indptr, step.kv_indices, step.kv_last_page_len)
         if all(step.counts[i] == 1 for i in step.active):
             out = _attn.decode(q, cache.pool, handle.layer, *table, **common)
