@@ -16,13 +16,16 @@ before sm_89 (A100) and on ROCm, FP8 KV is decoded from its bits in software;
 
 Log-sum-exp values (``lse``) are natural logarithms of the sum of
 ``exp(sm_scale * q.k)`` over the attended keys; a row that attends to nothing
-has output 0 and ``lse = -inf``. :func:`merge_states` combines partial results
+has output 0 and ``lse = -inf``. With ``logits_soft_cap`` the scores summed
+are the capped ones; ``window_left`` and ``chunk_size`` narrow the attended
+keys (see :func:`decode`). :func:`merge_states` combines partial results
 over disjoint KV sets; decode uses it to merge split-K partials, and a
 sequence sharded across devices can be merged the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -313,6 +316,7 @@ def _refuse_local_sharded(window_left: Any, chunk_size: Any, logits_soft_cap: An
         )
 
 
+@functools.cache
 def _cpu_decode_takes_local() -> bool:
     """Whether the native CPU decode kernel takes window_left/chunk_size/soft_cap."""
     import inspect
