@@ -369,20 +369,20 @@ def test_context_manager_aborts():
 
 SMALL_VOCAB = 96
 _COMMON = dict(vocab_size=SMALL_VOCAB, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+_TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    **_COMMON,
+)
 
 
 def _arch_config(arch: str):
     """Tiny configs: 2 layers, hidden 32, GQA where the architecture has it."""
     t = transformers
-    dense = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **_COMMON,
-    )
+    dense = dict(num_hidden_layers=2, **_TINY)
     if arch == "llama":
         return t.LlamaConfig(**dense)
     if arch == "mistral":  # the default sliding_window=4096: contexts here are far shorter
@@ -819,15 +819,7 @@ def test_chunked_prefill_over_padding(attention):
 
 def _hybrid(arch: str) -> torch.nn.Module:
     t = transformers
-    small = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        **_COMMON,
-    )
+    small = dict(head_dim=8, **_TINY)
     if arch == "gemma2":  # layer 0 slides (window 6), layer 1 full
         cfg = t.Gemma2Config(
             num_hidden_layers=2, sliding_window=6, query_pre_attn_scalar=1, **small
