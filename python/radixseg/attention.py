@@ -25,7 +25,6 @@ sequence sharded across devices can be merged the same way.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -225,7 +224,7 @@ class _PageTable:
                         f"reads only pages a request or the cache holds"
                     )
         self.kv_lens: npt.NDArray[np.int64] = np.where(n_pages > 0, (n_pages - 1) * ps + last, 0)
-        self.indptr, self.indices, self.last = indptr, indices, last
+        self.indptr, self.indices = indptr, indices
         if device is None:
             return
         self.d_indptr = _device_int32(kv_indptr, indptr, device)
@@ -316,16 +315,6 @@ def _refuse_local_sharded(window_left: Any, chunk_size: Any, logits_soft_cap: An
         )
 
 
-@functools.cache
-def _cpu_decode_takes_local() -> bool:
-    """Whether the native CPU decode kernel takes window_left/chunk_size/soft_cap."""
-    import inspect
-
-    from radixseg.kernels.cpu import paged_decode_cpu
-
-    return "window_left" in inspect.signature(paged_decode_cpu).parameters
-
-
 # ----- attention -----------------------------------------------------------------------------
 
 
@@ -358,7 +347,6 @@ def _attention(
         window_left, chunk_size, logits_soft_cap, decode=decode, causal=causal
     )
     local: dict[str, Any] = {"window_left": window, "chunk_size": chunk, "soft_cap": cap}
-    plain = window < 0 and not chunk and not cap
     chosen = _resolve_backend(backend, q.device)
     total_q = q.shape[0]
     if decode:
@@ -395,12 +383,11 @@ def _attention(
             f"tokens; store the new tokens' K/V in the pool (and count them in the page "
             f"table) before calling extend"
         )
-    if chosen == "cpu" and decode and (plain or _cpu_decode_takes_local()):
+    if chosen == "cpu" and decode:
         from radixseg.kernels.cpu import paged_decode_cpu
 
-        kw: dict[str, Any] = {} if plain else local
         return paged_decode_cpu(
-            q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale, **kw
+            q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale, **local
         )
     if chosen in ("torch", "cpu"):
         return paged_attention_torch(

@@ -184,7 +184,8 @@ class PrefixCache(Uncopyable):
                 f"radixseg.distributed.ShardedPrefixCache, which returns this rank's slots"
             )
         self.pool = pool
-        self.page_size = pool.page_size
+        #: Tokens per page id (what the tree matches in; a sharded pool's virtual page).
+        self.page_size = ids
         self.tree = RadixTree(pool.allocator)
         self.max_context_len = (
             None if max_context_len is None else as_count(max_context_len, "max_context_len")

@@ -443,8 +443,9 @@ class ShardedPrefixCache(PrefixCache):
     stores, which :meth:`ShardedKVPool.write` and
     :func:`radixseg.attention.store_kv` skip. With ``pool.verify``,
     ``begin``, ``extend``, ``extend_each``, ``truncate``, ``finish``,
-    ``abort``, ``evict`` and ``reset`` first check that every rank made the
-    same call on the same state (:class:`RankMismatch` otherwise).
+    ``abort`` and ``reset`` first check that every rank made the same call on
+    the same state (:class:`RankMismatch` otherwise); ``evict`` is not checked
+    (the pool's eviction under pressure runs inside those calls, in step).
     """
 
     pool: ShardedKVPool
@@ -453,7 +454,6 @@ class ShardedPrefixCache(PrefixCache):
         if not isinstance(pool, ShardedKVPool):
             raise TypeError(f"pool must be a ShardedKVPool, got {type(pool).__name__}")
         super().__init__(pool, max_context_len=max_context_len)
-        self.page_size = pool.virtual_page_size
         self.shard = pool.shard
 
     def _agree(self, what: str, *parts: Any) -> None:
@@ -515,11 +515,6 @@ class ShardedPrefixCache(PrefixCache):
         self._check_req(req)
         self._agree("ShardedPrefixCache.abort", self._req_key(req))
         super().abort(req)
-
-    def evict(self, n_pages: int) -> int:
-        """Collective when called by the user (the pool's own eviction under
-        pressure already runs in step on every rank and is not re-checked)."""
-        return super().evict(n_pages)
 
     def reset(self) -> None:
         self._agree("ShardedPrefixCache.reset")
@@ -704,16 +699,19 @@ def extend(
     each other (causally) from ``k``/``v`` as the pool stores them (FP8
     rounded exactly as the pool rounds), locally; the two parts are merged.
     """
-    from radixseg.attention import _check_q, _check_scale, _host_index
+    from radixseg.attention import _check_indptr, _check_q, _check_scale, _host_index
 
     pool = _sharded(pool)
     q = _check_q(q, pool)
     qo = _host_index(qo_indptr, "qo_indptr")
     batch = qo.size - 1
-    if batch < 0 or qo[0] != 0 or (np.diff(qo) < 0).any() or qo[-1] != q.shape[0]:
+    if batch < 0:
+        raise InvalidArgument("qo_indptr must have batch + 1 >= 1 entries, got 0")
+    _check_indptr(qo, batch, "qo_indptr", "query tokens")
+    if qo[-1] != q.shape[0]:
         raise InvalidArgument(
-            f"qo_indptr must start at 0, not decrease and end at q.shape[0] = {q.shape[0]}; "
-            f"got {qo.tolist()[:8]}{'...' if qo.size > 8 else ''}"
+            f"qo_indptr[-1] = {int(qo[-1])} must equal q.shape[0] = {q.shape[0]} "
+            f"(the total of new tokens)"
         )
     k = pool.check_kv(k, q.shape[0], "k")
     v = pool.check_kv(v, q.shape[0], "v")
