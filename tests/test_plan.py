@@ -653,3 +653,120 @@ def test_cli_cp_past_the_page_limit(capsys):
     assert main([*argv, "--device-memory", "1GB", "--page-size", "64"]) == 0
     out = capsys.readouterr().out
     assert "past the 16 ranks page_size 64 allows" in out
+
+
+# Layer groups: one pool per group of layers of one kind and span (GroupedKVPool).
+def test_scout_groups_at_10m_tokens_fp8():
+    """Scout in FP8 at 10M tokens: the 12 full layers keep every page, the 36
+    chunked layers only the pages of the chunk a resuming request needs."""
+    from radixseg.capacity.groups import layer_groups
+
+    p = plan(LLAMA4_SCOUT, kv_dtype="fp8", context=10_000_000)
+    full, chunked = p.groups
+    assert (full.kind, full.span, full.layers) == ("full", None, 12)
+    assert (chunked.kind, chunked.span, chunked.layers) == ("chunked", 8192, 36)
+    assert full.pages == 625_000 == p.pages_per_rank
+    held = layer_groups(p.geometry)[1].pages_held(10_000_000, 16)
+    # 10M - 1 is in the chunk starting at 8,192 x 1,220; the page boundary below
+    # it (9,999,984) is in the same chunk: pages 624,640.. are kept.
+    assert chunked.pages == held == 625_000 - 8_192 * 1_220 // 16 == 360
+    for gp in p.groups:  # each group's pool is a KVPool of its layers
+        pool = radixseg.KVPool(gp.layers, 8, 128, page_size=16, dtype="fp8")
+        assert (gp.pages_per_segment, gp.segment_bytes) == (
+            pool.pages_per_segment,
+            pool.segment_bytes,
+        )
+        assert gp.segments == -(-gp.pages // gp.pages_per_segment)
+        assert gp.reserved_bytes == gp.segments * gp.segment_bytes
+    # the full group is the single pool the plan already describes
+    assert (full.pages_per_segment, full.segments) == (p.pages_per_segment, p.segments_per_rank)
+    assert p.reserved_bytes_grouped == full.reserved_bytes + chunked.reserved_bytes
+    # The single-pool figure counts whole 8,192-token windows of the chunked
+    # layers' pages (512 each); the grouped pool holds 360 pages of them, in
+    # whole segments: within a fraction of a percent of each other.
+    window_pages_bytes = 36 * 512 * 16 * (2 * 8 * 128 + 2 * 8 * 4)  # KV + scales
+    assert p.reserved_bytes_per_rank - full.reserved_bytes == window_pages_bytes
+    assert chunked.reserved_bytes < window_pages_bytes
+    assert p.reserved_bytes_grouped <= p.reserved_bytes_per_rank
+    assert p.reserved_bytes_per_rank - p.reserved_bytes_grouped < p.reserved_bytes_per_rank / 1000
+    # every layer full would reserve about four times as much
+    every = plan(num_layers=48, num_kv_heads=8, head_dim=128, kv_dtype="fp8", context=10_000_000)
+    assert every.groups[0].layers == 48 and p.reserved_bytes_grouped * 3.9 < (
+        every.reserved_bytes_grouped or 0
+    )
+    print(
+        f"\nScout 10M FP8: full {full.reserved_bytes:,} B + chunked {chunked.reserved_bytes:,} B"
+        f" = grouped {p.reserved_bytes_grouped:,} B; reserved_bytes_per_rank"
+        f" {p.reserved_bytes_per_rank:,} B; all 48 layers full {every.reserved_bytes_grouped:,} B"
+    )
+
+
+def test_gemma2_sliding_groups():
+    """Gemma-2-9B-like: 42 layers alternating sliding 4,096 and full."""
+    gemma2 = {
+        "model_type": "gemma2",
+        "hidden_size": 3584,
+        "head_dim": 256,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 42,
+        "num_key_value_heads": 8,
+        "sliding_window": 4096,
+    }
+    p = plan(gemma2, kv_dtype="bf16", context=100_000, tp=2)
+    full, sliding = p.groups
+    assert (full.kind, full.span, full.layers, full.pages) == ("full", None, 21, 6_250)
+    # the last page boundary below 100,000 is 99,984; its window starts at 95,889
+    assert (sliding.kind, sliding.span, sliding.layers) == ("sliding", 4096, 21)
+    assert sliding.pages == 6_250 - (99_984 - 4_095) // 16 == 257
+    pool = radixseg.KVPool(21, 4, 256, page_size=16, dtype="bf16")
+    assert full.segment_bytes == sliding.segment_bytes == pool.segment_bytes
+    assert full.segments == -(-6_250 // pool.pages_per_segment)
+    assert sliding.segments == -(-257 // pool.pages_per_segment)
+    assert p.reserved_bytes_grouped == (full.segments + sliding.segments) * pool.segment_bytes
+    # Below the window a sliding group holds every page.
+    short = plan(gemma2, kv_dtype="bf16", context=1_000, tp=2)
+    assert [gp.pages for gp in short.groups] == [63, 63]
+    # Every layer sliding (Mistral-7B-v0.1): one windowed group, flat past its window.
+    m = plan(MISTRAL_7B_V01, kv_dtype="bf16", context=1_000_000)
+    (only,) = m.groups
+    assert (only.kind, only.layers, only.pages) == ("sliding", 32, 257)
+
+
+def test_all_full_model_has_one_group():
+    p = plan(LLAMA_31_70B, **LLAMA_70B_TP8)
+    (only,) = p.groups
+    assert (only.kind, only.span, only.layers, only.pages) == ("full", None, 80, 625_000)
+    seg = radixseg.KVPool(80, 1, 128, page_size=16, dtype="fp8").segment_bytes
+    assert (only.pages_per_segment, only.segments) == (p.pages_per_segment, p.segments_per_rank)
+    assert p.reserved_bytes_grouped == p.segments_per_rank * seg == p.reserved_bytes_per_rank
+    assert "grouped pool" not in p.table()  # no windowed layers: no group rows
+
+
+def test_groups_left_out():
+    """No groups with context parallelism, for MLA, or when a group's page is
+    past the segment (the single pool of the 12 full layers still fits)."""
+    assert plan(LLAMA4_SCOUT, kv_dtype="fp8", cp=2).groups == ()
+    assert plan(LLAMA4_SCOUT, kv_dtype="fp8", cp=2).reserved_bytes_grouped is None
+    assert plan(DEEPSEEK_V3).groups == () and plan(DEEPSEEK_V3).reserved_bytes_grouped is None
+    big = plan(LLAMA4_SCOUT, kv_dtype="fp8", page_size=1024)  # 36 layers x 1,024: 75.5 MB
+    assert big.pages_per_segment >= 1 and big.groups == () and big.reserved_bytes_grouped is None
+    assert "one page of a layer group is past the segment" in big.table()
+
+
+def test_cli_groups(tmp_path, capsys):
+    path = write(tmp_path, LLAMA4_SCOUT)
+    argv = ["plan", "--config", str(path), "--kv-dtype", "fp8", "--context", "10M"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for s in (
+        "\ngrouped pool     253.9 GB (236.5 GiB) per device reserved",
+        "\n  full           every token, 12 layers: 625,000 pages in 3,788 segments of 165 pages",
+        "\n  chunked        8,192-token chunks, 36 layers: 360 pages in 7 segments of 55 pages",
+    ):
+        assert s in out
+    assert main([*argv, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [g["layers"] for g in d["groups"]] == [12, 36]
+    assert d["groups"][1]["span"] == 8192 and d["groups"][0]["span"] is None
+    assert d["reserved_bytes_grouped"] == sum(g["reserved_bytes"] for g in d["groups"])
+    assert d["geometry"]["layer_kinds"].count("chunked") == 36

@@ -30,7 +30,8 @@ import torch
 from radixseg._core import InvalidArgument
 from radixseg._dtypes import FP8_DTYPES, SHORT_NAMES, kv_dtype_named
 from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, HFConfig, KVGeometry, kv_geometry
-from radixseg.capacity.report import MAX_PAGE_SIZE, SCALE_BYTES, Plan
+from radixseg.capacity.groups import LayerGroup, layer_groups
+from radixseg.capacity.report import MAX_PAGE_SIZE, SCALE_BYTES, GroupPlan, Plan
 from radixseg.capacity.units import MAX_VALUE, _check_int, parse_bytes, parse_count
 from radixseg.layout import SegmentLayout
 
@@ -40,6 +41,7 @@ __all__ = [
     "MAX_VALUE",
     "SCALE_BYTES",
     "ConfigLike",
+    "GroupPlan",
     "HFConfig",
     "KVGeometry",
     "Plan",
@@ -287,6 +289,13 @@ def plan(
                     lo = mid
             ranks = hi
 
+    # One pool per layer group (GroupedKVPool), on one device: cp == 1 only.
+    groups = (
+        ()
+        if cp > 1 or g.mla
+        else _group_plans(g, heads, context, page_size, segment_bytes, dtype_bytes, fp8)
+    )
+
     return Plan(
         geometry=g,
         kv_dtype=name,
@@ -324,7 +333,54 @@ def plan(
         reserved_bytes_per_rank=segments * segment_size + window_pages * page_size * dev_rate,
         max_context_with_cp=max_ctx_cp,
         ranks_needed=ranks,
+        groups=groups,
+        reserved_bytes_grouped=sum(gp.reserved_bytes for gp in groups) if groups else None,
     )
+
+
+def _group_plans(
+    g: KVGeometry,
+    heads: int,
+    context: int,
+    page_size: int,
+    segment_bytes: int,
+    dtype_bytes: int,
+    fp8: bool,
+) -> tuple[GroupPlan, ...]:
+    """Per layer group, what its pool in a ``GroupedKVPool`` reserves on one
+    device for one request of ``context`` tokens; empty when some group's page
+    does not fit a segment (that pool could not be built)."""
+    out = []
+    for group in layer_groups(g):
+        geometry = (len(group.layers), heads, g.head_dim, page_size)
+        if SegmentLayout.max_pages(*geometry) < 1:
+            return ()
+        pps = SegmentLayout.pages_fitting(segment_bytes, *geometry, dtype_bytes, fp8)
+        if pps < 1:
+            return ()
+        size = SegmentLayout(*geometry, pps, dtype_bytes, fp8).segment_bytes
+        pages = _group_pages(group, context, page_size)
+        segments = -(-pages // pps)
+        out.append(
+            GroupPlan(
+                kind=group.kind,
+                span=group.span,
+                layers=len(group.layers),
+                pages=pages,
+                pages_per_segment=pps,
+                segment_bytes=size,
+                segments=segments,
+                reserved_bytes=segments * size,
+            )
+        )
+    return tuple(out)
+
+
+def _group_pages(group: LayerGroup, context: int, page_size: int) -> int:
+    """Pages one request of ``context`` tokens holds in ``group`` between steps."""
+    if not group.windowed:
+        return -(-context // page_size)
+    return group.pages_held(context, page_size)
 
 
 def _rank_pages(g: KVGeometry, context: int, virtual: int) -> int:

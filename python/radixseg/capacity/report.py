@@ -8,7 +8,7 @@ from typing import Any
 
 from radixseg.capacity.geometry import KVGeometry
 
-__all__ = ["MAX_PAGE_SIZE", "SCALE_BYTES", "Plan"]
+__all__ = ["MAX_PAGE_SIZE", "SCALE_BYTES", "GroupPlan", "Plan"]
 
 #: Bytes of one float32 scale. radixseg stores one per (token, KV head) for K
 #: and for V when the KV dtype is FP8 (one per token per layer for MLA).
@@ -17,6 +17,45 @@ SCALE_BYTES = 4
 #: Tokens of the largest page the core allocator takes (``MAX_PAGE_SIZE`` in
 #: ``radixseg-core``); with context parallelism, of the largest virtual page.
 MAX_PAGE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What one layer group's pool in a :class:`radixseg.grouped.GroupedKVPool`
+    holds for one request of ``Plan.context`` tokens on one device (cp == 1).
+
+    Attributes
+    ----------
+    kind : str
+        ``"full"``, ``"sliding"`` or ``"chunked"`` (see
+        :class:`radixseg.capacity.groups.LayerGroup`).
+    span : int or None
+        The window or chunk in tokens; ``None`` for ``"full"``.
+    layers : int
+        Layers in the group (its pool's ``num_layers``).
+    pages : int
+        Pages of ``page_size`` tokens the request holds in the group between
+        steps: ``ceil(context / page_size)`` for the full group,
+        ``LayerGroup.pages_held(context, page_size)`` for a windowed one.
+    pages_per_segment : int
+        Pages per segment of the group's pool (``SegmentLayout.pages_fitting``
+        for its layers under ``Plan.segment_bytes``).
+    segment_bytes : int
+        Bytes of one segment of the group's pool.
+    segments : int
+        Segments the pool reserves for ``pages``: ``ceil(pages / pages_per_segment)``.
+    reserved_bytes : int
+        ``segments * segment_bytes``: KV and FP8 scales, whole segments.
+    """
+
+    kind: str
+    span: int | None
+    layers: int
+    pages: int
+    pages_per_segment: int
+    segment_bytes: int
+    segments: int
+    reserved_bytes: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +102,16 @@ class Plan:
     ``None`` without ``device_bytes`` or when not even one page per layer
     fits. The fit figures count pages, not whole segments, as the one-device
     fit counts tokens.
+
+    Layer groups (one pool per group of layers of one kind and span, as
+    :class:`radixseg.grouped.GroupedKVPool` keeps them): ``groups`` holds a
+    :class:`GroupPlan` per group, the full group first, and
+    ``reserved_bytes_grouped`` the sum of their ``reserved_bytes``: what a
+    grouped pool reserves on one device for one request of ``context``
+    tokens, windowed groups holding only the pages their window still needs.
+    ``groups`` is empty and ``reserved_bytes_grouped`` ``None`` for ``cp > 1``,
+    for MLA, and when one page of some group is past ``segment_bytes`` or
+    the elements a segment may hold (the grouped pool would refuse those settings).
     """
 
     geometry: KVGeometry
@@ -101,6 +150,8 @@ class Plan:
     reserved_bytes_per_rank: int = 0
     max_context_with_cp: int | None = None
     ranks_needed: int | None = None
+    groups: tuple[GroupPlan, ...] = ()
+    reserved_bytes_grouped: int | None = None
 
     def kv_bytes(self, context: int, per_device: bool = False) -> int:
         """KV bytes (no scales) for ``context`` tokens, windowed layers capped."""
@@ -120,6 +171,8 @@ class Plan:
         """Every field as plain JSON-ready values (the geometry as a nested dict)."""
         d = dataclasses.asdict(self)
         d["geometry"]["layer_windows"] = list(self.geometry.layer_windows)
+        d["geometry"]["layer_kinds"] = list(self.geometry.layer_kinds)
+        d["groups"] = [dataclasses.asdict(gp) for gp in self.groups]
         return d
 
     def table(self) -> str:
@@ -216,6 +269,7 @@ class Plan:
                     " whole model",
                 )
             )
+        rows += self._group_rows()
         rows.append(("", ""))
         if self.device_bytes is None or self.usable_bytes_per_device is None:
             rows.append(
@@ -262,6 +316,46 @@ class Plan:
         lines = ["radixseg capacity plan"]
         lines += [f"{k:<{width}}{v}".rstrip() if k or v else "" for k, v in rows]
         return "\n".join(lines)
+
+    def _group_rows(self) -> list[tuple[str, str]]:
+        """Layer-group rows, only for geometries with windowed layers: what a
+        grouped pool reserves on one device, then one row per group. Keys are
+        no wider than the others, so the columns stay where they were."""
+        g = self.geometry
+        if not g.windows:
+            return []
+        if not self.groups or self.reserved_bytes_grouped is None:
+            if self.cp != 1 or g.mla:
+                return []
+            return [
+                (
+                    "grouped pool",
+                    "one page of a layer group is past the segment: raise "
+                    "--segment-bytes or lower --page-size",
+                )
+            ]
+        rows = [
+            (
+                "grouped pool",
+                f"{_gb(self.reserved_bytes_grouped)} per device reserved: one pool per "
+                f"layer group, whole segments",
+            )
+        ]
+        for gp in self.groups:
+            what = {
+                "full": "every token",
+                "sliding": f"last {gp.span or 0:,} tokens",
+                "chunked": f"{gp.span or 0:,}-token chunks",
+            }[gp.kind]
+            rows.append(
+                (
+                    f"  {gp.kind}",
+                    f"{what}, {gp.layers} layers: {gp.pages:,} pages in "
+                    f"{gp.segments:,} segment{'s' if gp.segments != 1 else ''} of "
+                    f"{gp.pages_per_segment:,} pages = {_gb(gp.reserved_bytes)}",
+                )
+            )
+        return rows
 
     def _cp_rows(self) -> list[tuple[str, str]]:
         """Context-parallel rows: all of them when ``cp > 1``; one naming the
