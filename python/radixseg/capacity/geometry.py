@@ -83,6 +83,11 @@ class KVGeometry:
     layer_windows : tuple of (int or None)
         Per layer, ``None`` for full attention or the number of tokens a
         sliding- or chunked-window layer holds at most. Empty means all full.
+    layer_kinds : tuple of str
+        Per layer, ``"full"``, ``"sliding"`` (sees the last ``window`` keys,
+        its own included) or ``"chunked"`` (sees its own ``window``-token
+        chunk, counted from the first token). Empty: ``"sliding"`` where a
+        window is given, else ``"full"``.
     source : str
         Where the geometry came from (a file path, ``<dict>`` or ``fields``).
     model_type : str
@@ -96,6 +101,7 @@ class KVGeometry:
     layer_windows: tuple[int | None, ...] = ()
     source: str = "fields"
     model_type: str = ""
+    layer_kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_int("num_layers", self.num_layers, 1, MAX_LAYERS)
@@ -116,6 +122,21 @@ class KVGeometry:
             if w is not None:
                 _check_int(f"layer_windows[{i}]", w, 1)
         object.__setattr__(self, "layer_windows", windows)
+        kinds = tuple(self.layer_kinds) or tuple(
+            "full" if w is None else "sliding" for w in windows
+        )
+        if len(kinds) != self.num_layers:
+            raise InvalidArgument(
+                f"layer_kinds has {len(kinds)} entries; it needs one per layer "
+                f"(num_layers={self.num_layers}) or none"
+            )
+        for i, (k, w) in enumerate(zip(kinds, windows, strict=True)):
+            if k not in ("full", "sliding", "chunked") or (k == "full") != (w is None):
+                raise InvalidArgument(
+                    f"layer {i} is {k!r} with window {w}: a layer is 'full' without a window, "
+                    f"'sliding' or 'chunked' with one"
+                )
+        object.__setattr__(self, "layer_kinds", kinds)
 
     @property
     def full_layers(self) -> int:
@@ -280,7 +301,11 @@ def _window(cfg: Mapping[str, Any], where: str) -> int | None:
     return _field(cfg, ("sliding_window",), where)
 
 
-def _layer_windows(cfg: Mapping[str, Any], n: int, where: str) -> tuple[int | None, ...]:
+_FULL: tuple[int | None, str] = (None, "full")
+
+
+def _layer_spans(cfg: Mapping[str, Any], n: int, where: str) -> tuple[tuple[int | None, str], ...]:
+    """Per layer, its window (``None``: full) and kind (``full``/``sliding``/``chunked``)."""
     chunk = _field(cfg, ("attention_chunk_size",), where)
     # Qwen2 declares a window but turns it off (Qwen2-MoE's transformers config
     # then holds 0); explicit layer_types still win. The window is read only
@@ -297,10 +322,10 @@ def _layer_windows(cfg: Mapping[str, Any], n: int, where: str) -> tuple[int | No
             raise InvalidArgument(
                 f"{where}: layer_types must be a list of {n} strings (one per layer), got {types!r}"
             )
-        out: list[int | None] = []
+        out: list[tuple[int | None, str]] = []
         for i, t in enumerate(types):
             if t in _FULL_TYPES:
-                out.append(None)
+                out.append((None, "full"))
             elif t in _CHUNKED_TYPES or t in _SLIDING_TYPES:
                 chunked = t in _CHUNKED_TYPES
                 w = chunk if chunked else _window(cfg, where)
@@ -310,7 +335,7 @@ def _layer_windows(cfg: Mapping[str, Any], n: int, where: str) -> tuple[int | No
                         f"{where}: layer_types[{i}]={t!r} but {key!r} is missing; "
                         f"name it with plan({key}=...)"
                     )
-                out.append(w)
+                out.append((w, "chunked" if chunked else "sliding"))
             else:
                 known = sorted(_FULL_TYPES | _SLIDING_TYPES | _CHUNKED_TYPES)
                 raise InvalidArgument(
@@ -331,24 +356,24 @@ def _layer_windows(cfg: Mapping[str, Any], n: int, where: str) -> tuple[int | No
                 raise InvalidArgument(
                     f"{where}: no_rope_layers must be {n} zeros and ones, got {flags!r}"
                 )
-            return tuple(chunk if f else None for f in flags)
+            return tuple((chunk, "chunked") if f else _FULL for f in flags)
         every = _field(cfg, ("no_rope_layer_interval",), where) or 4
-        return tuple(chunk if (i + 1) % every else None for i in range(n))
+        return tuple((chunk, "chunked") if (i + 1) % every else _FULL for i in range(n))
     if sliding is not None:
         pattern = _field(cfg, ("sliding_window_pattern", "_sliding_window_pattern"), where)
         if pattern is not None:  # Gemma-3, Cohere2: every pattern-th layer is global
-            return tuple(sliding if (i + 1) % pattern else None for i in range(n))
+            return tuple((sliding, "sliding") if (i + 1) % pattern else _FULL for i in range(n))
         if cfg.get("model_type") == "gemma2":  # alternating, starting with a sliding layer
-            return tuple(sliding if i % 2 == 0 else None for i in range(n))
+            return tuple((sliding, "sliding") if i % 2 == 0 else _FULL for i in range(n))
         if "use_sliding_window" in cfg and cfg.get("max_window_layers") is not None:
             first = cfg["max_window_layers"]  # Qwen2: layers from here on slide
             if not _is_int(first) or first < 0:
                 raise InvalidArgument(
                     f"{where}: max_window_layers={first!r} must be a non-negative integer"
                 )
-            return tuple(sliding if i >= first else None for i in range(n))
-        return (sliding,) * n  # Mistral-7B-v0.1, Phi-3: every layer slides
-    return (None,) * n
+            return tuple((sliding, "sliding") if i >= first else _FULL for i in range(n))
+        return ((sliding, "sliding"),) * n  # Mistral-7B-v0.1, Phi-3: every layer slides
+    return (_FULL,) * n
 
 
 def _multi_query(cfg: Mapping[str, Any]) -> bool:
@@ -445,11 +470,13 @@ def kv_geometry(
     cfg.update(given)
     model_type = str(cfg.get("model_type") or "")
     n = _check_int(f"{where}: layers", _required(cfg, _LAYERS, where, "num_layers"), 1, MAX_LAYERS)
-    windows = _layer_windows(cfg, n, where)
+    spans = _layer_spans(cfg, n, where)
+    windows = tuple(w for w, _ in spans)
+    kinds = tuple(k for _, k in spans)
     if cfg.get("kv_lora_rank") is not None:
         rank = _required(cfg, ("kv_lora_rank",), where, "kv_lora_rank")
         rope = _required(cfg, ("qk_rope_head_dim",), where, "qk_rope_head_dim")
-        return KVGeometry(n, 1, rank + rope, True, windows, source, model_type)
+        return KVGeometry(n, 1, rank + rope, True, windows, source, model_type, kinds)
     kv = 1 if "num_key_value_heads" not in given and _multi_query(cfg) else None
     kv = kv or _field(cfg, _KV_HEADS, where)
     dim = _field(cfg, ("head_dim",), where)
@@ -468,4 +495,4 @@ def kv_geometry(
                 f"num_attention_heads={heads}; name head_dim with plan(head_dim=...)"
             )
         dim = hidden // heads
-    return KVGeometry(n, kv, dim, False, windows, source, model_type)
+    return KVGeometry(n, kv, dim, False, windows, source, model_type, kinds)

@@ -120,7 +120,9 @@ from radixseg import attention as _attn
 from radixseg._core import InvalidArgument
 from radixseg.cache import PrefixCache, Request
 from radixseg.capacity import kv_geometry
+from radixseg.capacity.groups import layer_groups as _layer_groups
 from radixseg.distributed import ShardedKVPool, ShardedPrefixCache
+from radixseg.grouped import GroupedKVPool, GroupedPrefixCache
 from radixseg.pool import KVPool
 
 __all__ = [
@@ -226,8 +228,9 @@ def prefix_cache_for(
     budget_bytes: int | str | None = None,
     group: Any = None,
     context_parallel: bool = False,
+    layer_groups: bool | None = None,
     **pool_kwargs: Any,
-) -> PrefixCache:
+) -> PrefixCache | GroupedPrefixCache:
     """A :class:`PrefixCache` over a new :class:`KVPool` shaped for ``config``.
 
     Make one per model and share it between :class:`RadixsegCache` objects:
@@ -243,9 +246,48 @@ def prefix_cache_for(
     rank; other keyword arguments, ``verify`` included, go to it): call it
     with the same arguments on every rank of the group. Sliding-window models
     are refused there (:class:`InvalidArgument`).
+
+    Hybrid models (full-attention layers beside sliding-window or chunked
+    ones: Gemma 2/3, Llama 4, Qwen2 with ``max_window_layers``): with
+    ``layer_groups`` (default ``None``: whenever the model has both kinds and
+    every chunk is a multiple of ``page_size``) this returns a
+    :class:`~radixseg.grouped.GroupedPrefixCache` whose windowed layers keep
+    only their window per request (:mod:`radixseg.grouped`); ``False`` keeps
+    every layer's every token in one pool. Models whose every layer is
+    windowed (Mistral) keep one pool; their kernels still skip pages outside
+    the window.
     """
     layers, kv_heads, head_dim = model_geometry(config)
     sharded = context_parallel or group is not None
+    if not sharded and layer_groups is not False:
+        text = (
+            config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        )
+        groups = _layer_groups(kv_geometry(text))
+        why = None
+        if len(groups) < 2 or groups[0].kind != "full":
+            why = "it has no full-attention layer beside windowed ones"
+        elif any(g.kind == "chunked" and (g.span or 0) % page_size for g in groups):
+            why = f"a chunk is not a multiple of page_size={page_size}"
+        if why is None:
+            return GroupedPrefixCache(
+                GroupedKVPool(
+                    groups,
+                    kv_heads,
+                    head_dim,
+                    page_size=page_size,
+                    dtype=dtype,
+                    device=device,
+                    segment_bytes=segment_bytes,
+                    budget_bytes=budget_bytes,
+                    **pool_kwargs,
+                )
+            )
+        if layer_groups:
+            raise InvalidArgument(
+                f"layer_groups=True for {type(config).__name__}, but {why}: "
+                f"{[g.describe() for g in groups]}"
+            )
     if sharded and _is_windowed(config):
         raise InvalidArgument(
             f"config {type(config).__name__} has sliding-window, chunked or soft-capped "
@@ -393,6 +435,7 @@ class _Step:
         "slots",
         "start",
         "t",
+        "tables",
     )
 
     def __init__(
@@ -401,8 +444,8 @@ class _Step:
         t: int,
         counts: list[int],
         kv_lens: list[int],
-        slots: torch.Tensor,
-        table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        slots: Any,
+        table: Any,
     ) -> None:
         self.start = start
         self.t = t
@@ -424,6 +467,11 @@ class _Step:
             torch.tensor([counts[b] for b in self.active], dtype=torch.int32), 0, out=qo[1:]
         )
         self.qo_indptr = qo
+        # Per layer group over a GroupedPrefixCache (group 0: full attention).
+        self.tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        if isinstance(table, list):
+            self.tables = table
+            table = table[0]
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = table
         self.consumed = True
 
@@ -631,7 +679,7 @@ class RadixsegCache(Cache):
 
     def __init__(
         self,
-        prefix_cache: PrefixCache,
+        prefix_cache: PrefixCache | GroupedPrefixCache,
         input_ids: Any,
         *,
         attention_mask: Any = None,
@@ -639,9 +687,10 @@ class RadixsegCache(Cache):
         attention: AttentionMode = "segments",
         backend: Backend = "auto",
     ) -> None:
-        if not isinstance(prefix_cache, PrefixCache):
+        if not isinstance(prefix_cache, (PrefixCache, GroupedPrefixCache)):
             raise TypeError(
-                f"prefix_cache must be a PrefixCache, got {type(prefix_cache).__name__}"
+                f"prefix_cache must be a PrefixCache or GroupedPrefixCache, got "
+                f"{type(prefix_cache).__name__}"
             )
         if attention not in ("segments", "gather"):
             raise InvalidArgument(f"attention must be 'segments' or 'gather', got {attention!r}")
@@ -657,11 +706,21 @@ class RadixsegCache(Cache):
                 "gather every token on every rank, and each rank holds only its share; use "
                 "attention='segments' with attn_implementation='radixseg'"
             )
+        self.grouped = isinstance(prefix_cache, GroupedPrefixCache)
+        """Whether layer groups keep only their window (a GroupedPrefixCache)."""
+        if self.grouped and attention == "gather":
+            raise InvalidArgument(
+                "attention='gather' is not supported over a GroupedPrefixCache: its windowed "
+                "layers no longer hold the tokens outside their window; use attention='segments' "
+                "with attn_implementation='radixseg', or prefix_cache_for(..., layer_groups=False)"
+            )
         rows = _as_rows(input_ids)
         shape = (len(rows), rows[0].numel())
         pads = [0] * len(rows) if attention_mask is None else _left_padding(attention_mask, shape)
-        self.prefix_cache = prefix_cache
-        self.pool = prefix_cache.pool
+        # Either cache type: the calls below are the same on both (a
+        # GroupedPrefixCache returns slots and tables per layer group).
+        self.prefix_cache: Any = prefix_cache
+        self.pool: Any = prefix_cache.pool
         self.attention = attention
         self.backend = backend
         self.context_parallel = sharded
@@ -670,8 +729,8 @@ class RadixsegCache(Cache):
         self._prompts = rows
         self.padding: list[int] = pads
         """Left-padding tokens of each row (0 for an unpadded row)."""
-        self.requests: list[Request] = self._begin(rows, pads, namespace)
-        reused = self.requests[0].cached_len
+        self.requests: list[Any] = self._begin(rows, pads, namespace)
+        reused = int(self.requests[0].cached_len)
         self.reused_tokens = reused
         """Prompt tokens per row whose KV came from the cache (not prefilled)."""
         self.computed_tokens = 0
@@ -683,9 +742,9 @@ class RadixsegCache(Cache):
         self._layers = [RadixsegLayer(self, i, reused) for i in range(self.pool.num_layers)]
         super().__init__(layers=list(self._layers))
 
-    def _begin(self, rows: list[torch.Tensor], pads: list[int], namespace: int) -> list[Request]:
+    def _begin(self, rows: list[torch.Tensor], pads: list[int], namespace: int) -> list[Any]:
         pc = self.prefix_cache
-        reqs: list[Request] = []
+        reqs: list[Any] = []
         try:
             if any(pads):
                 # Real tokens start at different positions per row: no common
@@ -814,12 +873,22 @@ class RadixsegCache(Cache):
         active = [self.requests[i] for i, n in enumerate(counts) if n > 0]
         self._length = start + t
         self.computed_tokens += t
+        dev = self.pool.device
+        if self.grouped:  # one slot tensor per layer group
+            step_slots: Any = [
+                torch.cat([s[g] for s in slots]).to(dev)
+                if slots
+                else torch.zeros(0, dtype=torch.int64)
+                for g in range(len(self.pool.groups))
+            ]
+        else:
+            step_slots = torch.cat(slots).to(dev) if slots else torch.zeros(0, dtype=torch.int64)
         self._step = _Step(
             start,
             t,
             counts,
             [r.seq_len for r in self.requests],
-            torch.cat(slots).to(self.pool.device) if slots else torch.zeros(0, dtype=torch.int64),
+            step_slots,
             pc.page_table(active),
         )
 
@@ -1065,19 +1134,37 @@ def radixseg_attention(
             "check": False,
             **pattern,
         }
+        pool: Any = cache.pool
+        layer = handle.layer
         table = (step.kv_indptr, step.kv_indices, step.kv_last_page_len)
+        if step.tables is not None:
+            # A layer group's pool and table; its rows start at the first kept
+            # page, a whole number of windows or chunks in (see radixseg.grouped).
+            g, layer = cache.pool.locate(handle.layer)
+            _check_group(cache.pool.groups[g], kind, size, handle.layer)
+            pool, table = cache.pool.pools[g], step.tables[g]
         if all(step.counts[i] == 1 for i in step.active):
-            out = _attn.decode(q, cache.pool, handle.layer, *table, **common)
+            out = _attn.decode(q, pool, layer, *table, **common)
         else:
             if handle.kv is not None:  # sharded: the collective extend takes the new K/V
                 common["k"], common["v"] = handle.kv
-            out = _attn.extend(
-                q, cache.pool, handle.layer, step.qo_indptr, *table, causal=True, **common
-            )
+            out = _attn.extend(q, pool, layer, step.qo_indptr, *table, causal=True, **common)
     if step.rows is not None:
         full = out.new_zeros((b * t, hq, d))
         out = full.index_copy_(0, step.rows.to(out.device), out)
     return out.view(b, t, hq, d), None
+
+
+def _check_group(group: Any, kind: str, size: int | None, layer: int) -> None:
+    """Refuse a layer whose mask reaches keys its layer group no longer holds."""
+    want = {"full": "causal"}.get(group.kind, group.kind)
+    if kind != want or (group.span is not None and size != group.span):
+        got = kind if size is None else f"{kind} {size}"
+        raise InvalidArgument(
+            f"layer {layer} attends with a {got} mask, but its layer group is "
+            f"{group.describe()} (from the config): its cache keeps only what that mask "
+            f"reaches; use prefix_cache_for(..., layer_groups=False) for this model"
+        )
 
 
 def _register() -> None:

@@ -1,0 +1,790 @@
+"""Hybrid attention models: each layer group stores only the keys it attends to.
+
+A model whose layers mix full attention with sliding-window or chunked
+attention (Llama 4 Scout: 12 full and 36 chunked layers; Gemma 2/3, Qwen2 with
+``max_window_layers``) needs every token only in its full layers. Here each
+:class:`~radixseg.capacity.groups.LayerGroup` gets a :class:`KVPool` of its own
+(its own segments, sized by its layer count), all under one byte budget, and:
+
+* **The full group is the anchor.** Its pages are the radix tree's pages and a
+  request's core record, exactly as in :class:`PrefixCache`: matching, locking,
+  eviction and the request lifecycle are one core call each.
+* **A windowed group holds a window per request.** A request keeps, per
+  windowed group, one page for each of its full pages from
+  ``group.keep_from(seq_len)`` on; pages that fall out of the window are
+  released at the request's next step (when the last step's kernels are done
+  with them), so a 10M-token request holds ``ceil((W - 1) / P) + 2`` pages of a
+  sliding group (``C / P + 1`` of a chunked one) beside its full pages.
+* **Prefix sharing.** A finished request's full pages enter the tree as today;
+  its windowed pages for the window before the cached end are recorded in a
+  per-group table indexed by the *full* page id they shadow. A match of
+  length ``L`` is usable only where every windowed group still holds the pages
+  of ``[group.start(L), L)``; :meth:`GroupedPrefixCache.begin` shrinks the
+  match to the longest such ``L`` (whole pages), one pass over the matched
+  pages.
+* **Eviction.** The full group evicts through the tree (least recently used
+  prefixes first). A windowed group under pressure first drops table entries
+  whose full page has left the tree, then entries no running request holds,
+  oldest first; growth goes through the shared budget first, as in
+  :class:`KVPool`.
+
+Why a pool per group rather than segments tagged by group in one allocator:
+a segment's tensors are shaped by its layer count, so a group's segments can
+only ever hold its pages; separate pools keep every existing invariant of the
+allocator, the tree and the kernels untouched (a windowed group's page table
+is an ordinary page table of its pool) and cost one page-id space per group,
+which the shared budget makes invisible to the user.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from radixseg._convert import Uncopyable, as_count, as_id_array, as_namespace
+from radixseg._core import InvalidArgument
+from radixseg.cache import PrefixCache, Request
+from radixseg.capacity.geometry import KVGeometry, kv_geometry
+from radixseg.capacity.groups import LayerGroup, layer_groups
+from radixseg.pool import KVPool
+
+__all__ = ["GroupedKVPool", "GroupedPrefixCache", "GroupedRequest"]
+
+_I32 = np.int32
+
+
+class _GroupPool(KVPool):
+    """One group's pool; the budget is the owner's, less what the other groups hold."""
+
+    _owner: GroupedKVPool
+
+    def resolved_budget(self, reserved: int | None = None) -> int | None:
+        total = self._owner.resolved_total_budget()
+        if total is None:
+            return None
+        others = sum(p.reserved_bytes() for p in self._owner.pools if p is not self)
+        return max(0, total - others)
+
+
+class GroupedKVPool(Uncopyable):
+    """KV storage for a hybrid model: one :class:`KVPool` per layer group.
+
+    Parameters
+    ----------
+    groups : sequence of LayerGroup
+        From :func:`radixseg.capacity.groups.layer_groups`; the first must be
+        the full-attention group (models whose every layer is windowed keep a
+        plain :class:`KVPool` with windowed kernels). A chunked group's chunk
+        must be a multiple of ``page_size``.
+    num_kv_heads, head_dim, page_size, dtype, device, segment_bytes
+        As for :class:`KVPool`; every group uses them (a group's segment
+        holds ``segment_bytes`` at most, so its pages per segment follow
+        from its layer count).
+    budget_bytes : int, "auto" or None
+        One budget for all groups together (``"auto"``: ``budget_fraction``
+        of free device memory plus what the groups hold).
+
+    ``layer`` arguments are the model's layer indices; :meth:`locate` maps
+    one to ``(pool, layer within the pool)``.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[LayerGroup],
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int = 16,
+        dtype: torch.dtype | str = torch.float8_e4m3fn,
+        device: str | torch.device = "cpu",
+        segment_bytes: int | None = None,
+        budget_bytes: int | str | None = None,
+        *,
+        budget_fraction: float = 0.9,
+        pages_per_segment: int | None = None,
+        tensor_factory: Any = None,
+    ) -> None:
+        groups = list(groups)
+        if not groups or not all(isinstance(g, LayerGroup) for g in groups):
+            raise TypeError("groups must be a non-empty sequence of LayerGroup")
+        if groups[0].kind != "full" or any(g.kind == "full" for g in groups[1:]):
+            raise InvalidArgument(
+                f"a GroupedKVPool needs exactly one full-attention group, first; got "
+                f"{[g.describe() for g in groups]} (a model with no full layer keeps a KVPool "
+                f"and windowed kernels)"
+            )
+        layers = sorted(i for g in groups for i in g.layers)
+        if layers != list(range(len(layers))):
+            raise InvalidArgument(
+                f"the groups' layers must be 0..{len(layers) - 1}, each once; got {layers}"
+            )
+        ps = as_count(page_size, "page_size")
+        for g in groups:
+            if g.kind == "chunked" and g.span is not None and g.span % max(ps, 1):
+                raise InvalidArgument(
+                    f"chunk size {g.span} is not a multiple of page_size={ps}: a chunk edge "
+                    f"inside a page would keep a chunk's pages past it; use a page size "
+                    f"dividing {g.span}"
+                )
+        self.groups = groups
+        self.num_layers = len(layers)
+        self._lock = threading.RLock()
+        self._budget = budget_bytes
+        self._budget_fraction = budget_fraction
+        self.pools: list[KVPool] = []
+        for g in groups:
+            pool = _GroupPool(
+                len(g.layers),
+                num_kv_heads,
+                head_dim,
+                page_size=ps,
+                dtype=dtype,
+                device=device,
+                segment_bytes=segment_bytes if pages_per_segment is None else None,
+                pages_per_segment=pages_per_segment,
+                # The owner's budget, resolved at each growth (_GroupPool).
+                budget_bytes=None if budget_bytes is None else "auto",
+                budget_fraction=budget_fraction,
+                auto_shrink=True,
+                tensor_factory=tensor_factory,
+            )
+            pool._owner = self
+            pool._lock = self._lock  # one growth lock: groups share the budget
+            self.pools.append(pool)
+        self.budget_bytes = budget_bytes
+        full = self.pools[0]
+        self.num_kv_heads, self.head_dim = full.num_kv_heads, full.head_dim
+        self.page_size, self.dtype, self.device = full.page_size, full.dtype, full.device
+        self.fp8 = full.fp8
+        self._where: list[tuple[int, int]] = [(0, 0)] * self.num_layers
+        for gi, g in enumerate(groups):
+            for li, layer in enumerate(g.layers):
+                self._where[layer] = (gi, li)
+
+    @classmethod
+    def for_geometry(cls, geometry: Any, **kwargs: Any) -> GroupedKVPool:
+        """The pool for a :class:`KVGeometry` (or an HF config / dict it reads)."""
+        g = geometry if isinstance(geometry, KVGeometry) else kv_geometry(geometry)
+        kwargs.setdefault("num_kv_heads", g.num_kv_heads)
+        kwargs.setdefault("head_dim", g.head_dim)
+        return cls(layer_groups(g), **kwargs)
+
+    # ----- budget -------------------------------------------------------------------
+
+    def resolved_total_budget(self) -> int | None:
+        """The budget of all groups together, in bytes, now."""
+        if self._budget is None:
+            return None
+        if self._budget == "auto":
+            from radixseg.pool import _device_free_bytes
+
+            free = _device_free_bytes(self.device)
+            return int(self._budget_fraction * (free + self.reserved_bytes()))
+        return int(self._budget)
+
+    # ----- layers -------------------------------------------------------------------
+
+    def locate(self, layer: int) -> tuple[int, int]:
+        """``(group index, layer index within that group's pool)`` of a model layer."""
+        i = as_count(layer, "layer")
+        if i >= self.num_layers:
+            raise InvalidArgument(f"layer {i} is outside 0..{self.num_layers - 1}")
+        return self._where[i]
+
+    def pool_of(self, layer: int) -> tuple[KVPool, int]:
+        """``(pool, layer within it)`` holding model layer ``layer``."""
+        g, li = self.locate(layer)
+        return self.pools[g], li
+
+    def write(
+        self,
+        layer: int,
+        slots: Sequence[torch.Tensor],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        check: bool = True,
+    ) -> None:
+        """Store ``k``/``v`` (``[N, kv_heads, head_dim]``) of model layer ``layer``
+        at its group's ``slots[group]`` (``int64 [N]``, from
+        :meth:`GroupedPrefixCache.extend`)."""
+        g, li = self.locate(layer)
+        self.pools[g].write(li, slots[g], k, v, check=check)
+
+    # ----- memory -------------------------------------------------------------------
+
+    def reserved_bytes(self) -> int:
+        """Bytes every group's segments hold."""
+        return sum(p.reserved_bytes() for p in self.pools)
+
+    def stats(self) -> dict[str, Any]:
+        """The full group's stats (with its cache's) at the top level, summed
+        byte counts, and ``groups``: per group its kind, span, layers and its
+        pool's stats. JSON-exportable."""
+        per = []
+        for g, p in zip(self.groups, self.pools, strict=True):
+            s = p.stats()
+            per.append({"kind": g.kind, "span": g.span, "layers": list(g.layers), **s})
+        out = dict(per[0])
+        for key in ("reserved_bytes", "used_bytes", "peak_reserved_bytes"):
+            if key in out:
+                out[key] = sum(int(s.get(key, 0)) for s in per)
+        out["segments"] = sum(int(s.get("segments", 0)) for s in per)
+        out["groups"] = per
+        for drop in ("kind", "span", "layers"):
+            out.pop(drop, None)
+        return out
+
+    def check_invariants(self) -> None:
+        for p in self.pools:
+            p.check_invariants()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(g.describe() for g in self.groups)
+        return f"GroupedKVPool({parts}; {self.reserved_bytes():,} B reserved)"
+
+
+class GroupedRequest(Uncopyable):
+    """One sequence in a :class:`GroupedPrefixCache`.
+
+    ``full`` is its :class:`Request` over the full group (tokens, full pages,
+    prefix lock); ``windows[j]`` the ``int32`` page ids it holds in windowed
+    group ``j + 1``, for its full pages ``first[j]`` onward.
+    """
+
+    __slots__ = ("__weakref__", "_cache", "first", "full", "windows")
+
+    def __init__(self, cache: GroupedPrefixCache, full: Request) -> None:
+        self._cache = cache
+        self.full = full
+        n = len(cache.pool.groups) - 1
+        self.windows: list[npt.NDArray[np.int32]] = [np.zeros(0, dtype=_I32)] * n
+        self.first: list[int] = [0] * n
+
+    @property
+    def seq_len(self) -> int:
+        return self.full.seq_len
+
+    @property
+    def cached_len(self) -> int:
+        return self.full.cached_len
+
+    @property
+    def state(self) -> str:
+        return self.full.state
+
+    @property
+    def namespace(self) -> int:
+        return self.full.namespace
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        return self.full.prompt
+
+    @property
+    def uncached(self) -> torch.Tensor:
+        return self.full.uncached
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.full.tokens
+
+    def __del__(self) -> None:
+        # The full request aborts itself when dropped while running; its
+        # windowed pages go back here.
+        try:
+            if self.full.state == "running":
+                self._cache.abort(self)
+        except Exception:
+            pass
+
+    def window_pages(self) -> list[int]:
+        """Pages this request holds per windowed group."""
+        return [w.size for w in self.windows]
+
+    def __repr__(self) -> str:
+        return (
+            f"GroupedRequest(seq_len={self.seq_len}, cached_len={self.cached_len}, "
+            f"window_pages={self.window_pages()}, state={self.state!r})"
+        )
+
+
+class _WindowEvictor:
+    """The evictor a windowed group's pool calls under pressure."""
+
+    def __init__(self, cache: GroupedPrefixCache, j: int) -> None:
+        self.cache, self.j = cache, j
+
+    def evict(self, n_pages: int) -> int:
+        return self.cache._evict_window(self.j, n_pages)
+
+    def evictable_pages(self) -> int:
+        return self.cache._evictable_window(self.j)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return {"cached_window_pages": len(self.cache._order[self.j])}
+
+
+class GroupedPrefixCache(Uncopyable):
+    """:class:`PrefixCache`'s request lifecycle over a :class:`GroupedKVPool`.
+
+    The same calls (``begin``, ``extend``, ``extend_each``, ``truncate``,
+    ``finish``, ``abort``, ``page_table``), returning per-group slots and page
+    tables: ``slots[g]`` and ``tables[g]`` belong to ``pool.pools[g]``, whose
+    layer ``li`` is model layer ``pool.groups[g].layers[li]``. Each call
+    completes or leaves every structure as it was (multi-step calls hold one
+    lock and undo their earlier steps when a later one raises).
+
+    A windowed group's page table starts at the request's first kept page: the
+    kernels then see positions shifted by a whole number of pages (of chunks,
+    for a chunked group), which the window and chunk masks do not notice.
+    Pass each group's ``window_left`` / ``chunk_size`` to the kernels.
+
+    Examples
+    --------
+    >>> from radixseg.capacity.groups import LayerGroup
+    >>> groups = [LayerGroup("full", None, (1,)), LayerGroup("sliding", 8, (0,))]
+    >>> pool = GroupedKVPool(groups, num_kv_heads=1, head_dim=8, page_size=4,
+    ...                      pages_per_segment=8, dtype="fp32")
+    >>> cache = GroupedPrefixCache(pool)
+    >>> req = cache.begin(list(range(40)))
+    >>> slots = cache.extend(req, req.uncached)     # prefill: every page, each group
+    >>> [len(s) for s in slots]
+    [40, 40]
+    >>> _ = cache.extend(req, [7])                  # next step: the window is trimmed
+    >>> req.full.num_pages, req.window_pages()
+    (11, [4])
+    >>> cache.finish(req)
+    """
+
+    def __init__(self, pool: GroupedKVPool) -> None:
+        if not isinstance(pool, GroupedKVPool):
+            raise TypeError(f"pool must be a GroupedKVPool, got {type(pool).__name__}")
+        self.pool = pool
+        self.full = PrefixCache(pool.pools[0])
+        self.tree = self.full.tree
+        self.page_size = self.full.page_size
+        self.windowed = pool.groups[1:]
+        self._lock = pool._lock
+        n = len(self.windowed)
+        # Per windowed group: full page id -> the group's page for it (-1: none),
+        # and the full ids with an entry, oldest first (the eviction order).
+        self._table: list[npt.NDArray[np.int32]] = [np.full(0, -1, dtype=_I32)] * n
+        self._order: list[dict[int, None]] = [{} for _ in range(n)]
+        self._requests: weakref.WeakSet[GroupedRequest] = weakref.WeakSet()
+        for j in range(n):
+            pool.pools[j + 1].attach_cache(_WindowEvictor(self, j))
+
+    # ----- lifecycle ---------------------------------------------------------------
+
+    def begin(self, tokens: Any, namespace: int = 0, *, leave_last: bool = True) -> GroupedRequest:
+        """Match and lock the longest cached prefix of ``tokens`` that every
+        windowed group can continue from (see the module docstring)."""
+        prompt = as_id_array(tokens, "tokens")
+        ns = as_namespace(namespace)
+        upto = max(0, prompt.size - 1) if leave_last else prompt.size
+        with self._lock:
+            m = self.tree.match_prefix(prompt[:upto], ns)
+            ids = m.page_ids.numpy()
+            length = self._usable(ids, m.length)
+            held = self._held_for(ids, length)
+            for j, w in enumerate(held):
+                if w.size:
+                    self.pool.pools[j + 1].retain(w)
+            try:
+                record = self.tree.begin_request(prompt[:length], ns, False)
+                if record.matched_len != length:  # never under the lock; be safe
+                    record.end(False)
+                    raise InvalidArgument(
+                        f"the cached prefix changed while matching ({record.matched_len} of "
+                        f"{length} tokens); retry"
+                    )
+                req = GroupedRequest(self, Request(self.full, prompt, record))
+                for j, w in enumerate(held):
+                    req.first[j] = self.windowed[j].start(length) // self.page_size
+                    req.windows[j] = w
+                self._requests.add(req)
+            except BaseException:
+                for j, w in enumerate(held):
+                    if w.size:
+                        self.pool.pools[j + 1].release(w)
+                raise
+        return req
+
+    def extend(self, req: GroupedRequest, new_tokens: Any) -> list[torch.Tensor]:
+        """Append ``new_tokens`` (``[T]``); returns per group the ``int64 [T]``
+        slots to write their K/V at. First releases the windowed pages the
+        request no longer needs (its previous step is over). All or nothing."""
+        self._check_req(req)
+        new = as_id_array(new_tokens, "new_tokens")
+        with self._lock:
+            self._trim(req)
+            n0, pages0 = req.full.seq_len, req.full.num_pages
+            full_slots = self.full.extend(req.full, new)
+            try:
+                self._grow_windows([req], [pages0])
+            except BaseException:
+                self.full.truncate(req.full, n0)
+                raise
+            return [full_slots, *self._window_slots(req, n0, req.full.seq_len)]
+
+    def extend_each(self, reqs: Sequence[GroupedRequest], tokens: Any) -> list[torch.Tensor]:
+        """A decode step: one token per request; per group ``int64 [N]`` slots."""
+        reqs = list(reqs)
+        for r in reqs:
+            self._check_req(r)
+        with self._lock:
+            for r in reqs:
+                self._trim(r)
+            n0 = [r.full.seq_len for r in reqs]
+            pages0 = [r.full.num_pages for r in reqs]
+            full_slots = self.full.extend_each([r.full for r in reqs], tokens)
+            try:
+                self._grow_windows(reqs, pages0)
+            except BaseException:
+                for r, n in zip(reqs, n0, strict=True):
+                    self.full.truncate(r.full, n)
+                raise
+            per = [self._window_slots(r, n, n + 1) for r, n in zip(reqs, n0, strict=True)]
+            return [full_slots] + [
+                torch.cat([p[j] for p in per]) if per else torch.zeros(0, dtype=torch.int64)
+                for j in range(len(self.windowed))
+            ]
+
+    def truncate(self, req: GroupedRequest, seq_len: int) -> None:
+        """Undo :meth:`extend` calls back to ``seq_len`` tokens; refused below
+        the point whose windows this request has already released."""
+        self._check_req(req)
+        n = as_count(seq_len, "seq_len")
+        with self._lock:
+            for j, g in enumerate(self.windowed):
+                if n < req.seq_len and g.keep_from(n, self.page_size) < req.first[j]:
+                    raise InvalidArgument(
+                        f"cannot truncate to {n} tokens: the {g.describe()} group released "
+                        f"pages before page {req.first[j]} (token {req.first[j] * self.page_size})"
+                    )
+            self.full.truncate(req.full, n)
+            keep = -(-n // self.page_size)
+            for j in range(len(self.windowed)):
+                w = req.windows[j]
+                cut = max(0, keep - req.first[j])
+                if cut < w.size:
+                    self.pool.pools[j + 1].release(w[cut:])
+                    req.windows[j] = w[:cut]
+
+    def finish(self, req: GroupedRequest, tokens: Any = None) -> None:
+        """Cache the request's whole pages (full group) and the window before
+        its cached end (windowed groups); release the rest."""
+        self._check_req(req)
+        with self._lock:
+            toks = req.full.tokens.numpy() if tokens is None else as_id_array(tokens, "tokens")
+            self.full.finish(req.full, tokens)
+            try:
+                self._cache_windows(req, toks)
+            finally:
+                self._drop_windows(req)
+
+    def abort(self, req: GroupedRequest) -> None:
+        """Drop everything the request holds without caching anything."""
+        self._check_req(req)
+        with self._lock:
+            self.full.abort(req.full)
+            self._drop_windows(req)
+
+    # ----- page tables ---------------------------------------------------------------
+
+    def page_table(
+        self, reqs: Sequence[GroupedRequest], device: str | torch.device | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group, FlashInfer's CSR (``kv_indptr [B + 1]``, ``kv_indices``,
+        ``kv_last_page_len [B]``, all ``int32``) over that group's pool. A
+        windowed group's rows start at each request's first kept page."""
+        reqs = list(reqs)
+        for r in reqs:
+            self._check_req(r)
+        full = self.full.page_table([r.full for r in reqs])
+        out = [full]
+        last = full[2]
+        for j in range(len(self.windowed)):
+            ws = [r.windows[j] for r in reqs]
+            ptr = np.zeros(len(ws) + 1, dtype=_I32)
+            np.cumsum([w.size for w in ws], out=ptr[1:])
+            idx = np.concatenate(ws) if ws else np.zeros(0, dtype=_I32)
+            out.append((torch.from_numpy(ptr), torch.from_numpy(idx.astype(_I32)), last))
+        if device is not None:
+            out = [tuple(x.to(device) for x in t) for t in out]  # type: ignore[misc]
+        return out
+
+    def window_offsets(self, reqs: Sequence[GroupedRequest]) -> list[list[int]]:
+        """Per windowed group, per request: tokens before its first kept page
+        (what the group's page table leaves out)."""
+        return [[r.first[j] * self.page_size for r in reqs] for j in range(len(self.windowed))]
+
+    # ----- cache management ----------------------------------------------------------
+
+    def evict(self, n_pages: int) -> int:
+        """Evict least-recently-used prefixes of the full group (their windowed
+        entries go with them); returns full pages released."""
+        with self._lock:
+            got = self.full.evict(n_pages)
+            for j in range(len(self.windowed)):
+                self._sweep(j)
+            return got
+
+    def reset(self) -> None:
+        """Forget every cached prefix (refused while requests run)."""
+        with self._lock:
+            self.full.reset()
+            for j in range(len(self.windowed)):
+                self._sweep(j)
+
+    def stats(self) -> dict[str, Any]:
+        """The pool's stats (per group under ``groups``) and the cache's."""
+        return self.pool.stats()
+
+    def check_invariants(self, *, exclusive: bool = False) -> None:
+        """The full cache's checks, each group pool's, and the windowed
+        accounting: every windowed page's refcount is the number of table
+        entries and running requests holding it; a request holds exactly the
+        pages ``first .. num_pages`` of each windowed group; with
+        ``exclusive`` no other windowed page is allocated."""
+        with self._lock:
+            self.full.check_invariants(exclusive=exclusive)
+            self.pool.check_invariants()
+            for j, g in enumerate(self.windowed):
+                pool = self.pool.pools[j + 1]
+                count: dict[int, int] = {}
+                for fid in self._order[j]:
+                    w = int(self._table[j][fid])
+                    if w < 0:
+                        raise AssertionError(f"group {g.describe()}: ordered entry {fid} unmapped")
+                    count[w] = count.get(w, 0) + 1
+                mapped = int((self._table[j] >= 0).sum())
+                if mapped != len(self._order[j]):
+                    raise AssertionError(
+                        f"group {g.describe()}: {mapped} table entries, "
+                        f"{len(self._order[j])} ordered"
+                    )
+                for r in self._running():
+                    if r.windows[j].size != max(0, r.full.num_pages - r.first[j]):
+                        raise AssertionError(
+                            f"group {g.describe()}: a request holds {r.windows[j].size} pages for "
+                            f"full pages {r.first[j]}..{r.full.num_pages}"
+                        )
+                    for w in r.windows[j].tolist():
+                        count[w] = count.get(w, 0) + 1
+                if count:
+                    ids = np.fromiter(count, dtype=_I32)
+                    rcn = pool.allocator.refcount(ids).numpy()
+                    want = np.fromiter(count.values(), dtype=_I32)
+                    bad = np.nonzero(rcn != want)[0]
+                    if bad.size:
+                        i = int(bad[0])
+                        raise AssertionError(
+                            f"group {g.describe()}: page {int(ids[i])} has refcount {int(rcn[i])}, "
+                            f"{int(want[i])} holders"
+                        )
+                if exclusive:
+                    used = pool.allocator.total_pages() - pool.allocator.free_pages()
+                    if used != len(count):
+                        raise AssertionError(
+                            f"group {g.describe()}: {used} pages allocated, {len(count)} accounted"
+                        )
+
+    # ----- internals -----------------------------------------------------------------
+
+    def _running(self) -> list[GroupedRequest]:
+        return [r for r in list(self._requests) if r.state == "running"]
+
+    def _check_req(self, req: Any) -> None:
+        if not isinstance(req, GroupedRequest):
+            raise TypeError(
+                f"expected a GroupedRequest from GroupedPrefixCache.begin, got {type(req).__name__}"
+            )
+        if req._cache is not self:
+            raise InvalidArgument("this request was begun on a different GroupedPrefixCache")
+
+    def _lookup(self, j: int, ids: npt.NDArray[Any]) -> npt.NDArray[np.int32]:
+        t = self._table[j]
+        out = np.full(ids.shape, -1, dtype=_I32)
+        ok = ids < t.size
+        out[ok] = t[ids[ok]]
+        return out
+
+    def _usable(self, ids: npt.NDArray[Any], length: int) -> int:
+        """The longest page boundary ``L <= length`` at which every windowed group
+        holds the pages of ``[start(L), L)`` for the matched full pages ``ids``."""
+        ps = self.page_size
+        n = length // ps
+        if n == 0 or not self.windowed:
+            return n * ps
+        ok = np.ones(n, dtype=bool)
+        pos = np.arange(n)
+        ends = (pos + 1) * ps
+        for j, g in enumerate(self.windowed):
+            have = self._lookup(j, ids[:n]) >= 0
+            last_gap = np.maximum.accumulate(np.where(have, -1, pos))
+            run = pos - last_gap
+            ok &= run * ps >= ends - self._starts(g, ends)
+        good = np.nonzero(ok)[0]
+        return int(good[-1] + 1) * ps if good.size else 0
+
+    @staticmethod
+    def _starts(g: LayerGroup, ends: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        assert g.span is not None
+        out: npt.NDArray[Any] = (
+            np.maximum(0, ends - g.span + 1) if g.kind == "sliding" else g.span * (ends // g.span)
+        )
+        return out
+
+    def _held_for(self, ids: npt.NDArray[Any], length: int) -> list[npt.NDArray[np.int32]]:
+        """Per windowed group, the pages a request resuming at ``length`` holds."""
+        n = length // self.page_size
+        out = []
+        for j, g in enumerate(self.windowed):
+            # What _usable checked is held: [start(length), length).
+            first = g.start(length) // self.page_size
+            out.append(self._lookup(j, ids[first:n]))
+        return out
+
+    def _trim(self, req: GroupedRequest) -> None:
+        """Release the windowed pages before ``keep_from(seq_len)``."""
+        n = req.full.seq_len
+        for j, g in enumerate(self.windowed):
+            k = g.keep_from(n, self.page_size)
+            drop = k - req.first[j]
+            if drop > 0:
+                w = req.windows[j]
+                # Publish the shorter list before releasing: an interrupt then
+                # leaks at most these pages' memory, never a page held twice.
+                req.windows[j], req.first[j] = w[drop:], k
+                self.pool.pools[j + 1].release(w[:drop])
+
+    def _grow_windows(self, reqs: list[GroupedRequest], pages0: list[int]) -> None:
+        """Give each windowed group a page for every full page the requests got
+        since ``pages0``; all or none."""
+        new = []
+        for r, p0 in zip(reqs, pages0, strict=True):
+            new.append(r.full._record.page_ids()[p0:])
+        fresh = np.concatenate(new) if new else np.zeros(0, dtype=_I32)
+        if fresh.size == 0:
+            return
+        taken: list[npt.NDArray[np.int32]] = []
+        try:
+            for j in range(len(self.windowed)):
+                # These full pages were just allocated: any entry under their
+                # ids belongs to the pages' previous life (evicted meanwhile).
+                self._unmap(j, fresh)
+                taken.append(self.pool.pools[j + 1].alloc(fresh.size).numpy())
+        except BaseException:
+            for j, w in enumerate(taken):
+                self.pool.pools[j + 1].release(w)
+            raise
+        for j, w in enumerate(taken):
+            at = 0
+            for r, ids in zip(reqs, new, strict=True):
+                if ids.size:
+                    r.windows[j] = np.concatenate((r.windows[j], w[at : at + ids.size]))
+                    at += ids.size
+
+    def _window_slots(self, req: GroupedRequest, lo: int, hi: int) -> list[torch.Tensor]:
+        ps = self.page_size
+        pos = np.arange(lo, hi, dtype=np.int64)
+        out = []
+        for j in range(len(self.windowed)):
+            page = req.windows[j][pos // ps - req.first[j]].astype(np.int64)
+            out.append(torch.from_numpy(page * ps + pos % ps))
+        return out
+
+    def _cache_windows(self, req: GroupedRequest, toks: npt.NDArray[Any]) -> None:
+        """After the full finish: record the windowed pages of the window before
+        the cached end under the tree's page ids, taking the request's reference."""
+        ps = self.page_size
+        whole = toks.size // ps
+        m = self.tree.match_prefix(toks[: whole * ps], req.namespace)
+        ids = m.page_ids.numpy()
+        end = m.length
+        for j, g in enumerate(self.windowed):
+            first = max(req.first[j], g.keep_from(end, ps))
+            lo, hi = first, end // ps
+            if hi <= lo:
+                continue
+            w = req.windows[j][lo - req.first[j] : hi - req.first[j]]
+            fids = ids[lo:hi]
+            self._ensure(j, int(fids.max()) + 1)
+            t = self._table[j]
+            free = t[fids] < 0
+            take_f, take_w = fids[free], w[free]
+            if take_f.size == 0:
+                continue
+            # Move the request's references into the table: mark them taken in
+            # the request first, so that _drop_windows releases only the rest.
+            keep = np.ones(req.windows[j].size, dtype=bool)
+            keep[np.nonzero(free)[0] + (lo - req.first[j])] = False
+            req.windows[j] = req.windows[j][keep]
+            t[take_f] = take_w
+            order = self._order[j]
+            for f in take_f.tolist():
+                order[f] = None
+
+    def _drop_windows(self, req: GroupedRequest) -> None:
+        for j in range(len(self.windowed)):
+            w = req.windows[j]
+            req.windows[j] = np.zeros(0, dtype=_I32)
+            if w.size:
+                self.pool.pools[j + 1].release(w)
+
+    def _ensure(self, j: int, size: int) -> None:
+        t = self._table[j]
+        if t.size < size:
+            grown = np.full(max(size, 2 * t.size, 1024), -1, dtype=_I32)
+            grown[: t.size] = t
+            self._table[j] = grown
+
+    def _unmap(self, j: int, fids: npt.NDArray[Any]) -> int:
+        """Drop the entries of full pages ``fids``; returns pages released."""
+        t = self._table[j]
+        fids = fids[fids < t.size]
+        hit = fids[t[fids] >= 0]
+        if hit.size == 0:
+            return 0
+        w = t[hit].copy()
+        t[hit] = -1
+        order = self._order[j]
+        for f in hit.tolist():
+            order.pop(f, None)
+        self.pool.pools[j + 1].release(w)
+        return int(hit.size)
+
+    def _sweep(self, j: int) -> int:
+        """Drop entries whose full page left the tree (refcount 0)."""
+        if not self._order[j]:
+            return 0
+        fids = np.fromiter(self._order[j], dtype=_I32)
+        rcn = self.pool.pools[0].allocator.refcount(fids).numpy()
+        return self._unmap(j, fids[rcn == 0])
+
+    def _evict_window(self, j: int, n: int) -> int:
+        """Free ``n`` pages of windowed group ``j``: stale entries, then entries
+        no running request holds, oldest first. Returns pages released."""
+        freed = self._sweep(j)
+        if freed >= n or not self._order[j]:
+            return freed
+        pool = self.pool.pools[j + 1]
+        fids = np.fromiter(self._order[j], dtype=_I32)
+        w = self._table[j][fids]
+        rcn = pool.allocator.refcount(w).numpy()
+        alone = fids[rcn == 1][: n - freed]
+        return freed + self._unmap(j, alone)
+
+    def _evictable_window(self, j: int) -> int:
+        if not self._order[j]:
+            return 0
+        fids = np.fromiter(self._order[j], dtype=_I32)
+        rcn = self.pool.pools[j + 1].allocator.refcount(self._table[j][fids]).numpy()
+        return int((rcn == 1).sum())
