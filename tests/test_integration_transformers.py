@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import radixseg.integrations.transformers as rt  # noqa: E402
 from radixseg import BudgetExhausted, InvalidArgument  # noqa: E402
+from radixseg.grouped import GroupedPrefixCache  # noqa: E402
 
 VOCAB = 256
 
@@ -837,13 +838,16 @@ def _hybrid(arch: str) -> torch.nn.Module:
             num_experts_per_tok=1,
             **small,
         )
+    elif arch == "qwen2":  # layer 0 full, layer 1 a window of 6
+        cfg = _qwen2_config(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+        cfg.layer_types = ["full_attention", "sliding_attention"]
     else:
         raise AssertionError(arch)
     torch.manual_seed(7)
     return t.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama4"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama4", "qwen2"])
 def test_hybrid_models_match_dynamic_cache(arch):
     """fp32 greedy tokens equal eager attention + DynamicCache for a left-padded
     batch whose contexts cross the window or several chunk edges, then for a
@@ -855,6 +859,8 @@ def test_hybrid_models_match_dynamic_cache(arch):
         ref = _gen_masked(model, ids, mask, 9)
         ref_logits = model(ids, attention_mask=mask, use_cache=False).logits
     prefix = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, segment_bytes=1 << 16)
+    # Full layers beside windowed ones: each group in its own pool.
+    assert isinstance(prefix, GroupedPrefixCache)
     model.set_attn_implementation("radixseg")
     # Prefill logits too: random tiny models' greedy tokens barely depend on
     # attention, their logits do (the mutation check: drop the cap, the chunk
@@ -880,6 +886,62 @@ def test_hybrid_models_match_dynamic_cache(arch):
             assert torch.equal(_generate(model, row, 6, cache=again), ref2), backend
         again.abort()
     prefix.check_invariants()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama4"])
+def test_windowed_groups_hold_only_their_window(arch):
+    """A 48-token greedy generation (window 5, chunks of 8, page 4): tokens equal
+    DynamicCache's and the one-pool cache's, and after every step each windowed
+    group holds at most ceil((W - 1) / P) + 2 pages (C / P + 1 for chunks) while
+    the full group holds every page; finishing caches the window before the end,
+    which the next turn reuses."""
+    model = _hybrid(arch)
+    prompt = _prompts(1, 12, seed=3) % SMALL_VOCAB
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = _generate(model, prompt, 36)
+    model.set_attn_implementation("radixseg")
+    one = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, layer_groups=False)
+    assert not isinstance(one, GroupedPrefixCache)
+    with torch.no_grad(), rt.RadixsegCache(one, prompt) as c1:
+        assert torch.equal(_generate(model, prompt, 36, cache=c1), ref)
+    prefix = rt.prefix_cache_for(model.config, dtype="fp32", page_size=4, segment_bytes=1 << 16)
+    assert isinstance(prefix, GroupedPrefixCache)
+    bound = {"sliding": -(-4 // 4) + 2, "chunked": 8 // 4 + 1}
+    held: list[list[int]] = []
+
+    class Watch(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            req = cache.requests[0]
+            held.append(req.window_pages())
+            assert req.full.num_pages == -(-req.seq_len // 4)
+            return scores
+
+    cache = rt.RadixsegCache(prefix, prompt)
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            max_new_tokens=36,
+            do_sample=False,
+            cache=cache,
+            logits_processor=[Watch()],
+            pad_token_id=0,
+        )
+    assert torch.equal(out, ref)
+    kinds = [g.kind for g in prefix.windowed]
+    # The prefill step holds every page; each later step only the window.
+    for pages in held[1:]:
+        for kind, n in zip(kinds, pages, strict=True):
+            assert n <= bound[kind], (kind, pages)
+    cache.finish(out)
+    prefix.check_invariants(exclusive=True)
+    for g, pool in zip(prefix.windowed, prefix.pool.pools[1:], strict=True):
+        assert 0 < pool.stats()["used_bytes"] <= bound[g.kind] * pool.page_bytes
+    # The next turn continues from the cached end: the window there is kept.
+    turn = torch.cat([out, _prompts(1, 3, seed=4) % SMALL_VOCAB], 1)
+    again = rt.RadixsegCache(prefix, turn)
+    assert again.reused_tokens == 4 * ((out.shape[1] - 1) // 4)
+    again.abort()
 
 
 def test_the_soft_cap_changes_gemma2_logits():
