@@ -259,6 +259,14 @@ def prefix_cache_for(
     """
     layers, kv_heads, head_dim = model_geometry(config)
     sharded = context_parallel or group is not None
+    storage: dict[str, Any] = dict(
+        page_size=page_size,
+        dtype=dtype,
+        device=device,
+        segment_bytes=segment_bytes,
+        budget_bytes=budget_bytes,
+        **pool_kwargs,
+    )
     if not sharded and layer_groups is not False:
         text = (
             config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -270,19 +278,7 @@ def prefix_cache_for(
         elif any(g.kind == "chunked" and (g.span or 0) % page_size for g in groups):
             why = f"a chunk is not a multiple of page_size={page_size}"
         if why is None:
-            return GroupedPrefixCache(
-                GroupedKVPool(
-                    groups,
-                    kv_heads,
-                    head_dim,
-                    page_size=page_size,
-                    dtype=dtype,
-                    device=device,
-                    segment_bytes=segment_bytes,
-                    budget_bytes=budget_bytes,
-                    **pool_kwargs,
-                )
-            )
+            return GroupedPrefixCache(GroupedKVPool(groups, kv_heads, head_dim, **storage))
         if layer_groups:
             raise InvalidArgument(
                 f"layer_groups=True for {type(config).__name__}, but {why}: "
@@ -294,16 +290,7 @@ def prefix_cache_for(
             f"layers; {_WINDOW_UNDER_CP}"
         )
     pool = (ShardedKVPool if sharded else KVPool)(
-        layers,
-        kv_heads,
-        head_dim,
-        page_size=page_size,
-        dtype=dtype,
-        device=device,
-        segment_bytes=segment_bytes,
-        budget_bytes=budget_bytes,
-        **({"group": group} if sharded else {}),
-        **pool_kwargs,
+        layers, kv_heads, head_dim, **storage, **({"group": group} if sharded else {})
     )
     return ShardedPrefixCache(pool) if isinstance(pool, ShardedKVPool) else PrefixCache(pool)
 
