@@ -72,6 +72,22 @@ class _GroupPool(KVPool):
         return max(0, total - others)
 
 
+class _FullCache(PrefixCache):
+    """The full group's :class:`PrefixCache`. :meth:`GroupedPrefixCache.begin`
+    hands the core only the prefix it reuses, so the core's request counters
+    miss the rest of each prompt; ``unmatched`` adds it back to
+    ``prompt_tokens`` and ``hit_rate``."""
+
+    unmatched = 0
+
+    def cache_stats(self) -> dict[str, Any]:
+        out = super().cache_stats()
+        requested = int(out["prompt_tokens"]) + self.unmatched
+        out["prompt_tokens"] = requested
+        out["hit_rate"] = int(out["reused_tokens"]) / requested if requested else 0.0
+        return out
+
+
 class GroupedKVPool(Uncopyable):
     """KV storage for a hybrid model: one :class:`KVPool` per layer group.
 
@@ -366,7 +382,7 @@ class GroupedPrefixCache(Uncopyable):
         if not isinstance(pool, GroupedKVPool):
             raise TypeError(f"pool must be a GroupedKVPool, got {type(pool).__name__}")
         self.pool = pool
-        self.full = PrefixCache(pool.pools[0])
+        self.full = _FullCache(pool.pools[0])
         self.tree = self.full.tree
         self.page_size = self.full.page_size
         self.windowed = pool.groups[1:]
@@ -409,6 +425,9 @@ class GroupedPrefixCache(Uncopyable):
                     req.first[j] = self.windowed[j].start(length) // self.page_size
                     req.windows[j] = w
                 self._requests.add(req)
+                # The core counted ``length`` prompt tokens; the hit rate is over
+                # whole prompts, as PrefixCache's.
+                self.full.unmatched += prompt.size - length
             except BaseException:
                 for j, w in enumerate(held):
                     if w.size:
@@ -463,10 +482,15 @@ class GroupedPrefixCache(Uncopyable):
         n = as_count(seq_len, "seq_len")
         with self._lock:
             for j, g in enumerate(self.windowed):
-                if n < req.seq_len and g.keep_from(n, self.page_size) < req.first[j]:
+                # The next query (at n) sees keys from start(n) on: refused only
+                # when the request no longer holds that page. (Not keep_from(n):
+                # a request begun from the cache at L holds from start(L), which
+                # keep_from(L) may precede, and must be able to return to L.)
+                if n < req.seq_len and g.start(n) // self.page_size < req.first[j]:
                     raise InvalidArgument(
-                        f"cannot truncate to {n} tokens: the {g.describe()} group released "
-                        f"pages before page {req.first[j]} (token {req.first[j] * self.page_size})"
+                        f"cannot truncate to {n} tokens: a query there sees the {g.describe()} "
+                        f"group's keys from token {g.start(n)}, but this request holds its pages "
+                        f"from page {req.first[j]} (token {req.first[j] * self.page_size}) on"
                     )
             self.full.truncate(req.full, n)
             keep = -(-n // self.page_size)
