@@ -841,13 +841,27 @@ def _hybrid(arch: str) -> torch.nn.Module:
     elif arch == "qwen2":  # layer 0 full, layer 1 a window of 6
         cfg = _qwen2_config(use_sliding_window=True, sliding_window=6, max_window_layers=1)
         cfg.layer_types = ["full_attention", "sliding_attention"]
+    elif arch == "gpt_oss":  # attention sinks; layer 0 a window of 6, layer 1 full
+        cfg = t.GptOssConfig(
+            num_hidden_layers=2,
+            sliding_window=6,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            layer_types=["sliding_attention", "full_attention"],
+            **small,
+        )
     else:
         raise AssertionError(arch)
     torch.manual_seed(7)
-    return t.AutoModelForCausalLM.from_config(cfg).eval()
+    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    for mod in model.modules():
+        if isinstance(getattr(mod, "sinks", None), torch.nn.Parameter):
+            # Sinks large enough to move the softmax (the test can fail).
+            mod.sinks.data = torch.randn_like(mod.sinks) * 2
+    return model
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama4", "qwen2"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama4", "qwen2", "gpt_oss"])
 def test_hybrid_models_match_dynamic_cache(arch):
     """fp32 greedy tokens equal eager attention + DynamicCache for a left-padded
     batch whose contexts cross the window or several chunk edges, then for a
@@ -942,6 +956,20 @@ def test_windowed_groups_hold_only_their_window(arch):
     again = rt.RadixsegCache(prefix, turn)
     assert again.reused_tokens == 4 * ((out.shape[1] - 1) // 4)
     again.abort()
+
+
+def test_the_sinks_change_gpt_oss_logits():
+    """The gpt-oss case above can fail: without its sinks the logits move."""
+    model = _hybrid("gpt_oss")
+    ids = _prompts(1, 12, seed=5) % SMALL_VOCAB
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        sunk = model(ids, use_cache=False).logits
+        for mod in model.modules():
+            if isinstance(getattr(mod, "sinks", None), torch.nn.Parameter):
+                mod.sinks.data.fill_(-1e4)
+        plain = model(ids, use_cache=False).logits
+    assert (sunk - plain).abs().max() > 1e-3
 
 
 def test_the_soft_cap_changes_gemma2_logits():

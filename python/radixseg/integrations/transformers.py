@@ -1102,6 +1102,12 @@ def radixseg_attention(
         pattern["chunk_size"] = size
     if kwargs.get("softcap"):
         pattern["logits_soft_cap"] = float(kwargs["softcap"])
+    # Attention sinks (gpt-oss's s_aux): one logit per query head in the
+    # softmax's denominator only. Exactly a merge with an empty-valued state
+    # whose LSE is the sink: out * sigmoid(lse - sink).
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        pattern["sinks"] = "s_aux"
     if pattern and cache.context_parallel:
         raise InvalidArgument(
             f"layer {handle.layer} uses {', '.join(sorted(pattern))}={list(pattern.values())}; "
@@ -1119,8 +1125,10 @@ def radixseg_attention(
             "sm_scale": scale,
             "backend": cache.backend,
             "check": False,
-            **pattern,
+            **{k: v for k, v in pattern.items() if k != "sinks"},
         }
+        if sinks is not None:
+            common["return_lse"] = True
         pool: Any = cache.pool
         layer = handle.layer
         table = (step.kv_indptr, step.kv_indices, step.kv_last_page_len)
@@ -1136,6 +1144,10 @@ def radixseg_attention(
             if handle.kv is not None:  # sharded: the collective extend takes the new K/V
                 common["k"], common["v"] = handle.kv
             out = _attn.extend(q, pool, layer, step.qo_indptr, *table, causal=True, **common)
+        if sinks is not None:
+            out, lse = out
+            sink = sinks.detach().to(device=lse.device, dtype=torch.float32).expand_as(lse)
+            out, _ = _attn.merge_states(out, lse, torch.zeros_like(out), sink)
     if step.rows is not None:
         full = out.new_zeros((b * t, hq, d))
         out = full.index_copy_(0, step.rows.to(out.device), out)
