@@ -164,3 +164,38 @@ def test_demo_context_of_a_partial_last_page(capsys: pytest.CaptureFixture[str])
     assert main([*argv, "--chats", "0", "--no-progress", "--plot", ""]) == 0
     out = capsys.readouterr().out
     assert "reuses 20,000 cached tokens" in out and "read back 11,808 of 11,808" in out
+
+
+def test_demo_scout_tiny_groups(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--model scout-tiny``: the context grows in a GroupedKVPool; the table and
+    the summary show each group's reserved bytes beside the all-layers pool's,
+    every group below it, and everything is handed back."""
+    png = tmp_path / "groups.png"
+    r = run_demo(
+        tokens=20_000,
+        chunk=4_096,
+        followups=1,
+        segment_bytes=256 << 10,
+        plot=str(png),
+        progress=False,
+        model="scout-tiny",
+    )
+    assert r.model == "scout-tiny" and r.group_names == ("full x1", "chunked 8,192 x3")
+    assert r.final_reserved_bytes == 0 and r.reused_tokens == 20_000
+    assert len(r.group_peak_reserved_bytes) == 2
+    for b in r.group_peak_reserved_bytes:
+        assert 0 < b < r.all_layers_peak_reserved_bytes
+    assert r.peak_reserved_bytes == sum(r.group_peak_reserved_bytes)
+    assert r.peak_reserved_bytes < r.all_layers_peak_reserved_bytes
+    out = capsys.readouterr().out
+    header = out[out.index("phase ") :].splitlines()[0]
+    for column in ("full x1 GB", "chunked 8,192 x3 GB", "grouped GB", "all-layers GB"):
+        assert column in header
+    assert "grouped at 20,000 tokens: full x1 " in out and "plan (between steps)" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The CLI flag; the default demo is unchanged (tested above), bad names exit 2.
+    argv = ["demo", "--model", "scout-tiny", "--tokens", "20k", "--chunk", "4096"]
+    assert main([*argv, "--segment-bytes", "256KiB", "--no-progress", "--plot", ""]) == 0
+    assert "GroupedKVPool" in capsys.readouterr().out
+    assert main([*argv, "--ranks", "2", "--no-progress", "--plot", ""]) == 2

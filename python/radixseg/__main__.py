@@ -55,6 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
             budget_bytes=None if args.budget is None else parse_bytes(args.budget, "--budget"),
             plot=args.plot or None,
             ranks=args.ranks,
+            model=args.model,
         )
     except RadixsegError as e:  # bad sizes, or a budget too small for the demo
         print(f"radixseg demo: error: {e}", file=sys.stderr)
@@ -137,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="run the long context sharded over this many spawned CPU processes (gloo, "
         "context parallelism), each holding 1/ranks of it; 1 to 3 (default 1: one process)",
+    )
+    d.add_argument(
+        "--model",
+        choices=("tiny", "scout-tiny"),
+        default="tiny",
+        help="tiny: 1 layer (default); scout-tiny: Llama 4 Scout's layer pattern (1 full per "
+        "3 chunked-8,192 layers) in a GroupedKVPool, per-group memory beside an all-layers "
+        "pool's (no chat trace)",
     )
     d.add_argument(
         "--plot",

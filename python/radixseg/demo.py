@@ -49,14 +49,27 @@ from radixseg import InvalidArgument, attention
 from radixseg._spawn import peak_rss_bytes, run_ranks
 from radixseg.cache import PrefixCache, Request
 from radixseg.capacity import plan
+from radixseg.capacity.geometry import KVGeometry
+from radixseg.grouped import GroupedKVPool, GroupedPrefixCache, GroupedRequest
 from radixseg.pool import KVPool, dequantize_fp8, quantize_fp8
 
-__all__ = ["DemoResult", "grow_context", "run_demo"]
+__all__ = [
+    "MODELS",
+    "DemoResult",
+    "grow_context",
+    "grow_grouped",
+    "run_demo",
+    "scout_tiny_geometry",
+]
 
 GB = 1e9
 HEAD_DIM = 64  # the demo model: 1 layer x 1 KV head x head_dim 64
 Q_HEADS = 8  # query heads of a decode step (grouped-query attention over the one KV head)
 MAX_RANKS = 3
+# --model: "tiny" (1 layer, the default) or "scout-tiny" (Llama 4 Scout's layer
+# pattern at the same size, in a GroupedKVPool: see scout_tiny_geometry).
+MODELS = ("tiny", "scout-tiny")
+SCOUT_CHUNK = 8_192  # Llama 4 Scout's attention_chunk_size
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,10 @@ class DemoResult:
     one_process_peak_reserved_bytes: int = 0
     decode_max_error: float | None = None
     worker_pids: tuple[int, ...] = ()
+    model: str = "tiny"
+    group_names: tuple[str, ...] = ()
+    group_peak_reserved_bytes: tuple[int, ...] = ()
+    all_layers_peak_reserved_bytes: int = 0
 
 
 def _kv(chunk_index: int, n: int, head_dim: int) -> torch.Tensor:
@@ -136,6 +153,73 @@ def grow_context(
         if each is not None:
             each(i, part.numel(), kv)
     return req
+
+
+def scout_tiny_geometry(chunk: int = SCOUT_CHUNK) -> KVGeometry:
+    """Llama 4 Scout's layer pattern at the demo's size: 4 layers of 1 KV head x
+    head_dim 64, layers 0-2 chunked (``chunk`` tokens, Scout's 8,192) and layer
+    3 full (every 4th layer, as ``no_rope_layer_interval=4``): Scout's 1 full
+    per 3 chunked, its 48 layers cut to 4."""
+    return KVGeometry(
+        num_layers=4,
+        num_kv_heads=1,
+        head_dim=HEAD_DIM,
+        layer_windows=(chunk, chunk, chunk, None),
+        layer_kinds=("chunked", "chunked", "chunked", "full"),
+        source="scout-tiny",
+        model_type="llama4",
+    )
+
+
+def group_name(pool: GroupedKVPool, g: int) -> str:
+    """A short label of group ``g``: ``full x1``, ``chunked 8,192 x3``."""
+    grp = pool.groups[g]
+    span = "" if grp.span is None else f" {grp.span:,}"
+    return f"{grp.kind}{span} x{len(grp.layers)}"
+
+
+def grow_grouped(
+    cache: GroupedPrefixCache,
+    prompt: torch.Tensor,
+    chunk: int,
+    *,
+    store: bool = True,
+    mirror: PrefixCache | None = None,
+    store_mirror: bool = False,
+    each: Callable[[int, int, torch.Tensor | None], None] | None = None,
+) -> tuple[GroupedRequest, Request | None]:
+    """:func:`grow_context` over a :class:`GroupedKVPool`: one request grows over
+    ``prompt`` in ``chunk``-token steps; returns it (running) and ``mirror``'s.
+
+    Chunk ``i``'s K is ``_kv(i)`` and its V ``-K``, written to every layer of
+    every group at the slots :meth:`GroupedPrefixCache.extend` returns (the
+    K/V a prefill writes; a windowed group's pages past its window go back at
+    the next step). ``store=False`` only allocates. ``mirror``, a
+    :class:`PrefixCache` over an all-layers :class:`KVPool` (every layer keeps
+    every token, today's layout), makes the same calls; with ``store_mirror``
+    (and ``store``) it is written the same K/V, layer for layer, else it only
+    allocates.
+    ``each(i, n, kv)`` runs after every chunk. Used by the demo's
+    ``--model scout-tiny`` and ``benchmarks/bench_layer_groups.py``.
+    """
+    pool = cache.pool
+    req = cache.begin(prompt[:1])
+    other = None if mirror is None else mirror.begin(prompt[:1])
+    write_mirror = store_mirror and mirror is not None
+    for i, start in enumerate(range(0, prompt.numel(), chunk)):
+        part = prompt[start : start + chunk]
+        slots = cache.extend(req, part)
+        mslots = None if mirror is None or other is None else mirror.extend(other, part)
+        kv = None
+        if store:
+            kv = _kv(i, part.numel(), pool.head_dim).to(pool.device)
+            for layer in range(pool.num_layers):
+                pool.write(layer, slots, kv, -kv, check=False)
+                if write_mirror and mirror is not None and mslots is not None:
+                    mirror.pool.write(layer, mslots, kv, -kv, check=False)
+        if each is not None:
+            each(i, part.numel(), kv)
+    return req, other
 
 
 Sample = tuple[float, int, int, str]  # seconds, reserved bytes, used bytes, phase
@@ -590,6 +674,7 @@ def run_demo(
     plot: str | None = None,
     progress: bool | None = None,
     ranks: int = 1,
+    model: str = "tiny",
 ) -> DemoResult:
     """Run the demo, print what happens and a table of memory by phase.
 
@@ -602,7 +687,9 @@ def run_demo(
     ``1/ranks`` of it (``budget_bytes`` then applies to each rank's pool).
     Returns the figures (see the module doc); raises ``AssertionError`` if a
     read-back or decode check fails, :class:`radixseg._spawn.RankFailed` if a
-    rank fails.
+    rank fails. ``model="scout-tiny"``: the long context in a
+    :class:`GroupedKVPool` of :func:`scout_tiny_geometry` (see
+    :func:`_grouped_demo`; no chat trace, one process).
     """
     for name, value, least in (
         ("tokens", tokens, 1),
@@ -620,6 +707,25 @@ def run_demo(
             raise InvalidArgument(f"demo: {name} must be an integer >= {least}, got {value!r}")
     if ranks > MAX_RANKS:
         raise InvalidArgument(f"demo: ranks must be in 1..={MAX_RANKS}, got {ranks}")
+    if model not in MODELS:
+        raise InvalidArgument(f"demo: model must be one of {', '.join(MODELS)}, got {model!r}")
+    if model == "scout-tiny":
+        if ranks > 1:
+            raise InvalidArgument("demo: --model scout-tiny runs in one process (--ranks 1)")
+        return _grouped_demo(
+            tokens=tokens,
+            chunk=chunk,
+            followups=followups,
+            suffix=suffix,
+            page_size=page_size,
+            segment_bytes=segment_bytes,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            budget_bytes=budget_bytes,
+            plot=plot,
+            progress=progress,
+        )
     head_dim = HEAD_DIM
     pool = KVPool(
         1,
@@ -1065,4 +1171,241 @@ def _sharded_phases(
         one_process_peak_reserved_bytes=one_peak,
         decode_max_error=err,
         worker_pids=tuple(pids),
+    )
+
+
+# ----- --model scout-tiny: layer groups ----------------------------------------------------
+
+
+def _grouped_demo(
+    *,
+    tokens: int,
+    chunk: int,
+    followups: int,
+    suffix: int,
+    page_size: int,
+    segment_bytes: int,
+    seed: int,
+    device: str,
+    dtype: str,
+    budget_bytes: int | str | None,
+    plot: str | None,
+    progress: bool | None,
+) -> DemoResult:
+    """The long context of a Scout-shaped model in a :class:`GroupedKVPool`.
+
+    One context grows to ``tokens`` (every layer of every group written), is
+    cached, shared by ``followups`` requests (one decode step over all layers,
+    each chunked layer with ``chunk_size``) and handed back. Beside it an
+    all-layers :class:`KVPool` (today's layout: every layer keeps every token)
+    makes the same cache calls, only allocating: the table and the plot show
+    each group's reserved bytes, their sum and the all-layers figure, and the
+    plan's (``radixseg.plan(...).reserved_bytes_grouped``) at the end.
+    """
+    geom = scout_tiny_geometry()
+    pool = GroupedKVPool.for_geometry(
+        geom,
+        page_size=page_size,
+        dtype=dtype,
+        device=device,
+        segment_bytes=segment_bytes,
+        budget_bytes=budget_bytes,
+    )
+    flat = KVPool(
+        geom.num_layers,
+        1,
+        HEAD_DIM,
+        page_size=page_size,
+        dtype=dtype,
+        device="cpu",  # allocates only: its pages are never touched
+        segment_bytes=segment_bytes,
+    )
+    cache, mirror = GroupedPrefixCache(pool), PrefixCache(flat)
+    names = [group_name(pool, g) for g in range(len(pool.groups))]
+    backend: Literal["triton", "cpu"] = "triton" if pool.device.type == "cuda" else "cpu"
+    rng, prompt = _prompt(seed, tokens)
+    fixed = tokens * flat.bytes_per_token
+    storage = "FP8 e4m3 + fp32 scale" if pool.fp8 else str(pool.dtype).removeprefix("torch.")
+    print(
+        f"radixseg demo --model scout-tiny: one context to {tokens:,} tokens in a GroupedKVPool "
+        f"(one pool per layer group), {followups} follow-ups sharing it, everything handed "
+        f"back; no chat trace in this mode\n"
+        f"model: Scout-shaped, {geom.num_layers} layers ({', '.join(names)}; Llama 4 Scout: 12 "
+        f"full + 36 chunked 8,192) x 1 KV head x head_dim {HEAD_DIM}, {storage} = "
+        f"{flat.bytes_per_token // geom.num_layers} B/token/layer; page {page_size}; segment "
+        f"{pool.pools[0].segment_bytes / 2**20:g} MiB per group pool; device {pool.device}\n"
+        f"beside it, an all-layers KVPool (every layer keeps every token) makes the same calls, "
+        f"allocating only; a fixed all-layers pool for {tokens:,} tokens: {fixed / GB:.3f} GB\n",
+        flush=True,
+    )
+    header = (
+        f"{'phase':<10}{'tokens':>13}"
+        + "".join(f"{n + ' GB':>{max(13, len(n) + 5)}}" for n in names)
+        + f"{'grouped GB':>12}{'all-layers GB':>15}{'grouped/all':>13}{'s':>7}"
+    )
+    rows: list[str] = []
+    t0 = time.perf_counter()
+    # seconds, per-group reserved, all-layers reserved, phase
+    samples: list[tuple[float, list[int], int, str]] = []
+
+    def row(label: str, n: int) -> None:
+        per = [int(s["reserved_bytes"]) for s in pool.stats()["groups"]]
+        all_b = flat.reserved_bytes()
+        now = time.perf_counter() - t0
+        samples.append((now, per, all_b, label))
+        if label:
+            ratio = f"{sum(per) / all_b:>13.3f}" if all_b else f"{'-':>13}"
+            rows.append(
+                f"{label:<10}{n:>13,}"
+                + "".join(
+                    f"{b / GB:>{max(13, len(nm) + 5)}.3f}" for nm, b in zip(names, per, strict=True)
+                )
+                + f"{sum(per) / GB:>12.3f}{all_b / GB:>15.3f}{ratio}{now:>7.1f}"
+            )
+
+    bar = _Progress(progress)
+    row("start", 0)
+    done = 0
+    with bar.phase(f"grow to {tokens:,}", tokens, "tok") as b:
+
+        def each(i: int, n: int, kv: torch.Tensor | None) -> None:
+            nonlocal done
+            done += n
+            row("", done)
+            s = pool.stats()
+            b.advance(n, s["segments"], s["reserved_bytes"])
+
+        req, other = grow_grouped(cache, prompt, chunk, mirror=mirror, each=each)
+    row("grown", done)
+    peak = [int(s["reserved_bytes"]) for s in pool.stats()["groups"]]
+    peak_all = flat.reserved_bytes()
+    peak_segments = int(pool.stats()["segments"])
+    cache.finish(req)
+    if other is not None:
+        mirror.finish(other)
+    row("cached", done)
+
+    followers, mfollowers = [], []
+    reused = 0
+    for f in range(followups):
+        question = torch.randint(0, 128_000, (suffix,), generator=rng, dtype=torch.int32)
+        full = torch.cat([prompt, question])
+        r, m = cache.begin(full), mirror.begin(full)
+        slots = cache.extend(r, r.uncached)
+        mirror.extend(m, m.uncached)
+        kv = _kv(-1 - f, r.uncached.numel(), HEAD_DIM).to(pool.device)
+        for layer in range(pool.num_layers):
+            pool.write(layer, slots, kv, -kv, check=False)
+        reused += r.cached_len
+        followers.append(r)
+        mfollowers.append(m)
+        print(
+            f"follow-up {f + 1}: reuses {r.cached_len:,} cached tokens (full and chunked groups), "
+            f"prefills {r.uncached.numel():,}; holds {r.window_pages()} chunked pages",
+            flush=True,
+        )
+    # One decode step over all layers: the full layer over every token, each
+    # chunked layer over its group's pages (chunk_size).
+    q = torch.randn(len(followers), Q_HEADS, HEAD_DIM, generator=rng).to(pool.device)
+    tables = cache.page_table(followers, device=pool.device)
+    d0 = time.perf_counter()
+    for layer in range(pool.num_layers):
+        g, li = pool.locate(layer)
+        grp = pool.groups[g]
+        kw: dict[str, Any] = {} if grp.span is None else {"chunk_size": grp.span}
+        out = attention.decode(q, pool.pools[g], li, *tables[g], backend=backend, **kw)
+        if not bool(torch.isfinite(out).all()):
+            raise AssertionError("decode produced non-finite values")
+    decode_s = time.perf_counter() - d0
+    read = [int(t[0][-1]) for t in tables]
+    print(
+        f"decode ({backend}): {len(followers)} requests x {Q_HEADS} query heads, all "
+        f"{geom.num_layers} layers, in {decode_s:.2f} s; pages per layer read (all requests): "
+        + ", ".join(f"{n} {k:,}" for n, k in zip(names, read, strict=True))
+    )
+    row("shared", done + followups * suffix)
+
+    for r in followers:
+        cache.finish(r)
+    for m in mfollowers:
+        mirror.finish(m)
+    row("finished", 0)
+    cache.evict(pool.pools[0].stats()["cached_pages"])
+    mirror.evict(flat.stats()["cached_pages"])
+    row("evicted", 0)
+    freed = sum(p.shrink() for p in pool.pools)
+    flat.shrink()
+    row("shrunk", 0)
+    cache.check_invariants()
+    seconds = time.perf_counter() - t0
+    final = pool.reserved_bytes()
+    p = plan(
+        geom,
+        kv_dtype=dtype,
+        context=tokens,
+        page_size=page_size,
+        segment_bytes=pool.pools[0].segment_bytes,
+    )
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    print("\n" + header)
+    print("\n".join(rows))
+    planned = ", ".join(
+        f"{n} {gp.reserved_bytes / GB:.3f} GB" for n, gp in zip(names, p.groups, strict=True)
+    )
+    print(
+        f"\ngrouped at {tokens:,} tokens: "
+        + ", ".join(f"{n} {b / GB:.3f} GB" for n, b in zip(names, peak, strict=True))
+        + f" = {sum(peak) / GB:.3f} GB; all layers: {peak_all / GB:.3f} GB "
+        f"({sum(peak) / peak_all:.3f} of it); plan (between steps): {planned} = "
+        f"{(p.reserved_bytes_grouped or 0) / GB:.3f} GB; shrink() returned {freed / GB:.3f} GB, "
+        f"{final} B left; peak RSS {rss / GB:.2f} GB; {seconds:.1f} s"
+    )
+    if plot:
+        colors = ("tab:blue", "tab:orange", "tab:purple", "tab:brown")
+        t = [x[0] for x in samples]
+        lines_: list[Line] = [
+            (
+                f"group {n} reserved",
+                t,
+                [x[1][g] for x in samples],
+                {"color": colors[g % len(colors)], "step": True, "lw": 1.2},
+            )
+            for g, n in enumerate(names)
+        ]
+        lines_.append(
+            (
+                "grouped reserved (sum)",
+                t,
+                [sum(x[1]) for x in samples],
+                {"color": "tab:green", "step": True, "lw": 2.0},
+            )
+        )
+        lines_.append(
+            (
+                "all-layers KVPool reserved",
+                t,
+                [x[2] for x in samples],
+                {"color": "tab:gray", "step": True, "ls": "--"},
+            )
+        )
+        marks = [(x[0], x[3]) for x in samples if x[3] in _MARKS]
+        _print_plot(_plot(lines_, marks, fixed, tokens, plot))
+    return DemoResult(
+        tokens=tokens,
+        trace_requests=0,
+        trace_hit_rate=0.0,
+        peak_segments=peak_segments,
+        peak_reserved_bytes=sum(peak),
+        fixed_pool_bytes=fixed,
+        reused_tokens=reused,
+        verified_tokens=0,
+        final_reserved_bytes=final,
+        peak_rss_bytes=rss,
+        seconds=seconds,
+        segment_bytes=pool.pools[0].segment_bytes,
+        model="scout-tiny",
+        group_names=tuple(names),
+        group_peak_reserved_bytes=tuple(peak),
+        all_layers_peak_reserved_bytes=peak_all,
     )
