@@ -14,16 +14,16 @@ use crate::BLOCK;
 
 /// Per-thread buffers of the block loop.
 pub(crate) struct Scratch {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
     /// `[group, BLOCK]` scores, then probabilities times the V scales.
-    p: Vec<f32>,
-    ks: [f32; BLOCK],
-    vs: [f32; BLOCK],
+    pub(crate) p: Vec<f32>,
+    pub(crate) ks: [f32; BLOCK],
+    pub(crate) vs: [f32; BLOCK],
     /// `[group]`: what each head's accumulator is multiplied by this block.
-    alpha: Vec<f32>,
+    pub(crate) alpha: Vec<f32>,
     /// `[group]`: whether each head's accumulator takes this block.
-    live: Vec<bool>,
+    pub(crate) live: Vec<bool>,
 }
 
 impl Scratch {
@@ -145,7 +145,7 @@ pub(crate) fn item_generic<S: Simd>(
 }
 
 /// Pages this far ahead (at least 16 tokens) are prefetched while one is read.
-fn prefetch_distance(page_size: usize) -> usize {
+pub(crate) fn prefetch_distance(page_size: usize) -> usize {
     16usize.div_ceil(page_size).max(1)
 }
 
@@ -182,7 +182,7 @@ fn prefetch(bytes: &[u8]) {
 
 /// Prefetch `head`'s K/V rows and scales of `page`'s first `take` tokens.
 #[inline(always)]
-fn prefetch_page(ctx: &Ctx<'_, '_>, page: i64, take: usize, head: usize) {
+pub(crate) fn prefetch_page(ctx: &Ctx<'_, '_>, page: i64, take: usize, head: usize) {
     let geo = &ctx.g;
     let page = page as usize;
     let Some(seg) = ctx.segments[page / geo.pages_per_segment] else {
@@ -365,7 +365,7 @@ fn block<S: Simd>(
 /// Head `gi`'s raw scores `q . k` of all `BLOCK` rows (rows past the block's
 /// tokens are zeros) into its row of `sc.p`.
 #[inline(always)]
-fn scores<S: Simd>(s: S, sc: &mut Scratch, qg: &[f32], gi: usize, d: usize) {
+pub(crate) fn scores<S: Simd>(s: S, sc: &mut Scratch, qg: &[f32], gi: usize, d: usize) {
     let lanes = S::LANES;
     // Lane-wise partial dot products, eight tokens at a time so that the
     // accumulators stay in registers, then reduced together (a transpose,
@@ -460,7 +460,7 @@ fn softmax_step<S: Simd>(
 
 /// `acc = acc * alpha + p . V` for the `GT` heads from `g0`; returns `GT`.
 #[inline(always)]
-fn accumulate_v<S: Simd, const GT: usize>(
+pub(crate) fn accumulate_v<S: Simd, const GT: usize>(
     s: S,
     sc: &Scratch,
     g0: usize,

@@ -48,6 +48,7 @@
 #![warn(missing_docs)]
 
 mod checks;
+mod extend;
 mod format;
 mod isa;
 mod kernel;
@@ -56,7 +57,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-use checks::{check_batch, check_geometry, check_options, check_segments};
+use checks::{check_batch, check_extend, check_geometry, check_options, check_segments};
 pub use format::KvFormat;
 use isa::choose_isa;
 pub use isa::Isa;
@@ -68,6 +69,9 @@ use schedule::{run, Ctx};
 pub const CHUNK_TOKENS: usize = 4096;
 /// Tokens decoded and scored together inside an item.
 pub const BLOCK: usize = 16;
+/// Query vectors (rows x query heads of one KV head) of one extend work
+/// item: a tile has `max(1, EXTEND_VECTORS / group)` query rows.
+pub const EXTEND_VECTORS: usize = 64;
 
 /// The pool's shape, the same for every segment.
 #[derive(Clone, Copy, Debug)]
@@ -134,6 +138,32 @@ pub struct DecodeBatch<'a> {
     pub sm_scale: f32,
 }
 
+/// The queries and the CSR page table of one extend call: several new
+/// tokens per request, the last ones of its KV.
+#[derive(Clone, Copy, Debug)]
+pub struct ExtendBatch<'a> {
+    /// `[total_q, q_heads, head_dim]` queries, row-major; request `i` owns
+    /// rows `qo_indptr[i]..qo_indptr[i + 1]`.
+    pub q: &'a [f32],
+    /// Query heads; a multiple of the pool's KV heads (GQA).
+    pub q_heads: usize,
+    /// `[batch + 1]` offsets into the rows of `q` (from 0, non-decreasing,
+    /// ending at `total_q`).
+    pub qo_indptr: &'a [i64],
+    /// `[batch + 1]` offsets into `indices`.
+    pub indptr: &'a [i64],
+    /// Page ids, request after request.
+    pub indices: &'a [i64],
+    /// `[batch]` KV tokens of each request, its new tokens included.
+    pub kv_lens: &'a [i64],
+    /// Softmax scale applied to `q . k`.
+    pub sm_scale: f32,
+    /// Row `r` of a request with `qo` new tokens sits at position
+    /// `kv_len - qo + r` and sees keys up to its own (then `qo <= kv_len`);
+    /// without, every row sees every key (and no window or chunk is allowed).
+    pub causal: bool,
+}
+
 /// Which keys each query sees, and how its logits are capped.
 ///
 /// With the defaults ([`DecodeOptions::FULL`]) a query sees all of its
@@ -184,7 +214,8 @@ impl Default for DecodeOptions {
     }
 }
 
-/// log-sum-exps of one decode call; requests without KV get 0 and `-inf`.
+/// Outputs and log-sum-exps of one decode (or extend) call; rows without
+/// a visible key get 0 and `-inf`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodeOutput {
     /// Attention outputs.
@@ -240,5 +271,35 @@ pub fn decode_with(
         options: *options,
     };
     let (out, lse) = run(&ctx, batch, n, threads.max(1), isa);
+    Ok(DecodeOutput { out, lse, isa })
+}
+
+/// Attention of several new query tokens per request over its paged KV
+/// (prefill, or chunked prefill over a cached prefix): causal, with a
+/// window, a chunk size or a soft cap as in [`decode_with`]. Returns
+/// `out [total_q, q_heads, head_dim]` and the natural-log `lse [total_q,
+/// q_heads]`. Work items are (request, tile of query rows, KV head); pages
+/// outside what a tile's rows see are not read. Same results with any
+/// `threads`.
+pub fn extend(
+    geometry: &PoolGeometry,
+    segments: &[Option<SegmentLayer<'_>>],
+    batch: &ExtendBatch<'_>,
+    options: &DecodeOptions,
+    threads: usize,
+    isa: Isa,
+) -> Result<DecodeOutput> {
+    check_options(options)?;
+    check_geometry(geometry)?;
+    check_segments(geometry, segments)?;
+    let n = check_extend(geometry, segments, batch, options)?;
+    let isa = choose_isa(isa, geometry.head_dim)?;
+    let ctx = Ctx {
+        g: *geometry,
+        segments,
+        group: batch.q_heads / geometry.kv_heads,
+        options: *options,
+    };
+    let (out, lse) = extend::run(&ctx, batch, n, threads.max(1), isa);
     Ok(DecodeOutput { out, lse, isa })
 }

@@ -999,3 +999,520 @@ fn tanh_is_within_1e_6_relative_in_every_isa() {
     }
     eprintln!("tanh: worst relative error {worst:.3e}");
 }
+
+// ----- extend ----------------------------------------------------------------
+
+/// f64 causal (or full) attention of each request's new rows: row `r` of a
+/// request with `qo` new tokens over `kv_len` sits at `kv_len - qo + r` and
+/// sees keys `lo_of(p + 1)..=p`, written out from the definitions. Also
+/// returns, per (row, head), what f32 rounding of the scores may cost:
+/// `2e-6 x` the largest `sum |q k| x sm_scale` over its keys (random FP8
+/// codes make ill-conditioned dot products), times the largest `|v|` for
+/// the output.
+#[allow(clippy::type_complexity)]
+fn extend_reference(
+    pool: &Pool,
+    b: &ExtendBatch<'_>,
+    o: &DecodeOptions,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let g = &pool.geo;
+    let (d, ps) = (g.head_dim, g.page_size);
+    let group = b.q_heads / g.kv_heads;
+    let total_q = *b.qo_indptr.last().expect("batch + 1") as usize;
+    let mut out = vec![0.0; total_q * b.q_heads * d];
+    let mut lse = vec![f64::NEG_INFINITY; total_q * b.q_heads];
+    let mut slack_lse = vec![0.0; total_q * b.q_heads];
+    let mut slack_out = vec![0.0; total_q * b.q_heads];
+    for req in 0..b.kv_lens.len() {
+        let pages = &b.indices[b.indptr[req] as usize..b.indptr[req + 1] as usize];
+        let len = b.kv_lens[req] as usize;
+        let (q0, q1) = (b.qo_indptr[req] as usize, b.qo_indptr[req + 1] as usize);
+        for row in q0..q1 {
+            let (lo, hi) = if b.causal {
+                let p = len - (q1 - q0) + (row - q0);
+                (lo_of(o, p + 1), p + 1)
+            } else {
+                (0, len)
+            };
+            for qh in 0..b.q_heads {
+                let h = qh / group;
+                let q = &b.q[(row * b.q_heads + qh) * d..][..d];
+                let (mut s, mut vs) = (Vec::new(), Vec::new());
+                let (mut cond, mut vmax) = (0.0f64, 0.0f64);
+                for t in lo..hi {
+                    let k = pool.row(0, pages[t / ps], t % ps, h);
+                    let dot: f64 = q.iter().zip(&k).map(|(a, b)| f64::from(*a) * b).sum();
+                    let mag: f64 = q
+                        .iter()
+                        .zip(&k)
+                        .map(|(a, b)| (f64::from(*a) * b).abs())
+                        .sum();
+                    cond = cond.max(mag * f64::from(b.sm_scale));
+                    let score = dot * f64::from(b.sm_scale);
+                    let cap = f64::from(o.soft_cap);
+                    s.push(if cap > 0.0 {
+                        cap * (score / cap).tanh()
+                    } else {
+                        score
+                    });
+                    let v = pool.row(1, pages[t / ps], t % ps, h);
+                    vmax = v.iter().fold(vmax, |m, x| m.max(x.abs()));
+                    vs.push(v);
+                }
+                if s.is_empty() {
+                    continue;
+                }
+                slack_lse[row * b.q_heads + qh] = 2e-6 * cond;
+                slack_out[row * b.q_heads + qh] = 2e-6 * cond * vmax;
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let total: f64 = w.iter().sum();
+                let o = &mut out[(row * b.q_heads + qh) * d..][..d];
+                for (wt, v) in w.iter().zip(&vs) {
+                    for (o, x) in o.iter_mut().zip(v) {
+                        *o += wt * x / total;
+                    }
+                }
+                lse[row * b.q_heads + qh] = m + total.ln();
+            }
+        }
+    }
+    (out, lse, slack_lse, slack_out)
+}
+
+/// Requests of `(prefix, new)` tokens: the extend kernel against the f64
+/// reference in every ISA, with 1 and 3 threads (bit for bit the same).
+#[allow(clippy::too_many_arguments)]
+fn extend_check(
+    format: KvFormat,
+    page_size: usize,
+    kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    reqs: &[(usize, usize)],
+    options: &DecodeOptions,
+    causal: bool,
+) {
+    let mut rng = Rng(0x5851_F42D_4C95_7F2D ^ (page_size * 131 + head_dim * 7 + group) as u64);
+    let geo = PoolGeometry {
+        page_size,
+        pages_per_segment: 16,
+        kv_heads,
+        head_dim,
+        format,
+    };
+    let lens: Vec<usize> = reqs.iter().map(|(p, n)| p + n).collect();
+    let need: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
+    let segments = need.div_ceil(16) + 2;
+    let pool = Pool::new(geo, segments, &[1], &mut rng);
+    let (indptr, indices, kv_lens) = table(&pool, &lens, &mut rng);
+    let mut qo_indptr = vec![0i64];
+    for (_, n) in reqs {
+        qo_indptr.push(qo_indptr.last().copied().unwrap_or(0) + *n as i64);
+    }
+    let q_heads = kv_heads * group;
+    let total_q = qo_indptr[reqs.len()] as usize;
+    let q: Vec<f32> = (0..total_q * q_heads * head_dim)
+        .map(|_| rng.unit())
+        .collect();
+    let batch = ExtendBatch {
+        q: &q,
+        q_heads,
+        qo_indptr: &qo_indptr,
+        indptr: &indptr,
+        indices: &indices,
+        kv_lens: &kv_lens,
+        sm_scale: 0.3,
+        causal,
+    };
+    let (want, want_lse, slack_lse, slack_out) = extend_reference(&pool, &batch, options);
+    let layers = pool.layers();
+    let mut first: Option<DecodeOutput> = None;
+    for isa in Isa::available() {
+        if !head_dim.is_multiple_of(isa.lanes()) {
+            continue;
+        }
+        for threads in [1, 3] {
+            let got = extend(&geo, &layers, &batch, options, threads, isa).expect("valid input");
+            let scale = want.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
+            for (i, (g, w)) in got.out.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(*g) - w).abs() <= 2e-5 * scale + slack_out[i / head_dim],
+                    "{format:?} ps {page_size} group {group} {} threads {threads} {options:?} \
+                     {reqs:?}: out[{i}] = {g}, want {w}",
+                    isa.name()
+                );
+            }
+            for (i, (g, w)) in got.lse.iter().zip(&want_lse).enumerate() {
+                assert!(
+                    (w.is_infinite() && f64::from(*g) == *w)
+                        || (f64::from(*g) - w).abs() <= 1e-5 * (1.0 + w.abs()) + slack_lse[i],
+                    "{format:?} {} {options:?} {reqs:?}: lse[{i}] {g}, want {w}",
+                    isa.name()
+                );
+            }
+            match &first {
+                Some(f) if f.isa == isa => {
+                    assert_eq!(f.out, got.out);
+                    assert_eq!(f.lse, got.lse);
+                }
+                _ => first = Some(got),
+            }
+        }
+    }
+}
+
+const EXTEND_REQS: [(usize, usize); 5] = [(0, 1), (0, 17), (53, 1), (40, 57), (3, 0)];
+
+#[test]
+fn extend_matches_an_f64_reference_in_every_format() {
+    for format in [
+        KvFormat::E4m3,
+        KvFormat::E5m2,
+        KvFormat::F16,
+        KvFormat::Bf16,
+        KvFormat::F32,
+    ] {
+        for ps in [1, 8, 16] {
+            for group in [1, 4] {
+                extend_check(
+                    format,
+                    ps,
+                    2,
+                    group,
+                    32,
+                    &EXTEND_REQS,
+                    &DecodeOptions::FULL,
+                    true,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn extend_odd_shapes() {
+    // head_dim not a multiple of 16 (scalar / AVX2 only), 3 heads per
+    // group (tiles of 21 rows), one KV head, long prefix over many tiles.
+    extend_check(
+        KvFormat::Bf16,
+        8,
+        1,
+        3,
+        40,
+        &EXTEND_REQS,
+        &DecodeOptions::FULL,
+        true,
+    );
+    extend_check(
+        KvFormat::E4m3,
+        16,
+        1,
+        1,
+        64,
+        &[(300, 150), (0, 70)],
+        &DecodeOptions::FULL,
+        true,
+    );
+    extend_check(
+        KvFormat::F32,
+        4,
+        2,
+        8,
+        16,
+        &[(10, 20)],
+        &DecodeOptions::FULL,
+        true,
+    );
+    // Not causal: every row sees every key (more rows than keys allowed).
+    extend_check(
+        KvFormat::F16,
+        8,
+        2,
+        2,
+        32,
+        &[(5, 9), (0, 3)],
+        &DecodeOptions::FULL,
+        false,
+    );
+}
+
+#[test]
+fn extend_windows_chunks_and_caps_match_the_reference() {
+    let reqs = [(0, 1), (0, 17), (53, 1), (40, 57), (100, 30)];
+    for o in [window(0), window(5), window(16), window(40), window(1000)] {
+        extend_check(KvFormat::E4m3, 16, 2, 4, 32, &reqs, &o, true);
+        extend_check(KvFormat::Bf16, 1, 1, 2, 32, &reqs, &o, true);
+    }
+    // Chunk boundaries inside the new tokens (40 + 57 crosses 48 and 96).
+    for o in [chunk(1), chunk(16), chunk(24), chunk(48), chunk(1000)] {
+        extend_check(KvFormat::E5m2, 16, 2, 4, 32, &reqs, &o, true);
+        extend_check(KvFormat::F16, 8, 1, 3, 32, &reqs, &o, true);
+    }
+    for cap in [0.5f32, 3.0, 50.0] {
+        extend_check(
+            KvFormat::E4m3,
+            16,
+            2,
+            4,
+            32,
+            &reqs,
+            &capped(cap, DecodeOptions::FULL),
+            true,
+        );
+        extend_check(
+            KvFormat::F32,
+            8,
+            2,
+            1,
+            32,
+            &reqs,
+            &capped(cap, window(7)),
+            true,
+        );
+        extend_check(
+            KvFormat::Bf16,
+            1,
+            1,
+            4,
+            16,
+            &reqs,
+            &capped(cap, chunk(24)),
+            true,
+        );
+    }
+}
+
+#[test]
+fn extend_with_one_new_token_is_decode() {
+    // qo = 1 per request is the decode kernel's problem: same values.
+    let mut rng = Rng(77);
+    let geo = PoolGeometry {
+        page_size: 16,
+        pages_per_segment: 16,
+        kv_heads: 2,
+        head_dim: 32,
+        format: KvFormat::E4m3,
+    };
+    let pool = Pool::new(geo, 4, &[1], &mut rng);
+    let lens = [17usize, 97, 1];
+    let (indptr, indices, kv_lens) = table(&pool, &lens, &mut rng);
+    let q: Vec<f32> = (0..3 * 8 * 32).map(|_| rng.unit()).collect();
+    let layers = pool.layers();
+    for o in [
+        DecodeOptions::FULL,
+        window(5),
+        chunk(24),
+        capped(2.0, window(9)),
+    ] {
+        let d = decode_with(
+            &geo,
+            &layers,
+            &batch_of(&q, 8, &indptr, &indices, &kv_lens),
+            &o,
+            1,
+            Isa::Auto,
+        )
+        .expect("valid");
+        let e = extend(
+            &geo,
+            &layers,
+            &ExtendBatch {
+                q: &q,
+                q_heads: 8,
+                qo_indptr: &[0, 1, 2, 3],
+                indptr: &indptr,
+                indices: &indices,
+                kv_lens: &kv_lens,
+                sm_scale: 1.0,
+                causal: true,
+            },
+            &o,
+            2,
+            Isa::Auto,
+        )
+        .expect("valid");
+        for (a, b) in d.out.iter().zip(&e.out) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{o:?}: {a} vs {b}");
+        }
+        for (a, b) in d.lse.iter().zip(&e.lse) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{o:?}: {a} vs {b}");
+        }
+    }
+}
+
+/// An f32 pool of one segment of 8 pages of 4 tokens, one KV head of 16,
+/// whose every K and V element is 1.0 except the tokens `poison` says.
+fn ones_f32(poison: &[(usize, bool, f32)]) -> (PoolGeometry, Vec<u8>, Vec<u8>) {
+    let geo = PoolGeometry {
+        page_size: 4,
+        pages_per_segment: 8,
+        kv_heads: 1,
+        head_dim: 16,
+        format: KvFormat::F32,
+    };
+    let mut k = Vec::new();
+    for _ in 0..geo.tokens_per_segment() * 16 {
+        k.extend_from_slice(&1.0f32.to_ne_bytes());
+    }
+    let mut v = k.clone();
+    for &(t, is_k, x) in poison {
+        let buf = if is_k { &mut k } else { &mut v };
+        for j in 0..16 {
+            buf[(t * 16 + j) * 4..][..4].copy_from_slice(&x.to_ne_bytes());
+        }
+    }
+    (geo, k, v)
+}
+
+#[test]
+fn extend_nan_in_masked_keys_does_not_leak() {
+    // 20 KV tokens, the last 12 new (positions 8..20). Token 15 has NaN K
+    // and token 16 NaN V: rows before them (positions 8..15) see neither
+    // and must read 1.0; rows at 15.. see a NaN and read NaN. Token 2
+    // (NaN K and V) is outside a window of 5 for every row.
+    let (geo, k, v) = ones_f32(&[(15, true, f32::NAN), (16, false, f32::NAN)]);
+    let seg = SegmentLayer {
+        k: &k,
+        v: &v,
+        k_scale: &[],
+        v_scale: &[],
+    };
+    let q = vec![0.1f32; 12 * 16];
+    let batch = ExtendBatch {
+        q: &q,
+        q_heads: 1,
+        qo_indptr: &[0, 12],
+        indptr: &[0, 5],
+        indices: &[0, 1, 2, 3, 4],
+        kv_lens: &[20],
+        sm_scale: 1.0,
+        causal: true,
+    };
+    for isa in Isa::available() {
+        let got = extend(&geo, &[Some(seg)], &batch, &DecodeOptions::FULL, 1, isa).expect("ok");
+        for r in 0..12 {
+            let row = &got.out[r * 16..(r + 1) * 16];
+            if 8 + r >= 15 {
+                assert!(row.iter().all(|x| x.is_nan()), "{} row {r}", isa.name());
+                if 8 + r == 15 || 8 + r >= 16 {
+                    assert!(row.iter().all(|x| x.is_nan()));
+                }
+            } else {
+                assert!(
+                    row.iter().all(|x| (x - 1.0).abs() < 1e-6),
+                    "{} row {r}: {row:?}",
+                    isa.name()
+                );
+                let want = 1.6 + ((8 + r + 1) as f32).ln();
+                assert!((got.lse[r] - want).abs() < 1e-5, "{} row {r}", isa.name());
+            }
+        }
+    }
+    // NaN in token 2 only: a window of 5 keeps rows at 8.. away from it.
+    let (geo, k, v) = ones_f32(&[(2, true, f32::NAN), (2, false, f32::NAN)]);
+    let seg = SegmentLayer {
+        k: &k,
+        v: &v,
+        k_scale: &[],
+        v_scale: &[],
+    };
+    for isa in Isa::available() {
+        let got = extend(&geo, &[Some(seg)], &batch, &window(5), 1, isa).expect("ok");
+        assert!(
+            got.out.iter().all(|x| (x - 1.0).abs() < 1e-6),
+            "{}",
+            isa.name()
+        );
+        let full = extend(&geo, &[Some(seg)], &batch, &DecodeOptions::FULL, 1, isa).expect("ok");
+        assert!(full.out.iter().all(|x| x.is_nan()), "{}", isa.name());
+    }
+}
+
+#[test]
+fn extend_refuses_bad_batches_with_numbers() {
+    let (geo, k, v) = ones_f32(&[]);
+    let seg = SegmentLayer {
+        k: &k,
+        v: &v,
+        k_scale: &[],
+        v_scale: &[],
+    };
+    let q = vec![0.1f32; 12 * 16];
+    let ok = ExtendBatch {
+        q: &q,
+        q_heads: 1,
+        qo_indptr: &[0, 12],
+        indptr: &[0, 5],
+        indices: &[0, 1, 2, 3, 4],
+        kv_lens: &[20],
+        sm_scale: 1.0,
+        causal: true,
+    };
+    let cases: Vec<(ExtendBatch<'_>, DecodeOptions, &str)> = vec![
+        (
+            ExtendBatch {
+                kv_lens: &[10],
+                indptr: &[0, 3],
+                ..ok
+            },
+            DecodeOptions::FULL,
+            "request 0 has 12 new tokens but only 10 KV tokens",
+        ),
+        (
+            ExtendBatch {
+                qo_indptr: &[0, 11],
+                ..ok
+            },
+            DecodeOptions::FULL,
+            "q holds 192 values; qo_indptr[-1] = 11 rows",
+        ),
+        (
+            ExtendBatch {
+                qo_indptr: &[0, 12, 12],
+                ..ok
+            },
+            DecodeOptions::FULL,
+            "qo_indptr has 3 entries, kv_indptr 2",
+        ),
+        (
+            ExtendBatch {
+                qo_indptr: &[1, 12],
+                ..ok
+            },
+            DecodeOptions::FULL,
+            "qo_indptr[0] must be 0, got 1",
+        ),
+        (
+            ExtendBatch {
+                causal: false,
+                ..ok
+            },
+            window(3),
+            "need causal attention",
+        ),
+        (
+            ExtendBatch {
+                indices: &[0, 1, 2, 3, 99],
+                ..ok
+            },
+            DecodeOptions::FULL,
+            "kv_indices[4] = 99 is not a page of a live segment",
+        ),
+        (
+            ExtendBatch {
+                kv_lens: &[21],
+                ..ok
+            },
+            DecodeOptions::FULL,
+            "request 0: 21 KV tokens need 6 pages of 4, the table gives 5",
+        ),
+    ];
+    for (b, o, msg) in cases {
+        let err = extend(&geo, &[Some(seg)], &b, &o, 1, Isa::Auto)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(msg), "{err:?} does not say {msg:?}");
+    }
+    extend(&geo, &[Some(seg)], &ok, &DecodeOptions::FULL, 1, Isa::Auto).expect("valid");
+}

@@ -1,6 +1,7 @@
 //! The AArch64 NEON (4 lanes) implementation of [`Simd`].
 
 use super::Simd;
+use crate::extend::{tile_generic, Tile, TileIn};
 use crate::kernel::{exp2_poly, item_generic, Scratch};
 use crate::schedule::{Ctx, Item};
 use crate::{KvFormat, BLOCK};
@@ -17,6 +18,18 @@ pub(crate) fn item_neon(
     part: &mut [f32],
 ) {
     item_generic(Neon, ctx, q, item, pages, scratch, part)
+}
+
+/// The extend tile loop with NEON (baseline on AArch64, as for `item_neon`).
+pub(crate) fn tile_neon(
+    ctx: &Ctx<'_, '_>,
+    input: &TileIn<'_>,
+    tile: &Tile,
+    scratch: &mut Scratch,
+    ranges: &mut Vec<(usize, usize)>,
+    slot: &mut [f32],
+) {
+    tile_generic(Neon, ctx, input, tile, scratch, ranges, slot)
 }
 
 /// Row sums of 16 rows of 16, through [`Simd::sums`].

@@ -2,6 +2,7 @@
 //! the `#[target_feature]` entry points the kernel calls after detection.
 
 use super::Simd;
+use crate::extend::{tile_generic, Tile, TileIn};
 use crate::kernel::{exp2_poly, item_generic, Scratch};
 use crate::schedule::{Ctx, Item};
 use crate::{KvFormat, BLOCK};
@@ -33,6 +34,34 @@ pub(crate) unsafe fn item_avx2(
     part: &mut [f32],
 ) {
     item_generic(Avx2, ctx, q, item, pages, scratch, part)
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL, AVX2, FMA and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn tile_avx512(
+    ctx: &Ctx<'_, '_>,
+    input: &TileIn<'_>,
+    tile: &Tile,
+    scratch: &mut Scratch,
+    ranges: &mut Vec<(usize, usize)>,
+    slot: &mut [f32],
+) {
+    tile_generic(Avx512, ctx, input, tile, scratch, ranges, slot)
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_avx2(
+    ctx: &Ctx<'_, '_>,
+    input: &TileIn<'_>,
+    tile: &Tile,
+    scratch: &mut Scratch,
+    ranges: &mut Vec<(usize, usize)>,
+    slot: &mut [f32],
+) {
+    tile_generic(Avx2, ctx, input, tile, scratch, ranges, slot)
 }
 
 /// `[(isa, row sums of 16 rows of 16)]` for each instruction set this CPU has.
