@@ -146,6 +146,17 @@ class GroupedMachine(RuleBasedStateMachine):
         self.n_layers = n_layers
         self.live: list[GroupedRequest] = []
         self.corpus = bases()
+        # A cached prefix to start from, so that every run reuses something.
+        self.serve(data.draw(st.integers(0, 2)), data.draw(st.integers(0, 80)))
+
+    @rule(pick=st.integers(0, 2**16), cut=st.integers(0, 2**16))
+    def serve(self, pick: int, cut: int) -> None:
+        """A whole request: begin, prefill, one decode step, finish."""
+        self.begin(pick, cut, [], 0, True, True)
+        req = self.live[-1]
+        if req.seq_len == len(req.prompt):
+            self.decode_step([req], [cut % 3])
+        self.finish(len(self.live) - 1)
 
     # --- helpers ------------------------------------------------------------------
 
@@ -210,7 +221,9 @@ class GroupedMachine(RuleBasedStateMachine):
     def begin(
         self, pick: int, cut: int, suffix: list[int], ns: int, leave_last: bool, prefill: bool
     ) -> None:
-        src = self.corpus[pick % len(self.corpus)]
+        # Half the time a recent request's tokens (its prefix is cached).
+        corpus = self.corpus[3:] if pick % 2 and len(self.corpus) > 3 else self.corpus
+        src = corpus[pick // 2 % len(corpus)]
         tokens = src[: cut % (len(src) + 1)] + suffix
         upto = max(0, len(tokens) - 1) if leave_last else len(tokens)
         m = self.cache.tree.match_prefix(np.asarray(tokens[:upto], dtype=np.int32), ns)
@@ -590,6 +603,10 @@ def test_errors_are_typed() -> None:
         build([LayerGroup("full", None, (0, 1)), LayerGroup("sliding", 8, (1,))])
     with pytest.raises(TypeError):
         GroupedKVPool([], HEADS, DIM)
+    two = [LayerGroup("full", None, (0,)), LayerGroup("sliding", 8, (1,))]
+    for bad, err in (("8GiB", InvalidArgument), (-1, InvalidArgument), (2.5, TypeError)):
+        with pytest.raises(err, match="budget_bytes"):
+            GroupedKVPool(two, HEADS, DIM, page_size=4, pages_per_segment=4, budget_bytes=bad)
     with pytest.raises(InvalidArgument):
         pool.locate(2)
     assert pool.locate(1) == (1, 0) and pool.pool_of(0) == (pool.pools[0], 0)
@@ -672,3 +689,29 @@ def test_hit_rate_counts_whole_prompts() -> None:
     assert want["reused_tokens"] == 20 + 40 and got["reused_tokens"] == 16 + 40
     assert got["hit_rate"] == pytest.approx(56 / 103)
     assert got["requests"] == 3
+
+
+def test_windowed_growth_reclaims_budget_from_the_full_cache() -> None:
+    """Under one budget, a windowed group's growth evicts the full group's cached
+    prefixes when its own entries are gone (they hold the budget it needs),
+    instead of failing while the tree has evictable pages."""
+    groups = [LayerGroup("full", None, (0,)), LayerGroup("sliding", 4, (1,))]
+    kw: dict[str, object] = {"page_size": 4, "pages_per_segment": 4, "dtype": "fp32"}
+    seg = GroupedKVPool(groups, HEADS, DIM, **kw).pools[0].segment_bytes  # type: ignore[arg-type]
+    pool = GroupedKVPool(groups, HEADS, DIM, budget_bytes=8 * seg, **kw)  # type: ignore[arg-type]
+    cache = GroupedPrefixCache(pool)
+    for i in range(6):
+        r = cache.begin([100 + i, i, i, i])
+        cache.extend(r, r.uncached)
+        for t in range(24):
+            cache.extend_each([r], [t % 3])
+        cache.finish(r)
+    assert [p.stats()["segments"] for p in pool.pools] == [6, 2]
+    assert cache.tree.evictable_pages() > 10
+    r = cache.begin([7] * 40)
+    slots = cache.extend(r, r.uncached)  # 10 pages per group: the tree gives up segments
+    assert [s.numel() for s in slots] == [40, 40]
+    assert pool.reserved_bytes() <= 8 * seg
+    cache.check_invariants(exclusive=True)
+    cache.finish(r)
+    cache.check_invariants(exclusive=True)

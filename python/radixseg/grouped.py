@@ -79,6 +79,22 @@ class _FullCache(PrefixCache):
     ``prompt_tokens`` and ``hit_rate``."""
 
     unmatched = 0
+    #: The grouped cache this one anchors (set by it): when the tree has
+    #: nothing left to evict, the full pool's growth reclaims budget from the
+    #: windowed groups' cached entries through it.
+    owner: GroupedPrefixCache | None = None
+
+    def evict(self, n_pages: int) -> int:
+        got = self.tree.evict(n_pages)
+        if got == 0 and self.owner is not None:
+            got = self.owner._reclaim(0)
+        return got
+
+    def evictable_pages(self) -> int:
+        n = self.tree.evictable_pages()
+        if self.owner is not None:
+            n += self.owner._reclaimable(0)
+        return n
 
     def cache_stats(self) -> dict[str, Any]:
         out = super().cache_stats()
@@ -147,6 +163,13 @@ class GroupedKVPool(Uncopyable):
                     f"inside a page would keep a chunk's pages past it; use a page size "
                     f"dividing {g.span}"
                 )
+        # Checked as KVPool checks its own (the group pools see only "auto").
+        if isinstance(budget_bytes, str) and budget_bytes != "auto":
+            raise InvalidArgument(
+                f"budget_bytes must be an int, 'auto' or None, got {budget_bytes!r}"
+            )
+        if budget_bytes is not None and budget_bytes != "auto":
+            budget_bytes = as_count(budget_bytes, "budget_bytes")
         self.groups = groups
         self.num_layers = len(layers)
         self._lock = threading.RLock()
@@ -383,6 +406,7 @@ class GroupedPrefixCache(Uncopyable):
             raise TypeError(f"pool must be a GroupedKVPool, got {type(pool).__name__}")
         self.pool = pool
         self.full = _FullCache(pool.pools[0])
+        self.full.owner = self
         self.tree = self.full.tree
         self.page_size = self.full.page_size
         self.windowed = pool.groups[1:]
@@ -555,7 +579,7 @@ class GroupedPrefixCache(Uncopyable):
         """Evict least-recently-used prefixes of the full group (their windowed
         entries go with them); returns full pages released."""
         with self._lock:
-            got = self.full.evict(n_pages)
+            got = self.tree.evict(n_pages)
             for j in range(len(self.windowed)):
                 self._sweep(j)
             return got
@@ -795,20 +819,70 @@ class GroupedPrefixCache(Uncopyable):
 
     def _evict_window(self, j: int, n: int) -> int:
         """Free ``n`` pages of windowed group ``j``: stale entries, then entries
-        no running request holds, oldest first. Returns pages released."""
-        freed = self._sweep(j)
-        if freed >= n or not self._order[j]:
-            return freed
-        pool = self.pool.pools[j + 1]
-        fids = np.fromiter(self._order[j], dtype=_I32)
-        w = self._table[j][fids]
-        rcn = pool.allocator.refcount(w).numpy()
-        alone = fids[rcn == 1][: n - freed]
-        return freed + self._unmap(j, alone)
+        no running request holds, oldest first; with none left, budget the
+        other groups' caches hold (:meth:`_reclaim`). Returns pages released."""
+        freed = self._evict_unheld(j, n)
+        if freed == 0:
+            freed = self._reclaim(j + 1)
+        return freed
 
     def _evictable_window(self, j: int) -> int:
+        return self._unheld_entries(j) + self._reclaimable(j + 1)
+
+    def _unheld_entries(self, j: int) -> int:
         if not self._order[j]:
             return 0
         fids = np.fromiter(self._order[j], dtype=_I32)
         rcn = self.pool.pools[j + 1].allocator.refcount(self._table[j][fids]).numpy()
         return int((rcn == 1).sum())
+
+    def _page_bytes(self, gi: int) -> float:
+        p = self.pool.pools[gi]
+        return p.segment_bytes / p.pages_per_segment
+
+    def _reclaimable(self, gi: int) -> int:
+        """Pages of group ``gi`` the budget the other groups' caches hold could
+        pay for (an upper bound: their segments must empty to give it back);
+        0 without a budget, where their memory does not limit ``gi``."""
+        if self.pool._budget is None:
+            return 0
+        nbytes = 0.0
+        if gi != 0:
+            nbytes += self.tree.evictable_pages() * self._page_bytes(0)
+        for j in range(len(self.windowed)):
+            if j + 1 != gi:
+                nbytes += self._unheld_entries(j) * self._page_bytes(j + 1)
+        return int(nbytes // self._page_bytes(gi))
+
+    def _reclaim(self, gi: int) -> int:
+        """One step of freeing the budget the other groups' caches hold, for
+        group ``gi``'s growth: a segment's worth of the full tree's least
+        recently used pages (their windowed entries go with them), else of
+        each other windowed group's unheld entries; then those groups' empty
+        segments are retired. Returns pages released (0: nothing left)."""
+        if self.pool._budget is None:
+            return 0
+        got = 0
+        if gi != 0:
+            got = self.tree.evict(self.pool.pools[0].pages_per_segment)
+            for j in range(len(self.windowed)):
+                got += self._sweep(j)
+        if got == 0:
+            for j in range(len(self.windowed)):
+                if j + 1 != gi:
+                    got += self._evict_unheld(j, self.pool.pools[j + 1].pages_per_segment)
+        if got:
+            for k, p in enumerate(self.pool.pools):
+                if k != gi:
+                    p.shrink()
+        return got
+
+    def _evict_unheld(self, j: int, n: int) -> int:
+        """Drop up to ``n`` entries of windowed group ``j`` no running request
+        holds (stale ones first, then oldest first)."""
+        freed = self._sweep(j)
+        if freed >= n or not self._order[j]:
+            return freed
+        fids = np.fromiter(self._order[j], dtype=_I32)
+        rcn = self.pool.pools[j + 1].allocator.refcount(self._table[j][fids]).numpy()
+        return freed + self._unmap(j, fids[rcn == 1][: n - freed])
