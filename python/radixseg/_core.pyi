@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "cpu_isas",
     "decode_cpu",
+    "extend_cpu",
 ]
 
 __version__: Final[str]
@@ -207,6 +208,28 @@ def decode_cpu(
     kv_indices: npt.NDArray[np.int64],
     kv_lens: npt.NDArray[np.int64],
     sm_scale: float,
+    threads: int = 1,
+    isa: str = "auto",
+    window_left: int = -1,
+    chunk_size: int = 0,
+    soft_cap: float = 0.0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], str]: ...
+def extend_cpu(
+    buffers: list[npt.NDArray[np.uint8] | None],
+    offsets: tuple[int, int, int, int],
+    page_size: int,
+    pages_per_segment: int,
+    kv_heads: int,
+    head_dim: int,
+    format: str,
+    q: npt.NDArray[np.float32],
+    q_heads: int,
+    qo_indptr: npt.NDArray[np.int64],
+    kv_indptr: npt.NDArray[np.int64],
+    kv_indices: npt.NDArray[np.int64],
+    kv_lens: npt.NDArray[np.int64],
+    sm_scale: float,
+    causal: bool = True,
     threads: int = 1,
     isa: str = "auto",
     window_left: int = -1,

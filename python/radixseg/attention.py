@@ -55,8 +55,8 @@ def _interpreting() -> bool:
 
 
 def _resolve_backend(backend: Any, device: torch.device) -> str:
-    """``"triton"``, ``"torch"`` or ``"cpu"`` (the native kernel; decode only,
-    other operations run their torch implementation under it)."""
+    """``"triton"``, ``"torch"`` or ``"cpu"`` (the native kernels: decode and
+    causal extend; other operations run their torch implementation under it)."""
     if backend not in ("auto", "triton", "torch", "cpu"):
         raise InvalidArgument(
             f"backend must be 'auto', 'triton', 'torch' or 'cpu', got {backend!r}"
@@ -388,6 +388,22 @@ def _attention(
 
         return paged_decode_cpu(
             q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale, **local
+        )
+    if chosen == "cpu" and causal:
+        # Causal extend runs the native kernel; the non-causal local part of a
+        # sharded (context-parallel) extend keeps its torch implementation.
+        from radixseg.kernels.cpu import paged_extend_cpu
+
+        return paged_extend_cpu(
+            q,
+            pool,
+            layer,
+            qo_host,
+            table.indptr,
+            table.indices,
+            table.kv_lens,
+            sm_scale=scale,
+            **local,
         )
     if chosen in ("torch", "cpu"):
         return paged_attention_torch(

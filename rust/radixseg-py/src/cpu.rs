@@ -1,5 +1,6 @@
-//! `decode_cpu` and `cpu_isas`: the native CPU decode kernel
-//! (`radixseg-cpu`) over the segment buffers, with the GIL released.
+//! `decode_cpu`, `extend_cpu` and `cpu_isas`: the native CPU decode and
+//! extend kernels (`radixseg-cpu`) over the segment buffers, with the GIL
+//! released.
 
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
@@ -59,7 +60,31 @@ fn sub<'a>(
         })
 }
 
-/// `(out, lse, isa)` of [`decode_cpu`].
+/// Each segment's bytes of the layer (`None` for a retired slot).
+fn segment_layers<'a>(
+    buffers: &'a [Option<PyReadonlyArray1<'_, u8>>],
+    offsets: &[usize; 4],
+    geometry: &cpu::PoolGeometry,
+) -> PyResult<Vec<Option<cpu::SegmentLayer<'a>>>> {
+    let (kv, sc) = (geometry.kv_layer_bytes(), geometry.scale_layer_bytes());
+    let mut layers = Vec::with_capacity(buffers.len());
+    for (sid, b) in buffers.iter().enumerate() {
+        let Some(b) = b else {
+            layers.push(None);
+            continue;
+        };
+        let bytes = b.as_slice()?;
+        layers.push(Some(cpu::SegmentLayer {
+            k: sub(bytes, sid, "k", offsets[0], kv)?,
+            v: sub(bytes, sid, "v", offsets[1], kv)?,
+            k_scale: sub(bytes, sid, "k_scale", offsets[2], sc)?,
+            v_scale: sub(bytes, sid, "v_scale", offsets[3], sc)?,
+        }));
+    }
+    Ok(layers)
+}
+
+/// `(out, lse, isa)` of [`decode_cpu`] and [`extend_cpu`].
 type DecodeResult<'py> = (
     Bound<'py, PyArray1<f32>>,
     Bound<'py, PyArray1<f32>>,
@@ -116,21 +141,7 @@ pub(crate) fn decode_cpu<'py>(
         format: kv_format(format)?,
     };
     let isa = isa_named(isa)?;
-    let (kv, sc) = (geometry.kv_layer_bytes(), geometry.scale_layer_bytes());
-    let mut layers = Vec::with_capacity(buffers.len());
-    for (sid, b) in buffers.iter().enumerate() {
-        let Some(b) = b else {
-            layers.push(None);
-            continue;
-        };
-        let bytes = b.as_slice()?;
-        layers.push(Some(cpu::SegmentLayer {
-            k: sub(bytes, sid, "k", offsets[0], kv)?,
-            v: sub(bytes, sid, "v", offsets[1], kv)?,
-            k_scale: sub(bytes, sid, "k_scale", offsets[2], sc)?,
-            v_scale: sub(bytes, sid, "v_scale", offsets[3], sc)?,
-        }));
-    }
+    let layers = segment_layers(&buffers, &offsets, &geometry)?;
     let batch = cpu::DecodeBatch {
         q: q.as_slice()?,
         q_heads,
@@ -147,6 +158,83 @@ pub(crate) fn decode_cpu<'py>(
     let work = batch.indices.len() + batch.kv_lens.len();
     let result = maybe_detach(py, work, || {
         cpu::decode_with(&geometry, &layers, &batch, &options, threads, isa)
+    });
+    let r = result.py(py)?;
+    Ok((
+        PyArray1::from_vec(py, r.out),
+        PyArray1::from_vec(py, r.lse),
+        r.isa.name(),
+    ))
+}
+
+/// Extend attention on the CPU over a segmented pool (the native kernel
+/// behind `radixseg.attention.extend(..., backend="cpu")`; use that).
+///
+/// Arguments as for `decode_cpu`, plus `qo_indptr` (int64 `[batch + 1]`):
+/// request `i`'s new tokens are rows `qo_indptr[i]:qo_indptr[i + 1]` of
+/// `q` (float32 `[total_q * q_heads * head_dim]`) and the last ones of its
+/// `kv_lens[i]` KV tokens. With `causal` row `r` sits at position
+/// `kv_len - qo_len + r` and sees keys up to its own (window, chunk and
+/// soft cap as in `decode_cpu`, relative to that position); without, every
+/// key. Returns `(out [total_q * q_heads * head_dim], lse [total_q *
+/// q_heads], isa)`, float32, natural-log LSE; rows that see no key get 0
+/// and -inf. Runs with the GIL released.
+#[pyfunction]
+#[pyo3(
+    signature = (buffers, offsets, page_size, pages_per_segment, kv_heads, head_dim, format, q, q_heads, qo_indptr, kv_indptr, kv_indices, kv_lens, sm_scale, causal=true, threads=1, isa="auto", window_left=-1, chunk_size=0, soft_cap=0.0),
+    text_signature = "(buffers, offsets, page_size, pages_per_segment, kv_heads, head_dim, format, q, q_heads, qo_indptr, kv_indptr, kv_indices, kv_lens, sm_scale, causal=True, threads=1, isa='auto', window_left=-1, chunk_size=0, soft_cap=0.0)"
+)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn extend_cpu<'py>(
+    py: Python<'py>,
+    buffers: Vec<Option<PyReadonlyArray1<'py, u8>>>,
+    offsets: [usize; 4],
+    page_size: usize,
+    pages_per_segment: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    format: &str,
+    q: PyReadonlyArray1<'py, f32>,
+    q_heads: usize,
+    qo_indptr: PyReadonlyArray1<'py, i64>,
+    kv_indptr: PyReadonlyArray1<'py, i64>,
+    kv_indices: PyReadonlyArray1<'py, i64>,
+    kv_lens: PyReadonlyArray1<'py, i64>,
+    sm_scale: f32,
+    causal: bool,
+    threads: usize,
+    isa: &str,
+    window_left: i64,
+    chunk_size: i64,
+    soft_cap: f32,
+) -> PyResult<DecodeResult<'py>> {
+    let geometry = cpu::PoolGeometry {
+        page_size,
+        pages_per_segment,
+        kv_heads,
+        head_dim,
+        format: kv_format(format)?,
+    };
+    let isa = isa_named(isa)?;
+    let layers = segment_layers(&buffers, &offsets, &geometry)?;
+    let batch = cpu::ExtendBatch {
+        q: q.as_slice()?,
+        q_heads,
+        qo_indptr: qo_indptr.as_slice()?,
+        indptr: kv_indptr.as_slice()?,
+        indices: kv_indices.as_slice()?,
+        kv_lens: kv_lens.as_slice()?,
+        sm_scale,
+        causal,
+    };
+    let options = cpu::DecodeOptions {
+        window_left,
+        chunk_size,
+        soft_cap,
+    };
+    let work = batch.indices.len() + batch.q.len() / head_dim.max(1);
+    let result = maybe_detach(py, work, || {
+        cpu::extend(&geometry, &layers, &batch, &options, threads, isa)
     });
     let r = result.py(py)?;
     Ok((

@@ -215,6 +215,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RequestRecord>()?;
     m.add("TOKEN_LIMIT", radixseg_core::TOKEN_LIMIT)?;
     m.add_function(wrap_pyfunction!(cpu::decode_cpu, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu::extend_cpu, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_isas, m)?)?;
     // Objects made before a fork refuse use in the child (see check_born).
     let after_fork = wrap_pyfunction!(_after_fork_in_child, m)?;
