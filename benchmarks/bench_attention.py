@@ -24,6 +24,16 @@ Cases run in interleaved rounds (best round kept), each after the same
 untimed read of a buffer 4x the last-level cache, so that no case inherits
 another's dirty cache lines.
 
+``--cpu`` also times the native CPU **extend** kernel (``paged_extend_cpu``,
+the kernel behind ``attention.extend(backend="cpu")``) on one request of
+cached prefix + new tokens (0+1,024, 4K+512, 32K+256; ``--q-heads`` /
+``--kv-heads`` / ``--head-dim``, FP8 e4m3 and bf16 storage) against torch
+SDPA (``scaled_dot_product_attention``, bf16, bottom-right causal mask)
+over an already dequantized contiguous bf16 copy of the same K/V, in the
+same run (best of interleaved rounds); ratio = native / SDPA time, and each
+one's largest error against a float64 reference over the exactly
+dequantized K/V. ``--cpu-only decode`` or ``extend`` runs one part.
+
 Without a CUDA device (and without ``--cpu``) it says so and exits 0: no
 numbers are invented.
 
@@ -48,7 +58,7 @@ from radixseg import attention as A
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import best_interleaved, write_json
+from _common import best_interleaved, print_table, write_json
 
 GB = 1e9
 KV_DTYPES = {"e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
@@ -366,7 +376,117 @@ def _llc_bytes() -> int:
 
 
 def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
-    return [rec for kv in args.kv for rec in _cpu_case(args, kv)]
+    recs = []
+    if args.cpu_only != "extend":
+        recs += [rec for kv in args.kv for rec in _cpu_case(args, kv)]
+    if args.cpu_only != "decode":
+        recs += _cpu_extend_cases(args)
+    return recs
+
+
+CPU_EXTEND = [(0, 1024), (4096, 512), (32768, 256)]
+
+
+def _reference_extend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float
+) -> torch.Tensor:
+    """float64 causal attention of ``q [new, heads, d]`` over ``k``/``v [kv_heads, n, d]``
+    (float64), row ``j`` at position ``prefix + j``; one KV head at a time."""
+    new, heads, d = q.shape
+    kv_heads, n, _ = k.shape
+    group = heads // kv_heads
+    out = torch.empty(new, heads, d, dtype=torch.float64)
+    qd = q.double().view(new, kv_heads, group, d)
+    hidden = torch.arange(n)[None, :] > (prefix + torch.arange(new))[:, None]  # [new, n]
+    for h in range(kv_heads):
+        s = torch.einsum("rgd,td->grt", qd[:, h], k[h]) * scale
+        s.masked_fill_(hidden[None], -float("inf"))
+        out[:, h * group : (h + 1) * group] = torch.einsum(
+            "grt,td->rgd", torch.softmax(s, -1), v[h]
+        )
+    return out
+
+
+def _cpu_extend_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from radixseg.kernels.cpu import paged_extend_cpu
+    from radixseg.kernels.torch_backend import gather_kv
+
+    heads, kv_heads, d = args.q_heads, args.kv_heads, args.head_dim
+    scale = d**-0.5
+    threads = torch.get_num_threads()
+    sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+    print(
+        f"cpu extend: 1 request, {heads} query heads / {kv_heads} KV heads, head_dim {d}, "
+        f"page_size {args.page_size} (pages shuffled), {threads} threads; "
+        f"SDPA over a dequantized contiguous bf16 copy; best of {args.rounds} rounds"
+    )
+    headers = ["kv", "prefix+new", "native ms", "sdpa ms", "native/sdpa", "err native", "err sdpa"]
+    rows, recs = [], []
+    for kv in ("e4m3", "bf16"):
+        for prefix, new in CPU_EXTEND:
+            n = prefix + new
+            pool, indptr, indices, _last = build(
+                KV_DTYPES[kv], [n], kv_heads=kv_heads, head_dim=d, page_size=args.page_size,
+                device="cpu",
+            )  # fmt: skip
+            gen = torch.Generator().manual_seed(prefix + new)
+            # bf16 queries, handed to the native kernel as their exact float32 values.
+            qb16 = torch.randn(new, heads, d, generator=gen).to(torch.bfloat16)
+            q32 = qb16.float()
+            qo = torch.tensor([0, new]).numpy()
+            table = (indptr.numpy().astype("int64"), indices.numpy().astype("int64"))
+            lens = torch.tensor([n]).numpy()
+
+            def native(q32: torch.Tensor = q32, pool: KVPool = pool, qo: Any = qo,
+                       table: Any = table, lens: Any = lens) -> torch.Tensor:  # fmt: skip
+                return paged_extend_cpu(q32, pool, 0, qo, *table, lens, sm_scale=scale)[0]
+
+            k64, v64 = gather_kv(pool, 0, indices[: int(indptr[1])], torch.float64)
+            k64 = k64[:n].transpose(0, 1).contiguous()  # [kv_heads, n, d]
+            v64 = v64[:n].transpose(0, 1).contiguous()
+            kb, vb = k64.to(torch.bfloat16)[None], v64.to(torch.bfloat16)[None]
+            qs = qb16.view(1, new, heads, d).transpose(1, 2)
+            mask = None if prefix == 0 else torch.ones(new, n, dtype=torch.bool).tril(prefix)
+
+            def sdpa(qs: torch.Tensor = qs, kb: torch.Tensor = kb, vb: torch.Tensor = vb,
+                     mask: torch.Tensor | None = mask, new: int = new) -> torch.Tensor:  # fmt: skip
+                o = sdpa_fn(qs, kb, vb, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+                return o.transpose(1, 2).reshape(new, heads, d)
+
+            best = best_interleaved({"native": native, "sdpa": sdpa}, args.rounds)
+            want = _reference_extend(q32, k64, v64, prefix, scale)
+            err_native = float((native().double() - want).abs().max())
+            err_sdpa = float((sdpa().double() - want).abs().max())
+            rec = {
+                "op": "extend",
+                "kv": kv,
+                "prefix": prefix,
+                "new": new,
+                "q_heads": heads,
+                "kv_heads": kv_heads,
+                "head_dim": d,
+                "native_s": best["native"],
+                "sdpa_s": best["sdpa"],
+                "ratio_native_over_sdpa": best["native"] / best["sdpa"],
+                "max_err_native_vs_f64": err_native,
+                "max_err_sdpa_vs_f64": err_sdpa,
+                "threads": threads,
+            }
+            recs.append(rec)
+            rows.append(
+                [
+                    kv,
+                    f"{prefix:,}+{new:,}",
+                    f"{best['native'] * 1e3:.1f}",
+                    f"{best['sdpa'] * 1e3:.1f}",
+                    f"{rec['ratio_native_over_sdpa']:.2f}",
+                    f"{err_native:.1e}",
+                    f"{err_sdpa:.1e}",
+                ]
+            )
+            del pool, k64, v64, kb, vb
+    print_table(headers, rows)
+    return recs
 
 
 def _cpu_case(args: argparse.Namespace, kv: str) -> list[dict[str, Any]]:
@@ -456,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="measure the CPU backends against memcpy")
     p.add_argument("--cpu-tokens", type=int, default=1_000_000)
     p.add_argument("--rounds", type=int, default=7, help="CPU: rounds, best kept")
+    p.add_argument(
+        "--cpu-only", choices=["decode", "extend"], help="CPU: run only the decode or extend part"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared machine)")
     p.add_argument("--json", help="write the records here")
     args = p.parse_args(argv)
