@@ -38,9 +38,10 @@ which the shared budget makes invisible to the user.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,8 +69,27 @@ class _GroupPool(KVPool):
         total = self._owner.resolved_total_budget()
         if total is None:
             return None
-        others = sum(p.reserved_bytes() for p in self._owner.pools if p is not self)
+        # The other groups' empty segments (kept by their shrink hysteresis)
+        # are this group's to take: _grow retires them first.
+        others = sum(
+            p.reserved_bytes() - _empty_bytes(p) for p in self._owner.pools if p is not self
+        )
         return max(0, total - others)
+
+    def _grow(self, n_segments: int) -> list[int]:
+        owner = self._owner
+        total = owner.resolved_total_budget()
+        if total is not None and owner.reserved_bytes() + n_segments * self.segment_bytes > total:
+            for p in owner.pools:
+                if p is not self:
+                    p.shrink()
+        return super()._grow(n_segments)
+
+
+def _empty_bytes(pool: KVPool) -> int:
+    """Bytes of ``pool``'s segments that hold no page."""
+    empty = sum(1 for _, used in pool.allocator.segment_usage() if used == 0)
+    return empty * pool.segment_bytes
 
 
 class _FullCache(PrefixCache):
@@ -87,7 +107,8 @@ class _FullCache(PrefixCache):
     def evict(self, n_pages: int) -> int:
         got = self.tree.evict(n_pages)
         if got == 0 and self.owner is not None:
-            got = self.owner._reclaim(0)
+            with self.owner._evicting():
+                got = self.owner._reclaim(0)
         return got
 
     def evictable_pages(self) -> int:
@@ -360,7 +381,8 @@ class _WindowEvictor:
         self.cache, self.j = cache, j
 
     def evict(self, n_pages: int) -> int:
-        return self.cache._evict_window(self.j, n_pages)
+        with self.cache._evicting():
+            return self.cache._evict_window(self.j, n_pages)
 
     def evictable_pages(self) -> int:
         return self.cache._evictable_window(self.j)
@@ -417,6 +439,8 @@ class GroupedPrefixCache(Uncopyable):
         self._table: list[npt.NDArray[np.int32]] = [np.full(0, -1, dtype=_I32)] * n
         self._order: list[dict[int, None]] = [{} for _ in range(n)]
         self._requests: weakref.WeakSet[GroupedRequest] = weakref.WeakSet()
+        # > 0 while a pool's growth asks an evictor for pages (see _release).
+        self._evict_depth = 0
         for j in range(n):
             pool.pools[j + 1].attach_cache(_WindowEvictor(self, j))
 
@@ -787,6 +811,26 @@ class GroupedPrefixCache(Uncopyable):
             if w.size:
                 self.pool.pools[j + 1].release(w)
 
+    @contextlib.contextmanager
+    def _evicting(self) -> Iterator[None]:
+        self._evict_depth += 1
+        try:
+            yield
+        finally:
+            self._evict_depth -= 1
+
+    def _release(self, j: int, ids: npt.NDArray[np.int32]) -> None:
+        """Release windowed pages of group ``j``. Inside an evictor (a pool is
+        growing, its segments added so far recorded to retire on failure) the
+        pool must not auto-shrink: that would retire a segment it just added,
+        which its failure path then retires again (InvalidArgument). The
+        evictor retires the other pools' empty segments itself (_reclaim)."""
+        pool = self.pool.pools[j + 1]
+        if self._evict_depth:
+            pool.allocator.release(ids)
+        else:
+            pool.release(ids)
+
     def _ensure(self, j: int, size: int) -> None:
         t = self._table[j]
         if t.size < size:
@@ -806,7 +850,7 @@ class GroupedPrefixCache(Uncopyable):
         order = self._order[j]
         for f in hit.tolist():
             order.pop(f, None)
-        self.pool.pools[j + 1].release(w)
+        self._release(j, w)
         return int(hit.size)
 
     def _sweep(self, j: int) -> int:
