@@ -730,3 +730,21 @@ def test_windowed_growth_reclaims_budget_from_the_full_cache() -> None:
     cache.check_invariants(exclusive=True)
     cache.finish(r)
     cache.check_invariants(exclusive=True)
+
+
+def test_stale_entries_in_retired_full_segments() -> None:
+    """Windowed entries whose full page was evicted by the tree alone (as the
+    full pool's own eviction does) and whose segment was retired since are
+    dropped as stale, not refused by refcount()."""
+    pool, cache = make(("sliding", 8), page_size=4, pps=2)
+    r = cache.begin(list(range(40)))
+    cache.extend(r, r.uncached)
+    cache.finish(r)
+    assert cache.stats()["groups"][1]["cached_window_pages"] == 3
+    assert cache.tree.evict(1 << 20) == 10  # the tree only: entries go stale
+    pool.pools[0].shrink()
+    assert pool.pools[0].allocator.segments() == []
+    cache.evict(0)  # sweeps the stale entries
+    win = pool.pools[1].allocator
+    assert win.free_pages() == win.total_pages()
+    cache.check_invariants(exclusive=True)

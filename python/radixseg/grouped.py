@@ -858,8 +858,14 @@ class GroupedPrefixCache(Uncopyable):
         if not self._order[j]:
             return 0
         fids = np.fromiter(self._order[j], dtype=_I32)
-        rcn = self.pool.pools[0].allocator.refcount(fids).numpy()
-        return self._unmap(j, fids[rcn == 0])
+        full = self.pool.pools[0]
+        # A freed full page's segment may have been retired since (the full
+        # pool shrinks to give other groups budget): such an id is stale too,
+        # and refcount() refuses it.
+        live = np.isin(fids // full.pages_per_segment, full.allocator.segments())
+        stale = ~live
+        stale[live] = full.allocator.refcount(fids[live]).numpy() == 0
+        return self._unmap(j, fids[stale])
 
     def _evict_window(self, j: int, n: int) -> int:
         """Free ``n`` pages of windowed group ``j``: stale entries, then entries
