@@ -26,7 +26,10 @@ attention (Llama 4 Scout: 12 full and 36 chunked layers; Gemma 2/3, Qwen2 with
   prefixes first). A windowed group under pressure first drops table entries
   whose full page has left the tree, then entries no running request holds,
   oldest first; growth goes through the shared budget first, as in
-  :class:`KVPool`.
+  :class:`KVPool`. When a group has nothing of its own left to evict, the
+  budget the other groups hold is reclaimed: their empty segments, the tree's
+  least recently used prefixes (for a windowed group), the other windowed
+  groups' unheld entries.
 
 Why a pool per group rather than segments tagged by group in one allocator:
 a segment's tensors are shaped by its layer count, so a group's segments can
