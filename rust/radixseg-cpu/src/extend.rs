@@ -2,7 +2,7 @@
 //! request's paged KV (prefill, chunked prefill over a cached prefix).
 //!
 //! A work item ([`Tile`]) is one (request, tile of at most
-//! [`EXTEND_VECTORS`]` / group` query rows, KV head): its `rows x group`
+//! [`crate::EXTEND_VECTORS`]` / group` query rows, KV head): its `rows x group`
 //! query vectors share every K/V block decoded (the same decode as the
 //! decode kernel's, block by block of [`BLOCK`] tokens), and run one online
 //! softmax each. The item reads only the keys some row of the tile sees:
@@ -27,7 +27,7 @@ use crate::simd::neon;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::x86;
 use crate::simd::{Scalar, Simd};
-use crate::{ExtendBatch, BLOCK, EXTEND_VECTORS};
+use crate::{ExtendBatch, BLOCK};
 
 /// One unit of extend work: rows `row0..row0 + rows` of `q` (request
 /// `req`, the first at KV position `pos0`), KV head `head`, reading keys
@@ -62,12 +62,12 @@ pub(crate) struct TileIn<'q> {
 }
 
 /// Rows of one tile: the most query vectors (rows x group) an item holds.
-pub(crate) fn tile_rows(group: usize) -> usize {
-    (EXTEND_VECTORS / group).max(1)
+pub(crate) fn tile_rows(group: usize, vectors: usize) -> usize {
+    (vectors / group).max(1)
 }
 
-fn tiles(ctx: &Ctx<'_, '_>, b: &ExtendBatch<'_>, n: usize) -> Vec<(usize, Tile)> {
-    let tq = tile_rows(ctx.group);
+fn tiles(ctx: &Ctx<'_, '_>, b: &ExtendBatch<'_>, n: usize, vectors: usize) -> Vec<(usize, Tile)> {
+    let tq = tile_rows(ctx.group, vectors);
     let mut out = Vec::new();
     for req in 0..n {
         let q0 = b.qo_indptr[req] as usize;
@@ -107,14 +107,15 @@ fn tiles(ctx: &Ctx<'_, '_>, b: &ExtendBatch<'_>, n: usize) -> Vec<(usize, Tile)>
     out
 }
 
-/// Run every tile on `threads` workers; returns `(out, lse)` as
-/// [`crate::extend`] does.
+/// Run every tile (of at most `vectors` query vectors) on `threads`
+/// workers; returns `(out, lse)` as [`crate::extend`] does.
 pub(crate) fn run(
     ctx: &Ctx<'_, '_>,
     b: &ExtendBatch<'_>,
     n: usize,
     threads: usize,
     isa: Isa,
+    vectors: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let (g, d) = (ctx.group, ctx.g.head_dim);
     // Scores in log2 units, as in the decode kernel's `schedule::run`.
@@ -125,7 +126,7 @@ pub(crate) fn run(
         b.sm_scale * std::f32::consts::LOG2_E
     };
     let q: Vec<f32> = b.q.iter().map(|x| x * scale).collect();
-    let work = tiles(ctx, b, n);
+    let work = tiles(ctx, b, n, vectors);
     // Per tile: out [rows x group, d], then lse [rows x group].
     let mut partial = vec![0.0f32; work.iter().map(|(_, t)| t.rows * g * (d + 1)).sum()];
     {
@@ -140,7 +141,7 @@ pub(crate) fn run(
         jobs.sort_by_key(|(w, _)| std::cmp::Reverse(w.1.cost()));
         let queue = Mutex::new(jobs.into_iter());
         let job = || {
-            let mut scratch = Scratch::new(EXTEND_VECTORS.max(g), d);
+            let mut scratch = Scratch::new(vectors.max(g), d);
             let mut ranges = Vec::new();
             loop {
                 let next = match queue.lock() {
@@ -377,22 +378,45 @@ fn block<S: Simd>(
     l: &mut [f32],
 ) {
     let mut full = n == BLOCK;
+    // Scores of every vector whose row sees a key of the block, two
+    // vectors at a time where the registers allow (each K vector loaded
+    // then feeds two FMAs).
+    let mut pending: Option<(usize, usize)> = None; // (vector, its q offset)
     for (r, &(lo, hi)) in ranges.iter().enumerate() {
         // The row's visible keys as lanes a..e of the block.
         let a = lo.saturating_sub(b0).min(n);
         let e = hi.saturating_sub(b0).min(n);
         full &= a == 0 && e == BLOCK;
         if a >= e {
-            for gi in 0..g {
-                sc.live[r * g + gi] = false;
-            }
             continue;
         }
-        let qr = &q[q_at(r)..q_at(r) + g * d];
         for gi in 0..g {
             let v = r * g + gi;
-            if !m[v].is_nan() {
-                scores(s, sc, &qr[gi * d..(gi + 1) * d], v, d);
+            if m[v].is_nan() {
+                continue;
+            }
+            let at = q_at(r) + gi * d;
+            if S::LANES < 16 {
+                scores(s, sc, &q[at..at + d], v, d);
+                continue;
+            }
+            match pending.take() {
+                None => pending = Some((v, at)),
+                Some((u, au)) => scores2(s, sc, &q[au..au + d], &q[at..at + d], u, v, d),
+            }
+        }
+    }
+    if let Some((u, au)) = pending {
+        scores(s, sc, &q[au..au + d], u, d);
+    }
+    for (r, &(lo, hi)) in ranges.iter().enumerate() {
+        let a = lo.saturating_sub(b0).min(n);
+        let e = hi.saturating_sub(b0).min(n);
+        for gi in 0..g {
+            let v = r * g + gi;
+            if a >= e {
+                sc.live[v] = false;
+                continue;
             }
             let row = &mut acc[v * d..(v + 1) * d];
             softmax_step(s, sc, v, a, e, cap, &mut m[v], &mut l[v], row);
@@ -430,6 +454,53 @@ fn block<S: Simd>(
     }
 }
 
+/// Raw scores `q . k` of two query vectors (`va`, `vb`) against all
+/// `BLOCK` rows, as [`scores`] computes them one at a time (the same
+/// additions in the same order, so the same bits), each K vector loaded
+/// once for both: 16 accumulators, which needs 32 vector registers.
+#[inline(always)]
+fn scores2<S: Simd>(
+    s: S,
+    sc: &mut Scratch,
+    qa: &[f32],
+    qb: &[f32],
+    va: usize,
+    vb: usize,
+    d: usize,
+) {
+    let lanes = S::LANES;
+    let mut pa = [s.splat(0.0); BLOCK];
+    let mut pb = [s.splat(0.0); BLOCK];
+    for (half, (oa, ob)) in pa
+        .chunks_exact_mut(8)
+        .zip(pb.chunks_exact_mut(8))
+        .enumerate()
+    {
+        let rows = &sc.k[half * 8 * d..(half + 1) * 8 * d];
+        let mut xa = [s.splat(0.0); 8];
+        let mut xb = [s.splat(0.0); 8];
+        for (c, (ca, cb)) in qa
+            .chunks_exact(lanes)
+            .zip(qb.chunks_exact(lanes))
+            .enumerate()
+        {
+            let (ca, cb) = (s.load(ca), s.load(cb));
+            for j in 0..8 {
+                // SAFETY: j < 8 and (c + 1) * lanes <= d (qa has d values,
+                // a multiple of lanes), so the lanes read end within
+                // rows[..8 * d] = rows.
+                let k = unsafe { s.load_ptr(rows.as_ptr().add(j * d + c * lanes)) };
+                xa[j] = s.fma(ca, k, xa[j]);
+                xb[j] = s.fma(cb, k, xb[j]);
+            }
+        }
+        oa.copy_from_slice(&xa);
+        ob.copy_from_slice(&xb);
+    }
+    s.sums(&pa, &mut sc.p[va * BLOCK..(va + 1) * BLOCK]);
+    s.sums(&pb, &mut sc.p[vb * BLOCK..(vb + 1) * BLOCK]);
+}
+
 /// Vector `v`'s online-softmax step over lanes `a..e` of the block (the
 /// others are masked to `-inf` after scaling and capping, so a NaN there
 /// counts for nothing); as the decode kernel's `softmax_step` otherwise.
@@ -452,21 +523,29 @@ fn softmax_step<S: Simd>(
         return;
     }
     let p = &mut sc.p[v * BLOCK..(v + 1) * BLOCK];
+    let mut mx = s.splat(f32::NEG_INFINITY);
+    let mut nan = false;
+    let whole = a == 0 && e == BLOCK;
     for (i, c) in p.chunks_exact_mut(lanes).enumerate() {
         let mut x = s.mul(s.load(c), s.load(&sc.ks[i * lanes..]));
         if cap > 0.0 {
             x = s.mul(tanh(s, x), s.splat(cap));
         }
+        if whole {
+            nan |= s.has_nan(x);
+            mx = s.max(mx, x);
+        }
         s.store(x, c);
     }
-    p[..a].fill(f32::NEG_INFINITY);
-    p[e..].fill(f32::NEG_INFINITY);
-    let mut mx = s.splat(f32::NEG_INFINITY);
-    let mut nan = false;
-    for c in p.chunks_exact(lanes) {
-        let x = s.load(c);
-        nan |= s.has_nan(x);
-        mx = s.max(mx, x);
+    if !whole {
+        // Mask after scaling and capping (tanh would turn -inf into -cap).
+        p[..a].fill(f32::NEG_INFINITY);
+        p[e..].fill(f32::NEG_INFINITY);
+        for c in p.chunks_exact(lanes) {
+            let x = s.load(c);
+            nan |= s.has_nan(x);
+            mx = s.max(mx, x);
+        }
     }
     let block_max = s.max_lane(mx);
     if nan || block_max == f32::INFINITY {

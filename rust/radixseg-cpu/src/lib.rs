@@ -289,6 +289,28 @@ pub fn extend(
     threads: usize,
     isa: Isa,
 ) -> Result<DecodeOutput> {
+    extend_tiled(
+        geometry,
+        segments,
+        batch,
+        options,
+        threads,
+        isa,
+        EXTEND_VECTORS,
+    )
+}
+
+/// [`extend`] with tiles of at most `vectors` query vectors (the tests and
+/// the tile-size measurement use it).
+pub(crate) fn extend_tiled(
+    geometry: &PoolGeometry,
+    segments: &[Option<SegmentLayer<'_>>],
+    batch: &ExtendBatch<'_>,
+    options: &DecodeOptions,
+    threads: usize,
+    isa: Isa,
+    vectors: usize,
+) -> Result<DecodeOutput> {
     check_options(options)?;
     check_geometry(geometry)?;
     check_segments(geometry, segments)?;
@@ -300,6 +322,6 @@ pub fn extend(
         group: batch.q_heads / geometry.kv_heads,
         options: *options,
     };
-    let (out, lse) = extend::run(&ctx, batch, n, threads.max(1), isa);
+    let (out, lse) = extend::run(&ctx, batch, n, threads.max(1), isa, vectors.max(1));
     Ok(DecodeOutput { out, lse, isa })
 }

@@ -1516,3 +1516,49 @@ fn extend_refuses_bad_batches_with_numbers() {
     }
     extend(&geo, &[Some(seg)], &ok, &DecodeOptions::FULL, 1, Isa::Auto).expect("valid");
 }
+
+/// Tile sizes timed against each other (`cargo test --release -p
+/// radixseg-cpu tile_sizes -- --ignored --nocapture`): one request of
+/// 0+512 tokens, 32 query / 8 KV heads of 128, bf16, one thread.
+#[test]
+#[ignore]
+fn tile_sizes() {
+    let mut rng = Rng(3);
+    let geo = PoolGeometry {
+        page_size: 16,
+        pages_per_segment: 64,
+        kv_heads: 8,
+        head_dim: 128,
+        format: KvFormat::Bf16,
+    };
+    let pool = Pool::new(geo, 1, &[], &mut rng);
+    let (indptr, indices, kv_lens) = table(&pool, &[512], &mut rng);
+    let q: Vec<f32> = (0..512 * 32 * 128).map(|_| rng.unit()).collect();
+    let b = ExtendBatch {
+        q: &q,
+        q_heads: 32,
+        qo_indptr: &[0, 512],
+        indptr: &indptr,
+        indices: &indices,
+        kv_lens: &kv_lens,
+        sm_scale: 0.08,
+        causal: true,
+    };
+    let layers = pool.layers();
+    let flops = 4.0 * (512.0 * 513.0 / 2.0) * 32.0 * 128.0;
+    let mut best = [f64::INFINITY; 4];
+    for _ in 0..5 {
+        for (i, v) in [32, 64, 128, 256].into_iter().enumerate() {
+            let t = std::time::Instant::now();
+            extend_tiled(&geo, &layers, &b, &DecodeOptions::FULL, 1, Isa::Auto, v).expect("ok");
+            best[i] = best[i].min(t.elapsed().as_secs_f64());
+        }
+    }
+    for (v, t) in [32, 64, 128, 256].into_iter().zip(best) {
+        println!(
+            "{v:4} vectors: {:7.2} ms, {:5.1} GFLOP/s",
+            t * 1e3,
+            flops / t / 1e9
+        );
+    }
+}
