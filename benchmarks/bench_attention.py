@@ -28,11 +28,13 @@ another's dirty cache lines.
 the kernel behind ``attention.extend(backend="cpu")``) on one request of
 cached prefix + new tokens (0+1,024, 4K+512, 32K+256; ``--q-heads`` /
 ``--kv-heads`` / ``--head-dim``, FP8 e4m3 and bf16 storage) against torch
-SDPA (``scaled_dot_product_attention``, bf16, bottom-right causal mask)
-over an already dequantized contiguous bf16 copy of the same K/V, in the
-same run (best of interleaved rounds); ratio = native / SDPA time, and each
-one's largest error against a float64 reference over the exactly
-dequantized K/V. ``--cpu-only decode`` or ``extend`` runs one part.
+SDPA (``scaled_dot_product_attention``, bottom-right causal mask) over an
+already dequantized contiguous copy of the same K/V, in bf16 (the GPU
+peer's dtype; FP8 values rounded) and in float32 (exact), in the same run
+(best of ``--extend-rounds`` interleaved rounds); ratio = native / SDPA
+time, and each one's largest error against a float64 reference over the
+exactly dequantized K/V (the native kernel's output in float32).
+``--cpu-only decode`` or ``extend`` runs one part.
 
 Without a CUDA device (and without ``--cpu``) it says so and exits 0: no
 numbers are invented.
@@ -418,9 +420,21 @@ def _cpu_extend_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(
         f"cpu extend: 1 request, {heads} query heads / {kv_heads} KV heads, head_dim {d}, "
         f"page_size {args.page_size} (pages shuffled), {threads} threads; "
-        f"SDPA over a dequantized contiguous bf16 copy; best of {args.rounds} rounds"
+        f"SDPA over a dequantized contiguous bf16 (and float32) copy; "
+        f"best of {args.extend_rounds} interleaved rounds"
     )
-    headers = ["kv", "prefix+new", "native ms", "sdpa ms", "native/sdpa", "err native", "err sdpa"]
+    headers = [
+        "kv",
+        "prefix+new",
+        "native ms",
+        "sdpa bf16 ms",
+        "native/sdpa",
+        "sdpa f32 ms",
+        "native/sdpa f32",
+        "err native",
+        "err sdpa bf16",
+        "err sdpa f32",
+    ]
     rows, recs = [], []
     for kv in ("e4m3", "bf16"):
         for prefix, new in CPU_EXTEND:
@@ -439,7 +453,8 @@ def _cpu_extend_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             def native(q32: torch.Tensor = q32, pool: KVPool = pool, qo: Any = qo,
                        table: Any = table, lens: Any = lens) -> torch.Tensor:  # fmt: skip
-                return paged_extend_cpu(q32, pool, 0, qo, *table, lens, sm_scale=scale)[0]
+                ptr, ids = table
+                return paged_extend_cpu(q32, pool, 0, qo, ptr, ids, lens, sm_scale=scale)[0]
 
             k64, v64 = gather_kv(pool, 0, indices[: int(indptr[1])], torch.float64)
             k64 = k64[:n].transpose(0, 1).contiguous()  # [kv_heads, n, d]
@@ -453,10 +468,23 @@ def _cpu_extend_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                 o = sdpa_fn(qs, kb, vb, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
                 return o.transpose(1, 2).reshape(new, heads, d)
 
-            best = best_interleaved({"native": native, "sdpa": sdpa}, args.rounds)
+            kf, vf, qf = k64.float()[None], v64.float()[None], qs.float()
+
+            def sdpa32(qf: torch.Tensor = qf, kf: torch.Tensor = kf, vf: torch.Tensor = vf,
+                       mask: Any = mask, new: int = new) -> torch.Tensor:  # fmt: skip
+                o = sdpa_fn(qf, kf, vf, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+                return o.transpose(1, 2).reshape(new, heads, d)
+
+            cases: dict[str, Callable[[], Any]] = {
+                "native": native,
+                "sdpa": sdpa,
+                "sdpa32": sdpa32,
+            }
+            best = best_interleaved(cases, args.extend_rounds)
             want = _reference_extend(q32, k64, v64, prefix, scale)
             err_native = float((native().double() - want).abs().max())
             err_sdpa = float((sdpa().double() - want).abs().max())
+            err_sdpa32 = float((sdpa32().double() - want).abs().max())
             rec = {
                 "op": "extend",
                 "kv": kv,
@@ -468,8 +496,11 @@ def _cpu_extend_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "native_s": best["native"],
                 "sdpa_s": best["sdpa"],
                 "ratio_native_over_sdpa": best["native"] / best["sdpa"],
+                "sdpa_f32_s": best["sdpa32"],
+                "ratio_native_over_sdpa_f32": best["native"] / best["sdpa32"],
                 "max_err_native_vs_f64": err_native,
                 "max_err_sdpa_vs_f64": err_sdpa,
+                "max_err_sdpa_f32_vs_f64": err_sdpa32,
                 "threads": threads,
             }
             recs.append(rec)
@@ -480,11 +511,14 @@ def _cpu_extend_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"{best['native'] * 1e3:.1f}",
                     f"{best['sdpa'] * 1e3:.1f}",
                     f"{rec['ratio_native_over_sdpa']:.2f}",
+                    f"{best['sdpa32'] * 1e3:.1f}",
+                    f"{rec['ratio_native_over_sdpa_f32']:.2f}",
                     f"{err_native:.1e}",
                     f"{err_sdpa:.1e}",
+                    f"{err_sdpa32:.1e}",
                 ]
             )
-            del pool, k64, v64, kb, vb
+            del pool, k64, v64, kb, vb, kf, vf
     print_table(headers, rows)
     return recs
 
@@ -576,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="measure the CPU backends against memcpy")
     p.add_argument("--cpu-tokens", type=int, default=1_000_000)
     p.add_argument("--rounds", type=int, default=7, help="CPU: rounds, best kept")
+    p.add_argument("--extend-rounds", type=int, default=3, help="CPU extend: rounds, best kept")
     p.add_argument(
         "--cpu-only", choices=["decode", "extend"], help="CPU: run only the decode or extend part"
     )

@@ -1,4 +1,4 @@
-//! Decode attention on the CPU, straight out of a segmented KV pool.
+//! Decode and extend attention on the CPU, straight out of a segmented KV pool.
 //!
 //! One query token per request attends to the request's paged KV, wherever
 //! its pages live: page id `p` is page `p % pages_per_segment` of segment
@@ -23,6 +23,15 @@
 //! accumulate V), and the items of one (request, head) are merged by
 //! log-sum-exp in chunk order. The chunking does not depend on the thread
 //! count, so results are the same with 1 thread or 16.
+//!
+//! [`extend`] runs several new query rows per request (prefill, chunked
+//! prefill over a cached prefix), causal from each row's position
+//! `kv_len - qo_len + r`, with the same options. Its items are (request,
+//! tile of query rows, KV head): the tile's rows x GQA heads share every
+//! K/V block decoded, each runs its own online softmax, and only the pages
+//! some row of the tile sees are read (see the `extend` module). Items are
+//! handed out largest first and write disjoint outputs, so the result is
+//! again the same with any thread count.
 //!
 //! Four instruction sets share one generic kernel through the [`Simd`]
 //! trait: AVX-512 (16 lanes), AVX2 + FMA + F16C (8 lanes), NEON on AArch64
