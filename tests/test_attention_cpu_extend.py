@@ -18,10 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import radixseg.kernels.cpu as cpu_kernels
 from radixseg import InvalidArgument, KVPool
 from radixseg import attention as A
+from radixseg._core import extend_cpu
 from radixseg.kernels.cpu import ISAS, paged_extend_cpu
 from radixseg.kernels.torch_backend import gather_kv
 
@@ -308,3 +311,48 @@ def test_bad_calls_are_refused() -> None:
             q, pool, LAYER, qo.numpy(), indptr.numpy(), ids.numpy(), lens, sm_scale=0.1,
             window_left=-2,
         )  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 12)), min_size=0, max_size=4),
+    pages=st.lists(st.integers(-2, 40), min_size=0, max_size=14),
+    jitter=st.lists(st.sampled_from([0, 0, 0, 0, -1, 1]), min_size=10, max_size=10),
+    q_heads=st.sampled_from([2, 4, 4, 3]),
+    causal=st.booleans(),
+)
+def test_arbitrary_tables_give_a_result_or_invalid_argument(
+    reqs: list[tuple[int, int]],
+    pages: list[int],
+    jitter: list[int],
+    q_heads: int,
+    causal: bool,
+) -> None:
+    """Any page table, query offsets, lengths or head count yields outputs or
+    InvalidArgument, never a crash or a read outside the segments."""
+    pool, _, _, _, _, _ = make(torch.float8_e4m3fn, 4, [(30, 10)], pages_per_segment=8)
+    lens = [p + n for p, n in reqs]
+    need = [-(-n // 4) for n in lens]
+    indptr = np.array([0, *np.cumsum(need)], dtype=np.int64)
+    indptr[1:] += np.array(jitter[: len(reqs)], dtype=np.int64)
+    qo = np.array([0, *np.cumsum([n for _, n in reqs])], dtype=np.int64)
+    qo[1:] += np.array(jitter[5 : 5 + len(reqs)], dtype=np.int64)
+    kv_lens = np.array(lens, dtype=np.int64) + np.array(jitter[1 : len(reqs) + 1], np.int64)
+    total = max(0, int(qo[-1]))
+    q = np.zeros(total * q_heads * 32, dtype=np.float32)
+    args: list[Any] = [
+        pool.host_buffers(),
+        pool.layout.layer_offsets(LAYER),
+        4,
+        8,
+        2,
+        32,
+        "float8_e4m3fn",
+    ]
+    try:
+        out, lse, _ = extend_cpu(
+            *args, q, q_heads, qo, indptr, np.array(pages, np.int64), kv_lens, 0.1, causal
+        )
+    except InvalidArgument:
+        return
+    assert out.size == total * q_heads * 32 and lse.size == total * q_heads

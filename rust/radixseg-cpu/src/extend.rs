@@ -137,8 +137,24 @@ pub(crate) fn run(
             jobs.push((w, slot));
             rest = tail;
         }
-        // Largest first: the causal tiles at a request's end read the most.
-        jobs.sort_by_key(|(w, _)| std::cmp::Reverse(w.1.cost()));
+        // The tiles of one (request, KV head) read the same keys: run them
+        // one after another (on any thread), so that those keys are still
+        // in the last-level cache for the next tile. Groups largest first,
+        // and inside a group the largest tile first (the causal tiles at a
+        // request's end read the most), so the small ones end the queue.
+        let mut group_cost = std::collections::HashMap::new();
+        for (req, t) in &work {
+            *group_cost.entry((*req, t.head)).or_insert(0usize) += t.cost();
+        }
+        jobs.sort_by_key(|((req, t), _)| {
+            let total = group_cost.get(&(*req, t.head)).copied().unwrap_or(0);
+            (
+                std::cmp::Reverse(total),
+                *req,
+                t.head,
+                std::cmp::Reverse(t.cost()),
+            )
+        });
         let queue = Mutex::new(jobs.into_iter());
         let job = || {
             let mut scratch = Scratch::new(vectors.max(g), d);
