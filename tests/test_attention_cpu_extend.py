@@ -340,19 +340,13 @@ def test_arbitrary_tables_give_a_result_or_invalid_argument(
     kv_lens = np.array(lens, dtype=np.int64) + np.array(jitter[1 : len(reqs) + 1], np.int64)
     total = max(0, int(qo[-1]))
     q = np.zeros(total * q_heads * 32, dtype=np.float32)
-    args: list[Any] = [
-        pool.host_buffers(),
-        pool.layout.layer_offsets(LAYER),
-        4,
-        8,
-        2,
-        32,
-        "float8_e4m3fn",
-    ]
+    host, offsets = pool.host_buffers(), pool.layout.layer_offsets(LAYER)
+    ids = np.array(pages, np.int64)
     try:
         out, lse, _ = extend_cpu(
-            *args, q, q_heads, qo, indptr, np.array(pages, np.int64), kv_lens, 0.1, causal
-        )
+            host, offsets, 4, 8, 2, 32, "float8_e4m3fn", q, q_heads, qo, indptr, ids, kv_lens,
+            0.1, causal,
+        )  # fmt: skip
     except InvalidArgument:
         return
     assert out.size == total * q_heads * 32 and lse.size == total * q_heads
