@@ -444,6 +444,8 @@ class GroupedPrefixCache(Uncopyable):
         self._requests: weakref.WeakSet[GroupedRequest] = weakref.WeakSet()
         # > 0 while a pool's growth asks an evictor for pages (see _release).
         self._evict_depth = 0
+        # An exception escaped a call: _reconcile before the next one.
+        self._dirty = False
         for j in range(n):
             pool.pools[j + 1].attach_cache(_WindowEvictor(self, j))
 
@@ -455,34 +457,33 @@ class GroupedPrefixCache(Uncopyable):
         prompt = as_id_array(tokens, "tokens")
         ns = as_namespace(namespace)
         upto = max(0, prompt.size - 1) if leave_last else prompt.size
-        with self._lock:
+        with self._step():
             m = self.tree.match_prefix(prompt[:upto], ns)
             ids = m.page_ids.numpy()
             length = self._usable(ids, m.length)
             held = self._held_for(ids, length)
-            for j, w in enumerate(held):
-                if w.size:
-                    self.pool.pools[j + 1].retain(w)
+            # Interrupted from here on, the record (full lock) aborts itself when
+            # dropped, and the request's windowed pages go back with it.
+            record = self.tree.begin_request(prompt[:length], ns, False)
+            req = GroupedRequest(self, Request(self.full, prompt, record))
             try:
-                record = self.tree.begin_request(prompt[:length], ns, False)
+                self._requests.add(req)
                 if record.matched_len != length:  # never under the lock; be safe
-                    record.end(False)
                     raise InvalidArgument(
                         f"the cached prefix changed while matching ({record.matched_len} of "
                         f"{length} tokens); retry"
                     )
-                req = GroupedRequest(self, Request(self.full, prompt, record))
                 for j, w in enumerate(held):
-                    req.first[j] = self.windowed[j].start(length) // self.page_size
-                    req.windows[j] = w
-                self._requests.add(req)
+                    if w.size:
+                        self.pool.pools[j + 1].allocator.retain(w)
+                    # Taken, then recorded (see _reconcile).
+                    first = self.windowed[j].start(length) // self.page_size
+                    req.windows[j], req.first[j] = w, first
                 # The core counted ``length`` prompt tokens; the hit rate is over
                 # whole prompts, as PrefixCache's.
                 self.full.unmatched += prompt.size - length
             except BaseException:
-                for j, w in enumerate(held):
-                    if w.size:
-                        self.pool.pools[j + 1].release(w)
+                self._end(req, cache=False)
                 raise
         return req
 
@@ -492,14 +493,14 @@ class GroupedPrefixCache(Uncopyable):
         request no longer needs (its previous step is over). All or nothing."""
         self._check_req(req)
         new = as_id_array(new_tokens, "new_tokens")
-        with self._lock:
+        with self._step():
             self._trim(req)
             n0, pages0 = req.full.seq_len, req.full.num_pages
             full_slots = self.full.extend(req.full, new)
             try:
                 self._grow_windows([req], [pages0])
             except BaseException:
-                self.full.truncate(req.full, n0)
+                self._cut(req, n0)
                 raise
             return [full_slots, *self._window_slots(req, n0, req.full.seq_len)]
 
@@ -508,7 +509,7 @@ class GroupedPrefixCache(Uncopyable):
         reqs = list(reqs)
         for r in reqs:
             self._check_req(r)
-        with self._lock:
+        with self._step():
             for r in reqs:
                 self._trim(r)
             n0 = [r.full.seq_len for r in reqs]
@@ -518,7 +519,7 @@ class GroupedPrefixCache(Uncopyable):
                 self._grow_windows(reqs, pages0)
             except BaseException:
                 for r, n in zip(reqs, n0, strict=True):
-                    self.full.truncate(r.full, n)
+                    self._cut(r, n)
                 raise
             per = [self._window_slots(r, n, n + 1) for r, n in zip(reqs, n0, strict=True)]
             return [full_slots] + [
@@ -531,7 +532,7 @@ class GroupedPrefixCache(Uncopyable):
         the point whose windows this request has already released."""
         self._check_req(req)
         n = as_count(seq_len, "seq_len")
-        with self._lock:
+        with self._step():
             for j, g in enumerate(self.windowed):
                 # The next query (at n) sees keys from start(n) on: refused only
                 # when the request no longer holds that page. (Not keep_from(n):
@@ -543,33 +544,21 @@ class GroupedPrefixCache(Uncopyable):
                         f"group's keys from token {g.start(n)}, but this request holds its pages "
                         f"from page {req.first[j]} (token {req.first[j] * self.page_size}) on"
                     )
-            self.full.truncate(req.full, n)
-            keep = -(-n // self.page_size)
-            for j in range(len(self.windowed)):
-                w = req.windows[j]
-                cut = max(0, keep - req.first[j])
-                if cut < w.size:
-                    self.pool.pools[j + 1].release(w[cut:])
-                    req.windows[j] = w[:cut]
+            self._cut(req, n)
 
     def finish(self, req: GroupedRequest, tokens: Any = None) -> None:
         """Cache the request's whole pages (full group) and the window before
         its cached end (windowed groups); release the rest."""
         self._check_req(req)
-        with self._lock:
+        with self._step():
             toks = req.full.tokens.numpy() if tokens is None else as_id_array(tokens, "tokens")
-            self.full.finish(req.full, tokens)
-            try:
-                self._cache_windows(req, toks)
-            finally:
-                self._drop_windows(req)
+            self._end(req, cache=True, tokens=tokens, toks=toks)
 
     def abort(self, req: GroupedRequest) -> None:
         """Drop everything the request holds without caching anything."""
         self._check_req(req)
-        with self._lock:
-            self.full.abort(req.full)
-            self._drop_windows(req)
+        with self._step():
+            self._end(req, cache=False)
 
     # ----- page tables ---------------------------------------------------------------
 
@@ -605,7 +594,7 @@ class GroupedPrefixCache(Uncopyable):
     def evict(self, n_pages: int) -> int:
         """Evict least-recently-used prefixes of the full group (their windowed
         entries go with them); returns full pages released."""
-        with self._lock:
+        with self._step():
             got = self.tree.evict(n_pages)
             for j in range(len(self.windowed)):
                 self._sweep(j)
@@ -613,7 +602,7 @@ class GroupedPrefixCache(Uncopyable):
 
     def reset(self) -> None:
         """Forget every cached prefix (refused while requests run)."""
-        with self._lock:
+        with self._step():
             self.full.reset()
             for j in range(len(self.windowed)):
                 self._sweep(j)
@@ -672,6 +661,100 @@ class GroupedPrefixCache(Uncopyable):
                         )
 
     # ----- internals -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        """One public call: under the lock, after repairing what an earlier
+        interrupted call left (:meth:`_reconcile`), and repairing again when
+        this one raises, so every call completes or leaves nothing half-done."""
+        with self._lock:
+            if self._dirty:
+                self._reconcile()
+            try:
+                yield
+            except BaseException:
+                self._dirty = True
+                self._reconcile()
+                raise
+
+    def _end(
+        self, req: GroupedRequest, *, cache: bool, tokens: Any = None, toks: Any = None
+    ) -> None:
+        """Finish (``cache``) or abort ``req``: the full request in one core call,
+        then its windowed pages (the window before its end into the tables)."""
+        if cache:
+            self.full.finish(req.full, tokens)
+        else:
+            self.full.abort(req.full)
+        try:
+            if cache:
+                self._cache_windows(req, toks)
+        finally:
+            self._drop_windows(req)
+
+    def _cut(self, req: GroupedRequest, n: int) -> None:
+        """Truncate ``req`` to ``n`` tokens: the full request (one core call),
+        then each windowed group's pages past it (unrecorded, then released)."""
+        self.full.truncate(req.full, n)
+        keep = -(-n // self.page_size)
+        for j in range(len(self.windowed)):
+            w = req.windows[j]
+            cut = max(0, keep - req.first[j])
+            if cut < w.size:
+                req.windows[j] = w[:cut]
+                self._release(j, w[cut:])
+
+    def _reconcile(self) -> None:
+        """Repair what an interrupted call left half-done.
+
+        Every multi-step change is ordered so that an interruption can only
+        leave a windowed page with more references than holders (taken before
+        it is recorded; unrecorded before it is released), a request's page
+        list longer than its full pages (the full truncate is one core call,
+        before the windowed one), or the eviction order out of step with the
+        tables. The windowed pools are this cache's own, so their holders are
+        exactly the tables and the running requests: release the excess,
+        trim the lists, rebuild the order.
+        """
+        for r in self._running():
+            for j in range(len(self.windowed)):
+                keep = max(0, r.full.num_pages - r.first[j])
+                w = r.windows[j]
+                if w.size > keep:
+                    r.windows[j] = w[:keep]
+                elif w.size < keep:
+                    # A request whose begin was interrupted before it held its
+                    # window (never returned to the caller): end it.
+                    self.full.abort(r.full)
+                    self._drop_windows(r)
+                    break
+        running = self._running()
+        for j in range(len(self.windowed)):
+            t, order = self._table[j], self._order[j]
+            mapped = np.nonzero(t >= 0)[0]
+            known = [f for f in order if t[f] >= 0] if len(order) else []
+            seen = set(known)
+            self._order[j] = dict.fromkeys(known + [int(f) for f in mapped if int(f) not in seen])
+            pool = self.pool.pools[j + 1]
+            pps = pool.pages_per_segment
+            live = [
+                np.arange(sid * pps, (sid + 1) * pps, dtype=_I32)
+                for sid in pool.allocator.segments()
+            ]
+            if not live:
+                continue
+            ids = np.concatenate(live)
+            holders = np.zeros(ids.size, dtype=np.int64)
+            held = [t[mapped]] + [r.windows[j] for r in running]
+            flat = np.concatenate(held) if held else np.zeros(0, dtype=_I32)
+            # A page id indexes ids by its position among the live segments.
+            where = np.searchsorted(ids, flat)
+            np.add.at(holders, where, 1)
+            extra = pool.allocator.refcount(ids).numpy().astype(np.int64) - holders
+            while (extra > 0).any():
+                pool.allocator.release(ids[extra > 0])
+                extra -= extra > 0
+        self._dirty = False
 
     def _running(self) -> list[GroupedRequest]:
         return [r for r in list(self._requests) if r.state == "running"]
@@ -738,7 +821,7 @@ class GroupedPrefixCache(Uncopyable):
                 # Publish the shorter list before releasing: an interrupt then
                 # leaks at most these pages' memory, never a page held twice.
                 req.windows[j], req.first[j] = w[drop:], k
-                self.pool.pools[j + 1].release(w[:drop])
+                self._release(j, w[:drop])
 
     def _grow_windows(self, reqs: list[GroupedRequest], pages0: list[int]) -> None:
         """Give each windowed group a page for every full page the requests got
@@ -797,15 +880,13 @@ class GroupedPrefixCache(Uncopyable):
             take_f, take_w = fids[free], w[free]
             if take_f.size == 0:
                 continue
-            # Move the request's references into the table: mark them taken in
-            # the request first, so that _drop_windows releases only the rest.
+            # Move the request's references into the table: unrecorded from the
+            # request first, so an interruption leaves a surplus (_reconcile).
             keep = np.ones(req.windows[j].size, dtype=bool)
             keep[np.nonzero(free)[0] + (lo - req.first[j])] = False
             req.windows[j] = req.windows[j][keep]
             t[take_f] = take_w
-            order = self._order[j]
-            for f in take_f.tolist():
-                order[f] = None
+            self._order[j].update(dict.fromkeys(take_f.tolist()))
 
     def _drop_windows(self, req: GroupedRequest) -> None:
         for j in range(len(self.windowed)):
