@@ -178,13 +178,15 @@ def test_auto_picks_the_native_kernel_without_the_interpreter(
         A._resolve_backend("gpu", torch.device("cpu"))
 
 
-def test_extend_and_merge_under_backend_cpu_run_their_torch_implementation() -> None:
+def test_extend_under_backend_cpu_is_the_native_kernel_and_merge_is_torch() -> None:
+    """``extend`` runs the native kernel (issue 21): equal to the torch
+    reference within rounding, not bit for bit; ``merge_states`` runs torch."""
     pool, indptr, ids, last = make(torch.float8_e4m3fn, 16, [40, 20])
     q = torch.randn(5, 4, 32)
     qo = torch.tensor([0, 3, 5], dtype=torch.int32)
     got = A.extend(q, pool, LAYER, qo, indptr, ids, last, backend="cpu")
     want = A.extend(q, pool, LAYER, qo, indptr, ids, last, backend="torch")
-    assert torch.equal(got, want)
+    close(got, want, "native extend against the torch reference")
     v, _s = A.merge_states(q, q[..., 0], q, q[..., 0], backend="cpu")
     close(v, q, "merge of a state with itself")
 

@@ -9,8 +9,9 @@ request's pages may sit in any segments; kernels resolve each page id to
 :attr:`KVPool.segment_table`.
 
 Backends: ``"triton"`` (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``), ``"torch"`` (anywhere; what CPU users get by
-default), ``"auto"`` (Triton where it can run, else torch). On CUDA GPUs
+``TRITON_INTERPRET=1``), ``"cpu"`` (the native Rust kernels: decode, and
+causal extend), ``"torch"`` (anywhere; the reference), ``"auto"`` (Triton on
+CUDA, the native kernels on CPU tensors where they apply, else torch). On CUDA GPUs
 before sm_89 (A100) and on ROCm, FP8 KV is decoded from its bits in software;
 ``fp8_software=True`` forces that path anywhere.
 

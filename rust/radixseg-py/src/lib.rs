@@ -6,7 +6,7 @@
 //! One module per exposed type, as tokenizers' bindings are laid out:
 //! `errors` (the exception classes and the one `CoreError` mapping),
 //! `allocator` (`SegmentAllocator`), `tree` (`RadixTree`), `request`
-//! (`RequestRecord`) and `cpu` (`decode_cpu`, `cpu_isas`). This file holds
+//! (`RequestRecord`) and `cpu` (`decode_cpu`, `extend_cpu`, `cpu_isas`). This file holds
 //! what they share (id arrays, GIL release, fork checks) and the module init.
 
 use numpy::{
