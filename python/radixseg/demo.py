@@ -386,7 +386,12 @@ _MARKS = ("chats", "cached", "shrunk")
 
 
 def _plot(
-    lines: list[Line], marks: list[tuple[float, str]], fixed: int, tokens: int, path: str
+    lines: list[Line],
+    marks: list[tuple[float, str]],
+    fixed: int,
+    tokens: int,
+    path: str,
+    fixed_what: str = "fixed pool",
 ) -> str | None:
     """Write memory over time as a PNG; ``None`` when matplotlib is missing."""
     try:
@@ -397,7 +402,7 @@ def _plot(
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.axhline(fixed / GB, color="tab:red", ls="--", label=f"fixed pool for {tokens:,} tokens")
+    ax.axhline(fixed / GB, color="tab:red", ls="--", label=f"{fixed_what} for {tokens:,} tokens")
     for label, t, y, style in lines:
         kw = dict(style)
         gb = [b / GB for b in y]
@@ -1390,7 +1395,7 @@ def _grouped_demo(
             )
         )
         marks = [(x[0], x[3]) for x in samples if x[3] in _MARKS]
-        _print_plot(_plot(lines_, marks, fixed, tokens, plot))
+        _print_plot(_plot(lines_, marks, fixed, tokens, plot, "fixed all-layers pool"))
     return DemoResult(
         tokens=tokens,
         trace_requests=0,
