@@ -76,6 +76,13 @@ use schedule::{run, Ctx};
 /// Tokens per work item: a long request is split into chunks of this many
 /// tokens (rounded to whole pages) that run on different threads.
 pub const CHUNK_TOKENS: usize = 4096;
+/// KV bytes (codes and scales) one extra thread must have to read before
+/// starting it pays: a thread start and join costs tens of microseconds
+/// (far more on a busy machine, where the helper waits for a core), about
+/// what one core decodes of this many bytes. Smaller calls run on fewer
+/// threads, down to the calling thread alone.
+pub const BYTES_PER_THREAD: usize = 1 << 20;
+
 /// Tokens decoded and scored together inside an item.
 pub const BLOCK: usize = 16;
 /// Query vectors (rows x query heads of one KV head) of one extend work
@@ -238,7 +245,9 @@ pub struct DecodeOutput {
 /// Attention of one query token per request over its paged KV.
 ///
 /// `segments[s]` is segment `s`'s bytes of the layer (`None` for a retired
-/// slot). `threads` workers run the items (1 runs them on this thread).
+/// slot). Up to `threads` workers run the items: one per
+/// [`BYTES_PER_THREAD`] bytes of KV read, so a small call runs on this thread
+/// alone (1 always does).
 /// Errors (`InvalidInput`) leave nothing half-written: outputs are returned,
 /// never written in place.
 pub fn decode(

@@ -2,9 +2,13 @@
 //! them on scoped threads, and merging each (request, head)'s items by
 //! log-sum-exp in chunk order, so results do not depend on the thread count.
 
+use std::sync::Mutex;
+
 use crate::isa::Isa;
 use crate::kernel::{run_item, Scratch};
-use crate::{DecodeBatch, DecodeOptions, PoolGeometry, SegmentLayer, CHUNK_TOKENS};
+use crate::{
+    DecodeBatch, DecodeOptions, PoolGeometry, SegmentLayer, BYTES_PER_THREAD, CHUNK_TOKENS,
+};
 
 /// What every item reads.
 pub(crate) struct Ctx<'a, 'b> {
@@ -59,7 +63,21 @@ fn items(ctx: &Ctx<'_, '_>, b: &DecodeBatch<'_>, n: usize) -> Vec<Item> {
     out
 }
 
-/// Run every item on `threads` workers, then merge.
+/// Threads worth starting for `work`: at most `threads`, one per item, and
+/// one per [`BYTES_PER_THREAD`] bytes read (at least 1).
+pub(crate) fn workers(ctx: &Ctx<'_, '_>, work: &[Item], threads: usize) -> usize {
+    let g = &ctx.g;
+    let per_token =
+        g.head_dim * g.format.element_bytes() * 2 + if g.format.scaled() { 8 } else { 0 };
+    let bytes: usize = work
+        .iter()
+        .map(|i| i.tokens.saturating_mul(per_token))
+        .fold(0, usize::saturating_add);
+    threads.min(work.len()).min(bytes / BYTES_PER_THREAD).max(1)
+}
+
+/// Run every item on up to `threads` workers (fewer for small calls, see
+/// [`workers`]), then merge.
 pub(crate) fn run(
     ctx: &Ctx<'_, '_>,
     b: &DecodeBatch<'_>,
@@ -82,15 +100,22 @@ pub(crate) fn run(
     // Per item: acc [group, d], then m [group], then l [group].
     let slot = g * (d + 2);
     let mut partial = vec![0.0f32; work.len() * slot];
+    let workers = workers(ctx, &work, threads);
     {
-        let mut per_thread: Vec<Vec<(&Item, &mut [f32])>> =
-            (0..threads).map(|_| Vec::new()).collect();
-        for (i, (item, part)) in work.iter().zip(partial.chunks_mut(slot)).enumerate() {
-            per_thread[i % threads].push((item, part));
-        }
-        let job = |list: Vec<(&Item, &mut [f32])>| {
+        // Items are handed out one at a time from a shared queue: a helper
+        // that starts late (a busy machine) finds the queue drained by the
+        // calling thread instead of holding back its share of the items.
+        let queue = Mutex::new(work.iter().zip(partial.chunks_mut(slot)));
+        let job = || {
             let mut scratch = Scratch::new(g, d);
-            for (item, part) in list {
+            loop {
+                let next = match queue.lock() {
+                    Ok(mut it) => it.next(),
+                    Err(poisoned) => poisoned.into_inner().next(),
+                };
+                let Some((item, part)) = next else {
+                    break;
+                };
                 let row = (item.req * b.q_heads + item.head * g) * d;
                 let pages = &b.indices[item.first_page..item.first_page + item.pages];
                 run_item(
@@ -104,18 +129,14 @@ pub(crate) fn run(
                 );
             }
         };
-        if threads == 1 || work.len() <= 1 {
-            per_thread.into_iter().for_each(job);
+        if workers == 1 {
+            job();
         } else {
             std::thread::scope(|s| {
-                let mut lists = per_thread.into_iter();
-                let mine = lists.next();
-                for list in lists.filter(|l| !l.is_empty()) {
-                    s.spawn(move || job(list));
+                for _ in 1..workers {
+                    s.spawn(job);
                 }
-                if let Some(list) = mine {
-                    job(list);
-                }
+                job();
             });
         }
     }
@@ -172,4 +193,55 @@ fn merge(
         i = j;
     }
     (out, lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KvFormat;
+
+    fn ctx(format: KvFormat) -> Ctx<'static, 'static> {
+        Ctx {
+            g: PoolGeometry {
+                page_size: 16,
+                pages_per_segment: 64,
+                kv_heads: 2,
+                head_dim: 64,
+                format,
+            },
+            segments: &[],
+            group: 4,
+            options: DecodeOptions::FULL,
+        }
+    }
+
+    fn item(tokens: usize) -> Item {
+        Item {
+            req: 0,
+            head: 0,
+            first_page: 0,
+            pages: tokens.div_ceil(16),
+            skip: 0,
+            tokens,
+        }
+    }
+
+    #[test]
+    fn small_calls_run_on_the_calling_thread_large_ones_on_more() {
+        let c = ctx(KvFormat::F32); // 512 bytes per token and head
+                                    // 1,024 tokens x 2 heads x 2 requests: 2 MiB, 4 items.
+        let small = vec![item(1024); 4];
+        assert_eq!(workers(&c, &small, 8), 2);
+        assert_eq!(workers(&c, &small[..1], 8), 1);
+        assert_eq!(workers(&c, &[item(100)], 16), 1);
+        assert_eq!(workers(&c, &[], 16), 1);
+        // 16 items of 4,096 tokens: 32 MiB, as many threads as given (up to 16).
+        let large = vec![item(4096); 16];
+        assert_eq!(workers(&c, &large, 3), 3);
+        assert_eq!(workers(&c, &large, 64), 16);
+        // FP8 reads 4x fewer code bytes (plus 8 bytes of scales per token and head).
+        let e = ctx(KvFormat::E4m3);
+        assert_eq!(workers(&e, &small, 8), 1);
+        assert_eq!(workers(&e, &large, 64), 8);
+    }
 }

@@ -1562,3 +1562,12 @@ fn tile_sizes() {
         );
     }
 }
+
+/// Calls below `BYTES_PER_THREAD` per thread run on fewer threads; this one
+/// (about 14 MiB of f32 KV, several items per request) is large enough for
+/// 3 threads, which must give the same bits as 1.
+#[test]
+fn a_call_large_enough_for_several_threads_matches_one_thread() {
+    check(KvFormat::F32, 16, 2, 4, 64, &[9000, 5003, 1]);
+    check(KvFormat::E4m3, 8, 2, 2, 128, &[20_000, 4097]);
+}
