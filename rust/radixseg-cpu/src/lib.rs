@@ -45,12 +45,14 @@
 //! decode does; the pool writes them only next to a NaN scale.
 //!
 //! The crate holds radixseg's only `unsafe` code outside the core's `OnceBox`: the
-//! intrinsics of the vector paths and the prefetch hints, each block with a
+//! intrinsics of the vector paths, the prefetch hints and the helper
+//! pool's hand-over of a borrowed job (`pool`), each block with a
 //! `// SAFETY:` comment. It depends on `radixseg-core` for the error type
 //! only; the Python binding (`radixseg-py`) is its one user. Modules follow
 //! the kernel's stages: `checks` validates the call, `isa` picks the
 //! instruction set, `schedule` splits the batch into items, runs them on
-//! threads and merges them by log-sum-exp, `kernel` is the generic
+//! the calling thread and parked helpers (`pool`; as many as the KV read
+//! pays for, see [`BYTES_PER_THREAD`]) and merges them by log-sum-exp, `kernel` is the generic
 //! per-item loop, `format` decodes FP8/fp16/bf16 codes, and `simd` holds the
 //! scalar, x86 and NEON implementations of the vector operations.
 
@@ -61,6 +63,7 @@ mod extend;
 mod format;
 mod isa;
 mod kernel;
+mod pool;
 mod schedule;
 mod simd;
 #[cfg(test)]
@@ -76,11 +79,11 @@ use schedule::{run, Ctx};
 /// Tokens per work item: a long request is split into chunks of this many
 /// tokens (rounded to whole pages) that run on different threads.
 pub const CHUNK_TOKENS: usize = 4096;
-/// KV bytes (codes and scales) one extra thread must have to read before
-/// starting it pays: a thread start and join costs tens of microseconds
-/// (far more on a busy machine, where the helper waits for a core), about
-/// what one core decodes of this many bytes. Smaller calls run on fewer
-/// threads, down to the calling thread alone.
+/// KV bytes (codes and scales) per extra thread a decode call wakes: waking
+/// a parked helper and handing it items costs some microseconds, and a
+/// helper is worth it only when it has far more than that to read (one
+/// core decodes this many bytes in about 0.1 ms). Smaller calls run on
+/// fewer threads, down to the calling thread alone.
 pub const BYTES_PER_THREAD: usize = 1 << 20;
 
 /// Tokens decoded and scored together inside an item.

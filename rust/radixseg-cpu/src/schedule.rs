@@ -102,9 +102,9 @@ pub(crate) fn run(
     let mut partial = vec![0.0f32; work.len() * slot];
     let workers = workers(ctx, &work, threads);
     {
-        // Items are handed out one at a time from a shared queue: a helper
-        // that starts late (a busy machine) finds the queue drained by the
-        // calling thread instead of holding back its share of the items.
+        // Items are handed out one at a time from a shared queue, to this
+        // thread and to parked helpers (`pool`): a helper that wakes late
+        // (a busy machine) finds the queue drained, and is not waited for.
         let queue = Mutex::new(work.iter().zip(partial.chunks_mut(slot)));
         let job = || {
             let mut scratch = Scratch::new(g, d);
@@ -129,16 +129,7 @@ pub(crate) fn run(
                 );
             }
         };
-        if workers == 1 {
-            job();
-        } else {
-            std::thread::scope(|s| {
-                for _ in 1..workers {
-                    s.spawn(job);
-                }
-                job();
-            });
-        }
+        crate::pool::run(workers - 1, &job);
     }
     merge(ctx, b, n, &work, &partial)
 }
