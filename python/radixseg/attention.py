@@ -85,6 +85,10 @@ def _resolve_backend(backend: Any, device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "torch"
 
 
+#: ``qo_indptr`` of a decode (one query row per request), sliced per call.
+_ARANGE = np.arange(4097, dtype=np.int64)
+_ARANGE.flags.writeable = False
+
 # ----- argument checks ----------------------------------------------------------------------
 
 
@@ -139,6 +143,8 @@ def _host_index(x: Any, what: str) -> npt.NDArray[np.int64]:
             raise TypeError(f"{what} must have an integer dtype, got {x.dtype}")
         if x.dim() != 1:
             raise InvalidArgument(f"{what} must be 1-D, got shape {list(x.shape)}")
+        if x.device.type == "cpu":  # no device round trip: numpy converts (or shares) it
+            return x.detach().numpy().astype(np.int64, copy=False)
         return x.detach().to("cpu", torch.int64).numpy()
     try:
         arr = np.asarray(x)
@@ -352,7 +358,7 @@ def _attention(
     total_q = q.shape[0]
     if decode:
         batch = total_q
-        qo_host = np.arange(batch + 1, dtype=np.int64)
+        qo_host = _ARANGE[: batch + 1] if batch < _ARANGE.size else np.arange(batch + 1)
     else:
         qo_host = _host_index(qo_indptr, "qo_indptr")
         batch = qo_host.size - 1
@@ -364,15 +370,30 @@ def _attention(
         raise InvalidArgument(
             f"kv_indptr has {kv_host.size} entries, but {what}: it needs batch + 1 = {batch + 1}"
         )
-    _check_indptr(qo_host, batch, "qo_indptr", "query tokens")
-    if qo_host[-1] != total_q:
-        raise InvalidArgument(
-            f"qo_indptr[-1] = {int(qo_host[-1])} must equal q.shape[0] = {total_q} "
-            f"(the total of new tokens)"
-        )
+    if not decode:  # a decode's qo_indptr is 0..batch by construction
+        _check_indptr(qo_host, batch, "qo_indptr", "query tokens")
+        if qo_host[-1] != total_q:
+            raise InvalidArgument(
+                f"qo_indptr[-1] = {int(qo_host[-1])} must equal q.shape[0] = {total_q} "
+                f"(the total of new tokens)"
+            )
+    # Only the Triton path reads int32 device copies of the table.
     table = _PageTable(
-        pool, batch, kv_indptr, kv_host, kv_indices, kv_last_page_len, q.device, check
+        pool,
+        batch,
+        kv_indptr,
+        kv_host,
+        kv_indices,
+        kv_last_page_len,
+        None if chosen in ("cpu", "torch") else q.device,
+        check,
     )
+    if chosen == "cpu" and decode:
+        from radixseg.kernels.cpu import paged_decode_cpu
+
+        return paged_decode_cpu(
+            q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale, **local
+        )
     qo_lens = np.diff(qo_host)
     over = qo_lens > table.kv_lens
     # Only causal extend places the new tokens at the end of the KV; without a
@@ -383,12 +404,6 @@ def _attention(
             f"request {i} has {int(qo_lens[i])} new tokens but only {int(table.kv_lens[i])} KV "
             f"tokens; store the new tokens' K/V in the pool (and count them in the page "
             f"table) before calling extend"
-        )
-    if chosen == "cpu" and decode:
-        from radixseg.kernels.cpu import paged_decode_cpu
-
-        return paged_decode_cpu(
-            q, pool, layer, table.indptr, table.indices, table.kv_lens, sm_scale=scale, **local
         )
     if chosen == "cpu" and causal:
         # Causal extend runs the native kernel; the non-causal local part of a

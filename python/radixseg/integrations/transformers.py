@@ -413,10 +413,12 @@ class _Step:
         "active",
         "consumed",
         "counts",
+        "host",
         "kv_indices",
         "kv_indptr",
         "kv_last_page_len",
         "kv_lens",
+        "native",
         "qo_indptr",
         "rows",
         "slots",
@@ -461,6 +463,52 @@ class _Step:
             table = table[0]
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = table
         self.consumed = True
+        # Per layer group: the native CPU kernels' validated host arguments,
+        # built by the step's first layer and reused by the others.
+        self.host: dict[int, _HostTable] = {}
+        self.native: bool | None = None  # whether the layers run the native CPU kernels
+
+    def host_table(self, group: int, pool: KVPool) -> _HostTable:
+        """The step's page table of layer group ``group`` (0 without groups),
+        validated once per step the way :mod:`radixseg.attention` validates
+        it (``check=False``: the prefix cache holds these pages), as the
+        int64 host arrays the native CPU kernels take."""
+        got = self.host.get(group)
+        if got is None:
+            indptr, indices, last = self.table(group)
+            t = _attn._PageTable(
+                pool,
+                len(self.active),
+                indptr,
+                _attn._host_index(indptr, "kv_indptr"),
+                indices,
+                last,
+                None,
+                False,
+            )
+            qo = self.qo_indptr.numpy().astype(np.int64)
+            got = _HostTable(qo, t.indptr, t.indices, t.kv_lens)
+            self.host[group] = got
+        return got
+
+    def table(self, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kv_indptr, kv_indices, kv_last_page_len)`` of layer group ``group``."""
+        if self.tables is not None:
+            return self.tables[group]
+        return self.kv_indptr, self.kv_indices, self.kv_last_page_len
+
+
+class _HostTable:
+    """One step's CSR page table of one pool as int64 host arrays (see
+    :meth:`_Step.host_table`): what every layer's native CPU kernel call takes."""
+
+    __slots__ = ("indices", "indptr", "kv_lens", "qo_indptr")
+
+    def __init__(self, qo_indptr: Any, indptr: Any, indices: Any, kv_lens: Any) -> None:
+        self.qo_indptr = np.ascontiguousarray(qo_indptr, dtype=np.int64)
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+        self.indices = np.ascontiguousarray(indices, dtype=np.int64)
+        self.kv_lens = np.ascontiguousarray(kv_lens, dtype=np.int64)
 
 
 class _Handle:
@@ -1131,14 +1179,22 @@ def radixseg_attention(
             common["return_lse"] = True
         pool: Any = cache.pool
         layer = handle.layer
-        table = (step.kv_indptr, step.kv_indices, step.kv_last_page_len)
+        group = 0
         if step.tables is not None:
             # A layer group's pool and table; its rows start at the first kept
             # page, a whole number of windows or chunks in (see radixseg.grouped).
-            g, layer = cache.pool.locate(handle.layer)
-            _check_group(cache.pool.groups[g], kind, size, handle.layer)
-            pool, table = cache.pool.pools[g], step.tables[g]
-        if all(step.counts[i] == 1 for i in step.active):
+            group, layer = cache.pool.locate(handle.layer)
+            _check_group(cache.pool.groups[group], kind, size, handle.layer)
+            pool = cache.pool.pools[group]
+        table = step.table(group)
+        decode = all(step.counts[i] == 1 for i in step.active)
+        if step.native is None:  # the backend, resolved once per step
+            step.native = _native_cpu(cache, pool, q)
+        if step.native:
+            # The native CPU kernels straight from the step's host arrays: the
+            # table was validated once for the step, the query's shape here.
+            out = _native_attention(q, pool, layer, step.host_table(group, pool), decode, common)
+        elif decode:
             out = _attn.decode(q, pool, layer, *table, **common)
         else:
             if handle.kv is not None:  # sharded: the collective extend takes the new K/V
@@ -1152,6 +1208,61 @@ def radixseg_attention(
         full = out.new_zeros((b * t, hq, d))
         out = full.index_copy_(0, step.rows.to(out.device), out)
     return out.view(b, t, hq, d), None
+
+
+def _native_cpu(cache: RadixsegCache, pool: Any, q: torch.Tensor) -> bool:
+    """Whether this layer's attention runs the native CPU kernels (what
+    ``backend="cpu"``, or ``"auto"`` on CPU, resolves to for a plain pool)."""
+    if cache.context_parallel or not isinstance(pool, KVPool) or q.device.type != "cpu":
+        return False
+    return _attn._resolve_backend(cache.backend, q.device) == "cpu"
+
+
+def _native_attention(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    host: _HostTable,
+    decode: bool,
+    common: dict[str, Any],
+) -> Any:
+    """:func:`radixseg.attention.decode` / causal ``extend`` on the CPU backend
+    with the step's validated host table: ``out``, or ``(out, lse)`` with
+    ``common["return_lse"]``."""
+    from radixseg.kernels.cpu import paged_decode_cpu, paged_extend_cpu
+
+    q = _attn._check_q(q, pool)
+    layer = pool.check_layer(layer)
+    window, chunk, cap = _attn._check_local(
+        common.get("window_left", -1),
+        common.get("chunk_size"),
+        common.get("logits_soft_cap"),
+        decode=decode,
+        causal=True,
+    )
+    local: dict[str, Any] = {
+        "sm_scale": _attn._check_scale(common["sm_scale"], pool.head_dim),
+        "window_left": window,
+        "chunk_size": chunk,
+        "soft_cap": cap,
+    }
+    if decode:
+        out, lse = paged_decode_cpu(
+            q, pool, layer, host.indptr, host.indices, host.kv_lens, **local
+        )
+    else:
+        out, lse = paged_extend_cpu(
+            q,
+            pool,
+            layer,
+            host.qo_indptr,
+            host.indptr,
+            host.indices,
+            host.kv_lens,
+            causal=True,
+            **local,
+        )
+    return (out, lse) if common.get("return_lse") else out
 
 
 def _check_group(group: Any, kind: str, size: int | None, layer: int) -> None:
