@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_interleaved, print_table, write_json
 
 GB = 1e9
-KV_DTYPES = {"e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+KV_DTYPES = {"e4m3": torch.float8_e4m3fn, "bf16": torch.bfloat16, "f32": torch.float32}
 
 
 # ----- building a scattered pool ---------------------------------------------------------------
@@ -380,6 +380,7 @@ def _llc_bytes() -> int:
 def run_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     recs = []
     if args.cpu_only != "extend":
+        recs += _cpu_decode_rows(args)
         recs += [rec for kv in args.kv for rec in _cpu_case(args, kv)]
     if args.cpu_only != "decode":
         recs += _cpu_extend_cases(args)
@@ -523,6 +524,134 @@ def _cpu_extend_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     return recs
 
 
+CPU_DECODE = [(1024, 1), (1024, 8), (8192, 1), (8192, 8)]
+
+
+def _median_per_call(
+    cases: dict[str, Callable[[], Any]], rounds: int, budget_s: float = 0.02
+) -> dict[str, float]:
+    """Median over ``rounds`` interleaved rounds of each case's seconds per call,
+    each round timing as many back-to-back calls as fill about ``budget_s``
+    (calls of 0.1 ms are too short to time one by one)."""
+    reps = {}
+    for name, fn in cases.items():
+        fn()
+        t = time.perf_counter()
+        fn()
+        reps[name] = max(1, min(200, int(budget_s / max(time.perf_counter() - t, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            times[name].append((time.perf_counter() - t) / reps[name])
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def _cpu_decode_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Decode at ordinary sizes: ``attention.decode(backend="cpu", check=False)``
+    (the whole public call: validation, table, kernel) against torch SDPA over
+    a contiguous, already dequantized copy of the same K/V (bf16 and float32)
+    and against a memcpy of the bytes the kernel reads; medians of
+    interleaved rounds, warm caches (the KV of the smaller rows fits the LLC,
+    as a decode step's does layer after layer in a small model)."""
+    sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+    hq, hk, d = args.q_heads, args.kv_heads, args.head_dim
+    recs: list[dict[str, Any]] = []
+    rows = []
+    headers = [
+        "kv",
+        "tokens x batch",
+        "KV MB",
+        "native ms",
+        "sdpa bf16 ms",
+        "native/sdpa bf16",
+        "sdpa f32 ms",
+        "native/sdpa f32",
+        "memcpy ms",
+        "of memcpy",
+        "max |diff| f32",
+    ]
+    print(
+        f"cpu decode: attention.decode(backend='cpu') vs SDPA over a contiguous copy, "
+        f"{hq} query / {hk} KV heads, head_dim {d}, page {args.page_size}, "
+        f"{torch.get_num_threads()} threads; median of {args.decode_rounds} interleaved rounds"
+    )
+    for kv in args.kv:
+        for tokens, batch in CPU_DECODE:
+            pool, indptr, indices, last = build(
+                KV_DTYPES[kv],
+                [tokens] * batch,
+                kv_heads=hk,
+                head_dim=d,
+                page_size=args.page_size,
+                device="cpu",
+            )
+            q = torch.randn(batch, hq, d)
+            from radixseg.kernels.torch_backend import gather_kv
+
+            dense = [
+                gather_kv(pool, 0, indices[indptr[i] : indptr[i + 1]], torch.float32)
+                for i in range(batch)
+            ]  # exact float32 values (FP8 codes times their scales)
+            kf = torch.stack([k[:tokens].transpose(0, 1) for k, _ in dense]).contiguous()
+            vf = torch.stack([v[:tokens].transpose(0, 1) for _, v in dense]).contiguous()
+            kb, vb = kf.to(torch.bfloat16), vf.to(torch.bfloat16)
+            qs, qb = q.unsqueeze(2), q.unsqueeze(2).to(torch.bfloat16)
+            nbytes = kv_bytes(pool, tokens * batch)
+            src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
+            dst = torch.empty_like(src)
+
+            def native(
+                q: torch.Tensor = q, pool: KVPool = pool, t: Any = (indptr, indices, last)
+            ) -> torch.Tensor:
+                return A.decode(q, pool, 0, *t, backend="cpu", check=False)
+
+            cases: dict[str, Callable[[], Any]] = {
+                "native": native,
+                "sdpa_bf16": lambda qb=qb, kb=kb, vb=vb: sdpa_fn(qb, kb, vb, enable_gqa=True),
+                "sdpa_f32": lambda qs=qs, kf=kf, vf=vf: sdpa_fn(qs, kf, vf, enable_gqa=True),
+                "memcpy": lambda src=src, dst=dst: dst.copy_(src),
+            }
+            med = _median_per_call(cases, args.decode_rounds)
+            diff = float((native() - sdpa_fn(qs, kf, vf, enable_gqa=True)[:, :, 0]).abs().max())
+            rec = {
+                "kv": kv,
+                "tokens": tokens,
+                "batch": batch,
+                "bytes": nbytes,
+                "native_s": med["native"],
+                "sdpa_bf16_s": med["sdpa_bf16"],
+                "sdpa_f32_s": med["sdpa_f32"],
+                "memcpy_s": med["memcpy"],
+                "ratio_native_over_sdpa_bf16": med["native"] / med["sdpa_bf16"],
+                "ratio_native_over_sdpa_f32": med["native"] / med["sdpa_f32"],
+                "ratio_memcpy_over_native": med["memcpy"] / med["native"],
+                "max_diff_vs_sdpa_f32": diff,
+                "threads": torch.get_num_threads(),
+            }
+            recs.append(rec)
+            rows.append(
+                [
+                    kv,
+                    f"{tokens:,} x {batch}",
+                    f"{nbytes / 1e6:.1f}",
+                    f"{med['native'] * 1e3:.3f}",
+                    f"{med['sdpa_bf16'] * 1e3:.3f}",
+                    f"{rec['ratio_native_over_sdpa_bf16']:.2f}",
+                    f"{med['sdpa_f32'] * 1e3:.3f}",
+                    f"{rec['ratio_native_over_sdpa_f32']:.2f}",
+                    f"{med['memcpy'] * 1e3:.3f}",
+                    f"{rec['ratio_memcpy_over_native']:.2f}",
+                    f"{diff:.1e}",
+                ]
+            )
+            del pool, dense, kf, vf, kb, vb, src, dst
+    print_table(headers, rows)
+    return recs
+
+
 def _cpu_case(args: argparse.Namespace, kv: str) -> list[dict[str, Any]]:
     from radixseg.kernels.cpu import ISAS, paged_decode_cpu
 
@@ -611,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-tokens", type=int, default=1_000_000)
     p.add_argument("--rounds", type=int, default=7, help="CPU: rounds, best kept")
     p.add_argument("--extend-rounds", type=int, default=3, help="CPU extend: rounds, best kept")
+    p.add_argument(
+        "--decode-rounds", type=int, default=15, help="CPU decode rows: rounds, median kept"
+    )
     p.add_argument(
         "--cpu-only", choices=["decode", "extend"], help="CPU: run only the decode or extend part"
     )
