@@ -93,11 +93,11 @@ def teacher_forced(model: Any, seq: torch.Tensor, start: int, cache: Any) -> tor
 def decode_steps(model: Any, prompt: torch.Tensor, steps: int, cache: Any) -> float:
     """Median seconds of one greedy decode step (a forward pass of one token
     per row) after prefilling ``prompt`` into ``cache``."""
-    tok = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    tok = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -106,7 +106,7 @@ def decode_steps(model: Any, prompt: torch.Tensor, steps: int, cache: Any) -> fl
 def prefill_time(model: Any, prompt: torch.Tensor, cache: Any) -> float:
     """Seconds of one forward pass over ``prompt`` into an empty ``cache``."""
     t0 = time.perf_counter()
-    model(prompt, past_key_values=cache, use_cache=True)
+    model(prompt, cache=cache, use_cache=True)
     return time.perf_counter() - t0
 
 
