@@ -47,6 +47,36 @@ _FORMATS = {
 }
 
 
+_PoolAndQ = tuple[
+    "list[npt.NDArray[np.uint8] | None]",
+    "tuple[int, int, int, int]",
+    int,
+    int,
+    int,
+    int,
+    str,
+    "npt.NDArray[np.float32]",
+    int,
+]
+
+
+def _pool_and_q(q: torch.Tensor, pool: KVPool, layer: int) -> _PoolAndQ:
+    """The leading arguments both native kernels take: the pool's segments and
+    geometry for ``layer``, then ``q`` as flat float32 and its head count."""
+    _, q_heads, head_dim = q.shape
+    return (
+        pool.host_buffers(),
+        pool.layout.layer_offsets(layer),
+        pool.page_size,
+        pool.pages_per_segment,
+        pool.num_kv_heads,
+        head_dim,
+        _FORMATS[pool.dtype],
+        q.detach().to(torch.float32).contiguous().reshape(-1).numpy(),
+        q_heads,
+    )
+
+
 def paged_decode_cpu(
     q: torch.Tensor,
     pool: KVPool,
@@ -80,17 +110,8 @@ def paged_decode_cpu(
     values raise :class:`~radixseg.InvalidArgument`.
     """
     batch, q_heads, head_dim = q.shape
-    qf = q.detach().to(torch.float32).contiguous().reshape(-1).numpy()
     out, lse, _ = decode_cpu(
-        pool.host_buffers(),
-        pool.layout.layer_offsets(layer),
-        pool.page_size,
-        pool.pages_per_segment,
-        pool.num_kv_heads,
-        head_dim,
-        _FORMATS[pool.dtype],
-        qf,
-        q_heads,
+        *_pool_and_q(q, pool, layer),
         np.ascontiguousarray(kv_indptr, dtype=np.int64),
         np.ascontiguousarray(kv_indices, dtype=np.int64),
         np.ascontiguousarray(kv_lens, dtype=np.int64),
@@ -137,17 +158,8 @@ def paged_extend_cpu(
     :class:`~radixseg.InvalidArgument`.
     """
     total_q, q_heads, head_dim = q.shape
-    qf = q.detach().to(torch.float32).contiguous().reshape(-1).numpy()
     out, lse, _ = extend_cpu(
-        pool.host_buffers(),
-        pool.layout.layer_offsets(layer),
-        pool.page_size,
-        pool.pages_per_segment,
-        pool.num_kv_heads,
-        head_dim,
-        _FORMATS[pool.dtype],
-        qf,
-        q_heads,
+        *_pool_and_q(q, pool, layer),
         np.ascontiguousarray(qo_indptr, dtype=np.int64),
         np.ascontiguousarray(kv_indptr, dtype=np.int64),
         np.ascontiguousarray(kv_indices, dtype=np.int64),
