@@ -177,17 +177,9 @@ pub(crate) fn run(
                 run_tile(isa, ctx, &input, tile, &mut scratch, &mut ranges, slot);
             }
         };
+        // The parked helpers (`pool`), as decode: no thread starts per call.
         let threads = threads.min(work.len()).max(1);
-        if threads == 1 {
-            job();
-        } else {
-            std::thread::scope(|s| {
-                for _ in 1..threads {
-                    s.spawn(job);
-                }
-                job();
-            });
-        }
+        crate::pool::run(threads - 1, &job);
     }
     let total_q = b.q.len() / (b.q_heads * d);
     let mut out = vec![0.0f32; total_q * b.q_heads * d];
