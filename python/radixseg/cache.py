@@ -344,6 +344,11 @@ class PrefixCache(Uncopyable):
         """Evict least-recently-used unlocked prefixes; returns pages the tree released."""
         return self.tree.evict(n_pages)
 
+    def running_pages(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``(pages, indptr)``: request ``i``'s pages at ``pages[indptr[i]:indptr[i+1]]``,
+        for every running request (the pool's tier placement reads it)."""
+        return self.tree.running_pages()
+
     def evictable_pages(self) -> int:
         """Cached pages no running request locks (what :meth:`evict` can release)."""
         return self.tree.evictable_pages()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from radixseg._convert import Uncopyable, as_count
@@ -43,6 +44,7 @@ from radixseg._core import (
     InvalidArgument,
     InvalidHandle,
     OutOfPages,
+    RadixsegError,
     SegmentBusy,
 )
 from radixseg._dtypes import KV_DTYPES, SHORT_NAMES, kv_dtype_named
@@ -50,7 +52,10 @@ from radixseg.allocator import SegmentAllocator
 from radixseg.layout import SegmentLayout
 
 __all__ = [
+    "DEVICE",
+    "HOST",
     "DeviceOutOfMemory",  # defined in radixseg._core beside the other errors
+    "HostMemoryRefused",
     "KVPool",
     "SegmentTensors",
     "dequantize_fp8",
@@ -65,6 +70,16 @@ FP8_MAX: dict[torch.dtype, float] = {
 _STORAGE_DTYPES = tuple(SHORT_NAMES)  # every KV storage dtype, FP8 first
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _UNCHECKED_GROWTH = 256 << 20
+
+#: Tiers a segment lives in (:meth:`KVPool.tier_of`): the pool's device, or
+#: host memory (pinned on CUDA) when the pool has a ``host_budget_bytes``.
+DEVICE, HOST = 0, 1
+_TIER_NAMES = ("device", "host")
+
+
+class HostMemoryRefused(RadixsegError):
+    """The host tier could not get (or pin) memory for a segment; the segment
+    stays where it was. Never a silent fall back to pageable memory."""
 
 
 class SegmentTensors(NamedTuple):
@@ -86,6 +101,7 @@ class _Segment:
     v_store: torch.Tensor
     ks_store: torch.Tensor | None  # [num_layers, pages * page_size, heads]
     vs_store: torch.Tensor | None
+    tier: int = DEVICE  # DEVICE or HOST
 
 
 class AttachedCache(Protocol):
@@ -124,6 +140,15 @@ def _default_factory(nbytes: int, device: torch.device) -> torch.Tensor:
                 m.madvise(mmap.MADV_HUGEPAGE)
             return torch.frombuffer(m, dtype=torch.uint8)
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _host_factory(nbytes: int, device: torch.device) -> torch.Tensor:
+    """One host-tier segment buffer for a pool on ``device``: pinned memory
+    for a CUDA pool (so copies run at DMA speed and the CPU kernel reads it in
+    place), else what the CPU default factory gives."""
+    if device.type == "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return _default_factory(nbytes, torch.device("cpu"))
 
 
 def _normal_tensors() -> torch.inference_mode:
@@ -260,6 +285,17 @@ class KVPool(Uncopyable):
     tensor_factory : callable, optional
         ``factory(nbytes, device) -> uint8 tensor [nbytes]``; the default is
         ``torch.empty``. Tests inject failures here.
+    host_budget_bytes : int
+        Bytes of host memory the pool may hold in host-tier segments (0, the
+        default: no host tier). When the device budget is spent, the coldest
+        device segments are demoted there (copied; their page ids do not
+        change) before any cached prefix is evicted; :meth:`demote` and
+        :meth:`promote` move segments on demand. New pages are only ever
+        allocated in device segments. At least one segment's bytes.
+    host_tensor_factory : callable, optional
+        ``factory(nbytes, device) -> uint8 CPU tensor [nbytes]`` for host-tier
+        buffers (default: pinned memory for a CUDA pool); a refusal raises
+        :class:`HostMemoryRefused`.
 
     Thread-safe: ``alloc``/``release`` go straight to the lock-free allocator;
     growth and shrinking take one lock.
@@ -298,6 +334,8 @@ class KVPool(Uncopyable):
         shrink_hysteresis: int = 1,
         max_segments: int | None = None,
         tensor_factory: TensorFactory | None = None,
+        host_budget_bytes: int = 0,
+        host_tensor_factory: TensorFactory | None = None,
     ) -> None:
         self.num_layers = self._positive(num_layers, "num_layers", 1 << 16)
         self.num_kv_heads = self._positive(num_kv_heads, "num_kv_heads", 1 << 16)
@@ -396,7 +434,29 @@ class KVPool(Uncopyable):
             "growth_failures": 0,
             "evicted_pages": 0,
             "peak_reserved_bytes": 0,
+            "demotions": 0,
+            "promotions": 0,
+            "demoted_bytes": 0,
+            "promoted_bytes": 0,
         }
+        self.host_budget_bytes = as_count(host_budget_bytes, "host_budget_bytes")
+        if 0 < self.host_budget_bytes < self.segment_bytes:
+            raise InvalidArgument(
+                f"host_budget_bytes={self.host_budget_bytes:,} is smaller than one segment "
+                f"({self.segment_bytes:,} B); give 0 (no host tier) or at least one segment"
+            )
+        self._host_factory: TensorFactory = host_tensor_factory or _host_factory
+        # Segment ids whose segment lives in the host tier, and a uint8 tier
+        # per segment id for vectorised page -> tier lookups (tier_of).
+        self._host_sids: set[int] = set()
+        self._tiers = np.zeros(0, dtype=np.uint8)
+        # Host buffers of segments promoted or retired, kept for the next
+        # demotion (pinning is slow: never pin per move); shrink() frees them.
+        self._host_spares: list[torch.Tensor] = []
+        # Per segment id: the demotion round at which running requests last
+        # read it (the recency key of the demotion order).
+        self._last_read: dict[int, int] = {}
+        self._rounds = 0
 
     # ----- configuration helpers --------------------------------------------------
 
@@ -446,7 +506,7 @@ class KVPool(Uncopyable):
 
     # ----- segments ---------------------------------------------------------------
 
-    def _make_segment(self, buffer: torch.Tensor) -> _Segment:
+    def _make_segment(self, buffer: torch.Tensor, tier: int = DEVICE) -> _Segment:
         if buffer.dtype != torch.uint8 or buffer.numel() < self.segment_bytes or buffer.dim() != 1:
             raise InvalidArgument(
                 f"tensor_factory must return a 1-D uint8 tensor of at least "
@@ -481,16 +541,32 @@ class KVPool(Uncopyable):
                 vs.view(L, pps, ps, h),
             )
             return _Segment(
-                buffer, views, k_store, v_store, ks.view(L, pps * ps, h), vs.view(L, pps * ps, h)
+                buffer,
+                views,
+                k_store,
+                v_store,
+                ks.view(L, pps * ps, h),
+                vs.view(L, pps * ps, h),
+                tier,
             )
         views = SegmentTensors(k_raw.view(shape), v_raw.view(shape), None, None)
-        return _Segment(buffer, views, k_store, v_store, None, None)
+        return _Segment(buffer, views, k_store, v_store, None, None, tier)
 
     def _install(self, sid: int, seg: _Segment | None) -> None:
         """Put ``seg`` (or nothing) at slot ``sid`` and refresh its table row."""
         if sid >= len(self._segments):
             self._segments.extend([None] * (sid + 1 - len(self._segments)))
+        if sid >= self._tiers.shape[0]:
+            tiers = np.zeros(max(16, 2 * self._tiers.shape[0], sid + 1), dtype=np.uint8)
+            tiers[: self._tiers.shape[0]] = self._tiers
+            self._tiers = tiers
         self._segments[sid] = seg
+        tier = DEVICE if seg is None else seg.tier
+        self._tiers[sid] = tier
+        if tier == HOST:
+            self._host_sids.add(sid)
+        else:
+            self._host_sids.discard(sid)
         self._host = None
         if sid >= self._table.shape[0]:
             cap = max(16, 2 * self._table.shape[0], sid + 1)
@@ -573,7 +649,7 @@ class KVPool(Uncopyable):
         """
         live = self.allocator.segment_count()
         room = self.allocator.max_segments - live
-        reserved = live * self.segment_bytes
+        reserved = self.device_reserved_bytes()
         budget = self.resolved_budget(reserved)
         if budget is not None:
             room = min(room, max(0, (budget - reserved) // self.segment_bytes))
@@ -589,12 +665,13 @@ class KVPool(Uncopyable):
         return self._counters["segments_added"] + self._counters["segments_retired"]
 
     def resolved_budget(self, reserved: int | None = None) -> int | None:
-        """The budget in bytes now (``"auto"`` evaluated against free device memory)."""
+        """The device budget in bytes now (``"auto"`` evaluated against free
+        device memory); ``reserved``: the device bytes the pool holds."""
         if self.budget_bytes is None:
             return None
         if self.budget_bytes == "auto":
             if reserved is None:
-                reserved = self.reserved_bytes()
+                reserved = self.device_reserved_bytes()
             return int(self.budget_fraction * (_device_free_bytes(self.device) + reserved))
         assert isinstance(self.budget_bytes, int)
         return self.budget_bytes
@@ -612,7 +689,9 @@ class KVPool(Uncopyable):
     def host_buffers(self) -> list[Any]:
         """Per segment id, a ``uint8`` numpy view of the segment's whole buffer
         (``None`` for a free slot): what the native CPU kernels read, with
-        :attr:`layout`'s offsets. CPU pools only; take it once per launch."""
+        :attr:`layout`'s offsets. Every segment of a CPU pool; on a CUDA pool
+        the host-tier segments only (``None`` for device ones). Take it once
+        per launch."""
         host = self._host  # one read: the list of the segments live at this launch
         if host is None:
             # Built and published under the growth lock, so a segment retired and
@@ -621,7 +700,10 @@ class KVPool(Uncopyable):
             with self._locked():
                 host = self._host
                 if host is None:
-                    host = [None if s is None else s.buffer.numpy() for s in self._segments]
+                    host = [
+                        None if s is None or s.buffer.device.type != "cpu" else s.buffer.numpy()
+                        for s in self._segments
+                    ]
                     self._host = host
         return host
 
@@ -660,6 +742,8 @@ class KVPool(Uncopyable):
         shortfall can only be met by eviction, so the request path evicts in
         the same core call as its allocation instead of coming here."""
         spent = self._budget_spent
+        if self.host_budget_bytes:
+            return -1  # demotion comes before eviction: always through _make_room
         if spent is not None and spent[0] == self.budget_bytes:
             return spent[1]
         return -1
@@ -707,6 +791,8 @@ class KVPool(Uncopyable):
             if room == 0 and isinstance(self.budget_bytes, int):
                 # Growth is over until the segment count or the budget changes.
                 self._budget_spent = (self.budget_bytes, self.allocator.segment_count())
+            if room < need and failure is None and self._demote_for(need - room, added):
+                continue  # the device budget has room again: grow into it
             evictable = self._cache.evictable_pages() if self._cache is not None else 0
             if short > room * pps + evictable:
                 break  # growth and eviction together cannot cover it: fail now
@@ -731,7 +817,10 @@ class KVPool(Uncopyable):
         for sid in sids:
             try:
                 self.allocator.retire_segment(sid)
+                seg = self._segments[sid]
                 self._install(sid, None)
+                if seg is not None and seg.tier == HOST:
+                    self._host_spares.append(seg.buffer)  # pinned once, used again
             except SegmentBusy:
                 continue  # a concurrent alloc took a page meanwhile
             except BaseException:
@@ -745,7 +834,7 @@ class KVPool(Uncopyable):
 
     def _exhausted(self, n: int, need: int, room: int, failure: _GrowthFailed | None) -> OutOfPages:
         free = self.allocator.free_pages()
-        reserved = self.reserved_bytes()
+        reserved = self.device_reserved_bytes()
         budget = self.resolved_budget(reserved)
         err: OutOfPages
         if failure is not None:
@@ -777,11 +866,20 @@ class KVPool(Uncopyable):
                 if self.budget_bytes == "auto"
                 else "raise budget_bytes"
             )
+            host = ""
+            if self.host_budget_bytes:
+                host = (
+                    f"; the host tier holds {self.host_reserved_bytes():,} B of its "
+                    f"{self.host_budget_bytes:,} B budget and no device segment could move "
+                    f"there (each running request's last page stays on the device)"
+                )
+                knob += " or host_budget_bytes"
             err = BudgetExhausted(
                 f"cannot allocate {n:,} pages ({n * self.page_bytes:,} B): {free:,} pages free, "
-                f"{reserved:,} B reserved in {self.allocator.segment_count():,} segments of "
-                f"{self.segment_bytes:,} B, budget {budget:,} B allows {room} more segment(s) "
-                f"and {need} are needed; eviction freed nothing; {knob}"
+                f"{reserved:,} B reserved on the device in {reserved // self.segment_bytes:,} "
+                f"segments of {self.segment_bytes:,} B, device budget {budget:,} B allows "
+                f"{room} more segment(s) and {need} are needed; eviction freed nothing{host}; "
+                f"{knob}"
             )
         if failure is not None:
             err.__cause__ = failure.cause
@@ -831,6 +929,8 @@ class KVPool(Uncopyable):
                 (s for s, used in self.allocator.segment_usage() if used == 0), reverse=True
             )
             freed = self._retire(empty[: max(0, len(empty) - keep)])
+            freed += len(self._host_spares) * self.segment_bytes
+            self._host_spares.clear()
         if freed and self.device.type == "cuda":
             torch.cuda.empty_cache()
         return freed
@@ -1022,11 +1122,249 @@ class KVPool(Uncopyable):
                 v.index_copy_(0, pos, vv.float())
         return k, v
 
+    # ----- tiers ------------------------------------------------------------------
+
+    def tier_of(self, page_ids: Any) -> npt.NDArray[np.uint8]:
+        """``uint8 [n]``: :data:`DEVICE` (0) or :data:`HOST` (1) for each page id
+        (``[n]`` ints). One snapshot: a page's tier changes only when its
+        segment is moved by :meth:`demote`/:meth:`promote` or under pressure."""
+        ids = np.asarray(page_ids.cpu() if isinstance(page_ids, torch.Tensor) else page_ids)
+        tiers = self._tiers  # one read
+        seg = ids.astype(np.int64, copy=False) // self.pages_per_segment
+        if seg.size and (seg.min() < 0 or seg.max() >= tiers.shape[0]):
+            raise InvalidArgument(
+                f"page ids must be in 0..{tiers.shape[0] * self.pages_per_segment:,} "
+                f"(the pool's segment slots), got {int(ids.min()):,}..{int(ids.max()):,}"
+            )
+        return tiers[seg]
+
+    @property
+    def host_segments(self) -> list[int]:
+        """Ids of the segments in the host tier, ascending."""
+        return sorted(self._host_sids)
+
+    def demote(self, segment_ids: Any = None, n: int | None = None) -> list[int]:
+        """Move device segments to the host tier; returns the ids moved.
+
+        ``segment_ids``: these (``[k]`` ints, each a live device segment);
+        else the ``n`` (default 1) coldest, ranked by how many running
+        requests read them, then by how recently one did. A segment holding a
+        running request's last page is never chosen (it is being written);
+        naming one, or a segment already on the host, is an
+        :class:`InvalidArgument`. Each move is atomic: the segment's bytes are
+        copied, then its table row and tier change in one step under the
+        growth lock; page ids, refcounts and the tree do not change, and no
+        new page is allocated in a host segment. :class:`BudgetExhausted`
+        when the host budget has no room for them all (nothing moves).
+        """
+        with self._locked():
+            if segment_ids is None:
+                k = 1 if n is None else as_count(n, "n")
+                sids = self._coldest(k)
+                if len(sids) < k:
+                    raise InvalidArgument(
+                        f"asked to demote {k} segment(s) but only {len(sids)} device segment(s) "
+                        f"hold pages and no running request's last page"
+                    )
+            else:
+                sids = self._check_tier_ids(segment_ids, DEVICE, "demote")
+                writing = self._writing_segments()
+                busy = sorted(set(sids) & writing)
+                if busy:
+                    raise InvalidArgument(
+                        f"segments {busy} hold a running request's last page (being written); "
+                        f"they stay on the device"
+                    )
+            room = self._host_room()
+            if len(sids) > room:
+                raise BudgetExhausted(
+                    f"cannot demote {len(sids)} segment(s) of {self.segment_bytes:,} B: the host "
+                    f"tier holds {self.host_reserved_bytes():,} B of its "
+                    f"{self.host_budget_bytes:,} B budget ({room} segment(s) of room)"
+                )
+            for sid in sids:
+                self._move(sid, HOST)
+            return sids
+
+    def promote(self, segment_ids: Any = None) -> list[int]:
+        """Move host segments back to the device; returns the ids moved.
+
+        ``segment_ids``: these (each a live host segment), all or none:
+        :class:`BudgetExhausted` when the device budget lacks room for them.
+        ``None``: as many as the device budget has room for, those most read
+        by running requests first (worth it once a request will decode more
+        than a few steps from them: a host page costs every step, a move once).
+        """
+        with self._locked():
+            room = self.room_segments(len(self._host_sids))
+            if segment_ids is None:
+                readers = self._readers()
+                sids = sorted(
+                    self._host_sids,
+                    key=lambda s: (-readers.get(s, 0), -self._last_read.get(s, -1), s),
+                )[:room]
+            else:
+                sids = self._check_tier_ids(segment_ids, HOST, "promote")
+                if len(sids) > room:
+                    raise BudgetExhausted(
+                        f"cannot promote {len(sids)} segment(s) of {self.segment_bytes:,} B: the "
+                        f"device budget {self.resolved_budget()} B has room for {room}"
+                    )
+            for sid in sids:
+                self._move(sid, DEVICE)
+            return sids
+
+    def _check_tier_ids(self, segment_ids: Any, tier: int, what: str) -> list[int]:
+        ids = np.asarray(
+            segment_ids.cpu() if isinstance(segment_ids, torch.Tensor) else segment_ids
+        ).reshape(-1)
+        sids = sorted({as_count(int(x), "segment id") for x in ids})
+        for sid in sids:
+            seg = self._segments[sid] if sid < len(self._segments) else None
+            if seg is None:
+                raise InvalidArgument(
+                    f"cannot {what} segment {sid}: it is not live (live: "
+                    f"{self.allocator.segments()})"
+                )
+            if seg.tier != tier:
+                raise InvalidArgument(
+                    f"cannot {what} segment {sid}: it is already in the "
+                    f"{_TIER_NAMES[seg.tier]} tier"
+                )
+        return sids
+
+    def _host_room(self) -> int:
+        """Segments the host budget still takes (spare buffers are reused, so
+        only host segments count against it here)."""
+        return max(0, self.host_budget_bytes // self.segment_bytes - len(self._host_sids))
+
+    def _running(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The attached cache's running pages (``(pages, indptr)``), or none."""
+        get = getattr(self._cache, "running_pages", None)
+        if get is None:
+            return np.zeros(0, np.int64), np.zeros(1, np.int64)
+        pages, indptr = get()
+        return np.asarray(pages, np.int64), np.asarray(indptr, np.int64)
+
+    def _readers(self) -> dict[int, int]:
+        """Running requests reading each segment; refreshes the recency stamps."""
+        pages, indptr = self._running()
+        self._rounds += 1
+        readers: dict[int, int] = {}
+        seg = pages // self.pages_per_segment
+        for i in range(indptr.shape[0] - 1):
+            for sid in np.unique(seg[indptr[i] : indptr[i + 1]]).tolist():
+                readers[sid] = readers.get(sid, 0) + 1
+                self._last_read[sid] = self._rounds
+        return readers
+
+    def _writing_segments(self) -> set[int]:
+        """Segments holding a running request's last page (being written)."""
+        pages, indptr = self._running()
+        ends = indptr[1:][indptr[1:] > indptr[:-1]] - 1
+        return set((pages[ends] // self.pages_per_segment).tolist())
+
+    def _coldest(self, k: int) -> list[int]:
+        """Up to ``k`` device segments to demote, coldest first. Caller holds the lock."""
+        readers = self._readers()
+        writing = self._writing_segments()
+        used = dict(self.allocator.segment_usage())
+        order = sorted(
+            (s for s, u in used.items() if u > 0 and s not in self._host_sids and s not in writing),
+            key=lambda s: (readers.get(s, 0), self._last_read.get(s, -1), s),
+        )
+        return order[:k]
+
+    def _demote_for(self, segments: int, added: list[int]) -> bool:
+        """Make room for ``segments`` device segments by demoting the coldest;
+        returns whether any moved. Caller holds the lock (``_make_room``)."""
+        if not self.host_budget_bytes or self._host_room() == 0:
+            return False
+        # Segments this call just added are where the pages will go: not those.
+        sids = [s for s in self._coldest(segments + len(added)) if s not in added]
+        sids = sids[: min(segments, self._host_room())]
+        for sid in sids:
+            self._move(sid, HOST)
+        return bool(sids)
+
+    def _take_buffer(self, tier: int) -> torch.Tensor:
+        """A buffer for one segment in ``tier``: a recycled host buffer, or new."""
+        if tier == HOST and self._host_spares:
+            return self._host_spares.pop()
+        factory = self._host_factory if tier == HOST else self._factory
+        try:
+            with _normal_tensors():
+                buf = factory(self.segment_bytes, self.device).detach()
+        except (RuntimeError, MemoryError, OSError) as e:
+            if tier == HOST:
+                raise HostMemoryRefused(
+                    f"the host tier could not get a {self.segment_bytes:,}-byte segment "
+                    f"({'pinned ' if self.device.type == 'cuda' else ''}memory refused: {e}); "
+                    f"it holds {self.host_reserved_bytes():,} B of its "
+                    f"{self.host_budget_bytes:,} B budget; the segment stays on the device"
+                ) from e
+            raise DeviceOutOfMemory(
+                f"the device refused a {self.segment_bytes:,}-byte segment for a promotion "
+                f"({e!r}); the segment stays in the host tier"
+            ) from e
+        want = "cpu" if tier == HOST else self.device.type
+        if buf.device.type != want:
+            raise InvalidArgument(
+                f"the {_TIER_NAMES[tier]} tier's tensor factory returned a tensor on "
+                f"{buf.device}, expected {want}"
+            )
+        return buf
+
+    def _move(self, sid: int, tier: int) -> None:
+        """Copy segment ``sid`` into ``tier`` and switch to the copy; all or
+        nothing. Caller holds the lock."""
+        old = self._segments[sid]
+        assert old is not None and old.tier != tier
+        buf = self._take_buffer(tier)
+        sealed = False
+        try:
+            if tier == HOST:
+                # Before the copy: no page of it is handed out while bytes move.
+                self.allocator.seal_segment(sid)
+                sealed = True
+            seg = self._make_segment(buf, tier)
+            # Kernels already queued on the current stream that write the old
+            # buffer run before this copy; ones queued later see the new row.
+            buf[: self.segment_bytes].copy_(old.buffer[: self.segment_bytes])
+            if buf.device.type == "cpu" and old.buffer.device.type == "cuda":
+                torch.cuda.current_stream(old.buffer.device).synchronize()
+            self._install(sid, seg)
+            if tier == DEVICE:
+                self.allocator.unseal_segment(sid)
+        except BaseException:
+            if self._segments[sid] is not old:
+                self._install(sid, old)
+            if sealed:
+                self.allocator.unseal_segment(sid)
+            if tier == HOST:
+                self._host_spares.append(buf)
+            raise
+        if old.tier == HOST:
+            self._host_spares.append(old.buffer)
+        key = "demot" if tier == HOST else "promot"
+        self._counters[key + "ions"] += 1
+        self._counters[key + "ed_bytes"] += self.segment_bytes
+
     # ----- accounting -------------------------------------------------------------
 
     def reserved_bytes(self) -> int:
-        """Bytes of KV memory the pool holds (live segments x segment_bytes)."""
+        """Bytes of KV memory the pool holds (live segments x segment_bytes),
+        both tiers."""
         return self.allocator.segment_count() * self.segment_bytes
+
+    def device_reserved_bytes(self) -> int:
+        """Bytes the pool holds in device segments (what ``budget_bytes`` bounds)."""
+        return (self.allocator.segment_count() - len(self._host_sids)) * self.segment_bytes
+
+    def host_reserved_bytes(self) -> int:
+        """Bytes the pool holds in host-tier segments, spare host buffers
+        included (what ``host_budget_bytes`` bounds)."""
+        return (len(self._host_sids) + len(self._host_spares)) * self.segment_bytes
 
     def stats(self) -> dict[str, Any]:
         """Counters for dashboards; every value is a plain int, float or None.
@@ -1045,7 +1383,9 @@ class KVPool(Uncopyable):
             reserved = self.reserved_bytes()
             metadata = self.allocator.metadata_bytes() + self._table.numel() * 8
             counters = dict(self._counters)
-        budget = self.resolved_budget(reserved)
+            tiers = self._tier_stats()
+            device_reserved = self.device_reserved_bytes()
+        budget = self.resolved_budget(device_reserved)
         out: dict[str, Any] = {
             "segments": segments,
             "pages_per_segment": self.pages_per_segment,
@@ -1059,10 +1399,27 @@ class KVPool(Uncopyable):
             "budget_bytes": budget,
             "bytes_per_token": self.bytes_per_token,
             "metadata_bytes": metadata,
+            "tiers": tiers,
             **counters,
         }
         if self._cache is not None:
             out.update(self._cache.cache_stats())
+        return out
+
+    def _tier_stats(self) -> dict[str, dict[str, int]]:
+        """Per tier: segments, reserved and used bytes, used pages. Caller holds the lock."""
+        out = {
+            name: {"segments": 0, "reserved_bytes": 0, "used_bytes": 0, "used_pages": 0}
+            for name in _TIER_NAMES
+        }
+        for sid, used in self.allocator.segment_usage():
+            t = out[_TIER_NAMES[HOST if sid in self._host_sids else DEVICE]]
+            t["segments"] += 1
+            t["reserved_bytes"] += self.segment_bytes
+            t["used_pages"] += used
+            t["used_bytes"] += used * self.page_bytes
+        out["host"]["reserved_bytes"] += len(self._host_spares) * self.segment_bytes
+        out["host"]["budget_bytes"] = self.host_budget_bytes
         return out
 
     def check_invariants(self) -> None:
@@ -1087,6 +1444,24 @@ class KVPool(Uncopyable):
             assert seg is not None
             if int(self._table[sid, 0]) != seg.views.k.data_ptr():
                 raise InvariantViolation(f"segment_table row {sid} does not point at its k tensor")
+            on_host = sid in self._host_sids
+            if on_host != (seg.tier == HOST) or int(self._tiers[sid]) != seg.tier:
+                raise InvariantViolation(
+                    f"segment {sid} is in tier {seg.tier} but the tier map says "
+                    f"{int(self._tiers[sid])} / host set {on_host}"
+                )
+            if on_host != self.allocator.is_sealed(sid):
+                raise InvariantViolation(
+                    f"segment {sid}: host tier {on_host} but sealed {not on_host} (host "
+                    f"segments and only they take no new pages)"
+                )
+        if not self._host_sids <= live:
+            raise InvariantViolation(f"host segments {sorted(self._host_sids - live)} are not live")
+        if self.host_reserved_bytes() > max(self.host_budget_bytes, 0):
+            raise InvariantViolation(
+                f"the host tier holds {self.host_reserved_bytes():,} B past its "
+                f"{self.host_budget_bytes:,} B budget"
+            )
 
     def __repr__(self) -> str:
         return (

@@ -23,6 +23,10 @@ pub const PAGE_ID_LIMIT: u64 = 1 << 31;
 
 /// `Segment::free` holds this instead of a count while the segment is retired.
 const CLOSED: u32 = u32::MAX;
+/// Set in `Segment::free` (beside the count) while the segment is sealed:
+/// live, its pages referenced and released as usual, but none allocated.
+/// `CLOSED` has it too, so one test refuses both to an allocation.
+const SEALED: u32 = 1 << 31;
 /// Segments per chunk: one `u64` summary word covers a chunk.
 const CHUNK: u32 = 64;
 /// Shelf `k` holds `2^k` chunks; 26 shelves cover `2^26 - 1` chunks, more than
@@ -43,7 +47,8 @@ struct Segment {
 
 /// A segment's hot counters.
 struct Head {
-    /// Free pages not reserved by an allocating thread, or `CLOSED`.
+    /// Free pages not reserved by an allocating thread (plus `SEALED` while
+    /// sealed), or `CLOSED`. Page counts stay below 2^21, clear of `SEALED`.
     /// Invariant: `free <= popcount(bits)` at all times.
     free: AtomicU32,
     /// Scan hint: the first bitmap word that may hold a set bit. Only a hint:
@@ -346,7 +351,7 @@ impl SegmentAllocator {
     fn mark_full(&self, chunk: &Chunk, bit: u32, segment: &Segment) {
         chunk.summary.fetch_and(!(1 << bit), Ordering::AcqRel);
         let f = segment.head.free.load(Ordering::Acquire);
-        if f != 0 && f != CLOSED {
+        if f != 0 && f & SEALED == 0 {
             chunk.summary.fetch_or(1 << bit, Ordering::Release);
         }
     }
@@ -430,7 +435,7 @@ impl SegmentAllocator {
                     remaining -= took;
                 }
                 let left = segment.head.free.load(Ordering::Relaxed);
-                if left == 0 || left == CLOSED {
+                if left == 0 || left & SEALED != 0 {
                     self.mark_full(chunk, bit, segment);
                 }
                 if remaining == 0 {
@@ -446,7 +451,10 @@ impl SegmentAllocator {
     fn reserve(segment: &Segment, want: usize) -> usize {
         let mut cur = segment.head.free.load(Ordering::Relaxed);
         loop {
-            if cur == 0 || cur == CLOSED {
+            // Sealed or closed: no page of it may be allocated. The bit is
+            // part of the word this CAS compares, so a reservation either
+            // happens before a seal or fails.
+            if cur == 0 || cur & SEALED != 0 {
                 return 0;
             }
             let take = (cur as usize).min(want) as u32;
@@ -995,15 +1003,18 @@ impl SegmentAllocator {
         };
         // AcqRel: only a segment with every page free and unreserved closes;
         // Acquire pairs with the releases' Release increments.
-        if let Err(cur) = segment.head.free.compare_exchange(
-            self.pages_per_segment,
-            CLOSED,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
+        // A sealed segment retires the same way once its pages are free.
+        let all_free = |f: u32| f & !SEALED == self.pages_per_segment && f != CLOSED;
+        if let Err(cur) = segment
+            .head
+            .free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                all_free(f).then_some(CLOSED)
+            })
+        {
             return Err(CoreError::SegmentBusy {
                 segment: id,
-                used_pages: self.pages_per_segment - cur.min(self.pages_per_segment),
+                used_pages: self.pages_per_segment - (cur & !SEALED).min(self.pages_per_segment),
             });
         }
         if let Some(chunk) = self.chunk(id / CHUNK) {
@@ -1031,6 +1042,78 @@ impl SegmentAllocator {
             .is_some_and(|s| s.head.free.load(Ordering::Acquire) != CLOSED)
     }
 
+    /// Stop allocating from a live segment: its pages keep their references
+    /// and may still be retained and released (a released page waits, free,
+    /// until the segment is unsealed or retired), but `alloc` takes none.
+    /// Every reservation made before the seal completes (its pages are the
+    /// caller's); none starts after it. Idempotent. `InvalidSegment` unless
+    /// the segment is live.
+    pub fn seal_segment(&self, segment_id: i64) -> Result<()> {
+        let id = self.live_segment_id(segment_id)?;
+        let Some(segment) = self.segment(id) else {
+            return Err(self.invalid_segment(segment_id));
+        };
+        // AcqRel: a reservation's CAS either precedes this (and is done
+        // reserving) or sees the bit and takes nothing.
+        let sealed = segment
+            .head
+            .free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f != CLOSED).then_some(f | SEALED)
+            });
+        if sealed.is_err() {
+            return Err(self.invalid_segment(segment_id));
+        }
+        if let Some(chunk) = self.chunk(id / CHUNK) {
+            self.mark_full(chunk, id % CHUNK, segment);
+        }
+        Ok(())
+    }
+
+    /// Let `alloc` take a sealed segment's free pages again. Idempotent.
+    /// `InvalidSegment` unless the segment is live.
+    pub fn unseal_segment(&self, segment_id: i64) -> Result<()> {
+        let id = self.live_segment_id(segment_id)?;
+        let Some(segment) = self.segment(id) else {
+            return Err(self.invalid_segment(segment_id));
+        };
+        let Ok(prev) = segment
+            .head
+            .free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f != CLOSED).then_some(f & !SEALED)
+            })
+        else {
+            return Err(self.invalid_segment(segment_id));
+        };
+        if prev & !SEALED != 0 {
+            self.mark_nonfull(id);
+        }
+        Ok(())
+    }
+
+    /// Whether `segment_id` is live and sealed.
+    pub fn is_sealed(&self, segment_id: u32) -> bool {
+        self.segment(segment_id).is_some_and(|s| {
+            let f = s.head.free.load(Ordering::Acquire);
+            f != CLOSED && f & SEALED != 0
+        })
+    }
+
+    fn invalid_segment(&self, segment_id: i64) -> CoreError {
+        CoreError::InvalidSegment {
+            segment: segment_id,
+            live: self.live.load(Ordering::Relaxed),
+        }
+    }
+
+    fn live_segment_id(&self, segment_id: i64) -> Result<u32> {
+        match u32::try_from(segment_id) {
+            Ok(id) if self.is_live(id) => Ok(id),
+            _ => Err(self.invalid_segment(segment_id)),
+        }
+    }
+
     /// `(segment id, referenced pages)` for each live segment, ascending. A
     /// page reserved by an allocation in flight counts as referenced.
     pub fn segment_usage(&self) -> Vec<(u32, u32)> {
@@ -1038,7 +1121,7 @@ impl SegmentAllocator {
         (0..hw)
             .filter_map(|s| {
                 let f = self.segment(s)?.head.free.load(Ordering::Acquire);
-                (f != CLOSED).then(|| (s, self.pages_per_segment - f))
+                (f != CLOSED).then(|| (s, self.pages_per_segment - (f & !SEALED)))
             })
             .collect()
     }
@@ -1060,7 +1143,8 @@ impl SegmentAllocator {
                 summary &= summary - 1;
                 if let Some(segment) = self.segment(c * CHUNK + bit) {
                     let f = segment.head.free.load(Ordering::Acquire);
-                    if f != CLOSED {
+                    // A sealed segment's free pages cannot be allocated.
+                    if f & SEALED == 0 {
                         free += u64::from(f);
                     }
                 }
@@ -1143,7 +1227,11 @@ impl SegmentAllocator {
                 continue;
             }
             live += 1;
-            total_free += u64::from(free);
+            let sealed = free & SEALED != 0;
+            let free = free & !SEALED;
+            if !sealed {
+                total_free += u64::from(free);
+            }
             if set != free {
                 return bad(format!(
                     "segment {s}: free count {free} but {set} free bits"
@@ -1152,7 +1240,7 @@ impl SegmentAllocator {
             let summary = self
                 .chunk(s / CHUNK)
                 .map_or(0, |c| c.summary.load(Ordering::Acquire));
-            if free > 0 && summary >> (s % CHUNK) & 1 == 0 {
+            if free > 0 && !sealed && summary >> (s % CHUNK) & 1 == 0 {
                 return bad(format!(
                     "segment {s} has {free} free pages but its summary bit is clear"
                 ));
@@ -1427,6 +1515,44 @@ mod tests {
         let again = a.add_segment()?;
         assert_eq!(again, s1);
         assert_eq!(a.refcount(&ids(&x[..4]))?, vec![1; 4]);
+        a.check_invariants()
+    }
+
+    #[test]
+    fn sealed_segments_allocate_nothing_but_release_and_retire() -> Result<()> {
+        let a = SegmentAllocator::new(1, 4)?;
+        let s0 = a.add_segment()?;
+        let s1 = a.add_segment()?;
+        let x = a.alloc(3)?; // pages 0..3 of segment 0
+        a.seal_segment(i64::from(s0))?;
+        a.seal_segment(i64::from(s0))?; // idempotent
+        assert!(a.is_sealed(s0) && !a.is_sealed(s1));
+        // Segment 0's free page is not allocatable and not counted free.
+        assert_eq!(a.free_pages(), 4);
+        assert_eq!(a.alloc(4)?, vec![4, 5, 6, 7]);
+        assert!(matches!(a.alloc(1), Err(CoreError::OutOfPages { .. })));
+        a.check_invariants()?;
+        // Releases go on; the pages wait, free, in the sealed segment.
+        a.release(&ids(&x[..2]))?;
+        assert_eq!(a.free_pages(), 0);
+        assert_eq!(a.segment_usage(), vec![(s0, 1), (s1, 4)]);
+        a.check_invariants()?;
+        assert!(matches!(
+            a.retire_segment(i64::from(s0)),
+            Err(CoreError::SegmentBusy { used_pages: 1, .. })
+        ));
+        // Unsealed, its free pages are allocatable again.
+        a.unseal_segment(i64::from(s0))?;
+        assert_eq!(a.free_pages(), 3);
+        a.seal_segment(i64::from(s0))?;
+        a.release(&ids(&x[2..]))?;
+        a.retire_segment(i64::from(s0))?; // sealed and empty: retires
+        assert!(a.seal_segment(i64::from(s0)).is_err());
+        assert!(a.unseal_segment(99).is_err() && a.seal_segment(-1).is_err());
+        // A reused id starts unsealed.
+        assert_eq!(a.add_segment()?, s0);
+        assert!(!a.is_sealed(s0));
+        assert_eq!(a.free_pages(), 4);
         a.check_invariants()
     }
 

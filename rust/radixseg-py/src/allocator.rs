@@ -117,6 +117,24 @@ impl SegmentAllocator {
         u32::try_from(segment).is_ok_and(|s| self.inner.is_live(s))
     }
 
+    /// Stop allocating from a live segment (its pages are still retained
+    /// and released as usual); idempotent.
+    fn seal_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
+        self.alive()?;
+        self.inner.seal_segment(segment).py(py)
+    }
+
+    /// Let `alloc` take a sealed segment's free pages again; idempotent.
+    fn unseal_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
+        self.alive()?;
+        self.inner.unseal_segment(segment).py(py)
+    }
+
+    /// Whether a segment id is live and sealed.
+    fn is_sealed(&self, segment: i64) -> bool {
+        u32::try_from(segment).is_ok_and(|s| self.inner.is_sealed(s))
+    }
+
     /// Retire a segment whose pages are all free.
     fn retire_segment(&self, py: Python<'_>, segment: i64) -> PyResult<()> {
         self.alive()?;

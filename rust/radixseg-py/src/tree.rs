@@ -3,7 +3,7 @@
 
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
-use radixseg_core::{Arc, CoreError, NodeId, Request};
+use radixseg_core::{Arc, CoreError, NodeId, Request, RequestState};
 use std::sync::{Arc as StdArc, Mutex};
 
 use crate::allocator::SegmentAllocator;
@@ -253,6 +253,35 @@ impl RadixTree {
     fn running_requests(&self) -> PyResult<usize> {
         self.alive()?;
         Ok(self.registry.len())
+    }
+
+    /// The pages running requests hold, for placement decisions: `(pages,
+    /// indptr)`, request `i`'s pages (matched prefix included, in sequence
+    /// order; the last is the one being written) at
+    /// `pages[indptr[i]:indptr[i + 1]]`. One snapshot of the requests; O(their
+    /// pages).
+    fn running_pages<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+        self.alive()?;
+        let records = self.registry.snapshot();
+        let (pages, indptr) = py.detach(|| {
+            let mut pages: Vec<i64> = Vec::new();
+            let mut indptr: Vec<i64> = vec![0];
+            for r in &records {
+                let r = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if r.state() == RequestState::Running {
+                    pages.extend(r.page_ids().iter().map(|&p| i64::from(p)));
+                    indptr.push(pages.len() as i64);
+                }
+            }
+            (pages, indptr)
+        });
+        Ok((
+            PyArray1::from_vec(py, pages),
+            PyArray1::from_vec(py, indptr),
+        ))
     }
 
     /// `(requests begun, prompt tokens, prompt tokens reused from the cache)`
