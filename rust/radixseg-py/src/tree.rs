@@ -14,6 +14,9 @@ use crate::{
     slots_or_short, Ids, Slice,
 };
 
+/// `(pages, indptr)`: one CSR list of page ids per request.
+type PagesCsr<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
+
 /// The radix prefix tree over an allocator's pages (the Rust core). Use the
 /// `radixseg.RadixTree` subclass, which takes and returns torch tensors.
 #[pyclass(frozen, subclass, module = "radixseg._core")]
@@ -260,10 +263,7 @@ impl RadixTree {
     /// order; the last is the one being written) at
     /// `pages[indptr[i]:indptr[i + 1]]`. One snapshot of the requests; O(their
     /// pages).
-    fn running_pages<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+    fn running_pages<'py>(&self, py: Python<'py>) -> PyResult<PagesCsr<'py>> {
         self.alive()?;
         let records = self.registry.snapshot();
         let (pages, indptr) = py.detach(|| {
