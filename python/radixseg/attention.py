@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from radixseg.pool import KVPool
+    from radixseg.tiers import TierSplit
 
 __all__ = ["decode", "extend", "merge_states", "store_kv"]
 
@@ -388,6 +389,20 @@ def _attention(
         None if chosen in ("cpu", "torch") else q.device,
         check,
     )
+    if decode and pool._host_sids:
+        from radixseg.tiers import split_by_tier
+
+        split = split_by_tier(pool, table.indptr, table.indices, table.kv_lens)
+        if split is not None:
+            if window >= 0 or chunk:
+                raise InvalidArgument(
+                    f"window_left={window} / chunk_size={chunk or None}: a decode whose pages "
+                    f"span the device and host tiers runs without windows or chunks (they need "
+                    f"positions the split does not keep); promote the segments first"
+                )
+            return _decode_tiers(
+                q, pool, layer, split, scale, cap, splits, fp8_software, backend, chosen
+            )
     if chosen == "cpu" and decode:
         from radixseg.kernels.cpu import paged_decode_cpu
 
@@ -456,6 +471,55 @@ def _attention(
         fp8_software=fp8_software,
         **local,
     )
+
+
+def _decode_tiers(
+    q: torch.Tensor,
+    pool: KVPool,
+    layer: int,
+    split: TierSplit,
+    scale: float,
+    cap: float,
+    splits: int | None,
+    fp8_software: bool | None,
+    backend: Any,
+    chosen: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode over pages in both tiers: the device backend over the device
+    part, the native CPU kernel over the host part, merged by log-sum-exp in
+    float32 (see :mod:`radixseg.tiers`)."""
+    from radixseg.tiers import host_part
+
+    q32 = q.detach().float()
+    # The query reaches the host before the device part is queued, so the
+    # CPU part overlaps the device kernel (the copy waits only for q).
+    q_host = q32 if q32.device.type == "cpu" else q32.to("cpu")
+    dev = split.device
+    out_d, lse_d = _attention(
+        q32,
+        pool,
+        layer,
+        None,
+        dev.indptr,
+        dev.indices,
+        dev.last,
+        decode=True,
+        causal=False,
+        sm_scale=scale,
+        num_splits=splits,
+        fp8_software=fp8_software,
+        backend=backend,
+        check=False,
+        logits_soft_cap=cap or None,
+    )
+    out_h, lse_h = host_part(q_host, pool, layer, split.host, sm_scale=scale, soft_cap=cap)
+    if q.device.type != "cpu":
+        out_h = out_h.to(q.device, non_blocking=True)
+        lse_h = lse_h.to(q.device, non_blocking=True)
+    out, lse = merge_states(
+        out_d.float(), lse_d, out_h, lse_h, backend="torch" if q.device.type == "cpu" else "auto"
+    )
+    return out.to(q.dtype), lse
 
 
 @overload
