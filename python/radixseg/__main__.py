@@ -53,6 +53,9 @@ def _demo(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             budget_bytes=None if args.budget is None else parse_bytes(args.budget, "--budget"),
+            host_budget_bytes=0
+            if args.host_budget is None
+            else parse_bytes(args.host_budget, "--host-budget"),
             plot=args.plot or None,
             ranks=args.ranks,
             model=args.model,
@@ -132,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="fp8_e4m3", help="KV storage: fp8_e4m3, fp8_e5m2, bf16, fp16, fp32"
     )
     d.add_argument("--budget", help="most bytes the pool may hold, e.g. 2GB (default: none)")
+    d.add_argument(
+        "--host-budget",
+        help="host-memory tier for segments the device budget cannot hold, e.g. 3GB: cold "
+        "segments move there instead of being evicted, and decode reads them in place "
+        "(default: none)",
+    )
     d.add_argument(
         "--ranks",
         type=int,

@@ -106,6 +106,8 @@ class DemoResult:
     group_names: tuple[str, ...] = ()
     group_peak_reserved_bytes: tuple[int, ...] = ()
     all_layers_peak_reserved_bytes: int = 0
+    peak_host_reserved_bytes: int = 0
+    demotions: int = 0
 
 
 def _kv(chunk_index: int, n: int, head_dim: int) -> torch.Tensor:
@@ -253,11 +255,15 @@ def _row(
     out: list[str],
     samples: list[Sample],
     rank: str | None = None,
+    host: list[tuple[float, int]] | None = None,
 ) -> None:
-    """Sample memory now; phases with a label also become a row of the final table."""
+    """Sample memory now; phases with a label also become a row of the final
+    table. ``host``: also sample the host tier's reserved bytes there."""
     s = pool.stats()
     now = time.perf_counter() - t0
     samples.append((now, s["reserved_bytes"], s["used_bytes"], label))
+    if host is not None:
+        host.append((now, s["tiers"]["host"]["reserved_bytes"]))
     if label:
         out.append(_fmt_row(label, s, tokens, now, rank))
 
@@ -680,6 +686,7 @@ def run_demo(
     progress: bool | None = None,
     ranks: int = 1,
     model: str = "tiny",
+    host_budget_bytes: int = 0,
 ) -> DemoResult:
     """Run the demo, print what happens and a table of memory by phase.
 
@@ -694,7 +701,10 @@ def run_demo(
     read-back or decode check fails, :class:`radixseg._spawn.RankFailed` if a
     rank fails. ``model="scout-tiny"``: the long context in a
     :class:`GroupedKVPool` of :func:`scout_tiny_geometry` (see
-    :func:`_grouped_demo`; no chat trace, one process).
+    :func:`_grouped_demo`; no chat trace, one process). ``host_budget_bytes``:
+    a host-memory tier (one process, ``model="tiny"``): segments the device
+    ``budget_bytes`` cannot hold move there, and the decode step, which then
+    reads both tiers, is checked against a dense fp32 reference.
     """
     for name, value, least in (
         ("tokens", tokens, 1),
@@ -714,6 +724,11 @@ def run_demo(
         raise InvalidArgument(f"demo: ranks must be in 1..={MAX_RANKS}, got {ranks}")
     if model not in MODELS:
         raise InvalidArgument(f"demo: model must be one of {', '.join(MODELS)}, got {model!r}")
+    if host_budget_bytes and (ranks > 1 or model != "tiny"):
+        raise InvalidArgument(
+            f"demo: --host-budget runs the tiny model in one process (got --ranks {ranks}, "
+            f"--model {model})"
+        )
     if model == "scout-tiny":
         if ranks > 1:
             raise InvalidArgument("demo: --model scout-tiny runs in one process (--ranks 1)")
@@ -741,7 +756,10 @@ def run_demo(
         device=device,
         segment_bytes=segment_bytes,
         budget_bytes=budget_bytes,
+        host_budget_bytes=host_budget_bytes,
     )
+    tiered = pool.host_budget_bytes > 0
+    host_samples: list[tuple[float, int]] | None = [] if tiered else None
     if ranks > 1 and pool.device.type != "cpu":
         raise InvalidArgument(
             f"demo: --ranks runs its ranks on the CPU (gloo); device {pool.device} is for one "
@@ -829,25 +847,36 @@ def run_demo(
     # 1. Grow one context chunk by chunk.
     first_ptr: int | None = None
     done = 0
+    # With a host tier the decode step reads both tiers: check it against a
+    # dense fp32 reference (one query head per follow-up) built as KV is stored.
+    q = torch.randn(followups, Q_HEADS, head_dim, generator=torch.Generator().manual_seed(seed + 2))
+    cut = tokens // page_size * page_size  # what a follow-up finds cached
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None
     with bar.phase(f"grow to {tokens:,}", tokens, "tok") as b:
 
         def each(i: int, n: int, kv: torch.Tensor | None) -> None:
-            nonlocal first_ptr, done
+            nonlocal first_ptr, done, ref
             if first_ptr is None:
                 first_ptr = pool.segment(0).k.data_ptr()
+            keep = min(n, max(0, cut - done))
+            if tiered and kv is not None:
+                for at in range(0, keep, _REF_BLOCK):
+                    k = _stored(pool, kv[at : min(keep, at + _REF_BLOCK)]).cpu()
+                    ref = _merge(ref, _dense(q[:, :1], k, -k))
             done += n
-            _row("", pool, done, t0, lines, samples)
+            _row("", pool, done, t0, lines, samples, host=host_samples)
             b.update(n, pool)
 
         req = grow_context(cache, prompt, chunk, each=each)
-    _row("grown", pool, done, t0, lines, samples)
+    _row("grown", pool, done, t0, lines, samples, host=host_samples)
     peak = pool.stats()
     cache.finish(req)
-    _row("cached", pool, done, t0, lines, samples)
+    _row("cached", pool, done, t0, lines, samples, host=host_samples)
 
     # 2. Follow-ups share the whole cached prefix; a second tenant shares nothing.
     followers: list[Request] = []
     reused = 0
+    suffix_ref: list[tuple[torch.Tensor, torch.Tensor]] = []
     for f in range(followups):
         question = torch.randint(0, 128_000, (suffix,), generator=rng, dtype=torch.int32)
         full = torch.cat([prompt, question])
@@ -857,6 +886,9 @@ def run_demo(
         own = cache.extend(r, r.uncached)  # prefill: only the uncached suffix
         kv = _kv(-1 - f, own.numel(), head_dim).to(pool.device)
         pool.write(0, own, kv, -kv, check=False)
+        if tiered:
+            k = _stored(pool, kv).cpu()
+            suffix_ref.append(_dense(q[f : f + 1, :1], k, -k))
         reused += r.cached_len
         followers.append(r)
         print(
@@ -866,10 +898,9 @@ def run_demo(
         )
     # One decode step per follow-up, attending over its whole context straight
     # from the segments (Triton on a GPU, the native kernel on a CPU).
-    q = torch.randn(len(followers), Q_HEADS, head_dim, generator=rng).to(pool.device)
     d0 = time.perf_counter()
     table = cache.page_table(followers, device=pool.device)
-    out = attention.decode(q, pool, 0, *table, backend=backend)
+    out = attention.decode(q.to(pool.device), pool, 0, *table, backend=backend)
     decode_s = time.perf_counter() - d0
     if not bool(torch.isfinite(out).all()):
         raise AssertionError("decode produced non-finite values")
@@ -879,6 +910,26 @@ def run_demo(
         f"tokens of KV in {decode_s:.2f} s "
         f"({ctx * pool.bytes_per_token / decode_s / GB:.2f} GB/s of KV read)"
     )
+    decode_error: float | None = None
+    if tiered:
+        on_host = pool.tier_of(table[1][: int(table[0][-1])]).mean()
+        parts = [
+            _merge(None if ref is None else (ref[0][f : f + 1], ref[1][f : f + 1]), sr)
+            for f, sr in enumerate(suffix_ref)
+        ]
+        want = torch.cat([p[0] for p in parts if p is not None])
+        decode_error = float((out[:, :1].float().cpu() - want).abs().max() / want.abs().max())
+        t = pool.stats()
+        print(
+            f"host tier: {on_host:.0%} of the follow-ups' pages were read in place from host "
+            f"segments ({t['tiers']['host']['reserved_bytes'] / GB:.3f} GB host, "
+            f"{t['tiers']['device']['reserved_bytes'] / GB:.3f} GB device); {t['demotions']} "
+            f"segments demoted ({t['demoted_bytes'] / GB:.3f} GB copied), none evicted "
+            f"({t['evicted_pages']} pages); decode vs the dense fp32 reference: max relative "
+            f"error {decode_error:.1e}"
+        )
+        if not decode_error < 2e-2:
+            raise AssertionError(f"decode over both tiers is off by {decode_error:.3g}")
     other = cache.begin(prompt[: min(tokens, 1 << 16)], namespace=1)
     print(f"tenant 2, same prompt start: reuses {other.cached_len} tokens (namespaces never share)")
     cache.abort(other)
@@ -887,22 +938,26 @@ def run_demo(
     # first, a middle and the last chunk, in full, through a follow-up's pages.
     ok, expected = _read_back(pool, cache, followers[0], tokens, chunk)
     moved = pool.segment(0).k.data_ptr() != first_ptr
+    where = "never moved"
+    if moved and tiered:
+        where, moved = "moved tier (its page ids did not change)", False
+    elif moved:
+        where = "MOVED"
     print(
         f"read back {ok:,} of {expected:,} prefix tokens (whole chunks: first, middle, "
-        f"last) exactly; segment 0 {'MOVED' if moved else 'never moved'} while the "
-        f"pool grew",
+        f"last) exactly; segment 0 {where} while the pool grew",
         flush=True,
     )
-    _row("shared", pool, done + followups * suffix, t0, lines, samples)
+    _row("shared", pool, done + followups * suffix, t0, lines, samples, host=host_samples)
 
     # 3. Everything ends: evict the cache, shrink to zero.
     for r in followers:
         cache.finish(r)
-    _row("finished", pool, 0, t0, lines, samples)
+    _row("finished", pool, 0, t0, lines, samples, host=host_samples)
     cache.evict(pool.stats()["cached_pages"])
-    _row("evicted", pool, 0, t0, lines, samples)
+    _row("evicted", pool, 0, t0, lines, samples, host=host_samples)
     freed = pool.shrink()
-    _row("shrunk", pool, 0, t0, lines, samples)
+    _row("shrunk", pool, 0, t0, lines, samples, host=host_samples)
     final = pool.stats()
     cache.check_invariants()
     seconds = time.perf_counter() - t0
@@ -933,6 +988,16 @@ def run_demo(
                 {"color": "tab:green"},
             ),
         ]
+        if host_samples is not None:
+            lines_.append(
+                (
+                    "host tier reserved",
+                    [x[0] for x in host_samples],
+                    [x[1] for x in host_samples],
+                    {"color": "tab:purple", "step": True},
+                )
+            )
+            lines_[0] = ("radixseg reserved (both tiers)", *lines_[0][1:])
         marks = [(x[0], x[3]) for x in samples if x[3] in _MARKS]
         _print_plot(_plot(lines_, marks, fixed, tokens, plot))
     if ok != expected or moved:
@@ -953,6 +1018,9 @@ def run_demo(
         rank_peak_reserved_bytes=(peak["reserved_bytes"],),
         rank_peak_used_bytes=(peak["used_bytes"],),
         one_process_peak_reserved_bytes=peak["reserved_bytes"],
+        decode_max_error=decode_error,
+        peak_host_reserved_bytes=max((h for _, h in host_samples or []), default=0),
+        demotions=final["demotions"],
     )
 
 

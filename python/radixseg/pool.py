@@ -928,8 +928,9 @@ class KVPool(Uncopyable):
             empty = sorted(
                 (s for s, used in self.allocator.segment_usage() if used == 0), reverse=True
             )
+            spares = len(self._host_spares)  # retired host segments' buffers join them
             freed = self._retire(empty[: max(0, len(empty) - keep)])
-            freed += len(self._host_spares) * self.segment_bytes
+            freed += spares * self.segment_bytes
             self._host_spares.clear()
         if freed and self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -1278,7 +1279,13 @@ class KVPool(Uncopyable):
     def _demote_for(self, segments: int, added: list[int]) -> bool:
         """Make room for ``segments`` device segments by demoting the coldest;
         returns whether any moved. Caller holds the lock (``_make_room``)."""
-        if not self.host_budget_bytes or self._host_room() == 0:
+        if not self.host_budget_bytes:
+            return False
+        # Host segments emptied by eviction or finished requests hold host
+        # budget for nothing (their pages are sealed): retire them first.
+        empty = [s for s, used in self.allocator.segment_usage() if used == 0]
+        self._retire([s for s in empty if s in self._host_sids])
+        if self._host_room() == 0:
             return False
         # Segments this call just added are where the pages will go: not those.
         sids = [s for s in self._coldest(segments + len(added)) if s not in added]
@@ -1353,9 +1360,9 @@ class KVPool(Uncopyable):
     # ----- accounting -------------------------------------------------------------
 
     def reserved_bytes(self) -> int:
-        """Bytes of KV memory the pool holds (live segments x segment_bytes),
-        both tiers."""
-        return self.allocator.segment_count() * self.segment_bytes
+        """Bytes of KV memory the pool holds: live segments x segment_bytes in
+        both tiers, plus spare host buffers kept for the next demotion."""
+        return (self.allocator.segment_count() + len(self._host_spares)) * self.segment_bytes
 
     def device_reserved_bytes(self) -> int:
         """Bytes the pool holds in device segments (what ``budget_bytes`` bounds)."""
@@ -1380,6 +1387,8 @@ class KVPool(Uncopyable):
             segments = self.allocator.segment_count()
             total = self.allocator.total_pages()
             free = self.allocator.free_pages()
+            if self._host_sids:  # sealed host segments' free pages are not in free_pages()
+                free = total - sum(used for _, used in self.allocator.segment_usage())
             reserved = self.reserved_bytes()
             metadata = self.allocator.metadata_bytes() + self._table.numel() * 8
             counters = dict(self._counters)
