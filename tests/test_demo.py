@@ -199,3 +199,35 @@ def test_demo_scout_tiny_groups(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     assert main([*argv, "--segment-bytes", "256KiB", "--no-progress", "--plot", ""]) == 0
     assert "GroupedKVPool" in capsys.readouterr().out
     assert main([*argv, "--ranks", "2", "--no-progress", "--plot", ""]) == 2
+
+
+def test_demo_host_tier_serves_past_the_device_budget(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``--host-budget``: with a device budget holding 40 % of the context, the
+    rest moves to host segments (demoted, nothing evicted), the decode step over
+    both tiers matches the dense fp32 reference, and everything is handed back."""
+    tokens, segment = 40_000, 64 << 10
+    fixed = tokens * 136  # FP8 + scale, 1 layer x 1 KV head x 64
+    png = tmp_path / "tiers.png"
+    r = run_demo(
+        tokens=tokens,
+        chunk=4_096,
+        followups=2,
+        chats=0,
+        segment_bytes=segment,
+        budget_bytes=int(0.4 * fixed),
+        host_budget_bytes=fixed,
+        plot=str(png),
+        progress=False,
+    )
+    assert r.demotions > 0 and r.peak_host_reserved_bytes > 0.5 * fixed
+    assert r.decode_max_error is not None and r.decode_max_error < 1e-4
+    assert r.reused_tokens == 2 * tokens and r.final_reserved_bytes == 0
+    out = capsys.readouterr().out
+    assert "read in place from host segments" in out and "none evicted (0 pages)" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Refused where the host tier does not run.
+    with pytest.raises(InvalidArgument, match="host-budget"):
+        run_demo(tokens=tokens, host_budget_bytes=fixed, model="scout-tiny", progress=False)
