@@ -5,7 +5,8 @@ context to 10M tokens in a pool that starts empty, shares it with follow-up
 requests through the radix tree, and hands every byte back (see
 :mod:`radixseg.demo`). ``radixseg plan`` sizes the KV cache of a model from its
 ``config.json``: bytes per token, per context, and what fits, on one device or
-over ``--cp`` context-parallel ranks.
+over ``--cp`` context-parallel ranks; with ``--host-memory``, how a context
+splits between device memory and a host tier, and a model of its decode step.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def _plan(args: argparse.Namespace) -> int:
             head_dim=args.head_dim,
             kv_lora_rank=args.kv_lora_rank,
             qk_rope_head_dim=args.rope_dim,
+            host_bytes=None
+            if args.host_memory is None
+            else parse_bytes(args.host_memory, "--host-memory"),
+            hbm_gbps=args.hbm_gbps,
+            host_gbps=args.host_gbps,
+            pcie_gbps=args.pcie_gbps,
         )
     except InvalidArgument as e:
         print(f"radixseg plan: error: {e}", file=sys.stderr)
@@ -201,6 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     q.add_argument("--page-size", type=int, default=16, help="tokens per page")
     q.add_argument("--segment-bytes", default="64MiB", help="bytes of one segment per device")
+    q.add_argument(
+        "--host-memory",
+        help="host memory for one device's host tier, e.g. 256GB: split the context between "
+        "device and host and estimate a decode step in place vs copy-back (a model)",
+    )
+    q.add_argument(
+        "--hbm-gbps", type=float, default=4800.0, help="device memory GB/s (default 4800)"
+    )
+    q.add_argument(
+        "--host-gbps",
+        type=float,
+        default=200.0,
+        help="host DRAM GB/s (default 200); the CPU kernel is modelled at 0.55 of it",
+    )
+    q.add_argument("--pcie-gbps", type=float, default=55.0, help="PCIe GB/s (default 55)")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     if args.cmd == "demo":

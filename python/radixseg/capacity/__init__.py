@@ -10,8 +10,11 @@ on FP8 scales (always reported apart from the KV), tokens per segment, bytes for
 a given context, the largest context that fits on one device and how many
 devices a context needs. With context parallelism (``cp`` ranks each holding
 1/cp of one sequence's KV, issue 19) it adds the bytes per rank, the largest
-context the ranks hold and the ranks a context needs. All sizes are in bytes;
-reports print GB (10^9 B) next to GiB (2^30 B). Nothing here touches a device.
+context the ranks hold and the ranks a context needs. With host memory for a
+host tier (``host_bytes``) it splits the context between device and host and
+models a decode step in place vs copy-back (:mod:`radixseg.capacity.tiers`).
+All sizes are in bytes; reports print GB (10^9 B) next to GiB (2^30 B).
+Nothing here touches a device.
 
 Example: Llama-3.1-70B in FP8 holds 80 layers x 8 KV heads x 128 dims x (K, V)
 x 1 B = 163,840 B per token; at TP 8 each device holds one KV head, so a
@@ -22,6 +25,7 @@ radixseg's float32 scales. It needs 2 context-parallel ranks per TP rank on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -32,6 +36,14 @@ from radixseg._dtypes import FP8_DTYPES, SHORT_NAMES, kv_dtype_named
 from radixseg.capacity.geometry import MAX_LAYERS, ConfigLike, HFConfig, KVGeometry, kv_geometry
 from radixseg.capacity.groups import LayerGroup, layer_groups
 from radixseg.capacity.report import MAX_PAGE_SIZE, SCALE_BYTES, GroupPlan, Plan
+from radixseg.capacity.tiers import (
+    DEFAULT_HBM_GBPS,
+    DEFAULT_HOST_GBPS,
+    DEFAULT_PCIE_GBPS,
+    ContextDoesNotFit,
+    TierPlan,
+    plan_tiers,
+)
 from radixseg.capacity.units import MAX_VALUE, _check_int, parse_bytes, parse_count
 from radixseg.layout import SegmentLayout
 
@@ -41,14 +53,17 @@ __all__ = [
     "MAX_VALUE",
     "SCALE_BYTES",
     "ConfigLike",
+    "ContextDoesNotFit",
     "GroupPlan",
     "HFConfig",
     "KVGeometry",
     "Plan",
+    "TierPlan",
     "kv_geometry",
     "parse_bytes",
     "parse_count",
     "plan",
+    "plan_tiers",
 ]
 
 _DTYPE_HELP = "fp8_e4m3 (or fp8), fp8_e5m2, bf16, fp16, fp32, or the torch dtype of one of them"
@@ -82,6 +97,10 @@ def plan(
     sliding_window: int | None = None,
     attention_chunk_size: int | None = None,
     layer_types: Sequence[str] | None = None,
+    host_bytes: int | str | None = None,
+    hbm_gbps: float = DEFAULT_HBM_GBPS,
+    host_gbps: float = DEFAULT_HOST_GBPS,
+    pcie_gbps: float = DEFAULT_PCIE_GBPS,
 ) -> Plan:
     """Plan KV capacity for a model: bytes per token, per context, and what fits.
 
@@ -124,6 +143,16 @@ def plan(
         Share of ``device_bytes`` the KV cache and the weights may use, in
         (0, 1]. Default 1.0: the whole device, no headroom for activations
         (vLLM's ``gpu_memory_utilization`` defaults to 0.9).
+    host_bytes : int or str, optional
+        Host memory for one device's host tier (``KVPool(host_budget_bytes=)``).
+        With it (and ``device_bytes``), ``Plan.tiers`` splits the context's KV
+        and scales per device between what the device holds and the host, with
+        a *model* estimate of one decode step: the device part at ``hbm_gbps``
+        against the host part read in place by the CPU at 0.55 x ``host_gbps``
+        or copied back over PCIe at ``pcie_gbps`` (see
+        :mod:`radixseg.capacity.tiers`).
+    hbm_gbps, host_gbps, pcie_gbps : float
+        GB/s (10^9 B/s) of device memory (4800), host DRAM (200) and PCIe (55).
 
     Returns
     -------
@@ -136,6 +165,9 @@ def plan(
         For an unknown dtype, an out-of-range number, a TP degree that does not
         fit the KV heads, or a missing config field; the message names the
         value and what is allowed.
+    radixseg.capacity.ContextDoesNotFit
+        (an ``InvalidArgument``) with ``host_bytes``, when the context does not
+        fit in the device's usable bytes plus ``host_bytes``.
 
     Examples
     --------
@@ -296,7 +328,7 @@ def plan(
         else _group_plans(g, heads, context, page_size, segment_bytes, dtype_bytes, fp8)
     )
 
-    return Plan(
+    p = Plan(
         geometry=g,
         kv_dtype=name,
         dtype_bytes=dtype_bytes,
@@ -336,6 +368,11 @@ def plan(
         groups=groups,
         reserved_bytes_grouped=sum(gp.reserved_bytes for gp in groups) if groups else None,
     )
+    if host_bytes is None:
+        return p
+    host = parse_bytes(host_bytes, "host_bytes")
+    tiers = plan_tiers(p, host, hbm_gbps=hbm_gbps, host_gbps=host_gbps, pcie_gbps=pcie_gbps)
+    return dataclasses.replace(p, tiers=tiers)
 
 
 def _group_plans(

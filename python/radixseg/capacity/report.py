@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixseg.capacity.geometry import KVGeometry
+from radixseg.capacity.tiers import TierPlan
 
 __all__ = ["MAX_PAGE_SIZE", "SCALE_BYTES", "GroupPlan", "Plan"]
 
@@ -112,6 +113,11 @@ class Plan:
     ``groups`` is empty and ``reserved_bytes_grouped`` ``None`` for ``cp > 1``,
     for MLA, and when one page of some group is past ``segment_bytes`` or
     the elements a segment may hold (the grouped pool would refuse those settings).
+
+    Host tier (``host_bytes``, ``radixseg plan --host-memory``): ``tiers`` is a
+    :class:`radixseg.capacity.tiers.TierPlan`, the context's KV and scales per
+    device split between the device's usable bytes and the host tier, with the
+    model's decode step time in place vs copy-back; ``None`` without ``host_bytes``.
     """
 
     geometry: KVGeometry
@@ -152,6 +158,7 @@ class Plan:
     ranks_needed: int | None = None
     groups: tuple[GroupPlan, ...] = ()
     reserved_bytes_grouped: int | None = None
+    tiers: TierPlan | None = None
 
     def kv_bytes(self, context: int, per_device: bool = False) -> int:
         """KV bytes (no scales) for ``context`` tokens, windowed layers capped."""
@@ -312,6 +319,9 @@ class Plan:
                     )
                 )
         rows += self._cp_rows()
+        if self.tiers is not None:
+            rows.append(("", ""))
+            rows += self.tiers.rows()
         width = max(len(k) for k, _ in rows) + 2
         lines = ["radixseg capacity plan"]
         lines += [f"{k:<{width}}{v}".rstrip() if k or v else "" for k, v in rows]
