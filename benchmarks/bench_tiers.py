@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment-bytes", default="64MiB")
     p.add_argument("--backend", default="cpu", help="device-tier backend: cpu (native) or torch")
     p.add_argument("--repeat", type=int, default=5, help="timed rounds per big case (median)")
-    p.add_argument("--rounds", type=int, default=3, help="promote/demote rounds (best)")
+    p.add_argument("--rounds", type=int, default=7, help="promote/demote rounds (best)")
     p.add_argument("--small", default="1k,8k,32k", help="sizes for (c), comma-separated")
     p.add_argument("--small-repeat", type=int, default=101, help="rounds per small case")
     p.add_argument("--seed", type=int, default=0)
