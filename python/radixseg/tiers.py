@@ -91,6 +91,41 @@ def split_by_tier(
     return TierSplit(part(~on_host, ~last_on_host), part(on_host, last_on_host))
 
 
+def shared_groups(part: Part) -> list[list[int]]:
+    """Requests whose host pages are the same list (same pages, same order,
+    same token count), in groups of two or more; ``[]`` when none share.
+
+    Candidates are found in one vectorised pass over ``(pages, first page,
+    last page, tokens)``; each candidate's list is then compared in full."""
+    n = np.diff(part.indptr)
+    live = np.flatnonzero(n > 0)
+    if live.size < 2:
+        return []
+    starts = part.indptr[live]
+    keys = np.stack(
+        [n[live], part.indices[starts], part.indices[starts + n[live] - 1], part.kv_lens[live]],
+        axis=1,
+    )
+    _, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    if counts.max() < 2:
+        return []
+    groups: list[list[int]] = []
+    for k in np.flatnonzero(counts > 1).tolist():
+        members = live[inverse.reshape(-1) == k].tolist()
+        while len(members) > 1:
+            lead = members[0]
+            pages = part.indices[part.indptr[lead] : part.indptr[lead + 1]]
+            same = [
+                r
+                for r in members
+                if np.array_equal(part.indices[part.indptr[r] : part.indptr[r + 1]], pages)
+            ]
+            if len(same) > 1:
+                groups.append(same)
+            members = [r for r in members if r not in same]
+    return groups
+
+
 def host_part(
     q32: torch.Tensor,
     pool: KVPool,
@@ -101,16 +136,61 @@ def host_part(
     soft_cap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The native CPU kernel over the host pages: ``q32 [batch, q_heads,
-    head_dim]`` float32 on the CPU; returns float32 ``(out, lse)`` on the CPU."""
+    head_dim]`` float32 on the CPU; returns float32 ``(out, lse)`` on the CPU.
+
+    Requests reading the same host pages (:func:`shared_groups`: follow-ups
+    of one cached context) are one kernel row whose query heads are all of
+    theirs, so each shared host page is read once per step for all of them,
+    not once per request: a KV head's query heads become ``[requests x
+    group]`` (the kernel's GQA tile reads each K/V block once for them all).
+    """
     from radixseg.kernels.cpu import paged_decode_cpu
 
-    return paged_decode_cpu(
-        q32,
-        pool,
-        layer,
-        part.indptr,
-        part.indices,
-        part.kv_lens,
-        sm_scale=sm_scale,
-        soft_cap=soft_cap,
-    )
+    groups = shared_groups(part)
+    if not groups:
+        return paged_decode_cpu(
+            q32,
+            pool,
+            layer,
+            part.indptr,
+            part.indices,
+            part.kv_lens,
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+        )
+    batch, q_heads, d = q32.shape
+    kvh = pool.num_kv_heads
+    g = q_heads // kvh
+    out = torch.zeros(batch, q_heads, d, dtype=torch.float32)
+    lse = torch.full((batch, q_heads), -torch.inf, dtype=torch.float32)
+    grouped = {r for rows in groups for r in rows}
+    alone = [r for r in range(batch) if r not in grouped and part.indptr[r + 1] > part.indptr[r]]
+    # Each call takes rows of one query-head count: groups of equal size together.
+    by_size: dict[int, list[list[int]]] = {}
+    for rows in groups:
+        by_size.setdefault(len(rows), []).append(rows)
+    calls = [[[r] for r in alone]] if alone else []
+    calls += list(by_size.values())
+    for call in calls:
+        m = len(call[0])
+        lead = [rows[0] for rows in call]
+        idx = torch.tensor([r for rows in call for r in rows])
+        # [calls, m, kvh, g, d] -> [calls, kvh, m, g, d]: each KV head's
+        # query heads are its g heads of every request of the group.
+        q = q32[idx].view(len(call), m, kvh, g, d).transpose(1, 2)
+        pages = [part.indices[part.indptr[r] : part.indptr[r + 1]] for r in lead]
+        indptr = np.zeros(len(call) + 1, dtype=np.int64)
+        np.cumsum([p.size for p in pages], out=indptr[1:])
+        o, s = paged_decode_cpu(
+            q.reshape(len(call), kvh * m * g, d),
+            pool,
+            layer,
+            indptr,
+            np.concatenate(pages),
+            part.kv_lens[lead],
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+        )
+        out[idx] = o.view(len(call), kvh, m, g, d).transpose(1, 2).reshape(-1, q_heads, d)
+        lse[idx] = s.view(len(call), kvh, m, g).transpose(1, 2).reshape(-1, q_heads)
+    return out, lse
