@@ -1192,17 +1192,19 @@ class KVPool(Uncopyable):
 
         ``segment_ids``: these (each a live host segment), all or none:
         :class:`BudgetExhausted` when the device budget lacks room for them.
-        ``None``: as many as the device budget has room for, those most read
-        by running requests first (worth it once a request will decode more
-        than a few steps from them: a host page costs every step, a move once).
+        ``None``: the host segments running requests read, most read first,
+        as many as the device budget has room for (worth it once a request
+        will decode more than a few steps from them: a host page costs every
+        step, a move once); segments only the cache holds stay on the host.
+        Call it at a step boundary, for instance after requests finish.
         """
         with self._locked():
             room = self.room_segments(len(self._host_sids))
             if segment_ids is None:
                 readers = self._readers()
                 sids = sorted(
-                    self._host_sids,
-                    key=lambda s: (-readers.get(s, 0), -self._last_read.get(s, -1), s),
+                    (s for s in self._host_sids if readers.get(s, 0) > 0),
+                    key=lambda s: (-readers[s], -self._last_read.get(s, -1), s),
                 )[:room]
             else:
                 sids = self._check_tier_ids(segment_ids, HOST, "promote")
