@@ -258,7 +258,17 @@ class PrefixCache(Uncopyable):
         """Undo :meth:`extend` calls: keep the first ``seq_len`` tokens and release
         the pages past them. The reused prefix (``cached_len``) cannot be dropped."""
         self._check_req(req)
-        req._record.truncate(as_count(seq_len, "seq_len"))
+        n = as_count(seq_len, "seq_len")
+        pool = self.pool
+        if pool._host_sids and n % self.page_size and req.cached_len <= n < req.seq_len:
+            # The page that becomes the request's partly filled last page is
+            # written next: it must be on the device (new KV is never written
+            # to the host tier). Promoted first, so a refusal changes nothing.
+            page = int(req.page_ids[(n - 1) // self.page_size])
+            sid = page // pool.pages_per_segment
+            if sid in pool._host_sids:
+                pool.promote([sid])
+        req._record.truncate(n)
 
     def slots(self, req: Request, start: int = 0, end: int | None = None) -> torch.Tensor:
         """``int64`` slots of the request's tokens ``start..end`` (default: all)."""

@@ -768,7 +768,12 @@ class KVPool(Uncopyable):
             raise
         # Give back what this call added, so a failure changes nothing.
         self._retire(added)
-        raise self._exhausted(n, short.need, self.room_segments(short.need), short.failure)
+        # The shortfall now, with this call's growth given back (the loop's
+        # last figure was taken with it).
+        need = max(
+            short.need, -(-max(1, n - self.allocator.free_pages()) // self.pages_per_segment)
+        )
+        raise self._exhausted(n, need, self.room_segments(need), short.failure)
 
     def _make_room(self, n: int, take: Callable[[], _T], added: list[int], tried: bool) -> _T:
         """The loop of :meth:`_alloc_slow` (a function of its own so that an
@@ -1156,7 +1161,9 @@ class KVPool(Uncopyable):
         copied, then its table row and tier change in one step under the
         growth lock; page ids, refcounts and the tree do not change, and no
         new page is allocated in a host segment. :class:`BudgetExhausted`
-        when the host budget has no room for them all (nothing moves).
+        when the host budget has no room for them all (nothing moves); when
+        the host refuses memory part-way (:class:`HostMemoryRefused`), the
+        segments before it have moved and it and the rest have not.
         """
         with self._locked():
             if segment_ids is None:
@@ -1292,8 +1299,14 @@ class KVPool(Uncopyable):
         # Segments this call just added are where the pages will go: not those.
         sids = [s for s in self._coldest(segments + len(added)) if s not in added]
         sids = sids[: min(segments, self._host_room())]
-        for sid in sids:
-            self._move(sid, HOST)
+        for i, sid in enumerate(sids):
+            try:
+                self._move(sid, HOST)
+            except HostMemoryRefused:
+                # The host refused memory: what moved so far helps; else the
+                # caller goes on to eviction, as without a host tier.
+                self._counters["growth_failures"] += 1
+                return i > 0
         return bool(sids)
 
     def _take_buffer(self, tier: int) -> torch.Tensor:
@@ -1330,12 +1343,10 @@ class KVPool(Uncopyable):
         old = self._segments[sid]
         assert old is not None and old.tier != tier
         buf = self._take_buffer(tier)
-        sealed = False
         try:
             if tier == HOST:
                 # Before the copy: no page of it is handed out while bytes move.
                 self.allocator.seal_segment(sid)
-                sealed = True
             seg = self._make_segment(buf, tier)
             # Kernels already queued on the current stream that write the old
             # buffer run before this copy; ones queued later see the new row.
@@ -1348,8 +1359,8 @@ class KVPool(Uncopyable):
         except BaseException:
             if self._segments[sid] is not old:
                 self._install(sid, old)
-            if sealed:
-                self.allocator.unseal_segment(sid)
+            if tier == HOST and self.allocator.is_sealed(sid):
+                self.allocator.unseal_segment(sid)  # however far the seal got
             if tier == HOST:
                 self._host_spares.append(buf)
             raise
