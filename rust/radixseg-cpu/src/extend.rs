@@ -22,11 +22,7 @@ use crate::kernel::{
     accumulate_v, prefetch_distance, prefetch_page, read_f32, scores, tanh, Scratch,
 };
 use crate::schedule::Ctx;
-#[cfg(target_arch = "aarch64")]
-use crate::simd::neon;
-#[cfg(target_arch = "x86_64")]
-use crate::simd::x86;
-use crate::simd::{Scalar, Simd};
+use crate::simd::{dispatch, Simd, WithSimd};
 use crate::{ExtendBatch, BLOCK};
 
 /// One unit of extend work: rows `row0..row0 + rows` of `q` (request
@@ -198,7 +194,6 @@ pub(crate) fn run(
     (out, lse)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_tile(
     isa: Isa,
     ctx: &Ctx<'_, '_>,
@@ -208,28 +203,47 @@ fn run_tile(
     ranges: &mut Vec<(usize, usize)>,
     slot: &mut [f32],
 ) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
-            // SAFETY: `choose_isa` returns Avx512 only after `avx512_detected()`
-            // found every feature `tile_avx512` enables.
-            unsafe { x86::tile_avx512(ctx, input, tile, sc, ranges, slot) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            // SAFETY: `choose_isa` returns Avx2 only after `avx2_detected()`
-            // found every feature `tile_avx2` enables.
-            unsafe { x86::tile_avx2(ctx, input, tile, sc, ranges, slot) }
-        }
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::tile_neon(ctx, input, tile, sc, ranges, slot),
-        _ => tile_generic(Scalar, ctx, input, tile, sc, ranges, slot),
+    dispatch(
+        isa,
+        TileJob {
+            ctx,
+            input,
+            tile,
+            sc,
+            ranges,
+            slot,
+        },
+    );
+}
+
+/// [`tile_generic`]'s arguments, for [`dispatch`].
+struct TileJob<'j, 'a, 'b> {
+    ctx: &'j Ctx<'a, 'b>,
+    input: &'j TileIn<'j>,
+    tile: &'j Tile,
+    sc: &'j mut Scratch,
+    ranges: &'j mut Vec<(usize, usize)>,
+    slot: &'j mut [f32],
+}
+
+impl WithSimd for TileJob<'_, '_, '_> {
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        tile_generic(
+            s,
+            self.ctx,
+            self.input,
+            self.tile,
+            self.sc,
+            self.ranges,
+            self.slot,
+        )
     }
 }
 
 /// The tile loop, for one instruction set: dispatches on the format.
 #[inline(always)]
-pub(crate) fn tile_generic<S: Simd>(
+fn tile_generic<S: Simd>(
     s: S,
     ctx: &Ctx<'_, '_>,
     input: &TileIn<'_>,

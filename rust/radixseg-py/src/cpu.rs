@@ -91,6 +91,69 @@ type DecodeResult<'py> = (
     &'static str,
 );
 
+/// What [`decode_cpu`] and [`extend_cpu`] take alike, parsed: the pool's
+/// geometry and each segment's bytes of the layer, the instruction set and
+/// the mask/cap options.
+struct KernelArgs<'a> {
+    geometry: cpu::PoolGeometry,
+    layers: Vec<Option<cpu::SegmentLayer<'a>>>,
+    isa: cpu::Isa,
+    options: cpu::DecodeOptions,
+}
+
+impl<'a> KernelArgs<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn parse(
+        buffers: &'a [Option<PyReadonlyArray1<'_, u8>>],
+        offsets: &[usize; 4],
+        page_size: usize,
+        pages_per_segment: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        format: &str,
+        isa: &str,
+        window_left: i64,
+        chunk_size: i64,
+        soft_cap: f32,
+    ) -> PyResult<Self> {
+        let geometry = cpu::PoolGeometry {
+            page_size,
+            pages_per_segment,
+            kv_heads,
+            head_dim,
+            format: kv_format(format)?,
+        };
+        let isa = isa_named(isa)?;
+        let layers = segment_layers(buffers, offsets, &geometry)?;
+        Ok(KernelArgs {
+            geometry,
+            layers,
+            isa,
+            options: cpu::DecodeOptions {
+                window_left,
+                chunk_size,
+                soft_cap,
+            },
+        })
+    }
+}
+
+/// Run `kernel`, with the GIL released when `work` (page ids plus query
+/// rows or requests) is large enough to pay for it, and hand its output
+/// to Python.
+fn run_kernel<'py>(
+    py: Python<'py>,
+    work: usize,
+    kernel: impl Send + FnOnce() -> radixseg_core::Result<cpu::DecodeOutput>,
+) -> PyResult<DecodeResult<'py>> {
+    let r = maybe_detach(py, work, kernel).py(py)?;
+    Ok((
+        PyArray1::from_vec(py, r.out),
+        PyArray1::from_vec(py, r.lse),
+        r.isa.name(),
+    ))
+}
+
 /// Decode attention on the CPU over a segmented pool (the native kernel
 /// behind `radixseg.attention.decode(..., backend="cpu")`; use that).
 ///
@@ -133,15 +196,19 @@ pub(crate) fn decode_cpu<'py>(
     chunk_size: i64,
     soft_cap: f32,
 ) -> PyResult<DecodeResult<'py>> {
-    let geometry = cpu::PoolGeometry {
+    let a = KernelArgs::parse(
+        &buffers,
+        &offsets,
         page_size,
         pages_per_segment,
         kv_heads,
         head_dim,
-        format: kv_format(format)?,
-    };
-    let isa = isa_named(isa)?;
-    let layers = segment_layers(&buffers, &offsets, &geometry)?;
+        format,
+        isa,
+        window_left,
+        chunk_size,
+        soft_cap,
+    )?;
     let batch = cpu::DecodeBatch {
         q: q.as_slice()?,
         q_heads,
@@ -150,21 +217,10 @@ pub(crate) fn decode_cpu<'py>(
         kv_lens: kv_lens.as_slice()?,
         sm_scale,
     };
-    let options = cpu::DecodeOptions {
-        window_left,
-        chunk_size,
-        soft_cap,
-    };
     let work = batch.indices.len() + batch.kv_lens.len();
-    let result = maybe_detach(py, work, || {
-        cpu::decode_with(&geometry, &layers, &batch, &options, threads, isa)
-    });
-    let r = result.py(py)?;
-    Ok((
-        PyArray1::from_vec(py, r.out),
-        PyArray1::from_vec(py, r.lse),
-        r.isa.name(),
-    ))
+    run_kernel(py, work, || {
+        cpu::decode_with(&a.geometry, &a.layers, &batch, &a.options, threads, a.isa)
+    })
 }
 
 /// Extend attention on the CPU over a segmented pool (the native kernel
@@ -208,15 +264,19 @@ pub(crate) fn extend_cpu<'py>(
     chunk_size: i64,
     soft_cap: f32,
 ) -> PyResult<DecodeResult<'py>> {
-    let geometry = cpu::PoolGeometry {
+    let a = KernelArgs::parse(
+        &buffers,
+        &offsets,
         page_size,
         pages_per_segment,
         kv_heads,
         head_dim,
-        format: kv_format(format)?,
-    };
-    let isa = isa_named(isa)?;
-    let layers = segment_layers(&buffers, &offsets, &geometry)?;
+        format,
+        isa,
+        window_left,
+        chunk_size,
+        soft_cap,
+    )?;
     let batch = cpu::ExtendBatch {
         q: q.as_slice()?,
         q_heads,
@@ -227,21 +287,10 @@ pub(crate) fn extend_cpu<'py>(
         sm_scale,
         causal,
     };
-    let options = cpu::DecodeOptions {
-        window_left,
-        chunk_size,
-        soft_cap,
-    };
     let work = batch.indices.len() + batch.q.len() / head_dim.max(1);
-    let result = maybe_detach(py, work, || {
-        cpu::extend(&geometry, &layers, &batch, &options, threads, isa)
-    });
-    let r = result.py(py)?;
-    Ok((
-        PyArray1::from_vec(py, r.out),
-        PyArray1::from_vec(py, r.lse),
-        r.isa.name(),
-    ))
+    run_kernel(py, work, || {
+        cpu::extend(&a.geometry, &a.layers, &batch, &a.options, threads, a.isa)
+    })
 }
 
 /// Instruction sets the CPU decode kernel can use here, widest first.

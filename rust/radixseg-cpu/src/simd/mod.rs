@@ -9,13 +9,49 @@ pub(crate) mod x86;
 
 pub(crate) use scalar::Scalar;
 
+use crate::isa::Isa;
 use crate::BLOCK;
+
+/// A computation written once against [`Simd`] (a kernel's per-item loop),
+/// run with the instruction set's implementation by [`dispatch`].
+pub(crate) trait WithSimd {
+    /// Run with `s`. Implementations are `#[inline(always)]`, so that the
+    /// whole loop is compiled inside the entry point of `s`'s instruction
+    /// set (with its features enabled).
+    fn run<S: Simd>(self, s: S);
+}
+
+/// Run `job` with `isa`'s implementation of [`Simd`]: the one place that
+/// maps an instruction set to its `#[target_feature]` entry point, for
+/// every kernel. `isa` comes from `choose_isa`, which returns an x86 set
+/// only after runtime detection found its features; any other value
+/// (`Scalar`, `Auto`, a set of another architecture) runs the scalar path.
+#[inline(always)]
+pub(crate) fn dispatch<J: WithSimd>(isa: Isa, job: J) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            // SAFETY: `choose_isa` returns Avx512 only after
+            // `avx512_detected()` found every feature `with_avx512` enables.
+            unsafe { x86::with_avx512(job) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            // SAFETY: `choose_isa` returns Avx2 only after `avx2_detected()`
+            // found every feature `with_avx2` enables.
+            unsafe { x86::with_avx2(job) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::with_neon(job),
+        _ => job.run(Scalar),
+    }
+}
 
 /// The vector operations the kernel needs; `F` holds `LANES` `f32`s.
 ///
 /// Implementations for an instruction set are only ever called from a
 /// function compiled with that set enabled and entered after runtime
-/// detection (see [`run_item`]); every method is `#[inline(always)]` so that
+/// detection (see [`dispatch`]); every method is `#[inline(always)]` so that
 /// it is compiled there.
 pub(crate) trait Simd: Copy {
     const LANES: usize;

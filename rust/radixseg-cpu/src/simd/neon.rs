@@ -1,35 +1,16 @@
 //! The AArch64 NEON (4 lanes) implementation of [`Simd`].
 
-use super::Simd;
-use crate::extend::{tile_generic, Tile, TileIn};
-use crate::kernel::{exp2_poly, item_generic, Scratch};
-use crate::schedule::{Ctx, Item};
+use super::{Simd, WithSimd};
+use crate::kernel::exp2_poly;
 use crate::{KvFormat, BLOCK};
 use std::arch::aarch64::*;
 
-/// NEON is part of the AArch64 baseline (every AArch64 target enables
-/// it), so this needs no runtime detection.
-pub(crate) fn item_neon(
-    ctx: &Ctx<'_, '_>,
-    q: &[f32],
-    item: &Item,
-    pages: &[i64],
-    scratch: &mut Scratch,
-    part: &mut [f32],
-) {
-    item_generic(Neon, ctx, q, item, pages, scratch, part)
-}
-
-/// The extend tile loop with NEON (baseline on AArch64, as for `item_neon`).
-pub(crate) fn tile_neon(
-    ctx: &Ctx<'_, '_>,
-    input: &TileIn<'_>,
-    tile: &Tile,
-    scratch: &mut Scratch,
-    ranges: &mut Vec<(usize, usize)>,
-    slot: &mut [f32],
-) {
-    tile_generic(Neon, ctx, input, tile, scratch, ranges, slot)
+/// `job` with NEON (what [`super::dispatch`] calls). NEON is part of the
+/// AArch64 baseline (every AArch64 target enables it), so this needs no
+/// runtime detection.
+#[inline(always)]
+pub(crate) fn with_neon<J: WithSimd>(job: J) {
+    job.run(Neon)
 }
 
 /// Row sums of 16 rows of 16, through [`Simd::sums`].

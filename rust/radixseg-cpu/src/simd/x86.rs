@@ -1,67 +1,27 @@
 //! AVX2 (8 lanes) and AVX-512 (16 lanes) implementations of [`Simd`], and
 //! the `#[target_feature]` entry points the kernel calls after detection.
 
-use super::Simd;
-use crate::extend::{tile_generic, Tile, TileIn};
-use crate::kernel::{exp2_poly, item_generic, Scratch};
-use crate::schedule::{Ctx, Item};
+use super::{Simd, WithSimd};
+use crate::kernel::exp2_poly;
 use crate::{KvFormat, BLOCK};
 use std::arch::x86_64::*;
 
+/// `job` with AVX-512 (what [`super::dispatch`] calls).
+///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL, AVX2, FMA and F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) unsafe fn item_avx512(
-    ctx: &Ctx<'_, '_>,
-    q: &[f32],
-    item: &Item,
-    pages: &[i64],
-    scratch: &mut Scratch,
-    part: &mut [f32],
-) {
-    item_generic(Avx512, ctx, q, item, pages, scratch, part)
+pub(crate) unsafe fn with_avx512<J: WithSimd>(job: J) {
+    job.run(Avx512)
 }
 
+/// `job` with AVX2 (what [`super::dispatch`] calls).
+///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn item_avx2(
-    ctx: &Ctx<'_, '_>,
-    q: &[f32],
-    item: &Item,
-    pages: &[i64],
-    scratch: &mut Scratch,
-    part: &mut [f32],
-) {
-    item_generic(Avx2, ctx, q, item, pages, scratch, part)
-}
-
-/// # Safety
-/// The CPU must support AVX-512 F/BW/VL, AVX2, FMA and F16C.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) unsafe fn tile_avx512(
-    ctx: &Ctx<'_, '_>,
-    input: &TileIn<'_>,
-    tile: &Tile,
-    scratch: &mut Scratch,
-    ranges: &mut Vec<(usize, usize)>,
-    slot: &mut [f32],
-) {
-    tile_generic(Avx512, ctx, input, tile, scratch, ranges, slot)
-}
-
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile_avx2(
-    ctx: &Ctx<'_, '_>,
-    input: &TileIn<'_>,
-    tile: &Tile,
-    scratch: &mut Scratch,
-    ranges: &mut Vec<(usize, usize)>,
-    slot: &mut [f32],
-) {
-    tile_generic(Avx2, ctx, input, tile, scratch, ranges, slot)
+pub(crate) unsafe fn with_avx2<J: WithSimd>(job: J) {
+    job.run(Avx2)
 }
 
 /// `[(isa, row sums of 16 rows of 16)]` for each instruction set this CPU has.
@@ -97,16 +57,16 @@ pub(crate) fn sums_for_test(v: &[f32]) -> Vec<(&'static str, Vec<f32>)> {
     out
 }
 
-/// 16 lanes. Only constructed inside `item_avx512`.
+/// 16 lanes. Only constructed inside `with_avx512` (and the tests' `with_avx512`).
 #[derive(Clone, Copy)]
 struct Avx512;
 
-/// 8 lanes. Only constructed inside `item_avx2`.
+/// 8 lanes. Only constructed inside `with_avx2` (and the tests' `with_avx2`).
 #[derive(Clone, Copy)]
 struct Avx2;
 
 // The methods below call intrinsics that need the features of the
-// function they are inlined into (`item_avx512` / `item_avx2`); the
+// function they are inlined into (`with_avx512` / `with_avx2`); the
 // values of these types exist nowhere else. Each load or store first
 // takes a sub-slice of exactly the bytes it touches, so an out-of-range
 // access panics instead of reading past the slice.
