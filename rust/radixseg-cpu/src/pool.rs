@@ -111,8 +111,20 @@ pub(crate) fn run(extra: usize, job: &(dyn Fn() + Sync)) {
         }),
         idle: Condvar::new(),
     });
+    // Never wait for the helper list: in a child forked while another parent
+    // thread held its lock the lock stays held forever (and the helpers do
+    // not exist there), and a concurrent caller holds it only to hand out
+    // work. Either way this call runs on this thread alone, which gives the
+    // same result (the work is shared out through `job`'s own queue).
+    let mut hs = match helpers().try_lock() {
+        Ok(hs) => hs,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            job();
+            return;
+        }
+    };
     {
-        let mut hs = helpers().lock().unwrap_or_else(|p| p.into_inner());
         while hs.len() < extra {
             let (tx, rx) = channel::<Arc<Task>>();
             let spawned = std::thread::Builder::new()
@@ -133,6 +145,7 @@ pub(crate) fn run(extra: usize, job: &(dyn Fn() + Sync)) {
             let _ = tx.send(Arc::clone(&task));
         }
     }
+    drop(hs);
     let guard = CloseOnDrop(&task);
     job();
     std::mem::forget(guard);
@@ -146,8 +159,15 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// The pool is process-wide: these tests take turns (one holds its lock).
+    fn serial() -> MutexGuard<'static, ()> {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     #[test]
     fn every_item_runs_once_with_any_helper_count() {
+        let _serial = serial();
         for extra in [0, 1, 3, 8] {
             let next = AtomicUsize::new(0);
             let hits: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
@@ -161,7 +181,29 @@ mod tests {
     }
 
     #[test]
+    fn a_held_helper_list_runs_the_call_on_this_thread() {
+        let _serial = serial();
+        // As in a child forked while a parent thread held the list's lock.
+        let held = helpers().lock().unwrap_or_else(|p| p.into_inner());
+        let caller = std::thread::current().id();
+        let others = AtomicUsize::new(0);
+        let n = AtomicUsize::new(0);
+        run(3, &|| {
+            if std::thread::current().id() != caller {
+                others.fetch_add(1, Ordering::Relaxed);
+            }
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        drop(held);
+        assert_eq!(
+            (n.load(Ordering::Relaxed), others.load(Ordering::Relaxed)),
+            (1, 0)
+        );
+    }
+
+    #[test]
     fn a_helpers_panic_reaches_the_caller_and_the_pool_survives() {
+        let _serial = serial();
         let caller = std::thread::current().id();
         let entered = std::sync::atomic::AtomicBool::new(false);
         let got = catch_unwind(AssertUnwindSafe(|| {
