@@ -371,6 +371,21 @@ def bench_moves(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 # ----- (c) split overhead --------------------------------------------------------------
 
 
+def _empty_row(
+    tokens: int, ms: dict[str, float], rel: dict[str, float], added: float
+) -> dict[str, float]:
+    """The (c) figures of one size: an empty host tier against none."""
+    return {
+        "tokens": tokens,
+        "no_tier_ms": ms["no_tier"],
+        "tier_empty_ms": ms["tier_empty"],
+        "empty_overhead": rel["tier_empty"],
+        "noise_floor": rel["no_tier_again"],
+        "added_work_us": added,
+        "added_work_share": added / (ms["no_tier"] * 1e3),
+    }
+
+
 def bench_overhead(ctx: Context | None, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Host tier present, nothing on it, vs no host tier; and, at the small
     sizes, half the segments on the host vs all on the device."""
@@ -395,13 +410,7 @@ def bench_overhead(ctx: Context | None, args: argparse.Namespace) -> list[dict[s
         )
         rows.append(
             {
-                "tokens": tokens,
-                "no_tier_ms": ms["no_tier"],
-                "tier_empty_ms": ms["tier_empty"],
-                "empty_overhead": rel["tier_empty"],
-                "noise_floor": rel["no_tier_again"],
-                "added_work_us": added,
-                "added_work_share": added / (ms["no_tier"] * 1e3),
+                **_empty_row(tokens, ms, rel, added),
                 "split_ms": split["split"],
                 "split_baseline_ms": split["no_tier"],
                 "split_host_segments": len(half),
@@ -425,17 +434,7 @@ def bench_overhead(ctx: Context | None, args: argparse.Namespace) -> list[dict[s
             args.repeat,
         )
         added = _empty_split_us(ctx)
-        rows.append(
-            {
-                "tokens": ctx.tokens,
-                "no_tier_ms": ms["no_tier"],
-                "tier_empty_ms": ms["tier_empty"],
-                "empty_overhead": rel["tier_empty"],
-                "noise_floor": rel["no_tier_again"],
-                "added_work_us": added,
-                "added_work_share": added / (ms["no_tier"] * 1e3),
-            }
-        )
+        rows.append(_empty_row(ctx.tokens, ms, rel, added))
     return rows
 
 

@@ -296,9 +296,13 @@ class _Injector:
         if event == "line":
             self.lines += 1
             if self.lines == self.at:
-                self.where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+                self.where = self.label(frame)
                 raise KeyboardInterrupt(self.where)
         return self.local
+
+    def label(self, frame: FrameType) -> str:
+        """Where an interrupt landed, as ``where`` records it."""
+        return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
 
 
 def _lifecycle(pool: KVPool, cache: PrefixCache, seed: int, running: list[Request]) -> None:

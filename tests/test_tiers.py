@@ -18,7 +18,6 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -37,11 +36,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import radixseg
 from radixseg import BudgetExhausted, InvalidArgument, KVPool, PrefixCache, Request
 from radixseg import attention as A
 from radixseg.attention import Backend
 from radixseg.pool import DEVICE, HOST, HostMemoryRefused
+from test_atomicity import _PACKAGE, _Injector
 from test_attention_cpu import LAYER, close, reference
 from test_pool_state import DIM, HEADS, LAYERS, stored, token_kv
 
@@ -721,7 +720,6 @@ def test_a_host_segment_never_takes_a_new_page() -> None:
 
 # ----- 4. a move interrupted at any line ------------------------------------------------
 
-_PACKAGE = str(Path(radixseg.__file__).resolve().parent)
 _MOVE = KVPool._move.__code__
 
 
@@ -737,15 +735,11 @@ def _line_of(text: str) -> int | None:
 _SEAL_GAP = _line_of("seg = self._make_segment(buf, tier)")
 
 
-class MoveInjector:
+class MoveInjector(_Injector):
     """``sys.settrace`` hook raising ``KeyboardInterrupt`` at the ``at``-th
     line the radixseg package executes inside ``KVPool._move`` (its own lines
-    and those of what it calls); ``at=None``: count only."""
-
-    def __init__(self, at: int | None) -> None:
-        self.at = at
-        self.lines = 0
-        self.where: str | None = None
+    and those of what it calls); ``at=None``: count only. ``where`` is
+    ``function:line``."""
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
         if not frame.f_code.co_filename.startswith(_PACKAGE):
@@ -755,13 +749,8 @@ class MoveInjector:
             f = f.f_back
         return None if f is None else self.local
 
-    def local(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "line":
-            self.lines += 1
-            if self.lines == self.at:
-                self.where = f"{frame.f_code.co_name}:{frame.f_lineno}"
-                raise KeyboardInterrupt(self.where)
-        return self.local
+    def label(self, frame: FrameType) -> str:
+        return f"{frame.f_code.co_name}:{frame.f_lineno}"
 
 
 def _interrupted(pool: KVPool, move: Any, at: int | None) -> MoveInjector:
