@@ -1000,3 +1000,39 @@ def test_truncate_into_a_host_page_keeps_the_write_target_on_the_device() -> Non
     slot = cache.extend(req, [7])
     cache.check_invariants()
     assert pool.tier_of(slot // 4).tolist() == [DEVICE], pool.host_segments
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+def test_cuda_pool_with_pinned_host_tier(dtype: str) -> None:
+    """On CUDA: demoted segments live in pinned host memory, read back exactly,
+    decode over both tiers (Triton + native CPU kernel, LSE merge) equals the
+    all-device decode, writes to a moved page land, and promotion restores it."""
+    pool = KVPool(
+        2, 2, 64, 16, dtype, device="cuda", pages_per_segment=4, host_budget_bytes=1 << 30
+    )
+    ids = pool.alloc(12)  # three full segments
+    slots = (ids.long()[:, None] * 16 + torch.arange(16)).reshape(-1).cuda()
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, slots.numel(), 2, 64, generator=g).cuda()
+    A.store_kv(pool, 1, slots, kv[0], kv[1])
+    before = pool.read(1, slots)
+    q = torch.randn(2, 8, 64, generator=g).cuda()
+    table = (
+        torch.tensor([0, 12, 18], dtype=torch.int32).cuda(),
+        torch.cat([ids, ids[:6]]).cuda(),
+        torch.tensor([16, 16], dtype=torch.int32).cuda(),
+    )
+    want, want_lse = A.decode(q, pool, 1, *table, return_lse=True)
+    assert pool.demote([0, 2]) == [0, 2]
+    assert pool.segment(0).k.device.type == "cpu" and pool.segment(0).k.is_pinned()
+    after = pool.read(1, slots)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    out, lse = A.decode(q, pool, 1, *table, return_lse=True)
+    close(out.float().cpu(), want.float().cpu(), "out over both tiers", 1e-2)
+    close(lse.cpu(), want_lse.cpu(), "lse over both tiers", 1e-4)
+    pool.write(1, slots[:16], kv[0, :16], kv[1, :16])  # a page of a host segment
+    assert pool.promote([0, 2]) == [0, 2] and pool.host_segments == []
+    again = pool.read(1, slots)
+    assert all(torch.equal(a, b) for a, b in zip(before, again, strict=True))
+    pool.check_invariants()

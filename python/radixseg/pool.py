@@ -1091,10 +1091,18 @@ class KVPool(Uncopyable):
                 self._check_finite(layer, slots, "v", v, vq)
         slots = slots.to(self.device)
         for seg, at, pos in self._groups(slots):
+            # A host-tier segment of a CUDA pool (a page written again after
+            # its segment moved: new pages are always on the device).
+            where = seg.k_store.device
 
-            def sel(t: torch.Tensor, pos: torch.Tensor | None = pos) -> torch.Tensor:
-                return t if pos is None else t.index_select(0, pos)
+            def sel(
+                t: torch.Tensor, pos: torch.Tensor | None = pos, where: torch.device = where
+            ) -> torch.Tensor:
+                t = t if pos is None else t.index_select(0, pos)
+                return t if t.device == where else t.to(where)
 
+            if at.device != where:
+                at = at.to(where)
             seg.k_store[layer].index_copy_(0, at, sel(kq))
             seg.v_store[layer].index_copy_(0, at, sel(vq))
             if seg.ks_store is not None and seg.vs_store is not None:
@@ -1115,11 +1123,17 @@ class KVPool(Uncopyable):
             return k, v
         slots = slots.to(self.device)
         for seg, at, pos in self._groups(slots):
+            # A host-tier segment of a CUDA pool is read where it lives.
+            where = seg.k_store.device
+            if at.device != where:
+                at = at.to(where)
             kk = seg.k_store[layer].index_select(0, at)
             vv = seg.v_store[layer].index_select(0, at)
             if seg.ks_store is not None and seg.vs_store is not None:
                 kk = dequantize_fp8(kk.view(self.dtype), seg.ks_store[layer].index_select(0, at))
                 vv = dequantize_fp8(vv.view(self.dtype), seg.vs_store[layer].index_select(0, at))
+            if where != k.device:
+                kk, vv = kk.to(k.device), vv.to(k.device)
             if pos is None:
                 k.copy_(kk)
                 v.copy_(vv)
