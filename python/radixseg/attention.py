@@ -488,37 +488,46 @@ def _decode_tiers(
     """Decode over pages in both tiers: the device backend over the device
     part, the native CPU kernel over the host part, merged by log-sum-exp in
     float32 (see :mod:`radixseg.tiers`)."""
-    from radixseg.tiers import host_part
+    from radixseg.tiers import host_part, merge_host
 
     q32 = q.detach().float()
     # The query reaches the host before the device part is queued, so the
     # CPU part overlaps the device kernel (the copy waits only for q).
     q_host = q32 if q32.device.type == "cpu" else q32.to("cpu")
     dev = split.device
-    out_d, lse_d = _attention(
-        q32,
-        pool,
-        layer,
-        None,
-        dev.indptr,
-        dev.indices,
-        dev.last,
-        decode=True,
-        causal=False,
-        sm_scale=scale,
-        num_splits=splits,
-        fp8_software=fp8_software,
-        backend=backend,
-        check=False,
-        logits_soft_cap=cap or None,
-    )
+    if chosen == "cpu":
+        # The native kernel over the device part too: the split's tables are
+        # already validated host arrays (no second _PageTable).
+        from radixseg.kernels.cpu import paged_decode_cpu
+
+        out_d, lse_d = paged_decode_cpu(
+            q32, pool, layer, dev.indptr, dev.indices, dev.kv_lens, sm_scale=scale, soft_cap=cap
+        )
+    else:
+        out_d, lse_d = _attention(
+            q32,
+            pool,
+            layer,
+            None,
+            dev.indptr,
+            dev.indices,
+            dev.last,
+            decode=True,
+            causal=False,
+            sm_scale=scale,
+            num_splits=splits,
+            fp8_software=fp8_software,
+            backend=backend,
+            check=False,
+            logits_soft_cap=cap or None,
+        )
     out_h, lse_h = host_part(q_host, pool, layer, split.host, sm_scale=scale, soft_cap=cap)
-    if q.device.type != "cpu":
+    if q.device.type == "cpu":
+        out, lse = merge_host(out_d, lse_d, out_h, lse_h)
+    else:
         out_h = out_h.to(q.device, non_blocking=True)
         lse_h = lse_h.to(q.device, non_blocking=True)
-    out, lse = merge_states(
-        out_d.float(), lse_d, out_h, lse_h, backend="torch" if q.device.type == "cpu" else "auto"
-    )
+        out, lse = merge_states(out_d.float(), lse_d, out_h, lse_h)
     return out.to(q.dtype), lse
 
 
