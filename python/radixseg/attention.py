@@ -488,13 +488,27 @@ def _decode_tiers(
     """Decode over pages in both tiers: the device backend over the device
     part, the native CPU kernel over the host part, merged by log-sum-exp in
     float32 (see :mod:`radixseg.tiers`)."""
-    from radixseg.tiers import host_part, merge_host
+    from radixseg.tiers import host_part, merge_host, shared_groups, stacked
 
     q32 = q.detach().float()
     # The query reaches the host before the device part is queued, so the
     # CPU part overlaps the device kernel (the copy waits only for q).
     q_host = q32 if q32.device.type == "cpu" else q32.to("cpu")
     dev = split.device
+    if chosen == "cpu" and not shared_groups(split.host):
+        # Both parts on the native kernel: one launch over the two parts as
+        # 2 x batch rows, so the threads share out all their chunks (two
+        # launches would each get half the items).
+        from radixseg.kernels.cpu import paged_decode_cpu
+
+        indptr, indices, kv_lens = stacked(dev, split.host)
+        o, s = paged_decode_cpu(
+            torch.cat([q32, q32]), pool, layer, indptr, indices, kv_lens, sm_scale=scale,
+            soft_cap=cap,
+        )  # fmt: skip
+        n = q32.shape[0]
+        out, lse = merge_host(o[:n], s[:n], o[n:], s[n:])
+        return out.to(q.dtype), lse
     if chosen == "cpu":
         # The native kernel over the device part too: the split's tables are
         # already validated host arrays (no second _PageTable).

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from radixseg.pool import KVPool
 
-__all__ = ["TierSplit", "merge_host", "split_by_tier"]
+__all__ = ["TierSplit", "merge_host", "split_by_tier", "stacked"]
 
 
 class Part(NamedTuple):
@@ -89,6 +89,15 @@ def split_by_tier(
         return Part(p_indptr, np.ascontiguousarray(used[mask]), lens, last)
 
     return TierSplit(part(~on_host, ~last_on_host), part(on_host, last_on_host))
+
+
+def stacked(
+    a: Part, b: Part
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(indptr, indices, kv_lens)`` of one table whose rows are ``a``'s
+    requests then ``b``'s (``2 x batch`` rows)."""
+    indptr = np.concatenate([a.indptr, a.indptr[-1] + b.indptr[1:]])
+    return indptr, np.concatenate([a.indices, b.indices]), np.concatenate([a.kv_lens, b.kv_lens])
 
 
 def shared_groups(part: Part) -> list[list[int]]:
