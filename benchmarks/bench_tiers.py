@@ -14,7 +14,7 @@ below is measured in the same run against a baseline measured beside it:
       pages, the native CPU kernel over the host pages, merged by
       log-sum-exp. Bytes crossing between the tiers per step are *counted*
       (the query sent to the host part, its ``out`` and ``lse`` sent back),
-      by wrapping ``radixseg.tiers.host_part`` for one untimed step;
+      by wrapping ``radixseg.tiers.split_by_tier`` for one untimed step;
     * copy-back (SGLang HiCache, vLLM's offloading connector): each step
       stages every host page's bytes into spare device-tier pages
       (``dst.copy_(src)`` per segment part) and runs the device backend over
@@ -147,25 +147,29 @@ def _paired(
     return ms, rel
 
 
-def _count_crossing(step: Callable[[], Any]) -> int:
-    """Bytes that cross between the tiers in one call of ``step``: the query
-    handed to the host part and the ``(out, lse)`` it returns (counted by
-    wrapping :func:`radixseg.tiers.host_part`; 0 when no page is on the host)."""
+def _count_crossing(step: Callable[[], Any], q: torch.Tensor) -> int:
+    """Bytes that cross between the tiers in one call of ``step`` over query
+    ``q [batch, heads, dim]``: the float32 query sent to the host part and the
+    float32 ``(out, lse)`` it sends back, for each call whose table the split
+    (:func:`radixseg.tiers.split_by_tier`, wrapped here) finds host pages in;
+    0 when no page is on the host. (On this CPU machine nothing moves; on CUDA
+    these are the bytes over PCIe.)"""
     crossed = 0
-    orig = radixseg.tiers.host_part
+    orig = radixseg.tiers.split_by_tier
+    b, h, d = q.shape
 
-    def counting(q32: torch.Tensor, *a: Any, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def counting(*a: Any, **kw: Any) -> Any:
         nonlocal crossed
-        out, lse = orig(q32, *a, **kw)
-        for t in (q32, out, lse):
-            crossed += t.numel() * t.element_size()
-        return out, lse
+        split = orig(*a, **kw)
+        if split is not None:
+            crossed += 4 * (2 * b * h * d + b * h)
+        return split
 
-    radixseg.tiers.host_part = counting
+    radixseg.tiers.split_by_tier = counting
     try:
         step()
     finally:
-        radixseg.tiers.host_part = orig
+        radixseg.tiers.split_by_tier = orig
     return crossed
 
 
@@ -272,7 +276,7 @@ def bench_decode(ctx: Context, args: argparse.Namespace) -> list[dict[str, Any]]
             (cb_out - ref).abs().max().item(),
         )
         assert err < 2e-2, f"outputs differ from the all-device step by {err}"
-        crossed = _count_crossing(ctx.decode)
+        crossed = _count_crossing(ctx.decode, ctx.q)
 
         def all_device(staged: torch.Tensor = staged) -> torch.Tensor:
             # The staged table once the copy is done: every page on the device,
