@@ -1036,3 +1036,35 @@ def test_cuda_pool_with_pinned_host_tier(dtype: str) -> None:
     again = pool.read(1, slots)
     assert all(torch.equal(a, b) for a, b in zip(before, again, strict=True))
     pool.check_invariants()
+
+
+def test_demotion_order_is_fewest_readers_first() -> None:
+    """``demote(n=...)`` takes segments no running request reads (cached
+    prefixes) first, then those read by fewer requests; never a segment
+    holding a running request's last page."""
+    pool = KVPool(LAYERS, HEADS, DIM, 1, "bf16", pages_per_segment=2, host_budget_bytes=1 << 30)
+    cache = PrefixCache(pool)
+    done = cache.begin([])
+    cache.extend(done, [1, 2])  # segment 0
+    cache.finish(done)  # cached, read by nobody
+    shared = [5, 6, 7, 8]  # segments 1 and 2
+    a = cache.begin(shared)
+    cache.extend(a, a.uncached)
+    cache.finish(a)
+    b = cache.begin([*shared, 9, 10, 11])  # reads 1, 2 (cached) and its own 3, 4
+    cache.extend(b, b.uncached)
+    c = cache.begin([*shared[:2], 12, 13, 14])  # reads segment 1 and its own 4, 5, 5
+    cache.extend(c, c.uncached)
+    assert [p // 2 for p in b.page_ids.tolist()] == [1, 1, 2, 2, 3, 3, 4]
+    assert [p // 2 for p in c.page_ids.tolist()] == [1, 1, 4, 5, 5]
+    # Readers: 0 -> 0, 1 -> 2 (b, c), 2 -> 1 (b), 3 -> 1 (b), 4 -> 2 (b, c) but
+    # holds b's last page, 5 holds c's last page.
+    assert pool.demote(n=1) == [0]
+    assert sorted(pool.demote(n=2)) == [2, 3]
+    assert pool.demote(n=1) == [1]
+    with pytest.raises(InvalidArgument, match="only 0 device segment"):
+        pool.demote(n=1)  # 4 and 5 hold last pages
+    assert pool.host_segments == [0, 1, 2, 3]
+    assert sorted(pool.promote()) == [1, 2, 3]  # what running requests read
+    cache.check_invariants()
+    pool.check_invariants()

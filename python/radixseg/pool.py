@@ -1274,12 +1274,19 @@ class KVPool(Uncopyable):
         """Running requests reading each segment; refreshes the recency stamps."""
         pages, indptr = self._running()
         self._rounds += 1
-        readers: dict[int, int] = {}
+        if pages.size == 0:
+            return {}
         seg = pages // self.pages_per_segment
-        for i in range(indptr.shape[0] - 1):
-            for sid in np.unique(seg[indptr[i] : indptr[i + 1]]).tolist():
-                readers[sid] = readers.get(sid, 0) + 1
-                self._last_read[sid] = self._rounds
+        # One (request, segment) pair per request reading a segment, in one
+        # vectorised pass (a 10M-token request holds 625,000 pages).
+        req = np.repeat(np.arange(indptr.shape[0] - 1), np.diff(indptr))
+        span = int(seg.max()) + 1
+        pairs = np.unique(req * span + seg)
+        counts = np.bincount(pairs % span, minlength=span)
+        read = np.flatnonzero(counts)
+        readers = dict(zip(read.tolist(), counts[read].tolist(), strict=True))
+        for sid in readers:
+            self._last_read[sid] = self._rounds
         return readers
 
     def _writing_segments(self) -> set[int]:
