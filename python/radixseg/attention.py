@@ -495,7 +495,8 @@ def _decode_tiers(
     # CPU part overlaps the device kernel (the copy waits only for q).
     q_host = q32 if q32.device.type == "cpu" else q32.to("cpu")
     dev = split.device
-    if chosen == "cpu" and not shared_groups(split.host):
+    groups = shared_groups(split.host)
+    if chosen == "cpu" and not groups:
         # Both parts on the native kernel: one launch over the two parts as
         # 2 x batch rows, so the threads share out all their chunks (two
         # launches would each get half the items).
@@ -535,7 +536,9 @@ def _decode_tiers(
             check=False,
             logits_soft_cap=cap or None,
         )
-    out_h, lse_h = host_part(q_host, pool, layer, split.host, sm_scale=scale, soft_cap=cap)
+    out_h, lse_h = host_part(
+        q_host, pool, layer, split.host, sm_scale=scale, soft_cap=cap, groups=groups
+    )
     if q.device.type == "cpu":
         out, lse = merge_host(out_d, lse_d, out_h, lse_h)
     else:

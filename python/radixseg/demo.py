@@ -511,6 +511,22 @@ def _merge(
     return merge_states_torch(a[0], a[1], b[0], b[1])
 
 
+def _reference(
+    ref: tuple[torch.Tensor, torch.Tensor] | None,
+    pool: KVPool,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``ref`` merged with the dense fp32 attention of ``q [F, H, D]`` over
+    ``kv`` (K; V is ``-K``) as ``pool`` stores it, in blocks of
+    ``_REF_BLOCK`` rows: temporaries of a few MB stay off mmap, 3x faster on
+    a CPU."""
+    for at in range(0, kv.shape[0], _REF_BLOCK):
+        k = _stored(pool, kv[at : at + _REF_BLOCK]).cpu()
+        ref = _merge(ref, _dense(q, k, -k))
+    return ref
+
+
 def _context_phases(
     cache: PrefixCache,
     cfg: _LongContext,
@@ -560,10 +576,7 @@ def _context_phases(
             first_ptr = pool.segment(0).k.data_ptr()
         keep = min(n, max(0, cut - done))
         if kv is not None and cfg.check and i % ranks == rank:
-            # In blocks: temporaries of a few MB stay off mmap, 3x faster on a CPU.
-            for at in range(0, keep, _REF_BLOCK):
-                k = _stored(pool, kv[at : min(keep, at + _REF_BLOCK)])
-                ref = _merge(ref, _dense(q[:, :1], k, -k))
+            ref = _reference(ref, pool, q[:, :1], kv[:keep])
         done += n
         s = sample("", done)
         if send is not None and rank == 0:
@@ -589,8 +602,9 @@ def _context_phases(
             kv = _kv(-1 - f, own.numel(), HEAD_DIM).to(pool.device)
             pool.write(0, own, kv, -kv, check=False)
             if cfg.check and rank == 0:
-                k = _stored(pool, kv)
-                suffix_ref.append(_dense(q[f : f + 1, :1], k, -k))
+                got = _reference(None, pool, q[f : f + 1, :1], kv)
+                assert got is not None  # the suffix holds the question's tokens
+                suffix_ref.append(got)
         followers.append(r)
         followups.append((r.cached_len, began, own.numel()))
 
@@ -860,9 +874,7 @@ def run_demo(
                 first_ptr = pool.segment(0).k.data_ptr()
             keep = min(n, max(0, cut - done))
             if tiered and kv is not None:
-                for at in range(0, keep, _REF_BLOCK):
-                    k = _stored(pool, kv[at : min(keep, at + _REF_BLOCK)]).cpu()
-                    ref = _merge(ref, _dense(q[:, :1], k, -k))
+                ref = _reference(ref, pool, q[:, :1], kv[:keep])
             done += n
             _row("", pool, done, t0, lines, samples, host=host_samples)
             b.update(n, pool)
@@ -887,8 +899,9 @@ def run_demo(
         kv = _kv(-1 - f, own.numel(), head_dim).to(pool.device)
         pool.write(0, own, kv, -kv, check=False)
         if tiered:
-            k = _stored(pool, kv).cpu()
-            suffix_ref.append(_dense(q[f : f + 1, :1], k, -k))
+            got = _reference(None, pool, q[f : f + 1, :1], kv)
+            assert got is not None  # the suffix holds the question's tokens
+            suffix_ref.append(got)
         reused += r.cached_len
         followers.append(r)
         print(

@@ -1190,7 +1190,7 @@ class KVPool(Uncopyable):
                     )
             else:
                 sids = self._check_tier_ids(segment_ids, DEVICE, "demote")
-                writing = self._writing_segments()
+                writing = self._writing_segments(*self._running(), self.pages_per_segment)
                 busy = sorted(set(sids) & writing)
                 if busy:
                     raise InvalidArgument(
@@ -1222,7 +1222,7 @@ class KVPool(Uncopyable):
         with self._locked():
             room = self.room_segments(len(self._host_sids))
             if segment_ids is None:
-                readers = self._readers()
+                readers = self._readers(*self._running())
                 sids = sorted(
                     (s for s in self._host_sids if readers.get(s, 0) > 0),
                     key=lambda s: (-readers[s], -self._last_read.get(s, -1), s),
@@ -1270,9 +1270,11 @@ class KVPool(Uncopyable):
         pages, indptr = get()
         return np.asarray(pages, np.int64), np.asarray(indptr, np.int64)
 
-    def _readers(self) -> dict[int, int]:
-        """Running requests reading each segment; refreshes the recency stamps."""
-        pages, indptr = self._running()
+    def _readers(
+        self, pages: npt.NDArray[np.int64], indptr: npt.NDArray[np.int64]
+    ) -> dict[int, int]:
+        """Running requests reading each segment, from one :meth:`_running`
+        snapshot; refreshes the recency stamps."""
         self._rounds += 1
         if pages.size == 0:
             return {}
@@ -1289,19 +1291,26 @@ class KVPool(Uncopyable):
             self._last_read[sid] = self._rounds
         return readers
 
-    def _writing_segments(self) -> set[int]:
-        """Segments holding a running request's last page (being written)."""
-        pages, indptr = self._running()
+    @staticmethod
+    def _writing_segments(
+        pages: npt.NDArray[np.int64], indptr: npt.NDArray[np.int64], pages_per_segment: int
+    ) -> set[int]:
+        """Segments holding a running request's last page (being written),
+        from one :meth:`_running` snapshot."""
         ends = indptr[1:][indptr[1:] > indptr[:-1]] - 1
-        return set((pages[ends] // self.pages_per_segment).tolist())
+        return set((pages[ends] // pages_per_segment).tolist())
 
-    def _coldest(self, k: int) -> list[int]:
-        """Up to ``k`` device segments to demote, coldest first. Caller holds the lock."""
-        readers = self._readers()
-        writing = self._writing_segments()
-        used = dict(self.allocator.segment_usage())
+    def _coldest(self, k: int, usage: list[tuple[int, int]] | None = None) -> list[int]:
+        """Up to ``k`` device segments to demote, coldest first (``usage``:
+        the allocator's ``segment_usage()`` if the caller has it). Caller
+        holds the lock."""
+        running = self._running()
+        readers = self._readers(*running)
+        writing = self._writing_segments(*running, self.pages_per_segment)
+        if usage is None:
+            usage = self.allocator.segment_usage()
         order = sorted(
-            (s for s, u in used.items() if u > 0 and s not in self._host_sids and s not in writing),
+            (s for s, u in usage if u > 0 and s not in self._host_sids and s not in writing),
             key=lambda s: (readers.get(s, 0), self._last_read.get(s, -1), s),
         )
         return order[:k]
@@ -1313,12 +1322,14 @@ class KVPool(Uncopyable):
             return False
         # Host segments emptied by eviction or finished requests hold host
         # budget for nothing (their pages are sealed): retire them first.
-        empty = [s for s, used in self.allocator.segment_usage() if used == 0]
-        self._retire([s for s in empty if s in self._host_sids])
+        usage = self.allocator.segment_usage()
+        empty = [s for s, used in usage if used == 0 and s in self._host_sids]
+        if empty:
+            self._retire(empty)
         if self._host_room() == 0:
             return False
         # Segments this call just added are where the pages will go: not those.
-        sids = [s for s in self._coldest(segments + len(added)) if s not in added]
+        sids = [s for s in self._coldest(segments + len(added), usage) if s not in added]
         sids = sids[: min(segments, self._host_room())]
         for i, sid in enumerate(sids):
             try:
@@ -1421,12 +1432,13 @@ class KVPool(Uncopyable):
             segments = self.allocator.segment_count()
             total = self.allocator.total_pages()
             free = self.allocator.free_pages()
+            usage = self.allocator.segment_usage()
             if self._host_sids:  # sealed host segments' free pages are not in free_pages()
-                free = total - sum(used for _, used in self.allocator.segment_usage())
+                free = total - sum(used for _, used in usage)
             reserved = self.reserved_bytes()
             metadata = self.allocator.metadata_bytes() + self._table.numel() * 8
             counters = dict(self._counters)
-            tiers = self._tier_stats()
+            tiers = self._tier_stats(usage)
             device_reserved = self.device_reserved_bytes()
         budget = self.resolved_budget(device_reserved)
         out: dict[str, Any] = {
@@ -1449,13 +1461,14 @@ class KVPool(Uncopyable):
             out.update(self._cache.cache_stats())
         return out
 
-    def _tier_stats(self) -> dict[str, dict[str, int]]:
-        """Per tier: segments, reserved and used bytes, used pages. Caller holds the lock."""
+    def _tier_stats(self, usage: list[tuple[int, int]]) -> dict[str, dict[str, int]]:
+        """Per tier from ``usage`` (the allocator's ``segment_usage()``):
+        segments, reserved and used bytes, used pages. Caller holds the lock."""
         out = {
             name: {"segments": 0, "reserved_bytes": 0, "used_bytes": 0, "used_pages": 0}
             for name in _TIER_NAMES
         }
-        for sid, used in self.allocator.segment_usage():
+        for sid, used in usage:
             t = out[_TIER_NAMES[HOST if sid in self._host_sids else DEVICE]]
             t["segments"] += 1
             t["reserved_bytes"] += self.segment_bytes

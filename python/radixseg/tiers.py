@@ -143,6 +143,7 @@ def host_part(
     *,
     sm_scale: float,
     soft_cap: float,
+    groups: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The native CPU kernel over the host pages: ``q32 [batch, q_heads,
     head_dim]`` float32 on the CPU; returns float32 ``(out, lse)`` on the CPU.
@@ -152,10 +153,12 @@ def host_part(
     theirs, so each shared host page is read once per step for all of them,
     not once per request: a KV head's query heads become ``[requests x
     group]`` (the kernel's GQA tile reads each K/V block once for them all).
+    ``groups``: :func:`shared_groups` of ``part`` if the caller has it.
     """
     from radixseg.kernels.cpu import paged_decode_cpu
 
-    groups = shared_groups(part)
+    if groups is None:
+        groups = shared_groups(part)
     if not groups:
         return paged_decode_cpu(
             q32,

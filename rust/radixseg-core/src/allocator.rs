@@ -1049,44 +1049,39 @@ impl SegmentAllocator {
     /// caller's); none starts after it. Idempotent. `InvalidSegment` unless
     /// the segment is live.
     pub fn seal_segment(&self, segment_id: i64) -> Result<()> {
-        let id = self.live_segment_id(segment_id)?;
-        let Some(segment) = self.segment(id) else {
-            return Err(self.invalid_segment(segment_id));
-        };
-        // AcqRel: a reservation's CAS either precedes this (and is done
-        // reserving) or sees the bit and takes nothing.
-        let sealed = segment
-            .head
-            .free
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
-                (f != CLOSED).then_some(f | SEALED)
-            });
-        if sealed.is_err() {
-            return Err(self.invalid_segment(segment_id));
-        }
-        if let Some(chunk) = self.chunk(id / CHUNK) {
-            self.mark_full(chunk, id % CHUNK, segment);
-        }
-        Ok(())
+        self.set_sealed(segment_id, true)
     }
 
     /// Let `alloc` take a sealed segment's free pages again. Idempotent.
     /// `InvalidSegment` unless the segment is live.
     pub fn unseal_segment(&self, segment_id: i64) -> Result<()> {
+        self.set_sealed(segment_id, false)
+    }
+
+    /// Set or clear `SEALED` in a live segment's `free` word, then bring its
+    /// summary bit up to date (cleared when sealed, set when unsealed with
+    /// free pages).
+    fn set_sealed(&self, segment_id: i64, sealed: bool) -> Result<()> {
         let id = self.live_segment_id(segment_id)?;
         let Some(segment) = self.segment(id) else {
             return Err(self.invalid_segment(segment_id));
         };
+        // AcqRel: a reservation's CAS either precedes a seal (and is done
+        // reserving) or sees the bit and takes nothing.
         let Ok(prev) = segment
             .head
             .free
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
-                (f != CLOSED).then_some(f & !SEALED)
+                (f != CLOSED).then_some(if sealed { f | SEALED } else { f & !SEALED })
             })
         else {
             return Err(self.invalid_segment(segment_id));
         };
-        if prev & !SEALED != 0 {
+        if sealed {
+            if let Some(chunk) = self.chunk(id / CHUNK) {
+                self.mark_full(chunk, id % CHUNK, segment);
+            }
+        } else if prev & !SEALED != 0 {
             self.mark_nonfull(id);
         }
         Ok(())
