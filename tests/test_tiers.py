@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -1067,4 +1068,34 @@ def test_demotion_order_is_fewest_readers_first() -> None:
     assert pool.host_segments == [0, 1, 2, 3]
     assert sorted(pool.promote()) == [1, 2, 3]  # what running requests read
     cache.check_invariants()
+    pool.check_invariants()
+
+
+def test_a_write_beside_a_move_is_never_lost() -> None:
+    """Another thread writes a page of a segment while it is being demoted:
+    the write waits until the move has switched to the copy, then lands in
+    it (a write into the old buffer after the copy would be lost)."""
+    from test_atomicity import pause_at
+
+    pool = small_pool()
+    slots, kv = fill(pool, 4)  # segments 0 and 1
+    page = slots[8:12]  # page 2: segment 1
+    new = torch.randn(LAYERS, 2, 4, HEADS, DIM, generator=torch.Generator().manual_seed(7))
+    with pause_at("_move", "self._install(sid, seg)") as (reached, go):
+        mover = threading.Thread(target=lambda: pool.demote([1]))
+        mover.start()
+        assert reached.wait(10)  # copied, not yet switched
+        writer = threading.Thread(
+            target=lambda: [pool.write(la, page, new[la, 0], new[la, 1]) for la in range(LAYERS)]
+        )
+        writer.start()
+        writer.join(0.2)
+        assert writer.is_alive()  # it waits for the move
+        go.set()
+        mover.join(10)
+        writer.join(10)
+    assert not mover.is_alive() and not writer.is_alive()
+    assert pool.host_segments == [1]
+    kv[:, :, 8:12] = stored(new, pool.dtype)
+    reads_back(pool, slots, kv)
     pool.check_invariants()

@@ -421,6 +421,12 @@ class KVPool(Uncopyable):
         # any segment is added or retired; see host_buffers.
         self._host: list[Any] | None = None
         self._lock = threading.RLock()
+        # Held by a segment move from its copy to its switch, and by writes
+        # while the pool has a host tier: a write never lands in a buffer
+        # that a move has already copied and is about to drop. Reentrant, as
+        # the growth lock: an interrupt landing exactly on a `with` exit
+        # leaves it held, and the interrupted thread can still use the pool.
+        self._moves = threading.RLock()
         self._pid = os.getpid()
         self._cache: AttachedCache | None = None
         # (budget, segment count) when an allocation found the budget spent.
@@ -1090,6 +1096,20 @@ class KVPool(Uncopyable):
                 self._check_finite(layer, slots, "k", k, kq)
                 self._check_finite(layer, slots, "v", v, vq)
         slots = slots.to(self.device)
+        with self._moves if self.host_budget_bytes else contextlib.nullcontext():
+            self._write_groups(layer, slots, kq, vq, ks, vs)
+
+    def _write_groups(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        kq: torch.Tensor,
+        vq: torch.Tensor,
+        ks: torch.Tensor,
+        vs: torch.Tensor,
+    ) -> None:
+        """The stores of :meth:`write`, segment by segment (``ks``, ``vs``:
+        the FP8 scales, stored only by FP8 segments)."""
         for seg, at, pos in self._groups(slots):
             # A host-tier segment of a CUDA pool (a page written again after
             # its segment moved: new pages are always on the device).
@@ -1380,12 +1400,13 @@ class KVPool(Uncopyable):
                 # Before the copy: no page of it is handed out while bytes move.
                 self.allocator.seal_segment(sid)
             seg = self._make_segment(buf, tier)
-            # Kernels already queued on the current stream that write the old
-            # buffer run before this copy; ones queued later see the new row.
-            buf[: self.segment_bytes].copy_(old.buffer[: self.segment_bytes])
-            if buf.device.type == "cpu" and old.buffer.device.type == "cuda":
-                torch.cuda.current_stream(old.buffer.device).synchronize()
-            self._install(sid, seg)
+            with self._moves:  # no write lands in the old buffer after the copy
+                # Kernels already queued on the current stream that write the
+                # old buffer run before this copy; later ones see the new row.
+                buf[: self.segment_bytes].copy_(old.buffer[: self.segment_bytes])
+                if buf.device.type == "cpu" and old.buffer.device.type == "cuda":
+                    torch.cuda.current_stream(old.buffer.device).synchronize()
+                self._install(sid, seg)
             if tier == DEVICE:
                 self.allocator.unseal_segment(sid)
         except BaseException:
